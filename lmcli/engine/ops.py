@@ -1,0 +1,109 @@
+"""Numba kernels of the forward pass other than the weight matmuls: norms, RoPE, attention, SwiGLU."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm(x, w, eps, out):
+    """out (T, n) = x / sqrt(mean(x^2) + eps) * w   (LlamaRMSNorm; sum in float64 as a guard)."""
+    T, n = x.shape
+    for t in range(T):
+        ss = 0.0
+        for i in range(n):
+            ss += np.float64(x[t, i]) * x[t, i]
+        s = np.float32(1.0 / np.sqrt(ss / n + eps))
+        for i in range(n):
+            out[t, i] = x[t, i] * s * w[i]
+
+
+def rope_table(n_ctx: int, n_rot: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_ctx, n_rot / 2) float32: angle pos * theta^(-2i / n_rot), computed in float64."""
+    inv = theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@njit(cache=True, fastmath=True)
+def rope(x, pos0, cos, sin, n_rot, interleaved):
+    """Rotate x (T, n_heads, head_dim) in place at positions pos0 + t.
+
+    interleaved: pairs (2i, 2i+1) as llama.cpp's NORM mode (GGUF llama Q/K are permuted for it);
+    else pairs (i, i + n_rot/2) as transformers' rotate_half (NEOX).
+    """
+    T, H, D = x.shape
+    half = n_rot // 2
+    for t in range(T):
+        p = pos0 + t
+        for h in range(H):
+            for i in range(half):
+                c = cos[p, i]
+                s = sin[p, i]
+                if interleaved:
+                    a = x[t, h, 2 * i]
+                    b = x[t, h, 2 * i + 1]
+                    x[t, h, 2 * i] = a * c - b * s
+                    x[t, h, 2 * i + 1] = a * s + b * c
+                else:
+                    a = x[t, h, i]
+                    b = x[t, h, i + half]
+                    x[t, h, i] = a * c - b * s
+                    x[t, h, i + half] = a * s + b * c
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention(q, kc, vc, pos0, scale, out):
+    """Causal GQA attention for T queries at positions pos0..pos0+T-1 over the cache.
+
+    q (T, n_head, D); kc, vc (n_head_kv, n_ctx, D) holding keys/values for positions < pos0 + T;
+    out (T, n_head, D). Query head h reads KV head h // (n_head / n_head_kv).
+    """
+    T, H, D = q.shape
+    group = H // kc.shape[0]
+    for job in prange(T * H):
+        t = job // H
+        h = job % H
+        kv = h // group
+        n = pos0 + t + 1
+        sc = np.empty(n, np.float32)
+        mx = np.float32(-np.inf)
+        for j in range(n):
+            s = np.float32(0.0)
+            for d in range(D):
+                s += q[t, h, d] * kc[kv, j, d]
+            s *= scale
+            sc[j] = s
+            if s > mx:
+                mx = s
+        tot = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(sc[j] - mx)
+            sc[j] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for d in range(D):
+            out[t, h, d] = 0.0
+        for j in range(n):
+            p = sc[j] * inv
+            for d in range(D):
+                out[t, h, d] += p * vc[kv, j, d]
+
+
+@njit(cache=True, fastmath=True)
+def silu_mul(g, u, out):
+    """out = silu(g) * u = g / (1 + exp(-g)) * u  (SwiGLU)."""
+    T, n = g.shape
+    for t in range(T):
+        for i in range(n):
+            x = g[t, i]
+            out[t, i] = x / (np.float32(1.0) + np.exp(-x)) * u[t, i]
+
+
+@njit(cache=True, fastmath=True)
+def add_inplace(x, y):
+    T, n = x.shape
+    for t in range(T):
+        for i in range(n):
+            x[t, i] += y[t, i]

@@ -1,0 +1,41 @@
+"""Typed errors: the library raises them, only the CLI prints them."""
+
+
+class LmcliError(Exception):
+    """An error with a message for the user and an optional hint."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class TokenizerError(LmcliError):
+    """The tokenizer cannot be built or used."""
+
+
+class TemplateError(LmcliError):
+    """A chat template cannot be rendered."""
+
+
+class ModelNotFound(LmcliError):
+    """A model name or path does not resolve to anything runnable."""
+
+
+class ModelFileError(LmcliError):
+    """A model file is malformed, truncated or of an unsupported kind."""
+
+
+class UsageError(LmcliError):
+    """A flag or argument has a value outside its range."""
+
+    exit_code = 2
+
+
+class ContextOverflow(LmcliError):
+    """The prompt does not fit in the context window."""
+
+
+class StoreError(LmcliError):
+    """The model store cannot be read or written."""

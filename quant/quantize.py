@@ -1,0 +1,157 @@
+"""Numpy reference codecs: GGUF block semantics (llama.cpp's reference rounding) and the interleaved repack.
+
+Block byte layouts follow ggml-common.h:
+  Q4_0: d f16 | qs[16]      (w = d * (q - 8), low nibble = element j, high nibble = element j + 16)
+  Q4_1: d f16 | m f16 | qs[16]   (w = d * q + m)
+  Q8_0: d f16 | qs[32] int8      (w = d * q)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .formats import F16, F32, GROUP, Q4_0, Q4_1, Q8_0, TILE, Format
+
+BLOCK_BYTES = {Q4_0.name: 18, Q4_1.name: 20, Q8_0.name: 34}
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[-1] % GROUP:
+        raise ValueError(f"row length {x.shape[-1]} is not a multiple of {GROUP}")
+    return x.reshape(-1, GROUP)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    # q: (n_blocks, 32) uint8 in 0..15 -> (n_blocks, 16): element j in the low nibble, j + 16 in the high.
+    return (q[:, :16] | (q[:, 16:] << np.uint8(4))).astype(np.uint8)
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1)
+
+
+def quantize_blocks(x: np.ndarray, fmt: Format) -> np.ndarray:
+    """Quantize rows of x (..., n) into GGUF block bytes (..., n // 32 * block_bytes), as llama.cpp's reference."""
+    shape = x.shape
+    b = _blocks(x)
+    if fmt is Q4_0:
+        # quantize_row_q4_0_ref: d = max / -8 where max is the signed value of largest magnitude.
+        imax = np.abs(b).argmax(axis=1)[:, None]
+        mx = np.take_along_axis(b, imax, axis=1)
+        d = mx / np.float32(-8)
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+        q = np.trunc(b * inv + np.float32(8.5)).astype(np.float32)
+        q = np.clip(q, 0, 15).astype(np.uint8)
+        out = np.concatenate([d.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1)
+    elif fmt is Q4_1:
+        # quantize_row_q4_1_ref: d = (max - min) / 15, m = min.
+        lo = b.min(axis=1, keepdims=True)
+        hi = b.max(axis=1, keepdims=True)
+        d = (hi - lo) / np.float32(15)
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+        q = np.trunc((b - lo) * inv + np.float32(0.5)).astype(np.float32)
+        q = np.clip(q, 0, 15).astype(np.uint8)
+        out = np.concatenate(
+            [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1
+        )
+    elif fmt is Q8_0:
+        # quantize_row_q8_0_ref: d = amax / 127, q = roundf(x / d) (half away from zero).
+        d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+        v = b * inv
+        a = np.abs(v)
+        fl = np.floor(a)  # roundf without the float error of floor(a + 0.5)
+        q = (np.sign(v) * (fl + np.floor(np.float32(2) * (a - fl)))).astype(np.int8)
+        out = np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
+    else:
+        raise ValueError(f"{fmt.name} is not a block format")
+    return out.reshape(*shape[:-1], shape[-1] // GROUP * BLOCK_BYTES[fmt.name])
+
+
+def dequantize_blocks(raw: np.ndarray, fmt: Format, n: int) -> np.ndarray:
+    """GGUF block bytes (..., n // 32 * block_bytes) -> float32 (..., n)."""
+    lead = raw.shape[:-1]
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, BLOCK_BYTES[fmt.name])
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    if fmt is Q4_0:
+        w = d * (_unpack_nibbles(b[:, 2:]).astype(np.float32) - 8)
+    elif fmt is Q4_1:
+        m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+        w = d * _unpack_nibbles(b[:, 4:]).astype(np.float32) + m
+    elif fmt is Q8_0:
+        w = d * b[:, 2:].copy().view(np.int8).astype(np.float32)
+    else:
+        raise ValueError(f"{fmt.name} is not a block format")
+    return w.reshape(*lead, n)
+
+
+# --- interleaved layout -------------------------------------------------------------------------
+
+
+def _pad_rows(a: np.ndarray, n_tiles: int) -> np.ndarray:
+    n_out = a.shape[0]
+    if n_out == n_tiles * TILE:
+        return a
+    pad = np.zeros((n_tiles * TILE - n_out, *a.shape[1:]), dtype=a.dtype)
+    return np.concatenate([a, pad], axis=0)
+
+
+def interleave(raw: np.ndarray, fmt: Format, n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major GGUF data of one matrix -> (codes, scales) in the interleaved layout.
+
+    raw: for block formats (n_out, n_in // 32 * block_bytes) uint8; for F16/F32 (n_out, n_in) of that dtype.
+    codes: (n_tiles, n_groups, code_bytes, TILE) or (n_tiles, n_in, TILE) for F16/F32.
+    scales: (n_tiles, n_groups, scale_count, TILE) uint16 fp16 bits (empty for F16/F32).
+    """
+    n_tiles = (n_out + TILE - 1) // TILE
+    n_groups = n_in // GROUP
+    if fmt is F16 or fmt is F32:
+        dt = np.uint16 if fmt is F16 else np.float32
+        a = _pad_rows(np.ascontiguousarray(raw).view(dt).reshape(n_out, n_in), n_tiles)
+        codes = np.ascontiguousarray(a.reshape(n_tiles, TILE, n_in).transpose(0, 2, 1))
+        return codes, np.zeros((0,), np.uint16)
+    bb = BLOCK_BYTES[fmt.name]
+    b = _pad_rows(np.ascontiguousarray(raw, dtype=np.uint8).reshape(n_out, n_groups, bb), n_tiles)
+    b = b.reshape(n_tiles, TILE, n_groups, bb)
+    hdr = 2 * fmt.scale_count
+    codes = np.ascontiguousarray(b[..., hdr:].transpose(0, 2, 3, 1))  # (n_tiles, n_groups, code_bytes, TILE)
+    sc = np.ascontiguousarray(b[..., :hdr]).view(np.uint16)  # (n_tiles, TILE, n_groups, scale_count)
+    scales = np.ascontiguousarray(sc.transpose(0, 2, 3, 1))  # (n_tiles, n_groups, scale_count, TILE)
+    if fmt is Q8_0:
+        codes = codes.view(np.int8)
+    return codes, scales
+
+
+def deinterleave(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int, n_in: int) -> np.ndarray:
+    """Inverse of interleave: back to row-major GGUF data (bytes for block formats)."""
+    n_tiles = codes.shape[0]
+    if fmt is F16 or fmt is F32:
+        a = codes.transpose(0, 2, 1).reshape(n_tiles * TILE, n_in)[:n_out]
+        return np.ascontiguousarray(a)
+    c = codes.view(np.uint8).transpose(0, 3, 1, 2)  # (n_tiles, TILE, n_groups, code_bytes)
+    s = scales.transpose(0, 3, 1, 2).copy().view(np.uint8)  # (n_tiles, TILE, n_groups, 2 * scale_count)
+    b = np.concatenate([s, c], axis=-1).reshape(n_tiles * TILE, -1)[:n_out]
+    return np.ascontiguousarray(b)
+
+
+def dequantize_interleaved(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int, n_in: int) -> np.ndarray:
+    """Reference dequantization of an interleaved matrix -> float32 (n_out, n_in)."""
+    raw = deinterleave(codes, scales, fmt, n_out, n_in)
+    if fmt is F32:
+        return raw.astype(np.float32)
+    if fmt is F16:
+        return raw.view(np.float16).astype(np.float32)
+    return dequantize_blocks(raw, fmt, n_in)
+
+
+def quantize_matrix(w: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+    """float matrix (n_out, n_in) -> interleaved (codes, scales) in fmt."""
+    n_out, n_in = w.shape
+    if fmt is F32:
+        raw = np.ascontiguousarray(w, dtype=np.float32)
+    elif fmt is F16:
+        raw = np.ascontiguousarray(w, dtype=np.float32).astype(np.float16).view(np.uint16)
+    else:
+        raw = quantize_blocks(w, fmt)
+    return interleave(raw, fmt, n_out, n_in)
