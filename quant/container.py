@@ -203,7 +203,8 @@ def matrix_views(buf: np.ndarray, off: int, fmt: Format, n_out: int, n_in: int) 
         codes = raw_c.view(np.int8).reshape(n_tiles, n_groups, GROUP, TILE)
     else:
         codes = raw_c.reshape(n_tiles, n_groups, GROUP // 2, TILE)
-    scales = raw_s.view(np.uint16).reshape(n_tiles, n_groups, fmt.scale_count, TILE) if sb else raw_s.view(np.uint16)
+    scales = (raw_s.view(np.uint16).reshape(n_tiles, n_groups, fmt.scale_count, TILE) if sb
+              else np.zeros((0, 1, 1, TILE), np.uint16))
     return codes, scales
 
 

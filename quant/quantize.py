@@ -110,7 +110,7 @@ def interleave(raw: np.ndarray, fmt: Format, n_out: int, n_in: int) -> tuple[np.
         dt = np.uint16 if fmt is F16 else np.float32
         a = _pad_rows(np.ascontiguousarray(raw).view(dt).reshape(n_out, n_in), n_tiles)
         codes = np.ascontiguousarray(a.reshape(n_tiles, TILE, n_in).transpose(0, 2, 1))
-        return codes, np.zeros((0,), np.uint16)
+        return codes, np.zeros((0, 1, 1, TILE), np.uint16)  # no scales; 4-D so kernels type uniformly
     bb = BLOCK_BYTES[fmt.name]
     b = _pad_rows(np.ascontiguousarray(raw, dtype=np.uint8).reshape(n_out, n_groups, bb), n_tiles)
     b = b.reshape(n_tiles, TILE, n_groups, bb)

@@ -1,0 +1,137 @@
+"""The Python API: `lmcli.load(name_or_path) -> Model` with tokenize, logits and generate."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from quant.container import Container
+from quant.errors import ContainerError
+
+from .engine.config import ModelConfig
+from .engine.model import Transformer
+from .errors import ModelFileError, UsageError
+from .generate import Event, generate_events
+from .sampling import Sampler, SamplerParams
+
+DEFAULT_CTX = 4096
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise UsageError(f"{name} must be an integer, got {v!r}") from None
+
+
+def set_threads(threads: int | None) -> int:
+    """Set the kernels' thread count (default: LMCLI_THREADS, else every core Numba sees)."""
+    import numba
+
+    n = threads if threads is not None else _env_int("LMCLI_THREADS")
+    if n is None:
+        n = numba.config.NUMBA_NUM_THREADS
+    if not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise UsageError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
+    numba.set_num_threads(n)
+    return n
+
+
+class Model:
+    """A loaded model: config, tokenizer, chat template and the engine over the mmapped container."""
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None):
+        from .tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        self.path = Path(path)
+        try:
+            self.container = Container(self.path)
+        except ContainerError as e:
+            raise ModelFileError(str(e)) from None
+        md = self.container.metadata
+        self.metadata = md
+        self.config = ModelConfig.from_dict(md.get("config"))
+        n_ctx = n_ctx if n_ctx is not None else _env_int("LMCLI_CTX_SIZE")
+        if n_ctx is None:
+            n_ctx = min(DEFAULT_CTX, self.config.n_ctx_train)
+        if not isinstance(n_ctx, int) or not 1 <= n_ctx <= 1 << 20:
+            raise UsageError(f"--ctx-size must be between 1 and {1 << 20}, got {n_ctx}")
+        self.n_ctx = n_ctx
+        self.threads = set_threads(threads)
+        self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
+        self.chat_template: str | None = md.get("chat_template")
+        self.transformer = Transformer(self.container, self.config, n_ctx)
+        self.load_s = time.perf_counter() - t0
+
+    # --- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from .template import render_chat
+
+        tk = self.tokenizer
+        bos = tk.token_text(tk.bos_id) if tk.bos_id is not None else ""
+        eos_id = self.metadata.get("tokenizer", {}).get("eos_token_id")
+        eos = tk.token_text(eos_id) if isinstance(eos_id, int) else ""
+        return render_chat(self.chat_template, messages, bos_token=bos, eos_token=eos,
+                           add_generation_prompt=add_generation_prompt)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Prompt ids for a conversation: the template renders BOS itself when the model wants it."""
+        text = self.apply_chat_template(messages)
+        tk = self.tokenizer
+        bos = tk.token_text(tk.bos_id) if tk.bos_id is not None else None
+        add_bos = None if not (bos and text.startswith(bos)) else False
+        return tk.encode(text, add_bos=add_bos)
+
+    # --- compute ---------------------------------------------------------------------------
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits (len(token_ids), vocab) float32 for every position, from a fresh cache."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise UsageError("logits() needs at least one token")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise UsageError(f"token ids must be in [0, {self.config.vocab_size})")
+        cache = self.transformer.new_cache(max(len(ids), 1))
+        return self.transformer.forward(ids, cache, all_logits=True)
+
+    def new_cache(self):
+        return self.transformer.new_cache(self.n_ctx)
+
+    def generate(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
+                 sampler: SamplerParams | None = None, cache=None, **sampling) -> Iterator[Event]:
+        """Yield events for a completion of prompt (text is tokenized raw; pass chat_ids() for chat)."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise UsageError("the prompt is empty")
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise UsageError(f"--max-tokens must be a non-negative integer, got {max_tokens!r}")
+        cache = cache if cache is not None else self.new_cache()
+        if cache.n_past + len(ids) > cache.n_ctx:
+            from .errors import ContextOverflow
+
+            raise ContextOverflow(f"the prompt has {len(ids)} tokens; the context holds {cache.n_ctx - cache.n_past}",
+                                  hint="raise --ctx-size or shorten the prompt")
+        params = sampler if sampler is not None else SamplerParams(**sampling)
+        return generate_events(self, cache, ids, Sampler(params), max_tokens=max_tokens, stop=stop)
+
+
+def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = None) -> Model:
+    """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it."""
+    from .store import resolve
+
+    return Model(resolve(str(name_or_path)), n_ctx=n_ctx, threads=threads)

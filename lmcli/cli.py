@@ -1,0 +1,208 @@
+"""The command line (Typer): parses flags, calls the library, prints results and errors. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from .errors import LmcliError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run Mixture-of-Experts language models locally on your CPU from 4-bit weights.")
+
+
+def _read_prompt(prompt: Optional[str]) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
+            raise UsageError("no prompt given", hint="pass PROMPT, or pipe it on stdin")
+        return sys.stdin.read()
+    return prompt
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
+    prompt: Optional[str] = typer.Argument(None, help="the prompt; '-' or absent reads stdin"),
+    temp: float = typer.Option(0.8, "--temp", help="temperature; 0 is greedy"),
+    top_k: int = typer.Option(40, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    min_p: float = typer.Option(0.05, "--min-p"),
+    seed: Optional[int] = typer.Option(None, "-s", "--seed"),
+    max_tokens: int = typer.Option(-1, "-n", "--max-tokens", help="-1: until end of text or a full context"),
+    stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+    system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
+    raw: bool = typer.Option(False, "--raw", help="no chat template: the prompt is the raw text"),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores"),
+    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, ids, usage and timings"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="timings on stderr"),
+):
+    """Generate a reply to PROMPT and print it."""
+    from .api import load
+    from .sampling import SamplerParams
+
+    params = SamplerParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                           seed=seed).validate()
+    if max_tokens < -1:
+        raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    if ctx_size is not None and ctx_size < 1:
+        raise UsageError(f"--ctx-size must be at least 1, got {ctx_size}")
+    text = _read_prompt(prompt)
+    m = load(model, n_ctx=ctx_size, threads=threads)
+    if raw:
+        if system is not None:
+            raise UsageError("--system needs the chat template (drop --raw)")
+        ids = m.tokenize(text)
+    else:
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": text}]
+        ids = m.chat_ids(msgs)
+    limit = m.n_ctx if max_tokens == -1 else max_tokens
+    pieces: list[str] = []
+    final = None
+    for ev in m.generate(ids, max_tokens=limit, stop=stop, sampler=params):
+        if ev.finish_reason is not None:
+            final = ev
+            break
+        pieces.append(ev.text)
+        if not as_json and ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    tm = final.timings
+    tm.load_s = m.load_s
+    if as_json:
+        obj = {"model": model, "text": "".join(pieces), "tokens": final.tokens,
+               "finish_reason": final.finish_reason, **tm.as_dict(), "load_s": round(m.load_s, 6)}
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    else:
+        if pieces and not "".join(pieces).endswith("\n"):
+            sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        sys.stderr.write(
+            f"prompt: {tm.prompt_tokens} tokens, {tm.prefill_tps:.1f} tokens/s | "
+            f"generation: {tm.completion_tokens} tokens, {tm.decode_tps:.1f} tokens/s | "
+            f"load {m.load_s:.2f} s | finish: {final.finish_reason}\n")
+
+
+@app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="a .gguf file"),
+    name: Optional[str] = typer.Argument(None, help="store name (default: the file name)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
+):
+    """Import a GGUF file into the model store (a lossless repack into lmcli's layout)."""
+    from .errors import ModelNotFound
+    from .store import _gguf_store_name, import_gguf_file
+
+    if not file.is_file():
+        raise ModelNotFound(f"{file}: no such file")
+    name = name or _gguf_store_name(file)
+    out = import_gguf_file(file, name, force=force)
+    typer.echo(f"imported {file.name} as {name} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command("list")
+def list_cmd():
+    """List the models in the store."""
+    from .store import list_models
+
+    rows = list_models()
+    if not rows:
+        typer.echo("no models in the store")
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:<32} {r.get('size', 0) / 1e6:>10.1f} MB  {r.get('created', '')}")
+
+
+@app.command()
+def show(model: str = typer.Argument(...), template: bool = typer.Option(False, "--template")):
+    """Show a model's architecture, sizes, tensor formats and chat template."""
+    from quant.container import Container
+    from quant.errors import ContainerError
+
+    from .errors import ModelFileError
+    from .store import resolve
+
+    path = resolve(model)
+    try:
+        c = Container(path)
+    except ContainerError as e:
+        raise ModelFileError(str(e)) from None
+    md = c.metadata
+    if template:
+        typer.echo(md.get("chat_template") or "(no chat template: ChatML is used)")
+        return
+    typer.echo(f"path: {path}")
+    for k, v in (md.get("config") or {}).items():
+        typer.echo(f"  {k}: {v}")
+    q = md.get("quant") or {}
+    typer.echo(f"formats: {q.get('formats')}")
+    typer.echo(f"source: {md.get('source')}")
+    typer.echo(f"size: {c.file_size / 1e6:.1f} MB, {len(c.tensors)} tensors")
+
+
+@app.command()
+def rm(name: str = typer.Argument(...)):
+    """Remove a model from the store."""
+    import shutil
+
+    from .errors import ModelNotFound
+    from .store import model_dir
+
+    d = model_dir(name)
+    if not d.is_dir():
+        raise ModelNotFound(f"model {name!r} is not in the store")
+    shutil.rmtree(d)
+    typer.echo(f"removed {name}")
+
+
+def _fail(msg: str, hint: str | None, code: int) -> int:
+    line = f"error: {msg}" + (f" ({hint})" if hint else "")
+    sys.stderr.write(line.replace("\n", " ") + "\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = typer.main.get_command(app)
+    try:
+        cmd.main(args=argv, prog_name="lmcli", standalone_mode=False)
+        return 0
+    except LmcliError as e:
+        return _fail(str(e), e.hint, e.exit_code)
+    except click.exceptions.NoArgsIsHelpError as e:
+        sys.stderr.write(e.ctx.get_help() + "\n")
+        return 2
+    except click.ClickException as e:
+        return _fail(e.format_message(), None, 2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error of ours.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except Exception as e:  # a bug: one line, the traceback only on request
+        if os.environ.get("LMCLI_DEBUG"):
+            raise
+        return _fail(f"internal error: {type(e).__name__}: {e}", "set LMCLI_DEBUG=1 for a traceback", 1)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

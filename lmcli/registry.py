@@ -1,0 +1,47 @@
+"""The registry: short model names -> source (models.toml), validated when loaded."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+
+from .errors import LmcliError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FIELDS = {"repo", "revision", "arch", "quant", "notes", "packaged"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    repo: str
+    revision: str
+    arch: str
+    quant: str
+    notes: str = ""
+    packaged: str | None = None  # "module:file" of a GGUF shipped in an installed package
+
+
+def parse(text: str) -> dict[str, Entry]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise LmcliError(f"models.toml is malformed: {e}") from None
+    out = {}
+    for name, d in data.items():
+        if not NAME_RE.match(name) or ".." in name:
+            raise LmcliError(f"models.toml: bad model name {name!r}")
+        if not isinstance(d, dict) or set(d) - _FIELDS or not {"repo", "revision", "arch", "quant"} <= set(d):
+            raise LmcliError(f"models.toml: entry {name!r} must have repo, revision, arch, quant (and only {sorted(_FIELDS)})")
+        if not all(isinstance(v, str) for v in d.values()):
+            raise LmcliError(f"models.toml: entry {name!r} has a non-string field")
+        if d.get("packaged") is not None and ":" not in d["packaged"]:
+            raise LmcliError(f"models.toml: entry {name!r}: packaged must be 'module:file'")
+        out[name] = Entry(name=name, **d)
+    return out
+
+
+def load_registry() -> dict[str, Entry]:
+    return parse(resources.files("lmcli").joinpath("models.toml").read_text(encoding="utf-8"))

@@ -1,0 +1,108 @@
+"""Block codecs against gguf.quants, the interleaved repack, and the Numba kernels against numpy float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
+
+from quant import kernels
+from quant.formats import F16, F32, Q4_0, Q4_1, Q8_0, TILE
+from quant.quantize import (deinterleave, dequantize_blocks, dequantize_interleaved, interleave,
+                            quantize_blocks, quantize_matrix)
+
+BLOCK_FORMATS = [(Q4_0, QT.Q4_0), (Q4_1, QT.Q4_1), (Q8_0, QT.Q8_0)]
+
+
+def _data(rng, n_out, n_in):
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block (d = 0)
+    w[1, 5] = 40.0  # an outlier
+    w[2, :32] = -1.5  # a constant block (Q4_1 d = 0)
+    return w
+
+
+@pytest.mark.parametrize("fmt,qt", BLOCK_FORMATS, ids=lambda v: getattr(v, "name", str(v)))
+def test_quantize_is_bit_exact_with_gguf_quants(fmt, qt):
+    w = _data(np.random.default_rng(1), 67, 256)
+    ours = quantize_blocks(w, fmt)
+    ref = gq.quantize(w, qt)
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("fmt,qt", BLOCK_FORMATS, ids=lambda v: getattr(v, "name", str(v)))
+def test_dequantize_equals_gguf_quants(fmt, qt):
+    w = _data(np.random.default_rng(2), 40, 128)
+    raw = gq.quantize(w, qt)
+    assert np.array_equal(dequantize_blocks(raw, fmt, 128), gq.dequantize(raw, qt))
+
+
+@pytest.mark.parametrize("fmt", [Q4_0, Q4_1, Q8_0, F16, F32], ids=lambda f: f.name)
+@pytest.mark.parametrize("n_out", [64, 100, 130])
+def test_interleave_round_trips_exactly(fmt, n_out):
+    rng = np.random.default_rng(3)
+    w = _data(rng, n_out, 96)
+    if fmt is F32:
+        raw = w
+    elif fmt is F16:
+        raw = w.astype(np.float16)
+    else:
+        raw = quantize_blocks(w, fmt)
+    codes, scales = interleave(raw, fmt, n_out, 96)
+    assert codes.shape[0] == (n_out + TILE - 1) // TILE
+    back = deinterleave(codes, scales, fmt, n_out, 96)
+    assert np.array_equal(back.view(np.uint8), np.ascontiguousarray(raw).view(np.uint8))
+
+
+def _act(x):
+    T, n = x.shape
+    xq = np.empty((T, n), np.int16)
+    xd = np.empty((T, n // 32), np.float32)
+    xs = np.empty((T, n // 32), np.int32)
+    kernels.quantize_act(x, xq, xd, xs)
+    return xq, xd, xs
+
+
+def test_activation_quantization_error_is_below_float16_precision():
+    x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32) * 5
+    xq, xd, xs = _act(x)
+    back = (xq.reshape(3, 8, 32) * xd[:, :, None]).reshape(3, 256)
+    assert np.abs(back - x).max() <= np.abs(x).max() / 32767 * 0.51 + 1e-7
+    assert np.array_equal(xs, xq.reshape(3, 8, 32).sum(-1))
+
+
+@pytest.mark.parametrize("fmt", [Q4_0, Q4_1, Q8_0, F16, F32], ids=lambda f: f.name)
+@pytest.mark.parametrize("T", [1, 5])
+def test_matmul_kernel_matches_float64_reference(fmt, T):
+    rng = np.random.default_rng(5)
+    n_out, n_in = 150, 192
+    w = _data(rng, n_out, n_in)
+    codes, scales = quantize_matrix(w, fmt)
+    wd = dequantize_interleaved(codes, scales, fmt, n_out, n_in).astype(np.float64)
+    x = rng.standard_normal((T, n_in)).astype(np.float32)
+    out = np.full((T, n_out), np.nan, np.float32)
+    if fmt in (Q4_0, Q4_1):
+        kernels.matmul_q4(codes, scales, *_act(x), out)
+    elif fmt is Q8_0:
+        kernels.matmul_q8(codes, scales, *_act(x), out)
+    elif fmt is F16:
+        kernels.matmul_f16(codes, x, out)
+    else:
+        kernels.matmul_f32(codes, x, out)
+    ref = x.astype(np.float64) @ wd.T
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", [Q4_0, Q4_1, Q8_0, F16, F32], ids=lambda f: f.name)
+def test_embedding_rows_equal_reference_dequantization(fmt):
+    rng = np.random.default_rng(6)
+    w = _data(rng, 130, 64)
+    codes, scales = quantize_matrix(w, fmt)
+    ref = dequantize_interleaved(codes, scales, fmt, 130, 64)
+    ids = np.array([0, 1, 2, 63, 64, 129], np.int64)
+    out = np.empty((len(ids), 64), np.float32)
+    kind = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}[fmt.name]
+    kernels.embed_rows(codes.reshape(-1).view(np.uint8), scales, kind, ids, out)
+    assert np.array_equal(out, ref[ids])
