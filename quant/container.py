@@ -6,7 +6,7 @@ File layout (all integers little-endian):
   12  u32    reserved (0)
   16  u64    header length H
   24  H bytes of UTF-8 JSON: {"metadata": {...}, "tensors": [{name, format, shape, offset, nbytes,
-             [n_expert, stride]}]}
+             [stride]}], "file_size": total bytes (a truncated or extended file is rejected)}
   then zero padding to ALIGN; tensor data at absolute, ALIGN-aligned offsets.
 A matrix's bytes are its codes then its scales (see formats.matrix_parts). An expert tensor of shape
 (n_expert, n_out, n_in) stores expert e at offset + e * stride; the gate, up and down tensors of a layer
@@ -100,6 +100,9 @@ class Container:
             self.data_start = align_up(_PREFIX.size + hlen)
             if not isinstance(header, dict) or not isinstance(header.get("metadata"), dict):
                 raise ContainerError(f"{self.path} has no metadata")
+            declared = header.get("file_size")
+            if declared != size:
+                raise ContainerError(f"{self.path} is truncated or corrupt: {size} bytes, the header declares {declared}")
             self.metadata: dict = header["metadata"]
             self.tensors: dict[str, TensorInfo] = {}
             for entry in header.get("tensors", []):
@@ -126,9 +129,10 @@ class Container:
         want = expected_nbytes(fmt, shape)
         if nbytes != want:
             raise ContainerError(f"{self.path}: tensor {name} declares {nbytes} bytes, its shape needs {want}")
-        if offset % ALIGN or offset < self.data_start:
-            raise ContainerError(f"{self.path}: tensor {name} has a misaligned or out-of-range offset {offset}")
         n_expert = shape[0] if len(shape) == 3 else 1
+        # Standalone tensors start on a page; an expert bundle's members on a cache line inside the bundle.
+        if offset % (ALIGN if len(shape) < 3 else 64) or offset < self.data_start:
+            raise ContainerError(f"{self.path}: tensor {name} has a misaligned or out-of-range offset {offset}")
         if n_expert > 1 and (stride < nbytes or stride % ALIGN):
             raise ContainerError(f"{self.path}: tensor {name} has a bad expert stride {stride}")
         end = offset + (n_expert - 1) * stride + nbytes
@@ -269,11 +273,13 @@ class ContainerWriter:
                     p["offset"] = pos
                     pos += p["nbytes"]
             index = [{k: v for k, v in p.items() if k not in ("inner", "bundle")} for p in self._plan]
-            header = json.dumps({"metadata": metadata, "tensors": index}, separators=(",", ":")).encode()
+            end = align_up(pos)
+            header = json.dumps({"metadata": metadata, "tensors": index, "file_size": end},
+                                separators=(",", ":")).encode()
             if align_up(_PREFIX.size + len(header)) == data_start:
                 break
             hlen = len(header)
-        self._end = align_up(pos)
+        self._end = end
         self._f = open(self._tmp, "wb")
         self._f.write(_PREFIX.pack(MAGIC, VERSION, 0, len(header)))
         self._f.write(header)
