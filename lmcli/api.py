@@ -113,7 +113,8 @@ class Model:
         return self.transformer.new_cache(self.n_ctx)
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
-                 sampler: SamplerParams | None = None, cache=None, **sampling) -> Iterator[Event]:
+                 sampler: SamplerParams | None = None, cache=None, ignore_eos: bool = False,
+                 **sampling) -> Iterator[Event]:
         """Yield events for a completion of prompt (text is tokenized raw; pass chat_ids() for chat)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
@@ -127,7 +128,8 @@ class Model:
             raise ContextOverflow(f"the prompt has {len(ids)} tokens; the context holds {cache.n_ctx - cache.n_past}",
                                   hint="raise --ctx-size or shorten the prompt")
         params = sampler if sampler is not None else SamplerParams(**sampling)
-        return generate_events(self, cache, ids, Sampler(params), max_tokens=max_tokens, stop=stop)
+        return generate_events(self, cache, ids, Sampler(params), max_tokens=max_tokens, stop=stop,
+                               ignore_eos=ignore_eos)
 
 
 def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = None) -> Model:

@@ -39,6 +39,7 @@ def run(
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
     raw: bool = typer.Option(False, "--raw", help="no chat template: the prompt is the raw text"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="never stop at end-of-text tokens"),
     threads: Optional[int] = typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores"),
     ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, ids, usage and timings"),
@@ -69,7 +70,7 @@ def run(
     limit = m.n_ctx if max_tokens == -1 else max_tokens
     pieces: list[str] = []
     final = None
-    for ev in m.generate(ids, max_tokens=limit, stop=stop, sampler=params):
+    for ev in m.generate(ids, max_tokens=limit, stop=stop, sampler=params, ignore_eos=ignore_eos):
         if ev.finish_reason is not None:
             final = ev
             break

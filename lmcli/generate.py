@@ -63,8 +63,11 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 def generate_events(model, cache, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int,
-                    stop: list[str] | None = None) -> Iterator[Event]:
-    """Prefill prompt_ids into cache, then sample until EOS, a stop string, max_tokens or a full context."""
+                    stop: list[str] | None = None, ignore_eos: bool = False) -> Iterator[Event]:
+    """Prefill prompt_ids into cache, then sample until EOS, a stop string, max_tokens or a full context.
+
+    ignore_eos masks the end-of-text tokens out of sampling (llama.cpp's --ignore-eos).
+    """
     stops = [s for s in (stop or []) if s]
     tm = Timings(prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
@@ -77,7 +80,11 @@ def generate_events(model, cache, prompt_ids: list[int], sampler: Sampler, *, ma
     finish = "length"
     stopped_by_string = False
     t1 = time.perf_counter()
+    eos = np.fromiter(model.tokenizer.eos_ids, dtype=np.int64)
     while len(out_ids) < max_tokens:
+        if ignore_eos and eos.size:
+            logits = logits.copy()
+            logits[eos] = -np.inf
         tok = sampler(logits, history)
         if tok in model.tokenizer.eos_ids:
             finish = "stop"

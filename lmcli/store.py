@@ -80,11 +80,14 @@ def import_gguf_file(src: Path, name: str, *, force: bool = False, source: dict 
     d = model_dir(name)
     if (d / MANIFEST).exists() and not force:
         raise StoreError(f"model {name!r} already exists in the store", hint="pass --force to replace it")
+    created = not d.exists()
     d.mkdir(parents=True, exist_ok=True)
     st = src.stat()
     try:
         out = import_gguf(src, d / CONTAINER, overwrite=True, source=source)
     except QuantError as e:
+        if created:
+            d.rmdir()  # the writer already removed its temp file: leave no trace
         raise ModelFileError(str(e)) from None
     manifest = {
         "source": {"kind": "gguf", "file": src.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,

