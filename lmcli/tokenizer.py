@@ -430,7 +430,8 @@ def _from_json(tok: Mapping[str, Any]) -> Tokenizer:
     n = backend.get_vocab_size(with_added_tokens=True)
     bos = _token_id(tok.get("bos_token_id"), "bos_token_id", n)
     eos_field = tok.get("eos_token_id")  # a Hugging Face config may list several
-    eos = [_token_id(v, "eos_token_id", n) for v in (eos_field if isinstance(eos_field, (list, tuple)) else [eos_field])]
+    eos_values = eos_field if isinstance(eos_field, (list, tuple)) else [eos_field]
+    eos = [_token_id(value, "eos_token_id", n) for value in eos_values]
     eos += [_token_id(tok.get(key), key, n) for key in ("eot_token_id", "eom_token_id")]
     eos += _end_of_turn_ids(backend)
     return Tokenizer(

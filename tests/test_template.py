@@ -112,7 +112,10 @@ def test_sandbox_escape_raises_template_error_without_running(template, tmp_path
 
 
 def test_raise_exception_becomes_template_error_with_its_message():
-    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user') }}{% endif %}"
+    template = (
+        "{% if messages[0]['role'] != 'user' %}"
+        "{{ raise_exception('Conversations must start with a user') }}{% endif %}"
+    )
     with pytest.raises(TemplateError, match="Conversations must start with a user"):
         render_chat(template, [{"role": "assistant", "content": "hi"}])
 
@@ -153,4 +156,5 @@ def test_bad_messages_raise_template_error(messages):
 
 def test_extra_message_fields_reach_the_template():
     chat = [{"role": "tool", "content": "42", "name": "calc", "meta": {"ok": True, "ids": (1, 2)}}]
-    assert render_chat("{{ messages[0].name }} {{ messages[0].meta | tojson }}", chat) == 'calc {"ok": true, "ids": [1, 2]}'
+    rendered = render_chat("{{ messages[0].name }} {{ messages[0].meta | tojson }}", chat)
+    assert rendered == 'calc {"ok": true, "ids": [1, 2]}'

@@ -127,11 +127,11 @@ def test_special_ids_match_metadata(smol, smol_meta):
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-4o", "tekken", "unknown-pre"])
 def test_pre_tokenizer_split_equals_transformers_for_pre_type(smol_meta, pre):
-    from transformers.integrations.gguf import convert_gguf_tokenizer
+    gguf_integration = pytest.importorskip("transformers.integrations.gguf")  # transformers >= 5 layout
 
-    names = {"model": "tokenizer_type", "pre": "pre_tokenizer_type", "tokens": "tokens"}
-    names.update(token_type="token_type", merges="merges")
-    reference, _ = convert_gguf_tokenizer("llama", {names[k]: smol_meta[k] for k in names} | {"pre_tokenizer_type": pre})
+    names = {"model": "tokenizer_type", "tokens": "tokens", "token_type": "token_type", "merges": "merges"}
+    fields = {names[k]: smol_meta[k] for k in names} | {"pre_tokenizer_type": pre}
+    reference, _ = gguf_integration.convert_gguf_tokenizer("llama", fields)
     ours = Tokenizer.from_metadata({**smol_meta, "pre": pre})
     text = "It's 12345 o'clock!!\n\n  \tDON'T stop — getHTTPResponse x.Hello wörld's 日本語 I'M  \r\n"
     assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids
@@ -370,6 +370,16 @@ def test_sentencepiece_stream_of_random_ids_joins_to_decode(spm, spm_meta):
             stream = spm.stream(skip_special=skip_special)
             joined = "".join([stream.push(i) for i in ids] + [stream.flush()])
             assert joined == spm.decode(ids, skip_special=skip_special)
+
+
+def test_user_defined_tokens_stay_whole_but_are_not_special(spm_meta):
+    types = list(spm_meta["token_type"])
+    marker = spm_meta["tokens"].index("<|im_start|>")
+    types[marker] = gguf.TokenType.USER_DEFINED
+    tokenizer = Tokenizer.from_metadata({**spm_meta, "token_type": types})
+    ids = tokenizer.encode("hello<|im_start|>", add_bos=False)
+    assert ids[-1] == marker and not tokenizer.is_special(marker)
+    assert tokenizer.decode(ids, skip_special=True) == "hello<|im_start|>"
 
 
 def test_sentencepiece_without_space_prefix_adds_no_leading_space(spm_meta):
