@@ -47,7 +47,8 @@ def set_threads(threads: int | None) -> int:
 class Model:
     """A loaded model: config, tokenizer, chat template and the engine over the mmapped container."""
 
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
+                 moe_topk: int | None = None):
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -68,7 +69,7 @@ class Model:
         self.threads = set_threads(threads)
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
         self.chat_template: str | None = md.get("chat_template")
-        self.transformer = Transformer(self.container, self.config, n_ctx)
+        self.transformer = Transformer(self.container, self.config, n_ctx, moe_topk=moe_topk)
         self.load_s = time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
@@ -132,8 +133,9 @@ class Model:
                                ignore_eos=ignore_eos)
 
 
-def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = None) -> Model:
+def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = None,
+         moe_topk: int | None = None) -> Model:
     """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it."""
     from .store import resolve
 
-    return Model(resolve(str(name_or_path)), n_ctx=n_ctx, threads=threads)
+    return Model(resolve(str(name_or_path)), n_ctx=n_ctx, threads=threads, moe_topk=moe_topk)

@@ -239,3 +239,118 @@ def embed_rows(codes, scales, kind, ids, out):
                 else:
                     out[i, g * GROUP + j] = dd * np.float32(c & 15) + mm
                     out[i, g * GROUP + j + 16] = dd * np.float32(c >> 4) + mm
+
+
+# --- routed experts ---------------------------------------------------------------------------------
+# Expert matrices are addressed inside one flat view of the container (buf8/buf16/buf32 are uint8, uint16
+# and float32 views of the same bytes) by per-expert byte offsets of their codes and scales, so that one
+# parallel call covers every selected expert's tiles: Python never loops over experts.
+
+KIND = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
+
+
+@njit(cache=True, inline="always")
+def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xq, xd, xs, xf, t, acc, isum, bits, d, m):
+    """acc (TILE,) = rows [tile*TILE, +TILE) of one interleaved matrix . activation row t."""
+    ng = n_in // GROUP
+    for r in range(TILE):
+        acc[r] = 0.0
+    if kind == 2 or kind == 3 or kind == 8:
+        nsc = 2 if kind == 3 else 1
+        cbytes = 16 if kind != 8 else 32
+        cb = coff + tile * ng * cbytes * TILE
+        sb = (soff + tile * ng * nsc * TILE * 2) // 2
+        for g in range(ng):
+            for r in range(TILE):
+                isum[r] = 0
+            if kind == 8:
+                for j in range(GROUP):
+                    a = np.int32(xq[t, g * GROUP + j])
+                    base = cb + (g * GROUP + j) * TILE
+                    for r in range(TILE):
+                        isum[r] += np.int32(np.int8(buf8[base + r])) * a
+            else:
+                for jb in range(GROUP // 2):
+                    a = np.int32(xq[t, g * GROUP + jb])
+                    b = np.int32(xq[t, g * GROUP + jb + 16])
+                    base = cb + (g * 16 + jb) * TILE
+                    for r in range(TILE):
+                        c = np.int32(buf8[base + r])
+                        isum[r] += (c & 15) * a + (c >> 4) * b
+            s0 = sb + g * nsc * TILE
+            _f16_row(buf16[s0 : s0 + TILE], bits, d)
+            if kind == 3:
+                _f16_row(buf16[s0 + TILE : s0 + 2 * TILE], bits, m)
+            elif kind == 2:
+                for r in range(TILE):
+                    m[r] = np.float32(-8.0) * d[r]
+            else:
+                for r in range(TILE):
+                    m[r] = 0.0
+            dx = xd[t, g]
+            sx = np.float32(xs[t, g])
+            for r in range(TILE):
+                acc[r] += dx * (d[r] * np.float32(isum[r]) + m[r] * sx)
+    elif kind == 1:
+        base = coff // 2 + tile * n_in * TILE
+        for k in range(n_in):
+            _f16_row(buf16[base + k * TILE : base + (k + 1) * TILE], bits, d)
+            a = xf[t, k]
+            for r in range(TILE):
+                acc[r] += d[r] * a
+    else:
+        base = coff // 4 + tile * n_in * TILE
+        for k in range(n_in):
+            a = xf[t, k]
+            for r in range(TILE):
+                acc[r] += buf32[base + k * TILE + r] * a
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def moe_gate_up(buf8, buf16, buf32, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_soff, sel, tok_ptr, tok_idx,
+                xq, xd, xs, xf, h):
+    """h[a] = silu(gate_e . x[t]) * (up_e . x[t]) for every assignment a of token t to expert e.
+
+    sel (n_sel,) expert ids; assignments of sel[i] are tok_ptr[i]..tok_ptr[i+1] in tok_idx (token rows);
+    g_coff/g_soff/u_coff/u_soff (n_expert,) byte offsets of each expert's gate/up codes and scales.
+    h (n_assign, n_ff) float32. One job per (selected expert, tile of 64 FFN rows).
+    """
+    n_tiles = (n_ff + TILE - 1) // TILE
+    for job in prange(sel.shape[0] * n_tiles):
+        i = job // n_tiles
+        tile = job % n_tiles
+        e = sel[i]
+        g = np.empty(TILE, np.float32)
+        u = np.empty(TILE, np.float32)
+        isum = np.empty(TILE, np.int32)
+        bits = np.empty(TILE, np.uint32)
+        d = np.empty(TILE, np.float32)
+        m = np.empty(TILE, np.float32)
+        n_valid = min(TILE, n_ff - tile * TILE)
+        for a in range(tok_ptr[i], tok_ptr[i + 1]):
+            t = tok_idx[a]
+            _tile_dot(buf8, buf16, buf32, kind, g_coff[e], g_soff[e], n_in, tile, xq, xd, xs, xf, t, g, isum, bits, d, m)
+            _tile_dot(buf8, buf16, buf32, kind, u_coff[e], u_soff[e], n_in, tile, xq, xd, xs, xf, t, u, isum, bits, d, m)
+            for r in range(n_valid):
+                x = g[r]
+                h[a, tile * TILE + r] = x / (np.float32(1.0) + np.exp(-x)) * u[r]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, hd, hs, hf, y):
+    """y[a] = down_e . h[a] for every assignment a (rows of hq/hf) of expert sel[i]; y (n_assign, n_out)."""
+    n_tiles = (n_out + TILE - 1) // TILE
+    for job in prange(sel.shape[0] * n_tiles):
+        i = job // n_tiles
+        tile = job % n_tiles
+        e = sel[i]
+        acc = np.empty(TILE, np.float32)
+        isum = np.empty(TILE, np.int32)
+        bits = np.empty(TILE, np.uint32)
+        d = np.empty(TILE, np.float32)
+        m = np.empty(TILE, np.float32)
+        n_valid = min(TILE, n_out - tile * TILE)
+        for a in range(tok_ptr[i], tok_ptr[i + 1]):
+            _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, hq, hd, hs, hf, a, acc, isum, bits, d, m)
+            for r in range(n_valid):
+                y[a, tile * TILE + r] = acc[r]

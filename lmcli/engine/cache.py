@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
-
 
 class KVCache:
-    """Keys and values (n_layer, n_head_kv, n_ctx, head_dim) float32; n_past tokens are valid.
+    """Keys (n_layer, n_kv, n_ctx, dk) and values (n_layer, n_kv, n_ctx, dv) float32; n_past tokens are valid.
 
     np.zeros maps untouched pages lazily, so a large context costs memory only as it fills.
+    MLA layers cache decompressed per-head keys and values (n_kv = n_head), not the latent.
     """
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
-        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+    def __init__(self, n_layer: int, n_kv: int, n_ctx: int, dk: int, dv: int):
+        self.k = np.zeros((n_layer, n_kv, n_ctx, dk), np.float32)
+        self.v = np.zeros((n_layer, n_kv, n_ctx, dv), np.float32)
         self.n_ctx = n_ctx
         self.n_past = 0
 

@@ -1,4 +1,6 @@
-"""The forward pass: embeddings, then per layer RMSNorm -> GQA attention with RoPE -> SwiGLU FFN, then the head.
+"""The forward pass, one for every architecture: embeddings, then per layer RMSNorm -> attention (GQA with
+RoPE, optional biases and QK-norm, or MLA) -> RMSNorm -> FFN (dense SwiGLU, or routed experts plus shared
+experts), then the head. Differences between architectures are data in ModelConfig.
 
 Python walks the layers; every per-row loop is a Numba kernel (quant.kernels for matmuls, .ops for the rest).
 """
@@ -9,27 +11,49 @@ import numpy as np
 
 from quant.container import Container
 
-from ..errors import ContextOverflow
+from ..errors import ContextOverflow, UsageError
 from . import ops
 from .cache import KVCache
 from .config import ModelConfig
-from .weights import Act, Weights, load_weights
+from .moe import RouterSpec, RoutingStats, moe_ffn
+from .weights import Act, Attention, FFN, Weights, load_weights
 
 PREFILL_CHUNK = 256  # tokens per batched pass: bounds activation memory for long prompts
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
 
 
 class Transformer:
     """A decoder-only transformer over mmapped weights."""
 
-    def __init__(self, container: Container, cfg: ModelConfig, max_ctx: int):
+    def __init__(self, container: Container, cfg: ModelConfig, max_ctx: int, moe_topk: int | None = None):
         self.container = container
         self.cfg = cfg
         self.weights: Weights = load_weights(container, cfg)
         self.max_ctx = max_ctx
         self.cos, self.sin = ops.rope_table(max_ctx, cfg.n_rot, cfg.rope_theta)
+        top_k = cfg.n_expert_used
+        if moe_topk is not None:
+            if not cfg.is_moe:
+                raise UsageError("--moe-topk applies to Mixture-of-Experts models; this model is dense")
+            if not 1 <= moe_topk <= cfg.n_expert:
+                raise UsageError(f"--moe-topk must be between 1 and {cfg.n_expert} (the expert count), got {moe_topk}")
+            top_k = moe_topk
+        self.router = RouterSpec(cfg.router, top_k, cfg.norm_topk_prob, cfg.routed_scaling_factor,
+                                 cfg.n_group, cfg.topk_group)
+        self.stats = RoutingStats(cfg.n_layer, cfg.n_expert)
+        if cfg.kv_lora_rank:
+            self._kv_dims = (cfg.n_head, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim)
+        else:
+            self._kv_dims = (cfg.n_head_kv, cfg.head_dim, cfg.head_dim)
+        dk = self._kv_dims[1]
+        self.attn_scale = np.float32(cfg.attention_multiplier or 1.0 / np.sqrt(dk))
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
-        return KVCache(self.cfg, min(n_ctx or self.max_ctx, self.max_ctx))
+        n_kv, dk, dv = self._kv_dims
+        return KVCache(self.cfg.n_layer, n_kv, min(n_ctx or self.max_ctx, self.max_ctx), dk, dv)
 
     def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Process token ids at positions cache.n_past...; returns logits (T, vocab) or (1, vocab) for the last."""
@@ -56,35 +80,100 @@ class Transformer:
         w = self.weights
         x = np.empty_like(h)
         ops.rmsnorm(h, w.output_norm, self.cfg.norm_eps, x)
-        return w.output(Act(x))
+        logits = w.output(Act(x))
+        if self.cfg.logits_scaling != 1.0:
+            logits /= np.float32(self.cfg.logits_scaling)  # Granite divides logits by logits_scaling
+        return logits
 
     def _forward_chunk(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         cfg, w = self.cfg, self.weights
-        T = len(ids)
-        H, KV, D, E = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_embd
+        T, E = len(ids), cfg.n_embd
         pos0 = cache.n_past
         x = w.tok_embd.rows(ids)  # (T, n_embd) residual stream
+        if cfg.embedding_multiplier != 1.0:
+            x *= np.float32(cfg.embedding_multiplier)
+        rm = np.float32(cfg.residual_multiplier)
         hbuf = np.empty((T, E), np.float32)
-        att = np.empty((T, H, D), np.float32)
-        scale = np.float32(1.0 / np.sqrt(D))
         for li, L in enumerate(w.layers):
             ops.rmsnorm(x, L.attn_norm, cfg.norm_eps, hbuf)
-            a = Act(hbuf)
-            q = L.wq(a).reshape(T, H, D)
-            k = L.wk(a).reshape(T, KV, D)
-            v = L.wv(a).reshape(T, KV, D)
-            ops.rope(q, pos0, self.cos, self.sin, cfg.n_rot, cfg.rope_interleaved)
-            ops.rope(k, pos0, self.cos, self.sin, cfg.n_rot, cfg.rope_interleaved)
-            kc, vc = cache.k[li], cache.v[li]  # (n_head_kv, n_ctx, head_dim)
-            kc[:, pos0 : pos0 + T] = k.transpose(1, 0, 2)
-            vc[:, pos0 : pos0 + T] = v.transpose(1, 0, 2)
-            ops.attention(q, kc, vc, pos0, scale, att)
-            ops.add_inplace(x, L.wo(Act(att.reshape(T, H * D))))
+            if cfg.kv_lora_rank:
+                o = self._mla(L.attn, hbuf, cache, li, pos0)
+            else:
+                o = self._gqa(L.attn, hbuf, cache, li, pos0)
+            if rm != 1.0:
+                o *= rm
+            ops.add_inplace(x, o)
             ops.rmsnorm(x, L.ffn_norm, cfg.norm_eps, hbuf)
-            a = Act(hbuf)
-            g = L.w_gate(a)
-            u = L.w_up(a)
-            ops.silu_mul(g, u, g)
-            ops.add_inplace(x, L.w_down(Act(g)))
+            if L.ffn.experts is not None:
+                f = moe_ffn(L.ffn, hbuf, self.router, w, self.stats, li)
+            else:
+                f = self._dense(L.ffn, hbuf)
+            if rm != 1.0:
+                f *= rm
+            ops.add_inplace(x, f)
         cache.n_past = pos0 + T
         return x
+
+    def _dense(self, ff: FFN, h: np.ndarray) -> np.ndarray:
+        a = Act(h)
+        g = ff.gate(a)
+        ops.silu_mul(g, ff.up(a), g)
+        return ff.down(Act(g))
+
+    def _rope(self, x: np.ndarray, pos0: int) -> None:
+        ops.rope(x, pos0, self.cos, self.sin, self.cfg.n_rot, self.cfg.rope_interleaved)
+
+    def _gqa(self, at: Attention, h: np.ndarray, cache: KVCache, li: int, pos0: int) -> np.ndarray:
+        cfg = self.cfg
+        T, H, KV, D = h.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        a = Act(h)
+        q, k, v = at.wq(a), at.wk(a), at.wv(a)
+        if cfg.qk_norm == "full":  # OLMoE: RMSNorm over all heads' q (and k) before the split
+            ops.rmsnorm(q, at.q_norm, cfg.norm_eps, q)
+            ops.rmsnorm(k, at.k_norm, cfg.norm_eps, k)
+        elif cfg.qk_norm == "head":  # Qwen3: RMSNorm over each head's head_dim
+            q2, k2 = q.reshape(T * H, D), k.reshape(T * KV, D)
+            ops.rmsnorm(q2, at.q_norm, cfg.norm_eps, q2)
+            ops.rmsnorm(k2, at.k_norm, cfg.norm_eps, k2)
+        q, k, v = q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
+        self._rope(q, pos0)
+        self._rope(k, pos0)
+        return self._attend(at, q, k, v, cache, li, pos0)
+
+    def _mla(self, at: Attention, h: np.ndarray, cache: KVCache, li: int, pos0: int) -> np.ndarray:
+        """DeepSeek-V3 multi-head latent attention (DeepseekV3Attention): queries through an optional
+        low-rank bottleneck; keys/values decompressed from a normed latent; one shared RoPE key per token."""
+        cfg = self.cfg
+        T, H = h.shape[0], cfg.n_head
+        nope, rope, dv, rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        a = Act(h)
+        if at.wq_a is not None:
+            qa = at.wq_a(a)
+            ops.rmsnorm(qa, at.q_a_norm, cfg.norm_eps, qa)
+            q = at.wq_b(Act(qa))
+        else:
+            q = at.wq(a)
+        q = q.reshape(T, H, nope + rope)
+        kva = at.wkv_a(a)  # (T, rank + rope)
+        ckv = np.ascontiguousarray(kva[:, :rank])
+        ops.rmsnorm(ckv, at.kv_a_norm, cfg.norm_eps, ckv)
+        kpe = np.ascontiguousarray(kva[:, rank:]).reshape(T, 1, rope)
+        kv = at.wkv_b(Act(ckv)).reshape(T, H, nope + dv)
+        qpe = np.ascontiguousarray(q[:, :, nope:])
+        self._rope(qpe, pos0)
+        self._rope(kpe, pos0)
+        q[:, :, nope:] = qpe
+        k = np.empty((T, H, nope + rope), np.float32)
+        k[:, :, :nope] = kv[:, :, :nope]
+        k[:, :, nope:] = kpe
+        v = np.ascontiguousarray(kv[:, :, nope:])
+        return self._attend(at, q, k, v, cache, li, pos0)
+
+    def _attend(self, at: Attention, q, k, v, cache: KVCache, li: int, pos0: int) -> np.ndarray:
+        T, H = q.shape[0], q.shape[1]
+        kc, vc = cache.k[li], cache.v[li]  # (n_kv, n_ctx, dk), (n_kv, n_ctx, dv)
+        kc[:, pos0 : pos0 + T] = k.transpose(1, 0, 2)
+        vc[:, pos0 : pos0 + T] = v.transpose(1, 0, 2)
+        att = np.empty((T, H, vc.shape[2]), np.float32)
+        ops.attention(q, kc, vc, pos0, self.attn_scale, att)
+        return at.wo(Act(att.reshape(T, -1)))

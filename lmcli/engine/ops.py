@@ -57,10 +57,11 @@ def rope(x, pos0, cos, sin, n_rot, interleaved):
 def attention(q, kc, vc, pos0, scale, out):
     """Causal GQA attention for T queries at positions pos0..pos0+T-1 over the cache.
 
-    q (T, n_head, D); kc, vc (n_head_kv, n_ctx, D) holding keys/values for positions < pos0 + T;
-    out (T, n_head, D). Query head h reads KV head h // (n_head / n_head_kv).
+    q (T, n_head, Dk); kc (n_head_kv, n_ctx, Dk), vc (n_head_kv, n_ctx, Dv) holding positions < pos0 + T;
+    out (T, n_head, Dv). Query head h reads KV head h // (n_head / n_head_kv).
     """
     T, H, D = q.shape
+    Dv = vc.shape[2]
     group = H // kc.shape[0]
     for job in prange(T * H):
         t = job // H
@@ -83,11 +84,11 @@ def attention(q, kc, vc, pos0, scale, out):
             sc[j] = e
             tot += e
         inv = np.float32(1.0) / tot
-        for d in range(D):
+        for d in range(Dv):
             out[t, h, d] = 0.0
         for j in range(n):
             p = sc[j] * inv
-            for d in range(D):
+            for d in range(Dv):
                 out[t, h, d] += p * vc[kv, j, d]
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from quant import kernels
 from quant.container import Container
 from quant.errors import ContainerError
+from quant.formats import matrix_parts
 
 from ..errors import ModelFileError
 from .config import ModelConfig
@@ -20,7 +21,7 @@ class Act:
     __slots__ = ("x", "_q")
 
     def __init__(self, x: np.ndarray):
-        self.x = x
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
         self._q = None
 
     def quantized(self):
@@ -35,11 +36,13 @@ class Act:
 
 
 class Linear:
-    """One (n_out, n_in) matrix in the interleaved layout; `y = lin(act, out)` computes act.x @ W.T."""
+    """One (n_out, n_in) matrix in the interleaved layout; `y = lin(act)` computes act.x @ W.T (+ bias)."""
 
-    def __init__(self, name: str, fmt_name: str, codes: np.ndarray, scales: np.ndarray, n_out: int, n_in: int):
+    def __init__(self, name: str, fmt_name: str, codes: np.ndarray, scales: np.ndarray, n_out: int, n_in: int,
+                 bias: np.ndarray | None = None):
         self.name, self.fmt, self.codes, self.scales = name, fmt_name, codes, scales
         self.n_out, self.n_in = n_out, n_in
+        self.bias = bias  # (n_out,) or None
         self.nbytes = codes.nbytes + scales.nbytes
 
     def __call__(self, act: Act, out: np.ndarray | None = None) -> np.ndarray:
@@ -54,28 +57,69 @@ class Linear:
             kernels.matmul_f16(self.codes, act.x, out)
         else:
             kernels.matmul_f32(self.codes, act.x, out)
+        if self.bias is not None:
+            out += self.bias
         return out
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows (embedding lookup) -> (len(ids), n_in) float32."""
         out = np.empty((len(ids), self.n_in), np.float32)
-        kind = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}[self.fmt]
         codes = self.codes.reshape(-1).view(np.uint8)
-        kernels.embed_rows(codes, self.scales, kind, np.ascontiguousarray(ids, dtype=np.int64), out)
+        kernels.embed_rows(codes, self.scales, kernels.KIND[self.fmt], np.ascontiguousarray(ids, dtype=np.int64), out)
         return out
+
+
+@dataclass
+class Experts:
+    """A layer's routed experts: gate/up/down of every expert inside one bundle per expert (byte offsets)."""
+
+    fmt: str
+    n_expert: int
+    n_ff: int
+    n_embd: int
+    offsets: dict  # "gate"/"up"/"down" -> (codes offsets (n_expert,), scales offsets (n_expert,)) int64
+    bundle_nbytes: int  # bytes of one expert's gate + up + down
+    stride: int
+    base: int  # byte offset of expert 0's bundle
+
+
+@dataclass
+class Attention:
+    wq: Linear | None = None  # (n_head * head_dim, n_embd); MLA without q-LoRA: (n_head * qk_dim, n_embd)
+    wk: Linear | None = None  # (n_head_kv * head_dim, n_embd)
+    wv: Linear | None = None  # (n_head_kv * head_dim, n_embd)
+    wo: Linear | None = None  # (n_embd, n_head * v_dim)
+    q_norm: np.ndarray | None = None  # (head_dim,) per-head or (n_head * head_dim,) full
+    k_norm: np.ndarray | None = None
+    # MLA (DeepSeek-V3)
+    wq_a: Linear | None = None  # (q_lora_rank, n_embd)
+    q_a_norm: np.ndarray | None = None  # (q_lora_rank,)
+    wq_b: Linear | None = None  # (n_head * qk_dim, q_lora_rank)
+    wkv_a: Linear | None = None  # (kv_lora_rank + qk_rope_head_dim, n_embd)
+    kv_a_norm: np.ndarray | None = None  # (kv_lora_rank,)
+    wkv_b: Linear | None = None  # (n_head * (qk_nope_head_dim + v_head_dim), kv_lora_rank)
+
+
+@dataclass
+class FFN:
+    gate: Linear | None = None  # dense (n_ff, n_embd)
+    up: Linear | None = None
+    down: Linear | None = None  # (n_embd, n_ff)
+    router: Linear | None = None  # (n_expert, n_embd) f32
+    router_bias: np.ndarray | None = None  # (n_expert,) e_score_correction_bias
+    experts: Experts | None = None
+    sh_gate: Linear | None = None  # shared experts, fused: (n_ff_shexp, n_embd)
+    sh_up: Linear | None = None
+    sh_down: Linear | None = None
+    sh_gate_inp: np.ndarray | None = None  # (n_embd,) Qwen2-MoE sigmoid gate of the shared expert
 
 
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray  # (n_embd,)
-    wq: Linear  # (n_head * head_dim, n_embd)
-    wk: Linear  # (n_head_kv * head_dim, n_embd)
-    wv: Linear  # (n_head_kv * head_dim, n_embd)
-    wo: Linear  # (n_embd, n_head * head_dim)
+    attn: Attention
     ffn_norm: np.ndarray  # (n_embd,)
-    w_gate: Linear  # (n_ff, n_embd)
-    w_up: Linear  # (n_ff, n_embd)
-    w_down: Linear  # (n_embd, n_ff)
+    ffn: FFN
 
 
 @dataclass
@@ -84,49 +128,132 @@ class Weights:
     layers: list[LayerWeights]
     output_norm: np.ndarray  # (n_embd,)
     output: Linear  # (vocab, n_embd); tok_embd itself when tied
+    buf8: np.ndarray = field(repr=False, default=None)  # the whole container, for the expert kernels
+    buf16: np.ndarray = field(repr=False, default=None)
+    buf32: np.ndarray = field(repr=False, default=None)
 
-    @property
-    def nbytes(self) -> int:
-        lins = [self.output] + [l for L in self.layers for l in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
-        return sum(l.nbytes for l in lins)
+
+class _Loader:
+    def __init__(self, c: Container):
+        self.c = c
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.c.tensors
+
+    def lin(self, name: str, n_out: int, n_in: int, bias: str | None = None) -> Linear:
+        t = self.c.tensors.get(name)
+        if t is None:
+            raise ModelFileError(f"{self.c.path}: tensor {name} is missing")
+        if t.shape != (n_out, n_in):
+            raise ModelFileError(f"{self.c.path}: tensor {name} has shape {t.shape}, config needs {(n_out, n_in)}")
+        self.used.add(name)
+        codes, scales = self.c.matrix(name)
+        b = self.vec(bias, n_out) if bias is not None else None
+        return Linear(name, t.fmt.name, codes, scales, n_out, n_in, b)
+
+    def vec(self, name: str, n: int) -> np.ndarray:
+        t = self.c.tensors.get(name)
+        if t is None or t.shape != (n,):
+            got = None if t is None else t.shape
+            raise ModelFileError(f"{self.c.path}: tensor {name} is missing or has shape {got}, config needs ({n},)")
+        self.used.add(name)
+        return self.c.vector(name)
+
+    def experts(self, prefix: str, cfg: ModelConfig) -> Experts:
+        E, F, D = cfg.n_expert, cfg.n_ff_exp, cfg.n_embd
+        want = {"gate": (E, F, D), "up": (E, F, D), "down": (E, D, F)}
+        infos = {}
+        for k, shape in want.items():
+            name = f"{prefix}ffn_{k}_exps.weight"
+            t = self.c.tensors.get(name)
+            if t is None or t.shape != shape:
+                raise ModelFileError(f"{self.c.path}: tensor {name} is missing or has shape "
+                                     f"{None if t is None else t.shape}, config needs {shape}")
+            infos[k] = t
+            self.used.add(name)
+        fmts = {t.fmt.name for t in infos.values()}
+        strides = {t.stride for t in infos.values()}
+        if len(fmts) != 1 or len(strides) != 1:
+            raise ModelFileError(f"{self.c.path}: {prefix} expert tensors differ in format or bundle stride")
+        fmt = fmts.pop()
+        stride = strides.pop()
+        offsets = {}
+        for k, t in infos.items():
+            n_out, n_in = t.shape[1:]
+            cb, _ = matrix_parts(t.fmt, n_out, n_in)
+            co = t.offset + np.arange(E, dtype=np.int64) * stride
+            if fmt in ("f16", "f32") and co[0] % 4:
+                raise ModelFileError(f"{self.c.path}: {k} experts are misaligned")
+            offsets[k] = (co, co + cb)
+        base = min(t.offset for t in infos.values())
+        end = max(t.offset + t.nbytes for t in infos.values())
+        return Experts(fmt, E, F, D, offsets, end - base, stride, base)
 
 
 def load_weights(c: Container, cfg: ModelConfig) -> Weights:
-    """Map every tensor the config needs, checking each shape against the config."""
-
-    def lin(name: str, n_out: int, n_in: int) -> Linear:
-        t = c.tensors.get(name)
-        if t is None:
-            raise ModelFileError(f"{c.path}: tensor {name} is missing")
-        if t.shape != (n_out, n_in):
-            raise ModelFileError(f"{c.path}: tensor {name} has shape {t.shape}, config needs {(n_out, n_in)}")
-        codes, scales = c.matrix(name)
-        return Linear(name, t.fmt.name, codes, scales, n_out, n_in)
-
-    def vec(name: str, n: int) -> np.ndarray:
-        t = c.tensors.get(name)
-        if t is None or t.shape != (n,):
-            raise ModelFileError(f"{c.path}: tensor {name} is missing or has the wrong shape")
-        return c.vector(name)
-
-    E, F, D = cfg.n_embd, cfg.n_ff, cfg.head_dim
+    """Map every tensor the config needs, checking each shape against the config and that none is left over."""
+    L = _Loader(c)
+    E, D = cfg.n_embd, cfg.head_dim
+    H, KV = cfg.n_head, cfg.n_head_kv
     try:
         layers = []
         for i in range(cfg.n_layer):
             p = f"blk.{i}."
-            layers.append(LayerWeights(
-                attn_norm=vec(p + "attn_norm.weight", E),
-                wq=lin(p + "attn_q.weight", cfg.n_head * D, E),
-                wk=lin(p + "attn_k.weight", cfg.n_head_kv * D, E),
-                wv=lin(p + "attn_v.weight", cfg.n_head_kv * D, E),
-                wo=lin(p + "attn_output.weight", E, cfg.n_head * D),
-                ffn_norm=vec(p + "ffn_norm.weight", E),
-                w_gate=lin(p + "ffn_gate.weight", F, E),
-                w_up=lin(p + "ffn_up.weight", F, E),
-                w_down=lin(p + "ffn_down.weight", E, F),
-            ))
-        tok = lin("token_embd.weight", cfg.vocab_size, E)
-        out = tok if cfg.tied_embeddings else lin("output.weight", cfg.vocab_size, E)
-        return Weights(tok, layers, vec("output_norm.weight", E), out)
+            at = Attention()
+            if cfg.kv_lora_rank:
+                qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+                if cfg.q_lora_rank:
+                    at.wq_a = L.lin(p + "attn_q_a.weight", cfg.q_lora_rank, E)
+                    at.q_a_norm = L.vec(p + "attn_q_a_norm.weight", cfg.q_lora_rank)
+                    at.wq_b = L.lin(p + "attn_q_b.weight", H * qk, cfg.q_lora_rank)
+                else:
+                    at.wq = L.lin(p + "attn_q.weight", H * qk, E)
+                at.wkv_a = L.lin(p + "attn_kv_a_mqa.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim, E)
+                at.kv_a_norm = L.vec(p + "attn_kv_a_norm.weight", cfg.kv_lora_rank)
+                at.wkv_b = L.lin(p + "attn_kv_b.weight", H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+                at.wo = L.lin(p + "attn_output.weight", E, H * cfg.v_head_dim)
+            else:
+                bias = (lambda n: p + f"attn_{n}.bias") if cfg.attn_bias else (lambda n: None)
+                at.wq = L.lin(p + "attn_q.weight", H * D, E, bias("q"))
+                at.wk = L.lin(p + "attn_k.weight", KV * D, E, bias("k"))
+                at.wv = L.lin(p + "attn_v.weight", KV * D, E, bias("v"))
+                at.wo = L.lin(p + "attn_output.weight", E, H * D)
+                if cfg.qk_norm == "head":
+                    at.q_norm = L.vec(p + "attn_q_norm.weight", D)
+                    at.k_norm = L.vec(p + "attn_k_norm.weight", D)
+                elif cfg.qk_norm == "full":
+                    at.q_norm = L.vec(p + "attn_q_norm.weight", H * D)
+                    at.k_norm = L.vec(p + "attn_k_norm.weight", KV * D)
+            ff = FFN()
+            if cfg.layer_is_moe(i):
+                ff.router = L.lin(p + "ffn_gate_inp.weight", cfg.n_expert, E)
+                if cfg.router_bias:
+                    ff.router_bias = L.vec(p + "exp_probs_b.bias", cfg.n_expert)
+                ff.experts = L.experts(p, cfg)
+                if cfg.n_expert_shared:
+                    S = cfg.n_ff_shexp
+                    ff.sh_gate = L.lin(p + "ffn_gate_shexp.weight", S, E)
+                    ff.sh_up = L.lin(p + "ffn_up_shexp.weight", S, E)
+                    ff.sh_down = L.lin(p + "ffn_down_shexp.weight", E, S)
+                    if cfg.shared_expert_gate:
+                        ff.sh_gate_inp = L.vec(p + "ffn_gate_inp_shexp.weight", E)
+            else:
+                ff.gate = L.lin(p + "ffn_gate.weight", cfg.n_ff, E)
+                ff.up = L.lin(p + "ffn_up.weight", cfg.n_ff, E)
+                ff.down = L.lin(p + "ffn_down.weight", E, cfg.n_ff)
+            layers.append(LayerWeights(L.vec(p + "attn_norm.weight", E), at, L.vec(p + "ffn_norm.weight", E), ff))
+        tok = L.lin("token_embd.weight", cfg.vocab_size, E)
+        out = tok if cfg.tied_embeddings else L.lin("output.weight", cfg.vocab_size, E)
+        w = Weights(tok, layers, L.vec("output_norm.weight", E), out)
     except ContainerError as e:
         raise ModelFileError(str(e)) from None
+    extra = sorted(set(c.tensors) - L.used)
+    if extra:
+        raise ModelFileError(f"{c.path}: tensors the config does not use: {', '.join(extra[:4])}",
+                             hint="the container's config and tensors disagree")
+    buf = c._buf
+    w.buf8 = buf
+    w.buf16 = buf[: len(buf) // 2 * 2].view(np.uint16)
+    w.buf32 = buf[: len(buf) // 4 * 4].view(np.float32)
+    return w

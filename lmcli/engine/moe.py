@@ -1,0 +1,126 @@
+"""Mixture of Experts: routers (pure functions of scores and a spec) and the routed-expert FFN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from quant import kernels
+
+from .weights import Act, FFN
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    kind: str  # "softmax" | "sigmoid"
+    top_k: int
+    norm_topk_prob: bool = True
+    scaling: float = 1.0  # routed_scaling_factor
+    n_group: int = 1
+    topk_group: int = 1
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    # (T, E) -> (T, k) indices of the k largest, largest first; ties go to the lower index as torch.topk does
+    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+
+
+def route(logits: np.ndarray, spec: RouterSpec, bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits (T, n_expert) -> (expert ids (T, k) int64, weights (T, k) float32).
+
+    softmax: weights are softmax probabilities of the chosen experts, renormalised if norm_topk_prob
+      (MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock; Granite's
+      softmax over the top-k logits equals the renormalised case).
+    sigmoid: selection on sigmoid(logits) + bias within the topk_group best groups (a group scores the sum
+      of its two best experts), weights from the uncorrected sigmoid scores, renormalised if norm_topk_prob,
+      times routed_scaling_factor (DeepseekV3TopkRouter / DeepseekV3MoE.route_tokens_to_experts, Dots1).
+    """
+    z = logits.astype(np.float32)
+    T, E = z.shape
+    if spec.kind == "softmax":
+        p = np.exp(z - z.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        ids = _topk(p, spec.top_k)
+        w = np.take_along_axis(p, ids, axis=-1)
+        if spec.norm_topk_prob:
+            w = w / w.sum(axis=-1, keepdims=True)
+    elif spec.kind == "sigmoid":
+        s = 1.0 / (1.0 + np.exp(-z))
+        sel = s + bias[None, :] if bias is not None else s.copy()
+        if spec.n_group > 1:
+            g = sel.reshape(T, spec.n_group, E // spec.n_group)
+            gscore = np.sort(g, axis=-1)[:, :, -2:].sum(axis=-1)  # (T, n_group)
+            keep = _topk(gscore, spec.topk_group)
+            mask = np.zeros((T, spec.n_group), bool)
+            np.put_along_axis(mask, keep, True, axis=-1)
+            sel = np.where(np.repeat(mask, E // spec.n_group, axis=-1), sel, np.float32(0.0))
+        ids = _topk(sel, spec.top_k)
+        w = np.take_along_axis(s, ids, axis=-1)
+        if spec.norm_topk_prob:
+            w = w / (w.sum(axis=-1, keepdims=True) + np.float32(1e-20))
+        w = w * np.float32(spec.scaling)
+    else:
+        raise ValueError(f"unknown router kind {spec.kind!r}")
+    return ids.astype(np.int64), w.astype(np.float32)
+
+
+@dataclass
+class RoutingStats:
+    """Cheap always-on counters: which experts ran and how many expert bytes were touched."""
+
+    n_layer: int
+    n_expert: int
+
+    def __post_init__(self):
+        self.hist = np.zeros((self.n_layer, max(self.n_expert, 1)), np.int64)  # tokens routed per (layer, expert)
+        self.expert_bytes = 0  # bytes of distinct expert bundles read, summed over forward calls
+        self.trace: list | None = None  # when enabled: (layer, ids (T, k), weights (T, k)) per call
+
+    def reset(self) -> None:
+        self.hist[:] = 0
+        self.expert_bytes = 0
+        if self.trace is not None:
+            self.trace.clear()
+
+
+def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | None, layer: int) -> np.ndarray:
+    """Routed experts (+ shared experts) for h (T, n_embd): tokens grouped by expert, so each selected
+    expert's bundle is read once per batch; two parallel kernel calls cover every selected expert."""
+    T = h.shape[0]
+    a = Act(h)
+    ids, wts = route(ff.router(a), spec, ff.router_bias)
+    k = ids.shape[1]
+    flat_e = ids.reshape(-1)
+    order = np.argsort(flat_e, kind="stable")
+    sel, counts = np.unique(flat_e[order], return_counts=True)
+    tok_ptr = np.zeros(len(sel) + 1, np.int64)
+    np.cumsum(counts, out=tok_ptr[1:])
+    tok_idx = np.repeat(np.arange(T, dtype=np.int64), k)[order]
+    wsort = wts.reshape(-1)[order]
+    ex = ff.experts
+    kind = kernels.KIND[ex.fmt]
+    xq, xd, xs = a.quantized()
+    hb = np.empty((len(flat_e), ex.n_ff), np.float32)
+    (gc, gs), (uc, us), (dc, ds) = ex.offsets["gate"], ex.offsets["up"], ex.offsets["down"]
+    kernels.moe_gate_up(w.buf8, w.buf16, w.buf32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
+                        xq, xd, xs, a.x, hb)
+    ha = Act(hb)
+    hq, hd, hs = ha.quantized()
+    y = np.empty((len(flat_e), ex.n_embd), np.float32)
+    kernels.moe_down(w.buf8, w.buf16, w.buf32, kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr, hq, hd, hs, ha.x, y)
+    out = np.zeros((T, ex.n_embd), np.float32)
+    np.add.at(out, tok_idx, wsort[:, None] * y)
+    if ff.sh_gate is not None:
+        g = ff.sh_gate(a)
+        u = ff.sh_up(a)
+        sh = ff.sh_down(Act(g / (1.0 + np.exp(-g)) * u))
+        if ff.sh_gate_inp is not None:
+            sh *= (1.0 / (1.0 + np.exp(-(h @ ff.sh_gate_inp))))[:, None]
+        out += sh
+    if stats is not None:
+        np.add.at(stats.hist[layer], flat_e, 1)
+        stats.expert_bytes += len(sel) * ex.bundle_nbytes
+        if stats.trace is not None:
+            stats.trace.append((layer, ids, wts))
+    return out
