@@ -54,7 +54,7 @@ def route(logits: np.ndarray, spec: RouterSpec, bias: np.ndarray | None = None) 
             keep = _topk(gscore, spec.topk_group)
             mask = np.zeros((T, spec.n_group), bool)
             np.put_along_axis(mask, keep, True, axis=-1)
-            sel = np.where(np.repeat(mask, E // spec.n_group, axis=-1), sel, np.float32(0.0))
+            sel = np.where(np.repeat(mask, E // spec.n_group, axis=-1), sel, np.float32(-np.inf))
         ids = _topk(sel, spec.top_k)
         w = np.take_along_axis(s, ids, axis=-1)
         if spec.norm_topk_prob:
