@@ -57,40 +57,123 @@ def _open(path: Path):
         raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
+# llama.cpp architectures lmcli imports -> (lmcli arch, rope rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM),
+# default for renormalising top-k weights when the file has no expert_weights_norm key; llama.cpp's
+# llm_build_* functions pass norm_w per architecture).
+_ARCHS = {
+    "llama": ("llama", True, True),  # Mixtral is stored as llama with expert tensors
+    "qwen2": ("qwen2", False, True),
+    "qwen3": ("qwen3", False, True),
+    "qwen2moe": ("qwen2_moe", False, False),
+    "qwen3moe": ("qwen3_moe", False, True),
+    "olmoe": ("olmoe", False, False),
+    "granitemoe": ("granitemoe", True, True),
+    "deepseek2": ("deepseek_v3", True, True),
+    "dots1": ("dots1", False, True),
+}
+SUPPORTED_ARCHS = tuple(_ARCHS)
+
+
 def read_config(reader, path: Path) -> dict:
-    """Model config from GGUF metadata, under lmcli's (llama.cpp's) names."""
+    """Model config from GGUF metadata (llama.cpp's keys) -> lmcli's ModelConfig keys."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
+    if arch not in _ARCHS:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    name, rope_pairs, norm_default = _ARCHS[arch]
+
+    def get(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
 
     def req(key):
-        v = _field(reader, f"{arch}.{key}")
+        v = get(key)
         if v is None:
             raise GGUFError(f"{path}: missing metadata {arch}.{key}")
         return v
 
     n_embd = int(req("embedding_length"))
     n_head = int(req("attention.head_count"))
-    n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    n_head_kv = get("attention.head_count_kv", n_head)
+    if isinstance(n_head_kv, list):  # per-layer arrays (some exporters): all equal here
+        n_head_kv = n_head_kv[0]
+    n_head_kv = int(n_head_kv)
     if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv or n_embd <= 0:
         raise GGUFError(f"{path}: inconsistent head counts ({n_head} heads, {n_head_kv} KV heads)")
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
+    head_dim = int(get("attention.key_length", n_embd // n_head))
+    n_ff = get("feed_forward_length", 0)
+    if isinstance(n_ff, list):
+        n_ff = max(n_ff)
     cfg = {
-        "arch": arch,
+        "arch": name,
         "n_layer": int(req("block_count")),
         "n_embd": n_embd,
-        "n_ff": int(req("feed_forward_length")),
+        "n_ff": int(n_ff) or 1,
         "n_head": n_head,
         "n_head_kv": n_head_kv,
         "head_dim": head_dim,
-        "n_ctx_train": int(_field(reader, f"{arch}.context_length", 2048)),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        "rope_dim": int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
+        "n_ctx_train": int(get("context_length", 2048)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_dim": int(get("rope.dimension_count", head_dim)),
         # llama.cpp's converter permutes Q/K rows for LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs.
-        "rope_interleaved": True,
+        "rope_interleaved": rope_pairs,
         "norm_eps": float(req("attention.layer_norm_rms_epsilon")),
     }
+    n_expert = int(get("expert_count", 0))
+    if n_expert:
+        used = int(req("expert_used_count"))
+        gating = int(get("expert_gating_func", 0))  # llama.cpp: 1 softmax, 2 sigmoid (0: arch default)
+        cfg.update({
+            "n_expert": n_expert,
+            "n_expert_used": used,
+            "n_ff_exp": int(get("expert_feed_forward_length", cfg["n_ff"])),
+            "n_expert_shared": int(get("expert_shared_count", 0)),
+            "first_k_dense": int(get("leading_dense_block_count", 0)),
+            "router": "sigmoid" if gating == 2 or (gating == 0 and arch == "dots1") else "softmax",
+            "norm_topk_prob": bool(get("expert_weights_norm", norm_default)),
+            "routed_scaling_factor": float(get("expert_weights_scale", 1.0) or 1.0),
+            "n_group": int(get("expert_group_count", 1) or 1),
+            "topk_group": int(get("expert_group_used_count", 1) or 1),
+        })
+        shexp = get("expert_shared_feed_forward_length")
+        if shexp is not None:
+            cfg["n_ff_shexp"] = int(shexp)
+            cfg["n_expert_shared"] = cfg["n_expert_shared"] or 1
+        elif cfg["n_expert_shared"]:
+            cfg["n_ff_shexp"] = cfg["n_ff_exp"] * cfg["n_expert_shared"]
+    if arch == "granitemoe":
+        cfg.update({
+            "embedding_multiplier": float(get("embedding_scale", 1.0)),
+            "residual_multiplier": float(get("residual_scale", 1.0)),
+            "attention_multiplier": float(get("attention.scale", 0.0)),
+            "logits_scaling": float(get("logit_scale", 1.0)),
+        })
+    if arch == "deepseek2":
+        rope = int(req("rope.dimension_count"))
+        cfg.update({
+            "q_lora_rank": int(get("attention.q_lora_rank", 0)),
+            "kv_lora_rank": int(req("attention.kv_lora_rank")),
+            "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": head_dim - rope,
+            "v_head_dim": int(get("attention.value_length", head_dim - rope)),
+            "rope_dim": rope,
+        })
     return cfg
+
+
+def _finish_config(cfg: dict, names: set[str], shapes: dict, path: Path) -> None:
+    """Facts GGUF keeps in the tensor list rather than the metadata: biases, QK-norm kind, shared gate."""
+    cfg["attn_bias"] = "blk.0.attn_q.bias" in names
+    qn = shapes.get("blk.0.attn_q_norm.weight")
+    if qn is not None:
+        cfg["qk_norm"] = "head" if qn == (cfg["head_dim"],) else "full"
+    if cfg.get("n_expert"):
+        first = cfg.get("first_k_dense", 0)
+        cfg["shared_expert_gate"] = f"blk.{first}.ffn_gate_inp_shexp.weight" in names
+        cfg["router_bias"] = f"blk.{first}.exp_probs_b.bias" in names
+        if f"blk.{first}.ffn_gate_exps.weight" not in names and f"blk.{first}.ffn_gate.0.weight" in names:
+            raise GGUFError(f"{path}: per-expert 2-D expert tensors (old Mixtral GGUF layout) are not supported; "
+                            "re-convert with a current llama.cpp")
+    if cfg.get("kv_lora_rank") and "blk.0.attn_kv_b.weight" not in names:
+        raise GGUFError(f"{path}: split attn_k_b/attn_v_b MLA tensors are not supported yet (need attn_kv_b)")
 
 
 def read_tokenizer(reader) -> dict:
@@ -121,24 +204,28 @@ def _tensor_plan(reader, path: Path, size: int):
                 "(supported: F32, F16, Q4_0, Q4_1, Q8_0)"
             )
         dims = [int(d) for d in t.shape]  # GGUF order: ne0 (row length) first
-        if not 1 <= len(dims) <= 2 or any(d <= 0 for d in dims):
+        while len(dims) > 1 and dims[-1] == 1:
+            dims.pop()
+        if not 1 <= len(dims) <= 3 or any(d <= 0 for d in dims):
             raise GGUFError(f"{path}: tensor {t.name} has unsupported shape {dims}")
         end = int(t.data_offset) + int(t.n_bytes)
         if int(t.data_offset) < 0 or end > size:
             raise GGUFError(f"{path}: tensor {t.name} data [{t.data_offset}, {end}) lies outside the file ({size} bytes)")
-        if len(dims) == 1 or dims[1] == 1:
+        if len(dims) == 1:
             shape = (dims[0],)
             if fmt.quantized:
                 raise GGUFError(f"{path}: vector tensor {t.name} is quantized ({fmt.name}); not supported")
             plan.append((t.name, F32, shape, t, fmt))
         else:
-            n_in, n_out = dims
+            n_in, n_out = dims[0], dims[1]
+            n_expert = dims[2] if len(dims) == 3 else 1
             if n_in % GROUP:
                 raise GGUFError(f"{path}: tensor {t.name} row length {n_in} is not a multiple of {GROUP}")
-            expect = n_out * (n_in // GROUP * BLOCK_BYTES[fmt.name] if fmt.quantized else n_in * (4 if fmt is F32 else 2))
-            if int(t.n_bytes) != expect:
-                raise GGUFError(f"{path}: tensor {t.name} holds {t.n_bytes} bytes, its shape needs {expect}")
-            plan.append((t.name, fmt, (n_out, n_in), t, fmt))
+            row = n_in // GROUP * BLOCK_BYTES[fmt.name] if fmt.quantized else n_in * (4 if fmt is F32 else 2)
+            if int(t.n_bytes) != n_expert * n_out * row:
+                raise GGUFError(f"{path}: tensor {t.name} holds {t.n_bytes} bytes, its shape needs {n_expert * n_out * row}")
+            shape = (n_expert, n_out, n_in) if len(dims) == 3 else (n_out, n_in)
+            plan.append((t.name, fmt, shape, t, fmt))
     return plan
 
 
@@ -152,13 +239,10 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
     tok = read_tokenizer(reader)
     plan = _tensor_plan(reader, path, size)
     names = {p[0] for p in plan}
-    need = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{n}.weight" for i in range(cfg["n_layer"])
-        for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-    ]
-    missing = [n for n in need if n not in names]
-    if missing:
-        raise GGUFError(f"{path}: missing tensors: {', '.join(missing[:4])}")
+    _finish_config(cfg, names, {p[0]: p[2] for p in plan}, path)
+    for need in ("token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight"):
+        if need not in names:
+            raise GGUFError(f"{path}: missing tensor {need}")
     cfg["vocab_size"] = len(tok["tokens"])
     cfg["tied_embeddings"] = "output.weight" not in names
     formats = {}
@@ -171,9 +255,19 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
         "quant": {"scheme": _field(reader, "general.file_type"), "formats": formats, "source_format": "gguf"},
         "source": dict(source or {}, file=path.name, name=_field(reader, "general.name")),
     }
+    experts: dict[str, list] = {}  # "blk.N." -> its 3-D expert tensors, planned as one bundle per expert
     with ContainerWriter(dst, overwrite=overwrite) as w:
         for name, fmt, shape, _t, _src in plan:
-            w.plan(name, fmt, shape)
+            if len(shape) == 3:
+                experts.setdefault(name.split("ffn_")[0], []).append((name, fmt, shape))
+            else:
+                w.plan(name, fmt, shape)
+        for prefix, group in experts.items():
+            order = {"gate": 0, "up": 1, "down": 2}
+            group.sort(key=lambda g: order.get(g[0].split("ffn_")[1].split("_")[0], 3))
+            if len({g[2][0] for g in group}) != 1:
+                raise GGUFError(f"{path}: {prefix} expert tensors disagree on the expert count")
+            w.plan_experts([(n, f, s[1:]) for n, f, s in group], n_expert=group[0][2][0])
         w.begin(metadata)
         for name, fmt, shape, t, srcfmt in plan:
             data = np.asarray(t.data)
@@ -182,11 +276,16 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
                 if not np.all(np.isfinite(vec)):
                     raise GGUFError(f"{path}: tensor {name} has non-finite values")
                 w.write(name, vec)
-            else:
-                n_out, n_in = shape
-                raw = data.reshape(n_out, -1)
-                codes, scales = interleave(raw, fmt, n_out, n_in)
+                continue
+            n_expert = shape[0] if len(shape) == 3 else 1
+            n_out, n_in = shape[-2:]
+            raw = data.reshape(n_expert, n_out, -1)
+            for e in range(n_expert):
+                codes, scales = interleave(raw[e], fmt, n_out, n_in)
                 if scales.size and not np.all(np.isfinite(scales.view(np.float16))):
                     raise GGUFError(f"{path}: tensor {name} has non-finite scales")
-                w.write(name, codes, scales)
+                if len(shape) == 3:
+                    w.write(name, codes, scales, expert=e)
+                else:
+                    w.write(name, codes, scales)
         return w.finish()
