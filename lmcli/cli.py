@@ -17,6 +17,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run Mixture-of-Experts language models locally on your CPU from 4-bit weights.")
 
 
+def _sampling(model: str, **flags):
+    """Sampler parameters: flags given, else the registry entry's defaults, else llama.cpp's defaults."""
+    from .registry import load_registry
+    from .sampling import SamplerParams
+
+    entry = load_registry().get(model)
+    dflt = dict(entry.defaults or {}) if entry is not None else {}
+    kw = {k: (v if v is not None else dflt.get(k)) for k, v in flags.items()}
+    return SamplerParams(**{k: v for k, v in kw.items() if v is not None}).validate()
+
+
 def _read_prompt(prompt: Optional[str]) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
@@ -29,14 +40,14 @@ def _read_prompt(prompt: Optional[str]) -> str:
 def run(
     model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
     prompt: Optional[str] = typer.Argument(None, help="the prompt; '-' or absent reads stdin"),
-    temp: float = typer.Option(0.8, "--temp", help="temperature; 0 is greedy"),
-    top_k: int = typer.Option(40, "--top-k"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    min_p: float = typer.Option(0.05, "--min-p"),
+    temp: Optional[float] = typer.Option(None, "--temp", help="temperature; 0 is greedy [default: 0.8]"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="[default: 40]"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="[default: 0.95]"),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="[default: 0.05]"),
     seed: Optional[int] = typer.Option(None, "-s", "--seed"),
     max_tokens: int = typer.Option(-1, "-n", "--max-tokens", help="-1: until end of text or a full context"),
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="[default: 1.0]"),
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
     raw: bool = typer.Option(False, "--raw", help="no chat template: the prompt is the raw text"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="never stop at end-of-text tokens"),
@@ -49,8 +60,8 @@ def run(
     from .api import load
     from .sampling import SamplerParams
 
-    params = SamplerParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                           seed=seed).validate()
+    params = _sampling(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                       seed=seed)
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
     if threads is not None and threads < 1:

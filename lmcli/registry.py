@@ -10,7 +10,8 @@ from importlib import resources
 from .errors import LmcliError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FIELDS = {"repo", "revision", "arch", "quant", "notes", "packaged"}
+_FIELDS = {"repo", "revision", "arch", "quant", "notes", "packaged", "defaults"}
+SAMPLING_KEYS = {"temp": float, "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float}
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Entry:
     quant: str
     notes: str = ""
     packaged: str | None = None  # "module:file" of a GGUF shipped in an installed package
+    defaults: dict | None = None  # sampling defaults (SAMPLING_KEYS), overridden by flags
 
 
 def parse(text: str) -> dict[str, Entry]:
@@ -35,8 +37,12 @@ def parse(text: str) -> dict[str, Entry]:
             raise LmcliError(f"models.toml: bad model name {name!r}")
         if not isinstance(d, dict) or set(d) - _FIELDS or not {"repo", "revision", "arch", "quant"} <= set(d):
             raise LmcliError(f"models.toml: entry {name!r} must have repo, revision, arch, quant (and only {sorted(_FIELDS)})")
-        if not all(isinstance(v, str) for v in d.values()):
+        if not all(isinstance(v, str) for k, v in d.items() if k != "defaults"):
             raise LmcliError(f"models.toml: entry {name!r} has a non-string field")
+        dflt = d.get("defaults", {})
+        if not isinstance(dflt, dict) or any(k not in SAMPLING_KEYS or isinstance(v, bool)
+                                             or not isinstance(v, (int, float)) for k, v in dflt.items()):
+            raise LmcliError(f"models.toml: entry {name!r} has bad sampling defaults (known: {sorted(SAMPLING_KEYS)})")
         if d.get("packaged") is not None and ":" not in d["packaged"]:
             raise LmcliError(f"models.toml: entry {name!r}: packaged must be 'module:file'")
         out[name] = Entry(name=name, **d)

@@ -1,0 +1,496 @@
+"""GGUF export: a container written back as a real GGUF (llama.cpp's architecture, keys, names and block bytes).
+
+Block-format weights leave exactly as they are stored (quantize.deinterleave gives back GGUF's row-major
+blocks), so an imported GGUF exports to the same tensor bytes and an HF-origin container runs in llama.cpp
+on the very weights lmcli runs. What llama.cpp fixes per architecture (rope pairing, router details,
+required tensors) was read in llama.cpp's src/llama-model.cpp, src/models/*.cpp and conversion/*.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .container import Container
+from .errors import GGUFError, QuantError
+from .formats import F16, F32, GROUP, Format
+from .quantize import BLOCK_BYTES, deinterleave, dequantize_blocks
+
+# lmcli / Hugging Face model_type -> llama.cpp architecture (gguf.MODEL_ARCH_NAMES). llama.cpp's converter
+# (conversion/llama.py) writes Mistral and Mixtral as "llama", Mixtral with merged expert tensors;
+# llama.cpp's own names map to themselves so that GGUF-origin containers go back unchanged.
+ARCHS = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2_moe": "qwen2moe",
+    "qwen2moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "qwen3moe": "qwen3moe",
+    "olmoe": "olmoe",
+    "granitemoe": "granitemoe",
+    "dots1": "dots1",
+    "deepseek_v3": "deepseek2",
+    "deepseek2": "deepseek2",
+}
+
+# llama_model_rope_type(): these rotate adjacent pairs (LLAMA_ROPE_TYPE_NORM); qwen2, qwen3, qwen2moe,
+# qwen3moe, olmoe and dots1 rotate halves (LLAMA_ROPE_TYPE_NEOX), as Hugging Face does.
+NORM_ROPE = frozenset({"llama", "granitemoe", "deepseek2"})
+
+# Loaders that create output.weight as required (no fallback to token_embd for tied embeddings).
+NEEDS_OUTPUT = frozenset({"qwen2moe", "olmoe", "dots1"})
+
+# Routing that llama.cpp hard-codes in the architecture's graph (build_moe_ffn arguments) and does not read
+# from the file; a config that differs would run as a different model, so it is refused.
+FIXED_ROUTING = {
+    "llama": {"router": "softmax", "norm_topk_prob": True, "routed_scaling_factor": 1.0, "router_bias": False},
+    "granitemoe": {"router": "softmax", "norm_topk_prob": True, "routed_scaling_factor": 1.0, "router_bias": False},
+    "qwen3moe": {"router": "softmax", "norm_topk_prob": True, "routed_scaling_factor": 1.0, "router_bias": False},
+    "qwen2moe": {"router": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "router_bias": False},
+    "olmoe": {"router": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "router_bias": False},
+}
+
+# llama_ftype of a file whose weights are mostly in one format.
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}
+
+# GGUF token types (llama_token_type).
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
+
+# Hugging Face pre-tokenizer split regexes -> the llama.cpp `tokenizer.ggml.pre` that splits the same way.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_PRE_BY_SPLIT = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2", _GPT2_SPLIT: "gpt-2"}
+
+
+@dataclass
+class _Tensor:
+    """One GGUF tensor to write: its type, logical shape (outermost first), size, and a chunk producer."""
+
+    name: str
+    ggml_type: int  # gguf.GGMLQuantizationType value
+    shape: tuple[int, ...]  # numpy order: (n_expert, n_out, n_in) / (n_out, n_in) / (n,)
+    nbytes: int
+    chunks: Callable[[], Iterator[np.ndarray]]  # yields the data in file order, one piece at a time
+
+
+def export_gguf(container_path: str | os.PathLike, out_path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the container as a GGUF file llama.cpp runs (atomically: temp file, fsync, rename). Returns out_path."""
+    src, out = Path(container_path), Path(out_path)
+    if out.exists() and not overwrite:
+        raise GGUFError(f"{out} exists (refusing to overwrite)")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise GGUFError(f"{out} is the container being exported; choose another output path")
+    c = Container(src)
+    try:
+        cfg = c.metadata.get("config")
+        if not isinstance(cfg, dict):
+            raise GGUFError(f"{src}: the container has no model config")
+        arch = _arch(cfg)
+        tensors = _plan_tensors(c, cfg, arch)
+        _write(out, arch, lambda w: _add_metadata(w, c, cfg, arch), tensors)
+    finally:
+        c.close()
+    return out
+
+
+# --- architecture and metadata ----------------------------------------------------------------
+
+
+def _arch(cfg: dict) -> str:
+    name = cfg.get("arch")
+    if name not in ARCHS:
+        raise GGUFError(f"architecture {name!r} cannot be exported to GGUF (exportable: {', '.join(sorted(ARCHS))})")
+    arch = ARCHS[name]
+    n_expert = int(cfg.get("n_expert", 0))
+    if n_expert and arch in FIXED_ROUTING:
+        for key, want in FIXED_ROUTING[arch].items():
+            have = cfg.get(key, want)
+            if have != want:
+                raise GGUFError(
+                    f"{name} with {key} = {have!r} cannot be exported: llama.cpp's {arch} graph always uses "
+                    f"{key} = {want!r}"
+                )
+    if n_expert and arch not in ("dots1", "deepseek2") and int(cfg.get("n_group", 1)) > 1:
+        if int(cfg.get("topk_group", 1)) < int(cfg["n_group"]):
+            raise GGUFError(f"{name} with group-limited routing cannot be exported as llama.cpp's {arch}")
+    if arch == "deepseek2" and not cfg.get("kv_lora_rank"):
+        raise GGUFError(f"{name} without multi-head latent attention cannot be exported as deepseek2")
+    return arch
+
+
+def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
+    """Every key llama.cpp's loader reads for `arch` (llama_model_*::load_arch_hparams and load_hparams)."""
+    from gguf import ExpertGatingFuncType
+
+    meta = c.metadata
+    n_embd, n_head = int(cfg["n_embd"]), int(cfg["n_head"])
+    head_dim = int(cfg.get("head_dim") or n_embd // n_head)
+    n_expert = int(cfg.get("n_expert", 0))
+    n_ff, n_ff_exp = int(cfg["n_ff"]), int(cfg.get("n_ff_exp", 0))
+    source = meta.get("source") or {}
+    name = source.get("name") or source.get("repo")
+    if isinstance(name, str):
+        w.add_name(name)
+    w.add_block_count(int(cfg["n_layer"]))
+    w.add_context_length(int(cfg.get("n_ctx_train", 2048)))
+    w.add_embedding_length(n_embd)
+    # llama (Mixtral), olmoe and granitemoe size their expert matrices by feed_forward_length.
+    w.add_feed_forward_length(n_ff_exp if n_expert and arch in ("llama", "olmoe", "granitemoe") else n_ff)
+    w.add_head_count(n_head)
+    w.add_layer_norm_rms_eps(float(cfg["norm_eps"]))
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_vocab_size(c.info("token_embd.weight").shape[0])
+    if arch == "deepseek2":
+        # MLA as llama.cpp's converter writes it (conversion/deepseek.py): one shared latent "KV head" of
+        # kv_lora_rank + rope dims; the per-head sizes go in the *_mla keys.
+        kv_lora, rope = int(cfg["kv_lora_rank"]), int(cfg["qk_rope_head_dim"])
+        w.add_head_count_kv(1)
+        w.add_q_lora_rank(int(cfg.get("q_lora_rank", 0)))
+        w.add_kv_lora_rank(kv_lora)
+        w.add_key_length(kv_lora + rope)
+        w.add_value_length(kv_lora)
+        w.add_key_length_mla(int(cfg["qk_nope_head_dim"]) + rope)
+        w.add_value_length_mla(int(cfg["v_head_dim"]))
+        w.add_rope_dimension_count(rope)
+    else:
+        w.add_head_count_kv(int(cfg.get("n_head_kv", n_head)))
+        w.add_rope_dimension_count(int(cfg.get("rope_dim") or head_dim))
+        if head_dim != n_embd // n_head:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(int(cfg["n_expert_used"]))
+        if arch not in ("llama", "olmoe", "granitemoe"):
+            w.add_expert_feed_forward_length(n_ff_exp)
+        n_group, topk_group = int(cfg.get("n_group", 1)), int(cfg.get("topk_group", 1))
+        # build_moe_ffn groups whenever the count is > 1, and load_hparams asserts used < count:
+        # keeping every group is no grouping at all, so it is written as none.
+        if n_group > 1 and topk_group < n_group:
+            w.add_expert_group_count(n_group)
+            w.add_expert_group_used_count(topk_group)
+        if cfg.get("n_ff_shexp") and arch in ("qwen2moe", "granitemoe"):
+            w.add_expert_shared_feed_forward_length(int(cfg["n_ff_shexp"]))
+        if arch in ("dots1", "deepseek2"):
+            n_shared = int(cfg.get("n_expert_shared", 0))
+            if n_shared and int(cfg.get("n_ff_shexp", 0)) != n_ff_exp * n_shared:
+                raise GGUFError(f"{arch}: llama.cpp sizes shared experts as n_expert_shared * n_ff_exp")
+            w.add_expert_shared_count(n_shared)
+            w.add_leading_dense_block_count(int(cfg.get("first_k_dense", 0)))
+            w.add_expert_weights_scale(float(cfg.get("routed_scaling_factor", 1.0)))
+            w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", True)))
+            sigmoid = cfg.get("router", "softmax") == "sigmoid"
+            w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if sigmoid else ExpertGatingFuncType.SOFTMAX)
+    if arch == "granitemoe":
+        # Granite's multipliers under llama.cpp's *_scale names (conversion/granite.py); logit_scale is required.
+        w.add_embedding_scale(float(cfg.get("embedding_multiplier", 1.0)))
+        w.add_residual_scale(float(cfg.get("residual_multiplier", 1.0)))
+        if cfg.get("attention_multiplier"):
+            w.add_attention_scale(float(cfg["attention_multiplier"]))
+        w.add_logit_scale(float(cfg.get("logits_scaling", 1.0)))
+    w.add_file_type(_file_type(c))
+    if any(t.fmt.quantized for t in c.tensors.values()):
+        w.add_quantization_version(2)  # GGML_QNT_VERSION
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict):
+        raise GGUFError(f"{c.path}: the container has no tokenizer")
+    _add_tokenizer(w, tok, c.info("token_embd.weight").shape[0])
+    template = meta.get("chat_template")
+    if isinstance(template, str) and template:
+        w.add_chat_template(template)
+
+
+def _file_type(c: Container) -> int:
+    scheme = (c.metadata.get("quant") or {}).get("scheme")
+    if isinstance(scheme, int) and not isinstance(scheme, bool):
+        return scheme
+    if isinstance(scheme, str) and scheme.lower() in FILE_TYPES:
+        return FILE_TYPES[scheme.lower()]
+    counts = Counter(t.fmt.name for t in c.tensors.values() if len(t.shape) > 1)
+    return FILE_TYPES[counts.most_common(1)[0][0]] if counts else 0
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def _add_tokenizer(w, tok: dict, n_vocab: int) -> None:
+    if "json" in tok:
+        _add_hf_tokenizer(w, tok, n_vocab)
+        return
+    if "tokens" not in tok or "model" not in tok:
+        raise GGUFError("the container's tokenizer has neither GGUF fields nor a tokenizer.json")
+    # GGUF-origin (or SentencePiece-origin) fields go back under their tokenizer.ggml.* keys.
+    w.add_tokenizer_model(tok["model"])
+    if tok.get("pre"):
+        w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(list(tok["tokens"]))
+    if tok.get("token_type"):
+        w.add_token_types([int(t) for t in tok["token_type"]])
+    if tok.get("merges"):
+        w.add_token_merges(list(tok["merges"]))
+    if tok.get("scores"):
+        w.add_token_scores([float(s) for s in tok["scores"]])
+    _add_ids(w, tok)
+
+
+def _add_ids(w, tok: dict) -> None:
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                     ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id),
+                     ("eot_token_id", w.add_eot_token_id)):
+        v = tok.get(key)
+        if isinstance(v, list):  # a Hugging Face config may list several end ids; GGUF holds one
+            v = v[0] if v else None
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            add(v)
+    for key, add in (("add_bos_token", w.add_add_bos_token), ("add_eos_token", w.add_add_eos_token),
+                     ("add_space_prefix", w.add_add_space_prefix)):
+        if isinstance(tok.get(key), bool):
+            add(tok[key])
+
+
+def _add_hf_tokenizer(w, tok: dict, n_vocab: int) -> None:
+    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" vocabulary (as convert_hf_to_gguf's _set_vocab_gpt2)."""
+    try:
+        j = json.loads(tok["json"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise GGUFError(f"the container's tokenizer.json is unreadable ({e})") from None
+    model = j.get("model") or {}
+    if model.get("type") != "BPE" or not _is_byte_level(j):
+        raise GGUFError(
+            f"tokenizer {model.get('type')!r} is not byte-level BPE; only byte-level BPE tokenizer.json exports to GGUF"
+        )
+    by_id: dict[int, str] = {i: t for t, i in model.get("vocab", {}).items()}
+    kinds: dict[int, int] = {}
+    for a in j.get("added_tokens") or []:
+        by_id[a["id"]] = a["content"]
+        kinds[a["id"]] = _CONTROL if a.get("special") else _USER_DEFINED
+    if by_id and max(by_id) >= n_vocab:
+        raise GGUFError(f"tokenizer has id {max(by_id)} but the embedding holds only {n_vocab} tokens")
+    # Ids the tokenizer never produces (embedding rows padded past the vocabulary) become unused tokens.
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    types = [kinds.get(i, _NORMAL if i in by_id else _UNUSED) for i in range(n_vocab)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_name(j.get("pre_tokenizer")))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges:
+        w.add_token_merges(merges)
+    _add_ids(w, tok)
+    if "add_bos_token" not in tok:
+        w.add_add_bos_token(False)
+
+
+def _is_byte_level(j: dict) -> bool:
+    def kinds(node) -> list[str]:
+        if not isinstance(node, dict):
+            return []
+        return [node.get("type")] + [k for n in node.get("pretokenizers") or node.get("decoders") or [] for k in kinds(n)]
+
+    return "ByteLevel" in kinds(j.get("pre_tokenizer")) or "ByteLevel" in kinds(j.get("decoder"))
+
+
+def _pre_name(pre) -> str:
+    """The llama.cpp pre-tokenizer that splits text as this Hugging Face pre_tokenizer does ("default" if none)."""
+    if not isinstance(pre, dict):
+        return "default"
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    parts = [p for p in parts or [] if isinstance(p, dict)]
+    kinds = [p.get("type") for p in parts]
+    splits = [((p.get("pattern") or {}).get("Regex")) for p in parts if p.get("type") == "Split"]
+    byte_regex = any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts)
+    if splits:
+        return _PRE_BY_SPLIT.get(splits[0], "default") if len(splits) == 1 else "default"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and byte_regex:
+        return "smollm"  # \p{N} then GPT-2's regex (LLAMA_VOCAB_PRE_TYPE_SMOLLM)
+    if kinds == ["ByteLevel"] and byte_regex:
+        return "gpt-2"
+    return "default"
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+
+def _plan_tensors(c: Container, cfg: dict, arch: str) -> list[_Tensor]:
+    perm = _rope_permutations(cfg, arch)
+    out: list[_Tensor] = []
+    for t in c.tensors.values():
+        name = t.name
+        if arch == "deepseek2" and name.endswith(".attn_kv_b.weight"):
+            out.extend(_split_kv_b(c, t, cfg))
+            continue
+        rows = next((p for suffix, p in perm.items() if name.endswith(suffix)), None)
+        if name.endswith(".exp_probs_b.weight"):
+            name = name[: -len("weight")] + "bias"  # llama.cpp loads the router bias as exp_probs_b.bias
+        out.append(_tensor(c, t.name, name, rows))
+    if arch in NEEDS_OUTPUT and "output.weight" not in c.tensors:
+        out.append(_tensor(c, "token_embd.weight", "output.weight", None))  # tied embeddings, stored twice
+    return out
+
+
+def _tensor(c: Container, src: str, name: str, rows: np.ndarray | None) -> _Tensor:
+    t = c.info(src)
+    if len(t.shape) == 1:
+        if rows is not None and len(rows) != t.shape[0]:
+            raise GGUFError(f"{src} has {t.shape[0]} values; the model config implies {len(rows)}")
+        return _Tensor(name, 0, t.shape, 4 * t.shape[0], lambda: iter([_vec(c, src, rows)]))
+    n_out, n_in = t.shape[-2:]
+    n_expert = t.shape[0] if len(t.shape) == 3 else 0
+    fmt = t.fmt
+
+    def chunks():
+        for e in range(max(1, n_expert)):
+            raw = deinterleave(*c.matrix(src, e if n_expert else None), fmt, n_out, n_in)
+            yield raw if rows is None else raw[rows]
+
+    return _Tensor(name, fmt.gguf_type, t.shape, _nbytes(fmt, t.shape), chunks)
+
+
+def _vec(c: Container, name: str, rows: np.ndarray | None) -> np.ndarray:
+    v = np.ascontiguousarray(c.vector(name), dtype=np.float32)
+    return v if rows is None else v[rows]
+
+
+def _nbytes(fmt: Format, shape: tuple[int, ...]) -> int:
+    n_rows = int(np.prod(shape[:-1]))
+    if fmt.quantized:
+        return n_rows * shape[-1] // GROUP * BLOCK_BYTES[fmt.name]
+    return n_rows * shape[-1] * (4 if fmt is F32 else 2)
+
+
+def _rope_permutations(cfg: dict, arch: str) -> dict[str, np.ndarray]:
+    """Row orders that turn Hugging Face's rotate-halves Q/K rows into llama.cpp NORM's adjacent pairs.
+
+    llama.cpp's converter does this for its NORM-rope architectures (conversion/llama.py LlamaModel.permute);
+    a whole-row permutation keeps block-format rows intact, so it is lossless. GGUF-origin containers
+    (rope_interleaved true) and NEOX architectures keep their row order.
+    """
+    if arch not in NORM_ROPE or cfg.get("rope_interleaved", False):
+        return {}
+    if arch == "deepseek2":
+        nope, rope, kv_lora = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["kv_lora_rank"])
+        q = _pair_rows(int(cfg["n_head"]), nope + rope, nope, rope)
+        return {".attn_q.weight": q, ".attn_q_b.weight": q, ".attn_kv_a_mqa.weight": _pair_rows(1, kv_lora + rope, kv_lora, rope)}
+    n_head, n_head_kv = int(cfg["n_head"]), int(cfg.get("n_head_kv", cfg["n_head"]))
+    head_dim = int(cfg.get("head_dim") or int(cfg["n_embd"]) // n_head)
+    rope = int(cfg.get("rope_dim") or head_dim)
+    q, k = _pair_rows(n_head, head_dim, 0, rope), _pair_rows(n_head_kv, head_dim, 0, rope)
+    perms = {".attn_q.weight": q, ".attn_q.bias": q, ".attn_k.weight": k, ".attn_k.bias": k}
+    if cfg.get("qk_norm") == "head":
+        perms[".attn_q_norm.weight"] = perms[".attn_k_norm.weight"] = _pair_rows(1, head_dim, 0, rope)
+    elif cfg.get("qk_norm") == "full":
+        perms[".attn_q_norm.weight"], perms[".attn_k_norm.weight"] = q, k
+    return perms
+
+
+def _pair_rows(n_heads: int, head_size: int, offset: int, rope: int) -> np.ndarray:
+    """Source row of each output row: inside each head, rope rows [offset, offset + rope) go from
+    (first half, second half) order to interleaved pairs (i, i + rope/2) -> (2i, 2i + 1)."""
+    idx = np.arange(n_heads * head_size).reshape(n_heads, head_size)
+    seg = idx[:, offset : offset + rope].reshape(n_heads, 2, rope // 2).swapaxes(1, 2).reshape(n_heads, rope)
+    idx[:, offset : offset + rope] = seg
+    return idx.reshape(-1)
+
+
+def _split_kv_b(c: Container, t, cfg: dict) -> list[_Tensor]:
+    """attn_kv_b (n_head * (nope + v), kv_lora) -> attn_k_b (n_head, kv_lora, nope) and attn_v_b (n_head, v, kv_lora).
+
+    llama.cpp loads MLA only in this split form (conversion/deepseek.py, llama_model_deepseek2::load_arch_tensors).
+    attn_v_b is a selection of whole rows (lossless in any format); attn_k_b is transposed, so a block-format
+    source is dequantized exactly and stored as F16 when every value fits F16, else F32.
+    """
+    n_head, nope, v_dim = int(cfg["n_head"]), int(cfg["qk_nope_head_dim"]), int(cfg["v_head_dim"])
+    kv_lora = int(cfg["kv_lora_rank"])
+    if t.shape != (n_head * (nope + v_dim), kv_lora):
+        raise GGUFError(f"{t.name} has shape {t.shape}, expected {(n_head * (nope + v_dim), kv_lora)}")
+    fmt = t.fmt
+
+    def raw():  # (n_head, nope + v, row) in the source format
+        r = deinterleave(*c.matrix(t.name), fmt, *t.shape)
+        return r.reshape(n_head, nope + v_dim, -1)
+
+    if fmt.quantized:
+        k = dequantize_blocks(raw()[:, :nope], fmt, kv_lora).transpose(0, 2, 1)
+        exact16 = bool(np.array_equal(k.astype(np.float16).astype(np.float32), k))
+        k_fmt = F16 if exact16 else F32
+    else:
+        k_fmt = fmt
+
+    def k_chunks():
+        r = raw()[:, :nope]  # (n_head, nope, kv_lora)
+        if fmt.quantized:
+            k = dequantize_blocks(r, fmt, kv_lora).astype(np.float16 if k_fmt is F16 else np.float32)
+        else:
+            k = r
+        yield np.ascontiguousarray(k.transpose(0, 2, 1))
+
+    base = t.name[: -len("attn_kv_b.weight")]
+    k_shape, v_shape = (n_head, kv_lora, nope), (n_head, v_dim, kv_lora)
+    return [
+        _Tensor(base + "attn_k_b.weight", k_fmt.gguf_type, k_shape, _nbytes(k_fmt, k_shape), k_chunks),
+        _Tensor(base + "attn_v_b.weight", fmt.gguf_type, v_shape, _nbytes(fmt, v_shape),
+                lambda: iter([np.ascontiguousarray(raw()[:, nope:])])),
+    ]
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _write(out: Path, arch: str, add_metadata: Callable, tensors: list[_Tensor]) -> None:
+    """Header, metadata and tensor index through gguf.GGUFWriter, then each tensor's data streamed in order."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    w = GGUFWriter(str(tmp), arch)
+    try:
+        add_metadata(w)
+        for t in tensors:
+            qt = GGMLQuantizationType(t.ggml_type)
+            if t.ggml_type in (0, 1):
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32 if t.ggml_type == 0 else np.float16), t.nbytes)
+            else:  # block formats are described by their byte shape, as GGUFWriter.add_tensor takes them
+                byte_shape = (*t.shape[:-1], t.shape[-1] // GROUP * BLOCK_BYTES[qt.name.lower()])
+                w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=qt)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        f = w.fout[0]
+        for t in tensors:
+            w.write_padding(f, f.tell())  # each tensor starts on the file's alignment (general.alignment)
+            n = 0
+            for chunk in t.chunks():
+                data = np.ascontiguousarray(chunk)
+                f.write(memoryview(data).cast("B"))
+                n += data.nbytes
+            if n != t.nbytes:
+                raise GGUFError(f"tensor {t.name}: {n} bytes produced, {t.nbytes} declared")
+            w.write_padding(f, n)
+        f.flush()
+        os.fsync(f.fileno())
+        w.close()
+        os.replace(tmp, out)
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException as e:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (QuantError, KeyboardInterrupt, SystemExit)):
+            raise
+        if isinstance(e, OSError):
+            raise GGUFError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
