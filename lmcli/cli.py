@@ -54,6 +54,8 @@ def run(
     threads: Optional[int] = typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores"),
     ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, ids, usage and timings"),
+    moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
+    routing_trace: Optional[Path] = typer.Option(None, "--routing-trace", help="write one JSON line per (token, layer)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="timings on stderr"),
 ):
     """Generate a reply to PROMPT and print it."""
@@ -69,7 +71,13 @@ def run(
     if ctx_size is not None and ctx_size < 1:
         raise UsageError(f"--ctx-size must be at least 1, got {ctx_size}")
     text = _read_prompt(prompt)
-    m = load(model, n_ctx=ctx_size, threads=threads)
+    m = load(model, n_ctx=ctx_size, threads=threads, moe_topk=moe_topk)
+    stats = m.transformer.stats
+    stats.reset()
+    if routing_trace is not None:
+        if routing_trace.exists() and routing_trace.is_dir():
+            raise UsageError(f"--routing-trace {routing_trace} is a directory")
+        stats.trace = []
     if raw:
         if system is not None:
             raise UsageError("--system needs the chat template (drop --raw)")
@@ -93,17 +101,32 @@ def run(
     tm.load_s = m.load_s
     if as_json:
         obj = {"model": model, "text": "".join(pieces), "tokens": final.tokens,
-               "finish_reason": final.finish_reason, **tm.as_dict(), "load_s": round(m.load_s, 6)}
+               "finish_reason": final.finish_reason, **tm.as_dict(), "load_s": round(m.load_s, 6),
+               "routing_histogram": stats.hist.tolist() if m.config.is_moe else []}
         sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     else:
         if pieces and not "".join(pieces).endswith("\n"):
             sys.stdout.write("\n")
     sys.stdout.flush()
+    if routing_trace is not None:
+        _write_trace(routing_trace, stats.trace)
     if verbose:
         sys.stderr.write(
             f"prompt: {tm.prompt_tokens} tokens, {tm.prefill_tps:.1f} tokens/s | "
             f"generation: {tm.completion_tokens} tokens, {tm.decode_tps:.1f} tokens/s | "
             f"load {m.load_s:.2f} s | finish: {final.finish_reason}\n")
+
+
+def _write_trace(path: Path, trace: list) -> None:
+    """One JSON line per (token position, layer): expert ids and weights; written atomically."""
+    from .store import write_text_atomic
+
+    lines = []
+    for pos0, layer, ids, wts in trace:
+        for t in range(ids.shape[0]):
+            lines.append(json.dumps({"pos": pos0 + t, "layer": layer, "experts": ids[t].tolist(),
+                                     "weights": [round(float(x), 6) for x in wts[t]]}))
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 @app.command("import")

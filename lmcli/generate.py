@@ -18,6 +18,13 @@ class Timings:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     load_s: float = 0.0
+    decode_steps: int = 0  # single-token forward passes
+    expert_bytes_prefill: int = 0  # bytes of routed-expert bundles the kernels read
+    expert_bytes_decode: int = 0
+
+    @property
+    def expert_bytes_per_token(self) -> float:
+        return self.expert_bytes_decode / self.decode_steps if self.decode_steps else 0.0
 
     @property
     def prefill_tps(self) -> float:
@@ -37,6 +44,8 @@ class Timings:
             "decode_s": round(self.decode_s, 6),
             "prefill_tokens_per_s": round(self.prefill_tps, 3),
             "decode_tokens_per_s": round(self.decode_tps, 3),
+            "expert_bytes_per_token": round(self.expert_bytes_per_token),
+            "expert_bytes_prefill": self.expert_bytes_prefill,
         }
 
 
@@ -70,9 +79,13 @@ def generate_events(model, cache, prompt_ids: list[int], sampler: Sampler, *, ma
     """
     stops = [s for s in (stop or []) if s]
     tm = Timings(prompt_tokens=len(prompt_ids))
+    stats = model.transformer.stats
+    b0 = stats.expert_bytes
     t0 = time.perf_counter()
     logits = model.transformer.forward(prompt_ids, cache)[-1]
     tm.prefill_s = time.perf_counter() - t0
+    b1 = stats.expert_bytes
+    tm.expert_bytes_prefill = b1 - b0
     history = list(prompt_ids)
     out_ids: list[int] = []
     dec = model.tokenizer.stream()
@@ -107,7 +120,9 @@ def generate_events(model, cache, prompt_ids: list[int], sampler: Sampler, *, ma
         if len(out_ids) >= max_tokens or cache.n_past >= cache.n_ctx:
             break
         logits = model.transformer.forward([tok], cache)[-1]
+        tm.decode_steps += 1
     tm.decode_s = time.perf_counter() - t1
+    tm.expert_bytes_decode = stats.expert_bytes - b1
     if not stopped_by_string:
         text += dec.flush()
     if text:

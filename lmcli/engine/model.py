@@ -89,6 +89,7 @@ class Transformer:
         cfg, w = self.cfg, self.weights
         T, E = len(ids), cfg.n_embd
         pos0 = cache.n_past
+        self.stats.pos0 = pos0
         x = w.tok_embd.rows(ids)  # (T, n_embd) residual stream
         if cfg.embedding_multiplier != 1.0:
             x *= np.float32(cfg.embedding_multiplier)

@@ -75,7 +75,8 @@ class RoutingStats:
     def __post_init__(self):
         self.hist = np.zeros((self.n_layer, max(self.n_expert, 1)), np.int64)  # tokens routed per (layer, expert)
         self.expert_bytes = 0  # bytes of distinct expert bundles read, summed over forward calls
-        self.trace: list | None = None  # when enabled: (layer, ids (T, k), weights (T, k)) per call
+        self.trace: list | None = None  # when enabled: (pos0, layer, ids (T, k), weights (T, k)) per call
+        self.pos0 = 0  # position of the first token of the current forward chunk
 
     def reset(self) -> None:
         self.hist[:] = 0
@@ -122,5 +123,5 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
         np.add.at(stats.hist[layer], flat_e, 1)
         stats.expert_bytes += len(sel) * ex.bundle_nbytes
         if stats.trace is not None:
-            stats.trace.append((layer, ids, wts))
+            stats.trace.append((stats.pos0, layer, ids, wts))
     return out
