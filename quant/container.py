@@ -184,6 +184,22 @@ class Container:
         except KeyError:
             raise ContainerError(f"{self.path}: no tensor named {name}") from None
 
+    def advise(self, advice: str, offset: int = 0, length: int | None = None) -> None:
+        """madvise a byte range of the mapping: "random" (no readahead) or "willneed" (read it now, in one go).
+
+        Readahead is per file, not per range: a fault in a dense tensor would read ahead into the expert
+        bundles next to it. So the engine maps the whole file "random" and asks for the dense tensors with
+        "willneed"; expert bundles are then read only when a router picks them.
+        """
+        flag = {"random": getattr(mmap, "MADV_RANDOM", None), "willneed": getattr(mmap, "MADV_WILLNEED", None)}[advice]
+        if self._mm is None or flag is None:
+            return
+        length = self.file_size - offset if length is None else length
+        start = offset - offset % mmap.PAGESIZE
+        length = min(length + offset - start, self.file_size - start)
+        if length > 0:
+            self._mm.madvise(flag, start, length)
+
     def close(self) -> None:
         self._buf = np.zeros(0, np.uint8)
         if self._mm is not None:

@@ -252,6 +252,10 @@ def load_weights(c: Container, cfg: ModelConfig) -> Weights:
     if extra:
         raise ModelFileError(f"{c.path}: tensors the config does not use: {', '.join(extra[:4])}",
                              hint="the container's config and tensors disagree")
+    c.advise("random")
+    for t in c.tensors.values():
+        if t.n_expert == 0:
+            c.advise("willneed", t.offset, t.nbytes)  # dense weights stay resident: one large read each
     buf = c._buf
     w.buf8 = buf
     w.buf16 = buf[: len(buf) // 2 * 2].view(np.uint16)

@@ -1,0 +1,94 @@
+"""Only routed experts are read: page residency (mincore) and the instrumented byte count, on a synthetic
+Mixtral-shaped container whose zero router always picks experts 0 and 1."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from quant.synthetic import write_synthetic_moe
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident_pages(addr: int, length: int) -> np.ndarray:
+    """mincore(2) over [addr, addr+length): one bool per page."""
+    page = mmap.PAGESIZE
+    start = addr - addr % page
+    n = (addr + length - start + page - 1) // page
+    vec = (ctypes.c_ubyte * n)()
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * page), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return np.frombuffer(vec, np.uint8).astype(bool)
+
+
+def drop_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def zero_router_model(tmp_path_factory):
+    p = tmp_path_factory.mktemp("moe") / "zero.lmc"
+    write_synthetic_moe(p, n_layer=2, n_embd=256, n_ff_exp=1024, n_expert=8, n_expert_used=2, n_head=4,
+                        n_head_kv=2, vocab=512, router="zero")
+    return p
+
+
+def test_unselected_experts_are_never_paged_in(zero_router_model):
+    import lmcli
+
+    drop_cache(zero_router_model)
+    m = lmcli.load(str(zero_router_model), n_ctx=64)
+    base = m.container._buf.ctypes.data
+    layers = [L.ffn.experts for L in m.transformer.weights.layers]
+    assert all(not resident_pages(base + ex.base, ex.stride * ex.n_expert).any() for ex in layers), \
+        "expert pages resident before any token ran"
+    events = list(m.generate(m.tokenize("hello there"), max_tokens=4, temp=0.0))
+    assert events[-1].finish_reason
+    for ex in layers:
+        for e in range(ex.n_expert):
+            pages = resident_pages(base + ex.base + e * ex.stride, ex.bundle_nbytes)
+            if e < 2:
+                assert pages.all(), f"routed expert {e} not read"
+            else:
+                assert not pages.any(), f"unrouted expert {e}: {pages.sum()} of {pages.size} pages resident"
+
+
+def test_instrumented_bytes_equal_the_routed_bundles(zero_router_model):
+    import lmcli
+
+    m = lmcli.load(str(zero_router_model), n_ctx=64)
+    events = list(m.generate(m.tokenize("hello"), max_tokens=5, temp=0.0, ignore_eos=True))
+    tm = events[-1].timings
+    ex = m.transformer.weights.layers[0].ffn.experts
+    assert tm.decode_steps == 4
+    assert tm.expert_bytes_per_token == 2 * 2 * ex.bundle_nbytes  # 2 layers x 2 experts, each bundle once
+    hist = m.transformer.stats.hist
+    assert hist[:, 2:].sum() == 0 and (hist[:, :2] > 0).all()
+
+
+def test_moe_topk_changes_the_experts_read(zero_router_model):
+    import lmcli
+
+    m = lmcli.load(str(zero_router_model), n_ctx=64, moe_topk=3)
+    events = list(m.generate(m.tokenize("hello"), max_tokens=3, temp=0.0, ignore_eos=True))
+    ex = m.transformer.weights.layers[0].ffn.experts
+    assert events[-1].timings.expert_bytes_per_token == 2 * 3 * ex.bundle_nbytes
+
+
+@pytest.mark.parametrize("k", [0, 9])
+def test_moe_topk_outside_the_expert_count_is_a_usage_error(zero_router_model, k):
+    import lmcli
+    from lmcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="moe-topk"):
+        lmcli.load(str(zero_router_model), moe_topk=k)
