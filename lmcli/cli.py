@@ -146,6 +146,67 @@ def import_cmd(
     typer.echo(f"imported {file.name} as {name} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
+@app.command()
+def quantize(
+    src: Path = typer.Argument(..., help="a local Hugging Face model directory (safetensors)"),
+    out: Path = typer.Argument(..., help="the container to write (.lmc)"),
+    qtype: str = typer.Option("q4_0", "--type", help="q4_0 | q4_1 | q8_0 | f16"),
+    force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
+    as_json: bool = typer.Option(False, "--json", help="print a summary with per-tensor RMS quantization error"),
+):
+    """Convert a Hugging Face checkpoint to a 4-bit container, streaming one tensor at a time."""
+    from quant.convert import convert_hf
+    from quant.errors import QuantError
+
+    from .errors import ModelFileError
+
+    if out.suffix == ".gguf":
+        raise UsageError("the container is not a GGUF file; name it .lmc (use `lmcli export` for GGUF)")
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists", hint="pass --force to replace it")
+    progress = None
+    bar = None
+    if sys.stderr.isatty() and not as_json:
+        from .ui import progress_bar
+
+        bar = progress_bar(f"quantizing {src.name}")
+        progress = bar.update
+    try:
+        summary = convert_hf(src, out, qtype, overwrite=force, progress=progress)
+    except QuantError as e:
+        raise ModelFileError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        typer.echo(f"wrote {out} ({summary['output_bytes'] / 1e6:.1f} MB from {summary['input_bytes'] / 1e6:.1f} MB "
+                   f"in {summary['seconds']:.1f} s)")
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="model name or container path"),
+    out: Path = typer.Argument(..., help="the GGUF file to write"),
+    force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
+):
+    """Export a model as a GGUF file that llama.cpp and ollama run."""
+    from quant.errors import QuantError
+    from quant.gguf_export import export_gguf
+
+    from .errors import ModelFileError
+    from .store import resolve
+
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists", hint="pass --force to replace it")
+    try:
+        path = export_gguf(resolve(model), out, overwrite=force)
+    except QuantError as e:
+        raise ModelFileError(str(e)) from None
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 @app.command("list")
 def list_cmd():
     """List the models in the store."""
