@@ -172,8 +172,30 @@ def _finish_config(cfg: dict, names: set[str], shapes: dict, path: Path) -> None
         if f"blk.{first}.ffn_gate_exps.weight" not in names and f"blk.{first}.ffn_gate.0.weight" in names:
             raise GGUFError(f"{path}: per-expert 2-D expert tensors (old Mixtral GGUF layout) are not supported; "
                             "re-convert with a current llama.cpp")
-    if cfg.get("kv_lora_rank") and "blk.0.attn_kv_b.weight" not in names:
-        raise GGUFError(f"{path}: split attn_k_b/attn_v_b MLA tensors are not supported yet (need attn_kv_b)")
+    if cfg.get("kv_lora_rank") and "blk.0.attn_kv_b.weight" not in names and "blk.0.attn_k_b.weight" not in names:
+        raise GGUFError(f"{path}: MLA model without attn_kv_b or attn_k_b/attn_v_b tensors")
+
+
+def _merge_kv_b(plan: list, cfg: dict, path: Path) -> list:
+    """Recent llama.cpp GGUFs split DeepSeek's kv_b into attn_k_b (n_head, rank, nope), stored transposed, and
+    attn_v_b (n_head, v, rank) (convert_hf_to_gguf.py DeepseekV2Model). lmcli's MLA reads the original
+    kv_b (n_head * (nope + v), rank): rebuilt from the dequantized values and stored F32, so it is exact."""
+    from gguf import quants as gq
+
+    by = {p[0]: p for p in plan}
+    out = [p for p in plan if not p[0].endswith(("attn_k_b.weight", "attn_v_b.weight"))]
+    H, nope, v, rank = cfg["n_head"], cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    for i in range(cfg["n_layer"]):
+        kb, vb = by.get(f"blk.{i}.attn_k_b.weight"), by.get(f"blk.{i}.attn_v_b.weight")
+        if kb is None and vb is None:
+            continue
+        if kb is None or vb is None or kb[2] != (H, rank, nope) or vb[2] != (H, v, rank):
+            raise GGUFError(f"{path}: layer {i} attn_k_b/attn_v_b have unexpected shapes")
+        k = gq.dequantize(np.asarray(kb[3].data), kb[3].tensor_type).reshape(H, rank, nope).transpose(0, 2, 1)
+        vv = gq.dequantize(np.asarray(vb[3].data), vb[3].tensor_type).reshape(H, v, rank)
+        kv = np.ascontiguousarray(np.concatenate([k, vv], axis=1).reshape(H * (nope + v), rank), dtype=np.float32)
+        out.append((f"blk.{i}.attn_kv_b.weight", F32, kv.shape, kv, F32))
+    return out
 
 
 def read_tokenizer(reader) -> dict:
@@ -240,6 +262,8 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
     plan = _tensor_plan(reader, path, size)
     names = {p[0] for p in plan}
     _finish_config(cfg, names, {p[0]: p[2] for p in plan}, path)
+    if cfg.get("kv_lora_rank") and "blk.0.attn_k_b.weight" in names:
+        plan = _merge_kv_b(plan, cfg, path)
     for need in ("token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight"):
         if need not in names:
             raise GGUFError(f"{path}: missing tensor {need}")
@@ -270,7 +294,7 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
             w.plan_experts([(n, f, s[1:]) for n, f, s in group], n_expert=group[0][2][0])
         w.begin(metadata)
         for name, fmt, shape, t, srcfmt in plan:
-            data = np.asarray(t.data)
+            data = t if isinstance(t, np.ndarray) else np.asarray(t.data)
             if len(shape) == 1:
                 vec = data.reshape(-1).astype(np.float32)  # F16 vectors widen exactly
                 if not np.all(np.isfinite(vec)):
