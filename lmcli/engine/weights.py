@@ -132,6 +132,15 @@ class Weights:
     buf16: np.ndarray = field(repr=False, default=None)
     buf32: np.ndarray = field(repr=False, default=None)
 
+    @property
+    def nbytes_dense(self) -> int:
+        """Bytes of every matrix a token reads besides routed experts (attention, dense/shared FFN, head)."""
+        lins = [self.output]
+        for L in self.layers:
+            for obj in (L.attn, L.ffn):
+                lins += [v for v in vars(obj).values() if isinstance(v, Linear)]
+        return sum(lin.nbytes for lin in lins)
+
 
 class _Loader:
     def __init__(self, c: Container):
