@@ -45,7 +45,7 @@ def write_synthetic_moe(path: str | os.PathLike, *, n_layer: int = 8, n_embd: in
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_head
     toks = _byte_tokens()
-    toks += [f"<unused{i}>" for i in range(vocab - len(toks) - 1)] + ["<|endoftext|>"]
+    toks += ["ĠĠ"] + [f"<unused{i}>" for i in range(vocab - len(toks) - 2)] + ["<|endoftext|>"]
     cfg = {
         "arch": "mixtral", "n_layer": n_layer, "n_embd": n_embd, "n_ff": n_ff_exp, "n_head": n_head,
         "n_head_kv": n_head_kv, "head_dim": head_dim, "vocab_size": vocab, "norm_eps": 1e-5,
@@ -54,7 +54,7 @@ def write_synthetic_moe(path: str | os.PathLike, *, n_layer: int = 8, n_embd: in
     }
     meta = {
         "config": cfg,
-        "tokenizer": {"model": "gpt2", "tokens": toks, "token_type": [1] * (vocab - 1) + [3], "merges": [],
+        "tokenizer": {"model": "gpt2", "tokens": toks, "token_type": [1] * (vocab - 1) + [3], "merges": ["Ġ Ġ"],  # llama.cpp refuses a BPE vocabulary without merges
                       "eos_token_id": vocab - 1, "bos_token_id": vocab - 1},
         "chat_template": None,
         "quant": {"type": qtype, "synthetic": True},

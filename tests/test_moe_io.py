@@ -92,3 +92,51 @@ def test_moe_topk_outside_the_expert_count_is_a_usage_error(zero_router_model, k
 
     with pytest.raises(UsageError, match="moe-topk"):
         lmcli.load(str(zero_router_model), moe_topk=k)
+
+
+def _cli(*args, home):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LMCLI_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "lmcli.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_routing_trace_and_json_report_the_routed_experts(zero_router_model, tmp_path):
+    import json
+
+    trace = tmp_path / "trace.jsonl"
+    r = _cli("run", str(zero_router_model), "hi", "--raw", "-n", "3", "--temp", "0", "--ignore-eos", "--json",
+             "--routing-trace", str(trace), home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    hist = np.array(obj["routing_histogram"])
+    assert hist.shape == (2, 8) and hist[:, 2:].sum() == 0
+    assert obj["expert_bytes_per_token"] > 0
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    n_tokens = obj["prompt_tokens"] + obj["completion_tokens"] - 1  # the last sampled token is not run
+    assert len(lines) == 2 * n_tokens
+    assert all(sorted(x["experts"]) == [0, 1] and abs(sum(x["weights"]) - 1) < 1e-5 for x in lines)
+
+
+def test_moe_topk_above_the_expert_count_is_one_clear_line(zero_router_model, tmp_path):
+    r = _cli("run", str(zero_router_model), "hi", "--moe-topk", "9", home=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "moe-topk" in r.stderr
+
+
+def test_unknown_router_kind_in_a_container_is_a_clear_error(tmp_path):
+    import json
+
+    from quant.container import Container
+
+    p = tmp_path / "bad.lmc"
+    write_synthetic_moe(p, n_layer=1, n_embd=64, n_ff_exp=64, n_expert=4, n_head=2, n_head_kv=1, vocab=300)
+    raw = bytearray(p.read_bytes())
+    hlen = int.from_bytes(raw[16:24], "little")
+    header = raw[24 : 24 + hlen].decode().replace('"router":"softmax"', '"router":"cosine!"')
+    assert len(header) == hlen
+    p.write_bytes(bytes(raw[:24]) + header.encode() + bytes(raw[24 + hlen :]))
+    assert Container(p).metadata["config"]["router"] == "cosine!"
+    r = _cli("run", str(p), "hi", home=tmp_path)
+    assert r.returncode == 1 and "unknown router" in r.stderr and "Traceback" not in r.stderr
