@@ -267,15 +267,17 @@ def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xq, xd, xs, xf, 
                 for j in range(GROUP):
                     a = np.int32(xq[t, g * GROUP + j])
                     base = cb + (g * GROUP + j) * TILE
+                    row = buf8[base : base + TILE]  # a fixed-length slice lets LLVM vectorise the row loop
                     for r in range(TILE):
-                        isum[r] += np.int32(np.int8(buf8[base + r])) * a
+                        isum[r] += np.int32(np.int8(row[r])) * a
             else:
                 for jb in range(GROUP // 2):
                     a = np.int32(xq[t, g * GROUP + jb])
                     b = np.int32(xq[t, g * GROUP + jb + 16])
                     base = cb + (g * 16 + jb) * TILE
+                    row = buf8[base : base + TILE]
                     for r in range(TILE):
-                        c = np.int32(buf8[base + r])
+                        c = np.int32(row[r])
                         isum[r] += (c & 15) * a + (c >> 4) * b
             s0 = sb + g * nsc * TILE
             _f16_row(buf16[s0 : s0 + TILE], bits, d)
