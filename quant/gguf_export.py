@@ -1,10 +1,4 @@
-"""GGUF export: a container written back as a real GGUF (llama.cpp's architecture, keys, names and block bytes).
-
-Block-format weights leave exactly as they are stored (quantize.deinterleave gives back GGUF's row-major
-blocks), so an imported GGUF exports to the same tensor bytes and an HF-origin container runs in llama.cpp
-on the very weights lmcli runs. What llama.cpp fixes per architecture (rope pairing, router details,
-required tensors) was read in llama.cpp's src/llama-model.cpp, src/models/*.cpp and conversion/*.py.
-"""
+"""GGUF export: a container written back as a real GGUF that llama.cpp runs (its arch, keys, names, block bytes)."""
 
 from __future__ import annotations
 
@@ -18,9 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from .container import Container
-from .errors import GGUFError, QuantError
+from .errors import GGUFError
 from .formats import F16, F32, GROUP, Format
 from .quantize import BLOCK_BYTES, deinterleave, dequantize_blocks
+
+# Block-format weights leave exactly as stored (deinterleave gives back GGUF's row-major blocks), so an imported
+# GGUF exports to the same tensor bytes and llama.cpp runs the very weights lmcli runs. What llama.cpp fixes per
+# architecture (rope pairing, routing, required tensors) was read in the llama.cpp that llama-cpp-python 0.3.36
+# vendors: src/llama-model.cpp (llama_model_rope_type, load_hparams), src/models/*.cpp (each architecture's
+# loader and graph), src/llama-graph.cpp (build_moe_ffn) and conversion/*.py (what its converter writes).
 
 # lmcli / Hugging Face model_type -> llama.cpp architecture (gguf.MODEL_ARCH_NAMES). llama.cpp's converter
 # (conversion/llama.py) writes Mistral and Mixtral as "llama", Mixtral with merged expert tensors;
@@ -48,6 +48,11 @@ NORM_ROPE = frozenset({"llama", "granitemoe", "deepseek2"})
 
 # Loaders that create output.weight as required (no fallback to token_embd for tied embeddings).
 NEEDS_OUTPUT = frozenset({"qwen2moe", "olmoe", "dots1"})
+
+# Loaders without grouped-query attention: dots1 sizes K and V by n_head, olmoe sizes attn_k_norm by n_embd.
+# A GQA model goes to them with each KV head repeated for its query heads: whole rows copied (lossless),
+# and an RMS norm over repeated heads has the same mean square, so the result is the same model.
+KV_AS_MHA = frozenset({"dots1", "olmoe"})
 
 # Routing that llama.cpp hard-codes in the architecture's graph (build_moe_ffn arguments) and does not read
 # from the file; a config that differs would run as a different model, so it is refused.
@@ -125,8 +130,14 @@ def _arch(cfg: dict) -> str:
     if n_expert and arch not in ("dots1", "deepseek2") and int(cfg.get("n_group", 1)) > 1:
         if int(cfg.get("topk_group", 1)) < int(cfg["n_group"]):
             raise GGUFError(f"{name} with group-limited routing cannot be exported as llama.cpp's {arch}")
+    if n_expert and arch not in ("dots1", "deepseek2") and int(cfg.get("first_k_dense", 0)):
+        raise GGUFError(f"{name} with leading dense layers cannot be exported: llama.cpp's {arch} has none")
     if arch == "deepseek2" and not cfg.get("kv_lora_rank"):
         raise GGUFError(f"{name} without multi-head latent attention cannot be exported as deepseek2")
+    scaling = cfg.get("rope_scaling")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if scaling and (kind not in ("linear", "yarn", "llama3") or (kind == "llama3" and arch != "llama")):
+        raise GGUFError(f"{name} with {kind!r} rope scaling cannot be exported as llama.cpp's {arch}")
     return arch
 
 
@@ -140,7 +151,7 @@ def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
     n_expert = int(cfg.get("n_expert", 0))
     n_ff, n_ff_exp = int(cfg["n_ff"]), int(cfg.get("n_ff_exp", 0))
     source = meta.get("source") or {}
-    name = source.get("name") or source.get("repo")
+    name = source.get("name") or source.get("repo") or source.get("dir")
     if isinstance(name, str):
         w.add_name(name)
     w.add_block_count(int(cfg["n_layer"]))
@@ -165,11 +176,12 @@ def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
         w.add_value_length_mla(int(cfg["v_head_dim"]))
         w.add_rope_dimension_count(rope)
     else:
-        w.add_head_count_kv(int(cfg.get("n_head_kv", n_head)))
+        w.add_head_count_kv(n_head if arch in KV_AS_MHA else int(cfg.get("n_head_kv", n_head)))
         w.add_rope_dimension_count(int(cfg.get("rope_dim") or head_dim))
         if head_dim != n_embd // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
+    _add_rope_scaling(w, cfg, arch)
     if n_expert:
         w.add_expert_count(n_expert)
         w.add_expert_used_count(int(cfg["n_expert_used"]))
@@ -212,8 +224,50 @@ def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
         w.add_chat_template(template)
 
 
+def _add_rope_scaling(w, cfg: dict, arch: str) -> None:
+    """RoPE scaling keys as llama.cpp's converter writes them (conversion/base.py set_gguf_parameters);
+    llama3 scaling travels as the rope_freqs tensor instead (see _llama3_rope_freqs)."""
+    from gguf import RopeScalingType
+
+    p = cfg.get("rope_scaling") or {}
+    kind = p.get("rope_type", p.get("type"))
+    if kind == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(p["factor"]))
+    elif kind == "yarn":
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(p["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(p["original_max_position_embeddings"]))
+        for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if p.get(key) is not None:
+                add(float(p[key]))
+        if arch == "deepseek2" and p.get("mscale_all_dim"):
+            # conversion/deepseek.py writes 0.1 * mscale_all_dim; llama.cpp divides the 0.1 back out.
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(p["mscale_all_dim"]))
+        elif p.get("attention_factor", p.get("attn_factor")) is not None:
+            w.add_rope_scaling_yarn_attn_factor(float(p.get("attention_factor", p.get("attn_factor"))))
+
+
+def _llama3_rope_freqs(cfg: dict) -> np.ndarray:
+    """Per-frequency divisors of Llama 3's RoPE scaling (conversion/llama.py generate_extra_tensors)."""
+    p = cfg["rope_scaling"]
+    dim = int(cfg.get("head_dim") or int(cfg["n_embd"]) // int(cfg["n_head"]))
+    freqs = 1.0 / (float(cfg.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = float(p.get("factor", 8.0))
+    lo, hi = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    old_ctx = float(p.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / hi, 1.0, np.where(wavelen > old_ctx / lo, factor, mid))
+    return out.astype(np.float32)
+
+
 def _file_type(c: Container) -> int:
-    scheme = (c.metadata.get("quant") or {}).get("scheme")
+    quant = c.metadata.get("quant") or {}
+    scheme = quant.get("scheme", quant.get("type"))
     if isinstance(scheme, int) and not isinstance(scheme, bool):
         return scheme
     if isinstance(scheme, str) and scheme.lower() in FILE_TYPES:
@@ -297,7 +351,8 @@ def _is_byte_level(j: dict) -> bool:
     def kinds(node) -> list[str]:
         if not isinstance(node, dict):
             return []
-        return [node.get("type")] + [k for n in node.get("pretokenizers") or node.get("decoders") or [] for k in kinds(n)]
+        children = node.get("pretokenizers") or node.get("decoders") or []
+        return [node.get("type")] + [k for child in children for k in kinds(child)]
 
     return "ByteLevel" in kinds(j.get("pre_tokenizer")) or "ByteLevel" in kinds(j.get("decoder"))
 
@@ -325,6 +380,8 @@ def _pre_name(pre) -> str:
 
 def _plan_tensors(c: Container, cfg: dict, arch: str) -> list[_Tensor]:
     perm = _rope_permutations(cfg, arch)
+    for suffix, repeat in _kv_repeats(cfg, arch).items():  # rows of the permuted tensor, repeated per head
+        perm[suffix] = perm[suffix][repeat] if suffix in perm else repeat
     out: list[_Tensor] = []
     for t in c.tensors.values():
         name = t.name
@@ -337,25 +394,33 @@ def _plan_tensors(c: Container, cfg: dict, arch: str) -> list[_Tensor]:
         out.append(_tensor(c, t.name, name, rows))
     if arch in NEEDS_OUTPUT and "output.weight" not in c.tensors:
         out.append(_tensor(c, "token_embd.weight", "output.weight", None))  # tied embeddings, stored twice
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3" and "rope_freqs.weight" not in c.tensors:
+        freqs = _llama3_rope_freqs(cfg)
+        out.append(_Tensor("rope_freqs.weight", 0, freqs.shape, freqs.nbytes, lambda: iter([freqs])))
     return out
 
 
 def _tensor(c: Container, src: str, name: str, rows: np.ndarray | None) -> _Tensor:
+    """One container tensor as GGUF data; `rows` (source row of each output row) reorders or repeats rows."""
     t = c.info(src)
+    n_src = t.shape[-2] if len(t.shape) > 1 else t.shape[0]
+    if rows is not None and (len(t.shape) == 3 or rows.max() >= n_src or len(rows) % n_src):
+        raise GGUFError(f"{src} has shape {t.shape}, which does not fit the model config's head layout")
+    n_out = n_src if rows is None else len(rows)
     if len(t.shape) == 1:
-        if rows is not None and len(rows) != t.shape[0]:
-            raise GGUFError(f"{src} has {t.shape[0]} values; the model config implies {len(rows)}")
-        return _Tensor(name, 0, t.shape, 4 * t.shape[0], lambda: iter([_vec(c, src, rows)]))
-    n_out, n_in = t.shape[-2:]
+        return _Tensor(name, 0, (n_out,), 4 * n_out, lambda: iter([_vec(c, src, rows)]))
+    n_in = t.shape[-1]
     n_expert = t.shape[0] if len(t.shape) == 3 else 0
+    shape = (*t.shape[:-2], n_out, n_in)
     fmt = t.fmt
 
     def chunks():
         for e in range(max(1, n_expert)):
-            raw = deinterleave(*c.matrix(src, e if n_expert else None), fmt, n_out, n_in)
+            raw = deinterleave(*c.matrix(src, e if n_expert else None), fmt, n_src, n_in)
             yield raw if rows is None else raw[rows]
 
-    return _Tensor(name, fmt.gguf_type, t.shape, _nbytes(fmt, t.shape), chunks)
+    return _Tensor(name, fmt.gguf_type, shape, _nbytes(fmt, shape), chunks)
 
 
 def _vec(c: Container, name: str, rows: np.ndarray | None) -> np.ndarray:
@@ -371,28 +436,48 @@ def _nbytes(fmt: Format, shape: tuple[int, ...]) -> int:
 
 
 def _rope_permutations(cfg: dict, arch: str) -> dict[str, np.ndarray]:
-    """Row orders that turn Hugging Face's rotate-halves Q/K rows into llama.cpp NORM's adjacent pairs.
+    """Row orders that turn the container's Q/K rope rows into the pairing llama.cpp's architecture rotates.
 
-    llama.cpp's converter does this for its NORM-rope architectures (conversion/llama.py LlamaModel.permute);
-    a whole-row permutation keeps block-format rows intact, so it is lossless. GGUF-origin containers
-    (rope_interleaved true) and NEOX architectures keep their row order.
+    Hugging Face rows rotate halves (i, i + rope/2), as llama.cpp's NEOX; llama.cpp's NORM architectures
+    rotate adjacent pairs, and its converter permutes Q/K rows for them (conversion/llama.py
+    LlamaModel.permute). GGUF-origin containers (rope_interleaved true) already hold pairs. A whole-row
+    permutation keeps block-format rows intact, so it is lossless.
     """
-    if arch not in NORM_ROPE or cfg.get("rope_interleaved", False):
+    pairs_wanted, pairs_held = arch in NORM_ROPE, bool(cfg.get("rope_interleaved", False))
+    if pairs_wanted == pairs_held:
         return {}
-    if arch == "deepseek2":
+    if arch == "deepseek2" or cfg.get("kv_lora_rank"):
         nope, rope, kv_lora = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["kv_lora_rank"])
-        q = _pair_rows(int(cfg["n_head"]), nope + rope, nope, rope)
-        return {".attn_q.weight": q, ".attn_q_b.weight": q, ".attn_kv_a_mqa.weight": _pair_rows(1, kv_lora + rope, kv_lora, rope)}
-    n_head, n_head_kv = int(cfg["n_head"]), int(cfg.get("n_head_kv", cfg["n_head"]))
-    head_dim = int(cfg.get("head_dim") or int(cfg["n_embd"]) // n_head)
-    rope = int(cfg.get("rope_dim") or head_dim)
-    q, k = _pair_rows(n_head, head_dim, 0, rope), _pair_rows(n_head_kv, head_dim, 0, rope)
-    perms = {".attn_q.weight": q, ".attn_q.bias": q, ".attn_k.weight": k, ".attn_k.bias": k}
-    if cfg.get("qk_norm") == "head":
-        perms[".attn_q_norm.weight"] = perms[".attn_k_norm.weight"] = _pair_rows(1, head_dim, 0, rope)
-    elif cfg.get("qk_norm") == "full":
-        perms[".attn_q_norm.weight"], perms[".attn_k_norm.weight"] = q, k
+        q = _pair_rows(int(cfg["n_head"]), nope + rope, nope, rope)  # each head's rows: nope, then rope
+        kv_a = _pair_rows(1, kv_lora + rope, kv_lora, rope)  # the latent, then the shared rope key
+        perms = {".attn_q.weight": q, ".attn_q_b.weight": q, ".attn_kv_a_mqa.weight": kv_a}
+    else:
+        n_head, n_head_kv = int(cfg["n_head"]), int(cfg.get("n_head_kv", cfg["n_head"]))
+        head_dim = int(cfg.get("head_dim") or int(cfg["n_embd"]) // n_head)
+        rope = int(cfg.get("rope_dim") or head_dim)
+        q, k = _pair_rows(n_head, head_dim, 0, rope), _pair_rows(n_head_kv, head_dim, 0, rope)
+        perms = {".attn_q.weight": q, ".attn_q.bias": q, ".attn_k.weight": k, ".attn_k.bias": k}
+        if cfg.get("qk_norm") == "head":
+            perms[".attn_q_norm.weight"] = perms[".attn_k_norm.weight"] = _pair_rows(1, head_dim, 0, rope)
+        elif cfg.get("qk_norm") == "full":
+            perms[".attn_q_norm.weight"], perms[".attn_k_norm.weight"] = q, k
+    if pairs_held:  # pairs back to halves for a NEOX architecture: the inverse permutation
+        perms = {suffix: np.argsort(rows) for suffix, rows in perms.items()}
     return perms
+
+
+def _kv_repeats(cfg: dict, arch: str) -> dict[str, np.ndarray]:
+    """Row orders that repeat each KV head for its group of query heads (see KV_AS_MHA)."""
+    n_head, n_head_kv = int(cfg["n_head"]), int(cfg.get("n_head_kv", cfg["n_head"]))
+    if arch not in KV_AS_MHA or n_head_kv == n_head:
+        return {}
+    head_dim = int(cfg.get("head_dim") or int(cfg["n_embd"]) // n_head)
+    src_head = np.arange(n_head) // (n_head // n_head_kv)
+    rows = (src_head[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+    out = {".attn_k.weight": rows, ".attn_k.bias": rows, ".attn_v.weight": rows, ".attn_v.bias": rows}
+    if cfg.get("qk_norm") == "full":
+        out[".attn_k_norm.weight"] = rows
+    return out
 
 
 def _pair_rows(n_heads: int, head_size: int, offset: int, rope: int) -> np.ndarray:
@@ -486,11 +571,15 @@ def _write(out: Path, arch: str, add_metadata: Callable, tensors: list[_Tensor])
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except BaseException as e:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (QuantError, KeyboardInterrupt, SystemExit)):
-            raise
-        if isinstance(e, OSError):
-            raise GGUFError(f"cannot write {out}: {e.strerror or e}") from None
+    except OSError as e:
+        _discard(w, tmp)
+        raise GGUFError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        _discard(w, tmp)
         raise
+
+
+def _discard(w, tmp: Path) -> None:
+    """No partial file survives a failed export."""
+    w.close()
+    tmp.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from .errors import ConvertError
 MAX_HEADER = 100 << 20  # the safetensors library's own cap
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_FAULT_AROUND = 1 << 20  # generous: fault_around_bytes is 64 KiB unless tuned
 
 # dtype name -> (bytes per element, numpy dtype of the stored bits). BF16 is kept as uint16 bits:
 # widening to float32 is an exact 16-bit shift (bf16 is the top half of an IEEE float32).
@@ -73,7 +74,8 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict]:
                 raise ConvertError(f"{name}: truncated safetensors file ({size} bytes)")
             (hlen,) = struct.unpack("<Q", prefix)
             if hlen > MAX_HEADER:
-                raise ConvertError(f"{name}: header length {hlen} exceeds the {MAX_HEADER}-byte limit; not a safetensors file")
+                raise ConvertError(f"{name}: header length {hlen} exceeds the {MAX_HEADER}-byte limit; "
+                                   "not a safetensors file")
             if 8 + hlen > size:
                 raise ConvertError(f"{name}: truncated: the header claims {hlen} bytes, the file has {size}")
             raw = f.read(hlen)
@@ -104,7 +106,8 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict]:
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < (1 << 40) for d in shape)):
             raise ConvertError(f"{name}: tensor {tname} has a bad shape {shape!r}")
         if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs) or not 0 <= offs[0] <= offs[1]):
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
             raise ConvertError(f"{name}: tensor {tname} has bad data_offsets {offs!r}")
         nbytes = math.prod(shape) * DTYPES[dtype][0]
         if offs[1] - offs[0] != nbytes:
@@ -192,7 +195,8 @@ class TensorSource:
                 entries, _ = read_header(path)
                 for e in entries:
                     if e.name in self._entries:
-                        raise ConvertError(f"tensor {e.name} appears in both {self._entries[e.name].shard} and {e.shard}")
+                        first = self._entries[e.name].shard
+                        raise ConvertError(f"tensor {e.name} appears in both {first} and {e.shard}")
                     if index_map is not None and index_map.get(e.name, e.shard) != e.shard:
                         raise ConvertError(f"{INDEX_FILE} puts {e.name} in {index_map[e.name]}, but it is in {e.shard}")
                     self._entries[e.name] = e
@@ -202,7 +206,8 @@ class TensorSource:
             if index_map is not None:
                 missing = [n for n in index_map if n not in self._entries]
                 if missing:
-                    raise ConvertError(f"{INDEX_FILE} lists {missing[0]} in {index_map[missing[0]]}, which does not hold it")
+                    raise ConvertError(f"{INDEX_FILE} lists {missing[0]} in {index_map[missing[0]]}, "
+                                       "which does not hold it")
         except BaseException:
             self.close()
             raise
@@ -247,7 +252,9 @@ class TensorSource:
         off = e.start + start * e.row_len * size
         raw = np.frombuffer(mm, dtype=np_dtype, count=count, offset=off)
         if e.dtype == "BF16":
-            out = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+            bits = raw.astype(np.uint32)
+            bits <<= np.uint32(16)
+            out = bits.view(np.float32)
         else:
             out = raw.astype(np.float32)  # a copy in every case (F32 -> F32 copies too)
         del raw
@@ -257,10 +264,12 @@ class TensorSource:
     @staticmethod
     def _release(mm: mmap.mmap, off: int, length: int) -> None:
         # Dropping the mapping's pages keeps RSS bounded; the data stays in the page cache for re-reads.
+        # The window is widened because the kernel's fault-around also maps cached pages next to the ones
+        # read (up to 64 KiB by default), which would otherwise stay resident, a few per tensor.
         if hasattr(mmap, "MADV_DONTNEED"):
-            page = mmap.PAGESIZE
-            lo = off // page * page
-            mm.madvise(mmap.MADV_DONTNEED, lo, off + length - lo)
+            lo = max(0, off - _FAULT_AROUND) // mmap.PAGESIZE * mmap.PAGESIZE
+            hi = min(len(mm), off + length + _FAULT_AROUND)
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
         for mm in self._maps.values():

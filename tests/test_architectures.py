@@ -116,3 +116,26 @@ def test_decode_with_the_kv_cache_equals_full_recompute(arch_dir):
     m.transformer.forward(ids[:-4], cache)
     steps = np.stack([m.transformer.forward([t], cache)[0] for t in ids[-4:]])
     assert _rel(steps, full[-4:]) < 1e-4, arch
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 50000.0, "factor": 4.0}}),
+    ("mistral", {"sliding_window": 8}),
+])
+def test_rope_scaling_and_sliding_window_match_transformers(arch, overrides, tmp_path):
+    d = tiny_models.build(arch, tmp_path / "hf", overrides=overrides)
+    m = _lmcli(d, "f16", tmp_path)
+    ids = _ids(m, 40)
+    ref = _ref_logits(rounded_reference(d, "f16"), ids)
+    assert _rel(m.logits(ids), ref) < TIGHT
+
+
+def test_unsupported_rope_scaling_is_refused_at_load(tmp_path):
+    from lmcli.errors import ModelFileError
+
+    d = tiny_models.build("llama", tmp_path / "hf", overrides={"rope_parameters": {
+        "rope_type": "dynamic", "rope_theta": 50000.0, "factor": 2.0}})
+    with pytest.raises(ModelFileError, match="dynamic"):
+        _lmcli(d, "f16", tmp_path)

@@ -34,6 +34,8 @@ class ModelConfig:
     rope_interleaved: bool = False  # True: rotate adjacent pairs (llama.cpp NORM); False: halves (NEOX/HF)
     n_ctx_train: int = 2048
     tied_embeddings: bool = False
+    rope_scaling: dict | None = None  # None: plain RoPE; {"rope_type": "linear"|"llama3", ...} as transformers
+    sliding_window: int = 0  # 0: full causal attention; else each query sees the last sliding_window keys
     attn_bias: bool = False  # q/k/v biases (Qwen2)
     qk_norm: str = "none"
     # --- Mixture of Experts (n_expert == 0: dense) ---
@@ -69,6 +71,8 @@ class ModelConfig:
             raise ModelFileError("model config is missing from the container")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("sliding_window") is None:
+            kw.pop("sliding_window", None)
         missing = [f.name for f in fields(cls) if f.name not in kw and f.default is MISSING]
         if missing:
             raise ModelFileError(f"model config lacks {', '.join(missing)}")
@@ -105,6 +109,13 @@ class ModelConfig:
                 raise ModelFileError("model config: n_expert_used must be in [1, n_expert] and n_ff_exp >= 1")
             if self.n_group < 1 or self.n_expert % self.n_group or not 1 <= self.topk_group <= self.n_group:
                 raise ModelFileError("model config: bad n_group / topk_group")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) \
+                if isinstance(self.rope_scaling, dict) else None
+            if kind not in ("linear", "llama3"):
+                raise ModelFileError(f"model config: RoPE scaling {kind!r} is not supported yet (supported: linear, llama3)")
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            raise ModelFileError(f"model config: bad sliding_window {self.sliding_window!r}")
         if self.first_k_dense > self.n_layer:
             raise ModelFileError("model config: first_k_dense exceeds n_layer")
 

@@ -33,7 +33,7 @@ class Transformer:
         self.cfg = cfg
         self.weights: Weights = load_weights(container, cfg)
         self.max_ctx = max_ctx
-        self.cos, self.sin = ops.rope_table(max_ctx, cfg.n_rot, cfg.rope_theta)
+        self.cos, self.sin = ops.rope_table(max_ctx, cfg.n_rot, cfg.rope_theta, cfg.rope_scaling)
         top_k = cfg.n_expert_used
         if moe_topk is not None:
             if not cfg.is_moe:
@@ -176,5 +176,5 @@ class Transformer:
         kc[:, pos0 : pos0 + T] = k.transpose(1, 0, 2)
         vc[:, pos0 : pos0 + T] = v.transpose(1, 0, 2)
         att = np.empty((T, H, vc.shape[2]), np.float32)
-        ops.attention(q, kc, vc, pos0, self.attn_scale, att)
+        ops.attention(q, kc, vc, pos0, self.attn_scale, self.cfg.sliding_window, att)
         return at.wo(Act(att.reshape(T, -1)))

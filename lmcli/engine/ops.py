@@ -19,9 +19,25 @@ def rmsnorm(x, w, eps, out):
             out[t, i] = x[t, i] * s * w[i]
 
 
-def rope_table(n_ctx: int, n_rot: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (n_ctx, n_rot / 2) float32: angle pos * theta^(-2i / n_rot), computed in float64."""
+def rope_table(n_ctx: int, n_rot: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_ctx, n_rot / 2) float32: angle pos * inv_freq_i, inv_freq_i = theta^(-2i / n_rot), in float64.
+
+    scaling follows transformers' ROPE_INIT_FUNCTIONS: "linear" divides every frequency by factor;
+    "llama3" (_compute_llama3_parameters) divides low frequencies by factor, keeps high ones, and blends between.
+    """
     inv = theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = np.where(medium, blended, scaled)
     ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
@@ -54,9 +70,10 @@ def rope(x, pos0, cos, sin, n_rot, interleaved):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention(q, kc, vc, pos0, scale, out):
+def attention(q, kc, vc, pos0, scale, window, out):
     """Causal GQA attention for T queries at positions pos0..pos0+T-1 over the cache.
 
+    window > 0: query at position p sees keys p - window + 1 .. p only (sliding-window attention, Mistral).
     q (T, n_head, Dk); kc (n_head_kv, n_ctx, Dk), vc (n_head_kv, n_ctx, Dv) holding positions < pos0 + T;
     out (T, n_head, Dv). Query head h reads KV head h // (n_head / n_head_kv).
     """
@@ -68,26 +85,27 @@ def attention(q, kc, vc, pos0, scale, out):
         h = job % H
         kv = h // group
         n = pos0 + t + 1
-        sc = np.empty(n, np.float32)
+        j0 = max(0, n - window) if window > 0 else 0
+        sc = np.empty(n - j0, np.float32)
         mx = np.float32(-np.inf)
-        for j in range(n):
+        for j in range(j0, n):
             s = np.float32(0.0)
             for d in range(D):
                 s += q[t, h, d] * kc[kv, j, d]
             s *= scale
-            sc[j] = s
+            sc[j - j0] = s
             if s > mx:
                 mx = s
         tot = np.float32(0.0)
-        for j in range(n):
+        for j in range(n - j0):
             e = np.exp(sc[j] - mx)
             sc[j] = e
             tot += e
         inv = np.float32(1.0) / tot
         for d in range(Dv):
             out[t, h, d] = 0.0
-        for j in range(n):
-            p = sc[j] * inv
+        for j in range(j0, n):
+            p = sc[j - j0] * inv
             for d in range(Dv):
                 out[t, h, d] += p * vc[kv, j, d]
 
