@@ -129,6 +129,100 @@ def _write_trace(path: Path, trace: list) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
+    system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
+    temp: Optional[float] = typer.Option(None, "--temp", help="temperature; 0 is greedy [default: 0.8]"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="[default: 40]"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="[default: 0.95]"),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="[default: 0.05]"),
+    seed: Optional[int] = typer.Option(None, "-s", "--seed"),
+    max_tokens: int = typer.Option(-1, "-n", "--max-tokens", help="per reply; -1: until end of text"),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="[default: 1.0]"),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
+    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size"),
+    moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
+):
+    """Chat with a model in the terminal (/help lists the commands)."""
+    from .repl import run_chat
+
+    params = _sampling(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                       seed=seed)
+    if max_tokens < -1:
+        raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
+    code = run_chat(model, system=system, sampling=params, max_tokens=max_tokens, n_ctx=ctx_size, threads=threads,
+                    moe_topk=moe_topk)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Argument(None, help="default model (requests may name another)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(11435, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMCLI_API_KEY",
+                                          help="required as a Bearer token; needed for a non-loopback host"),
+    cors_origin: Optional[str] = typer.Option(None, "--cors-origin", help="allow this browser origin"),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
+    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size"),
+):
+    """Serve the OpenAI API (chat completions, completions, models) on a local port."""
+    from .server import serve as _serve
+
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {port}")
+    _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, n_ctx=ctx_size, threads=threads)
+
+
+@app.command()
+def pull(
+    spec: str = typer.Argument(..., help="NAME (models.toml), ORG/REPO[@REVISION], or hf.co/ORG/REPO:QUANT (GGUF)"),
+    name: Optional[str] = typer.Option(None, "--name", help="store name (default: the short name or repo name)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="branch, tag or commit to pin"),
+    qtype: Optional[str] = typer.Option(None, "--type", help="q4_0 | q4_1 | q8_0 | f16 (default: the registry's)"),
+    keep_source: bool = typer.Option(False, "--keep-source", help="keep the downloaded source files"),
+    force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
+):
+    """Download a model from the Hugging Face Hub and convert it shard by shard into the store."""
+    from .hub import pull as _pull
+
+    path = _pull(spec, name=name, revision=revision, qtype=qtype, keep_source=keep_source, force=force,
+                 progress=sys.stderr.isatty())
+    typer.echo(f"pulled {spec} -> {path}")
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json")):
+    """CPU features, cores, memory, store disk space, Numba cache state and measured read bandwidth."""
+    from .doctor import report
+
+    r = report()
+    if as_json:
+        typer.echo(json.dumps(r))
+    else:
+        for k, v in r.items():
+            typer.echo(f"{k}: {v}")
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="model name (a registry name works before download) or path"),
+    memory: Optional[str] = typer.Option(None, "--memory", help="memory budget, e.g. 8G (default: available)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Expected size, bytes read per token, fit in RAM and decode tokens/s, without loading the model."""
+    from .doctor import plan as _plan
+
+    r = _plan(model, memory=memory)
+    if as_json:
+        typer.echo(json.dumps(r))
+    else:
+        for k, v in r.items():
+            typer.echo(f"{k}: {v}")
+
+
 @app.command("import")
 def import_cmd(
     file: Path = typer.Argument(..., help="a .gguf file"),
