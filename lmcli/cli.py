@@ -54,6 +54,8 @@ def run(
     threads: Optional[int] = typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores"),
     ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, ids, usage and timings"),
+    stream_json: bool = typer.Option(False, "--stream-json", help="one JSON line per text piece, then a summary line"),
+    each_line: bool = typer.Option(False, "--each-line", help="answer each stdin line as its own prompt, in order"),
     moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
     routing_trace: Optional[Path] = typer.Option(None, "--routing-trace", help="write one JSON line per (token, layer)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="timings on stderr"),
@@ -70,17 +72,39 @@ def run(
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if ctx_size is not None and ctx_size < 1:
         raise UsageError(f"--ctx-size must be at least 1, got {ctx_size}")
-    text = _read_prompt(prompt)
+    if as_json and stream_json:
+        raise UsageError("--json and --stream-json exclude each other")
+    if each_line and prompt not in (None, "-"):
+        raise UsageError("--each-line reads prompts from stdin; drop the PROMPT argument")
+    prompts = _read_lines() if each_line else [_read_prompt(prompt)]
     m = load(model, n_ctx=ctx_size, threads=threads, moe_topk=moe_topk)
+    if raw and system is not None:
+        raise UsageError("--system needs the chat template (drop --raw)")
     stats = m.transformer.stats
-    stats.reset()
     if routing_trace is not None:
         if routing_trace.exists() and routing_trace.is_dir():
             raise UsageError(f"--routing-trace {routing_trace} is a directory")
         stats.trace = []
+    mode = "json" if as_json else "stream-json" if stream_json else "text"
+    for text in prompts:
+        _answer(m, model, text, mode=mode, raw=raw, system=system, max_tokens=max_tokens, stop=stop, params=params,
+                ignore_eos=ignore_eos, verbose=verbose)
+    if routing_trace is not None:
+        _write_trace(routing_trace, stats.trace)
+
+
+def _read_lines() -> list[str]:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("--each-line reads prompts from stdin, which is a terminal", hint="pipe the prompts in")
+    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+
+
+def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_tokens: int, stop, params, ignore_eos,
+            verbose: bool) -> None:
+    """Generate one reply and print it as text, one JSON object, or a stream of JSON lines."""
+    stats = m.transformer.stats
+    stats.hist[:] = 0
     if raw:
-        if system is not None:
-            raise UsageError("--system needs the chat template (drop --raw)")
         ids = m.tokenize(text)
     else:
         msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
@@ -94,22 +118,24 @@ def run(
             final = ev
             break
         pieces.append(ev.text)
-        if not as_json and ev.text:
+        if mode == "text" and ev.text:
             sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        elif mode == "stream-json" and ev.text:
+            sys.stdout.write(json.dumps({"text": ev.text, "token": ev.token}, ensure_ascii=False) + "\n")
             sys.stdout.flush()
     tm = final.timings
     tm.load_s = m.load_s
-    if as_json:
-        obj = {"model": model, "text": "".join(pieces), "tokens": final.tokens,
-               "finish_reason": final.finish_reason, **tm.as_dict(), "load_s": round(m.load_s, 6),
+    summary = {"model": model, "finish_reason": final.finish_reason, **tm.as_dict(), "load_s": round(m.load_s, 6),
                "routing_histogram": stats.hist.tolist() if m.config.is_moe else []}
+    if mode == "json":
+        obj = {"model": model, "text": "".join(pieces), "tokens": final.tokens, **summary}
         sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    else:
-        if pieces and not "".join(pieces).endswith("\n"):
-            sys.stdout.write("\n")
+    elif mode == "stream-json":
+        sys.stdout.write(json.dumps({"done": True, "tokens": final.tokens, **summary}) + "\n")
+    elif not "".join(pieces).endswith("\n"):
+        sys.stdout.write("\n")
     sys.stdout.flush()
-    if routing_trace is not None:
-        _write_trace(routing_trace, stats.trace)
     if verbose:
         sys.stderr.write(
             f"prompt: {tm.prompt_tokens} tokens, {tm.prefill_tps:.1f} tokens/s | "
@@ -362,19 +388,36 @@ def _fail(msg: str, hint: str | None, code: int) -> int:
     return code
 
 
+def _click_exceptions():
+    """Typer >= 0.2x vendors click as typer._click; older ones use click itself. Match either."""
+    mods = [click.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    aborts = tuple({a for a in (click.exceptions.Abort, getattr(typer, "Abort", None)) if a is not None})
+    return (tuple(m.ClickException for m in mods), aborts,
+            tuple(m.NoArgsIsHelpError for m in mods if hasattr(m, "NoArgsIsHelpError")))
+
+
 def main(argv: list[str] | None = None) -> int:
     cmd = typer.main.get_command(app)
+    click_errors, aborts, no_args = _click_exceptions()
     try:
-        cmd.main(args=argv, prog_name="lmcli", standalone_mode=False)
-        return 0
+        rv = cmd.main(args=argv, prog_name="lmcli", standalone_mode=False)
+        if isinstance(rv, int) and rv == 130:
+            sys.stderr.write("\ninterrupted\n")
+        return rv if isinstance(rv, int) else 0  # typer returns Exit codes (130 on Ctrl+C) in this mode
     except LmcliError as e:
         return _fail(str(e), e.hint, e.exit_code)
-    except click.exceptions.NoArgsIsHelpError as e:
+    except no_args as e:
         sys.stderr.write(e.ctx.get_help() + "\n")
         return 2
-    except click.ClickException as e:
+    except click_errors as e:
         return _fail(e.format_message(), None, 2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *aborts):
         sys.stderr.write("\ninterrupted\n")
         return 130
     except BrokenPipeError:

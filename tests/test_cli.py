@@ -164,3 +164,45 @@ def test_system_message_goes_into_the_chat_prompt_and_raw_skips_the_template(lmc
     pirate = "You are a pirate captain who sails the seven seas and answers every question in rhyming couplets. " * 2
     plain, with_sys, raw = usage(), usage("-sys", pirate), usage("--raw")
     assert with_sys > plain > raw == 1
+
+
+def test_stream_json_pieces_join_to_the_json_text(lmcli_home):
+    args = ("run", "smollm2", "Name three fruits.", "--temp", "0", "-n", "20")
+    whole = json.loads(lmcli(*args, "--json", home=lmcli_home).stdout)
+    r = lmcli(*args, "--stream-json", home=lmcli_home)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert lines[-1]["done"] is True and lines[-1]["completion_tokens"] == whole["completion_tokens"]
+    assert "".join(x["text"] for x in lines[:-1]) == whole["text"]
+    assert lines[-1]["tokens"] == whole["tokens"]
+
+
+def test_each_line_answers_every_stdin_line_in_order(lmcli_home):
+    qs = ["What is the capital of France?", "What is the capital of Germany?"]
+    r = lmcli("run", "smollm2", "--each-line", "--json", "--temp", "0", "-n", "16", home=lmcli_home,
+              stdin="\n".join(qs) + "\n\n")
+    assert r.returncode == 0, r.stderr
+    objs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(objs) == 2
+    assert "Paris" in objs[0]["text"] and "Berlin" in objs[1]["text"]
+
+
+def test_usage_errors_exit_2_and_unknown_flags_are_one_line(lmcli_home):
+    r = lmcli("run", "smollm2", "hi", "--no-such-flag", home=lmcli_home)
+    assert_clean_failure(r, code=2)
+    r = lmcli("run", "smollm2", "hi", "--json", "--stream-json", home=lmcli_home)
+    assert_clean_failure(r, code=2)
+
+
+def test_ctrl_c_exits_130(lmcli_home):
+    import signal
+    import time
+
+    e = dict(os.environ, LMCLI_HOME=str(lmcli_home))
+    p = subprocess.Popen([sys.executable, "-m", "lmcli.cli", "run", "smollm2", "Tell me a very long story.",
+                          "--ignore-eos", "-n", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
+    p.stdout.read(1)  # generation has started
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and b"Traceback" not in err
