@@ -48,7 +48,8 @@ class Model:
     """A loaded model: config, tokenizer, chat template and the engine over the mmapped container."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
-                 moe_topk: int | None = None):
+                 moe_topk: int | None = None, expert_cache_mib: int | None = None, cache_policy: str = "lru",
+                 prefetch: bool = True):
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -69,7 +70,8 @@ class Model:
         self.threads = set_threads(threads)
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
         self.chat_template: str | None = md.get("chat_template")
-        self.transformer = Transformer(self.container, self.config, n_ctx, moe_topk=moe_topk)
+        self.transformer = Transformer(self.container, self.config, n_ctx, moe_topk=moe_topk,
+                                       expert_cache_mib=expert_cache_mib, cache_policy=cache_policy, prefetch=prefetch)
         self.load_s = time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
@@ -134,8 +136,11 @@ class Model:
 
 
 def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = None,
-         moe_topk: int | None = None) -> Model:
-    """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it."""
+         moe_topk: int | None = None, **engine) -> Model:
+    """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it.
+
+    engine: expert_cache_mib (None: automatic, 0: off), cache_policy ("lru" | "lfu"), prefetch (bool).
+    """
     from .store import resolve
 
-    return Model(resolve(str(name_or_path)), n_ctx=n_ctx, threads=threads, moe_topk=moe_topk)
+    return Model(resolve(str(name_or_path)), n_ctx=n_ctx, threads=threads, moe_topk=moe_topk, **engine)

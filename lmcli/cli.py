@@ -58,6 +58,9 @@ def run(
     each_line: bool = typer.Option(False, "--each-line", help="answer each stdin line as its own prompt, in order"),
     moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
     routing_trace: Optional[Path] = typer.Option(None, "--routing-trace", help="write one JSON line per (token, layer)"),
+    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib",
+                                                   help="expert cache size (default: automatic when the model "
+                                                        "does not fit in memory; 0: off)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="timings on stderr"),
 ):
     """Generate a reply to PROMPT and print it."""
@@ -77,7 +80,7 @@ def run(
     if each_line and prompt not in (None, "-"):
         raise UsageError("--each-line reads prompts from stdin; drop the PROMPT argument")
     prompts = _read_lines() if each_line else [_read_prompt(prompt)]
-    m = load(model, n_ctx=ctx_size, threads=threads, moe_topk=moe_topk)
+    m = load(model, n_ctx=ctx_size, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib)
     if raw and system is not None:
         raise UsageError("--system needs the chat template (drop --raw)")
     stats = m.transformer.stats
@@ -128,6 +131,9 @@ def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_token
     tm.load_s = m.load_s
     summary = {"model": model, "finish_reason": final.finish_reason, **tm.as_dict(), "load_s": round(m.load_s, 6),
                "routing_histogram": stats.hist.tolist() if m.config.is_moe else []}
+    ec = m.transformer.expert_cache
+    if ec is not None:
+        summary["expert_cache"] = {"slots": ec.n_slots, "slot_bytes": ec.slot_size, **ec.stats.as_dict()}
     if mode == "json":
         obj = {"model": model, "text": "".join(pieces), "tokens": final.tokens, **summary}
         sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")

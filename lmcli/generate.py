@@ -21,6 +21,7 @@ class Timings:
     decode_steps: int = 0  # single-token forward passes
     expert_bytes_prefill: int = 0  # bytes of routed-expert bundles the kernels read
     expert_bytes_decode: int = 0
+    disk_bytes_decode: int = 0  # bytes the expert cache read from the file during decode
 
     @property
     def expert_bytes_per_token(self) -> float:
@@ -46,6 +47,7 @@ class Timings:
             "decode_tokens_per_s": round(self.decode_tps, 3),
             "expert_bytes_per_token": round(self.expert_bytes_per_token),
             "expert_bytes_prefill": self.expert_bytes_prefill,
+            "disk_bytes_per_token": round(self.disk_bytes_decode / self.decode_steps) if self.decode_steps else 0,
         }
 
 
@@ -86,6 +88,8 @@ def generate_events(model, cache, prompt_ids: list[int], sampler: Sampler, *, ma
     tm.prefill_s = time.perf_counter() - t0
     b1 = stats.expert_bytes
     tm.expert_bytes_prefill = b1 - b0
+    ec = model.transformer.expert_cache
+    d1 = ec.stats.bytes_read if ec is not None else 0
     history = list(prompt_ids)
     out_ids: list[int] = []
     dec = model.tokenizer.stream()
@@ -123,6 +127,7 @@ def generate_events(model, cache, prompt_ids: list[int], sampler: Sampler, *, ma
         tm.decode_steps += 1
     tm.decode_s = time.perf_counter() - t1
     tm.expert_bytes_decode = stats.expert_bytes - b1
+    tm.disk_bytes_decode = (ec.stats.bytes_read - d1) if ec is not None else 0
     if not stopped_by_string:
         text += dec.flush()
     if text:

@@ -28,7 +28,8 @@ def _silu(x: np.ndarray) -> np.ndarray:
 class Transformer:
     """A decoder-only transformer over mmapped weights."""
 
-    def __init__(self, container: Container, cfg: ModelConfig, max_ctx: int, moe_topk: int | None = None):
+    def __init__(self, container: Container, cfg: ModelConfig, max_ctx: int, moe_topk: int | None = None,
+                 expert_cache_mib: int | None = None, cache_policy: str = "lru", prefetch: bool = True):
         self.container = container
         self.cfg = cfg
         self.weights: Weights = load_weights(container, cfg)
@@ -50,6 +51,29 @@ class Transformer:
             self._kv_dims = (cfg.n_head_kv, cfg.head_dim, cfg.head_dim)
         dk = self._kv_dims[1]
         self.attn_scale = np.float32(cfg.attention_multiplier or 1.0 / np.sqrt(dk))
+        self.expert_cache = self._make_cache(expert_cache_mib, top_k, cache_policy, prefetch)
+        moe = [i for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None]
+        self._next_moe = {a: (b, self.weights.layers[b].ffn) for a, b in zip(moe, moe[1:])}
+
+    def _make_cache(self, mib: int | None, top_k: int, policy: str, prefetch: bool):
+        """An expert cache when asked for (mib > 0), or automatically when the file is larger than what the
+        process may use comfortably (60% of available memory, cgroup limit included); mib == 0 turns it off."""
+        from .expert_cache import ExpertCache, memory_available
+
+        layers = {i: L.ffn.experts for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None}
+        if not layers or mib == 0:
+            return None
+        if mib is None:
+            avail = memory_available()
+            if not avail or self.container.file_size <= 0.6 * avail:
+                return None  # it fits: the page cache over the mapping is the cheapest cache
+            budget = int(0.5 * avail) - self.weights.nbytes_dense
+            budget = max(budget, 0)
+        else:
+            if mib < 0:
+                raise UsageError(f"--expert-cache-mib must be 0 or more, got {mib}")
+            budget = mib << 20
+        return ExpertCache(str(self.container.path), layers, budget, top_k, policy, prefetch)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         n_kv, dk, dv = self._kv_dims
@@ -106,7 +130,7 @@ class Transformer:
             ops.add_inplace(x, o)
             ops.rmsnorm(x, L.ffn_norm, cfg.norm_eps, hbuf)
             if L.ffn.experts is not None:
-                f = moe_ffn(L.ffn, hbuf, self.router, w, self.stats, li)
+                f = moe_ffn(L.ffn, hbuf, self.router, w, self.stats, li, self.expert_cache, self._next_moe.get(li))
             else:
                 f = self._dense(L.ffn, hbuf)
             if rm != 1.0:

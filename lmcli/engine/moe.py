@@ -85,9 +85,14 @@ class RoutingStats:
             self.trace.clear()
 
 
-def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | None, layer: int) -> np.ndarray:
+def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | None, layer: int,
+            cache=None, next_moe: tuple[int, FFN] | None = None) -> np.ndarray:
     """Routed experts (+ shared experts) for h (T, n_embd): tokens grouped by expert, so each selected
-    expert's bundle is read once per batch; two parallel kernel calls cover every selected expert."""
+    expert's bundle is read once per batch; two parallel kernel calls cover every selected expert.
+
+    cache: an ExpertCache (models larger than RAM): the selected bundles are fetched into it and the kernels
+    read them there; the next MoE layer's router, run on this layer's input, predicts what to prefetch.
+    """
     T = h.shape[0]
     a = Act(h)
     ids, wts = route(ff.router(a), spec, ff.router_bias)
@@ -102,14 +107,25 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
     ex = ff.experts
     kind = kernels.KIND[ex.fmt]
     xq, xd, xs = a.quantized()
+    if cache is not None:
+        slots = cache.fetch(layer, sel)
+        if next_moe is not None:
+            nl, nff = next_moe
+            pred, _ = route(nff.router(a), spec, nff.router_bias)
+            cache.prefetch(nl, np.unique(pred))
+        offs = cache.offsets(layer, sel, slots, ex.n_expert)
+        b8, b16, b32 = cache.buf8, cache.buf16, cache.buf32
+    else:
+        offs = ex.offsets
+        b8, b16, b32 = w.buf8, w.buf16, w.buf32
     hb = np.empty((len(flat_e), ex.n_ff), np.float32)
-    (gc, gs), (uc, us), (dc, ds) = ex.offsets["gate"], ex.offsets["up"], ex.offsets["down"]
-    kernels.moe_gate_up(w.buf8, w.buf16, w.buf32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
+    (gc, gs), (uc, us), (dc, ds) = offs["gate"], offs["up"], offs["down"]
+    kernels.moe_gate_up(b8, b16, b32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
                         xq, xd, xs, a.x, hb)
     ha = Act(hb)
     hq, hd, hs = ha.quantized()
     y = np.empty((len(flat_e), ex.n_embd), np.float32)
-    kernels.moe_down(w.buf8, w.buf16, w.buf32, kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr, hq, hd, hs, ha.x, y)
+    kernels.moe_down(b8, b16, b32, kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr, hq, hd, hs, ha.x, y)
     out = np.zeros((T, ex.n_embd), np.float32)
     np.add.at(out, tok_idx, wsort[:, None] * y)
     if ff.sh_gate is not None:

@@ -1,0 +1,327 @@
+"""The expert cache: whole expert bundles in anonymous memory, each miss one large read, for models larger
+than RAM. The kernels then read experts from the cache buffer instead of the file mapping.
+
+Measured here: page faults on a cold expert read 0.08-0.19 GB/s, one pread of the whole bundle 1.5-2.0 GB/s.
+Reads use O_DIRECT where the filesystem allows, so bundles do not also fill the page cache (which counts
+against a memory cgroup); a reader thread serves prefetches (the next layer's router run on the current
+hidden state) while the current layer computes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import LmcliError
+
+POLICIES = ("lru", "lfu")
+
+
+class MemoryBudgetError(LmcliError):
+    """The memory budget cannot hold what one token needs."""
+
+
+@dataclass
+class CacheStats:
+    """Counters per layer plus totals; cheap enough to stay on."""
+
+    n_layer: int
+    hits: np.ndarray = field(init=False)
+    misses: np.ndarray = field(init=False)
+    bytes_read: int = 0  # bytes read from the file by the cache (demand + prefetch)
+    prefetched: int = 0  # bundles read ahead of need
+    prefetch_used: int = 0  # of those, later used
+    wait_s: float = 0.0  # time the forward pass spent blocked on reads
+
+    def __post_init__(self):
+        self.hits = np.zeros(self.n_layer, np.int64)
+        self.misses = np.zeros(self.n_layer, np.int64)
+
+    def as_dict(self) -> dict:
+        tot = self.hits + self.misses
+        return {
+            "hit_rate": round(float(self.hits.sum() / max(tot.sum(), 1)), 4),
+            "hit_rate_per_layer": [round(float(h / t), 4) if t else None for h, t in zip(self.hits, tot)],
+            "bytes_read": self.bytes_read,
+            "prefetched": self.prefetched,
+            "prefetch_used": self.prefetch_used,
+            "io_wait_s": round(self.wait_s, 6),
+        }
+
+
+class Policy:
+    """Replacement policy over (layer, expert) keys: "lru", or "lfu" (least frequently used, ties by recency)."""
+
+    def __init__(self, kind: str):
+        if kind not in POLICIES:
+            raise LmcliError(f"unknown expert cache policy {kind!r} (known: {', '.join(POLICIES)})")
+        self.kind = kind
+        self.order: OrderedDict = OrderedDict()  # key -> None, least recent first
+        self.freq: dict = {}
+
+    def touch(self, key) -> None:
+        self.order.pop(key, None)
+        self.order[key] = None
+        self.freq[key] = self.freq.get(key, 0) + 1
+
+    def remove(self, key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, pinned: set):
+        if self.kind == "lru":
+            for key in self.order:
+                if key not in pinned:
+                    return key
+            return None
+        best, best_f = None, None
+        for key in self.order:  # least recent first, so the first minimum is the least recent among equals
+            if key in pinned:
+                continue
+            f = self.freq.get(key, 0)
+            if best_f is None or f < best_f:
+                best, best_f = key, f
+        return best
+
+
+def replay_hits(trace: list, capacity: int, kind: str) -> int:
+    """Offline replay of a routing trace [(layer, [experts...]) per token and layer] under a policy."""
+    pol = Policy(kind)
+    resident: set = set()
+    hits = 0
+    for layer, experts in trace:
+        pinned = {(layer, e) for e in experts}
+        for e in experts:
+            key = (layer, e)
+            if key in resident:
+                hits += 1
+            else:
+                if len(resident) >= capacity:
+                    v = pol.victim(pinned)
+                    resident.discard(v)
+                    pol.remove(v)
+                resident.add(key)
+            pol.touch(key)
+    return hits
+
+
+def belady_hits(trace: list, capacity: int) -> int:
+    """Belady's optimum (evict the key used furthest in the future): the upper bound for any policy."""
+    seq = [(layer, e) for layer, experts in trace for e in experts]
+    groups = [len(experts) for _, experts in trace]
+    nxt = [0] * len(seq)
+    last: dict = {}
+    for i in range(len(seq) - 1, -1, -1):
+        nxt[i] = last.get(seq[i], 1 << 60)
+        last[seq[i]] = i
+    resident: dict = {}  # key -> next use index
+    hits, i = 0, 0
+    for g in groups:
+        pinned = set(seq[i : i + g])
+        for j in range(i, i + g):
+            key = seq[j]
+            if key in resident:
+                hits += 1
+            elif len(resident) >= capacity:
+                v = max((k for k in resident if k not in pinned), key=lambda k: resident[k])
+                del resident[v]
+            resident[key] = nxt[j]
+        i += g
+    return hits
+
+
+class ExpertCache:
+    """Slots of `slot_size` bytes in one anonymous mapping; (layer, expert) -> slot."""
+
+    def __init__(self, path: str, layers: dict, capacity_bytes: int, top_k: int, policy: str = "lru",
+                 prefetch: bool = True):
+        # layers: layer index -> Experts (weights.Experts) of the MoE layers
+        self.path = path
+        self.layers = layers
+        self.slot_size = max(ex.stride for ex in layers.values())
+        self.n_slots = capacity_bytes // self.slot_size
+        need = 2 * top_k  # this layer's experts in use plus the next layer's in flight
+        if self.n_slots < need:
+            raise MemoryBudgetError(
+                f"an expert cache of {capacity_bytes >> 20} MiB holds {self.n_slots} expert bundles of "
+                f"{self.slot_size >> 20} MiB; one token needs at least {need} resident",
+                hint="raise --expert-cache-mib")
+        self._map = mmap.mmap(-1, self.n_slots * self.slot_size)  # anonymous, page aligned
+        self.buf8 = np.frombuffer(self._map, np.uint8)
+        self.buf16 = self.buf8.view(np.uint16)
+        self.buf32 = self.buf8.view(np.float32)
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            self.direct = bool(getattr(os, "O_DIRECT", 0))
+        except OSError:  # filesystems without O_DIRECT (tmpfs)
+            self.fd = os.open(path, os.O_RDONLY)
+            self.direct = False
+        self.slot_of: dict = {}
+        self.owner: list = [None] * self.n_slots
+        self.free = list(range(self.n_slots - 1, -1, -1))
+        self.policy = Policy(policy)
+        self.stats = CacheStats(max(layers) + 1)
+        self.pending: dict = {}  # key -> Future of an in-flight read
+        self.prefetched_keys: set = set()
+        self.in_use: set = set()  # the experts the current layer's kernels are reading
+        self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="lmcli-expert-io") if prefetch else None
+        # byte offsets of gate/up/down codes and scales inside a bundle (the same for every expert)
+        self.inner = {}
+        for li, ex in layers.items():
+            base0 = ex.base
+            self.inner[li] = {k: (int(c[0] - base0), int(s[0] - base0)) for k, (c, s) in ex.offsets.items()}
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def _read(self, key, slot: int) -> int:
+        layer, e = key
+        ex = self.layers[layer]
+        off = ex.base + e * ex.stride
+        view = memoryview(self._map)[slot * self.slot_size : slot * self.slot_size + ex.stride]
+        done = 0
+        while done < ex.stride:
+            try:
+                n = os.preadv(self.fd, [view[done:]], off + done)
+            except OSError as err:
+                if self.direct and err.errno == 22:  # EINVAL: O_DIRECT refused here; fall back for good
+                    os.close(self.fd)
+                    self.fd = os.open(self.path, os.O_RDONLY)
+                    self.direct = False
+                    continue
+                raise
+            if n <= 0:
+                raise LmcliError(f"short read of expert {e} in layer {layer}: the model file changed or is truncated")
+            done += n
+        if not self.direct:
+            os.posix_fadvise(self.fd, off, ex.stride, os.POSIX_FADV_DONTNEED)  # keep it out of the page cache
+        return ex.stride
+
+    def _claim(self, key, pinned: set) -> int:
+        """A slot for key (caller holds the lock): a free one, or the policy's victim's."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            victim = self.policy.victim(pinned | set(self.pending) | self.in_use)
+            if victim is None:
+                raise MemoryBudgetError("the expert cache is too small for the experts in flight",
+                                        hint="raise --expert-cache-mib")
+            slot = self.slot_of.pop(victim)
+            self.policy.remove(victim)
+            self.prefetched_keys.discard(victim)
+        self.slot_of[key] = slot
+        self.owner[slot] = key
+        return slot
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Start reading these experts of `layer` in the background (misses only)."""
+        if self._io is None or layer not in self.layers:
+            return
+        with self._lock:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self.slot_of or key in self.pending:
+                    continue
+                if not self.free and self.policy.victim(set(self.pending) | {key} | self.in_use) is None:
+                    return
+                slot = self._claim(key, {key})
+                self.pending[key] = self._io.submit(self._read, key, slot)
+                self.prefetched_keys.add(key)
+                self.stats.prefetched += 1
+
+    def fetch(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """Slots holding `experts` of `layer`, reading misses (one pread per bundle); returns slot ids."""
+        keys = [(layer, int(e)) for e in experts]
+        pinned = set(keys)
+        with self._lock:
+            self.in_use = pinned
+        waits: list[tuple[object, Future]] = []
+        slots = np.empty(len(keys), np.int64)
+        with self._lock:
+            for i, key in enumerate(keys):
+                if key in self.slot_of:
+                    fut = self.pending.get(key)
+                    if fut is not None:
+                        waits.append((key, fut))
+                    if key in self.prefetched_keys:
+                        self.stats.prefetch_used += 1
+                        self.prefetched_keys.discard(key)
+                    if fut is None or fut.done():
+                        self.stats.hits[layer] += 1  # resident, or prefetched in time
+                    else:
+                        self.stats.misses[layer] += 1  # read in flight: a miss whose read started early
+                else:
+                    self.stats.misses[layer] += 1
+                    slot = self._claim(key, pinned)
+                    waits.append((key, None))
+                slots[i] = self.slot_of[key]
+                self.policy.touch(key)
+        t = time.perf_counter()
+        for key, fut in waits:
+            if fut is None:
+                self.stats.bytes_read += self._read(key, self.slot_of[key])
+            else:
+                self.stats.bytes_read += fut.result()
+                with self._lock:
+                    self.pending.pop(key, None)
+        self.stats.wait_s += time.perf_counter() - t
+        return slots
+
+    def offsets(self, layer: int, experts: np.ndarray, slots: np.ndarray, n_expert: int) -> dict:
+        """Per-expert byte offsets into the cache buffer, indexed by expert id (valid for `experts` only)."""
+        out = {}
+        for k, (ci, si) in self.inner[layer].items():
+            c = np.zeros(n_expert, np.int64)
+            s = np.zeros(n_expert, np.int64)
+            c[experts] = slots * self.slot_size + ci
+            s[experts] = slots * self.slot_size + si
+            out[k] = (c, s)
+        return out
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+        os.close(self.fd)
+
+
+def memory_available() -> int:
+    """Bytes this process may still use: MemAvailable, capped by the memory cgroup's remaining limit."""
+    avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit_f, usage_f = _own_cgroup(limit_f), _own_cgroup(usage_f)
+        try:
+            raw = open(limit_f).read().strip()
+            if raw != "max" and int(raw) < (1 << 60):
+                used = int(open(usage_f).read().strip())
+                avail = min(avail or 1 << 62, max(int(raw) - used, 0))
+        except (OSError, ValueError):
+            continue
+    return avail
+
+
+def _own_cgroup(path: str) -> str:
+    """Resolve a cgroup file to this process's own cgroup directory (v1 memory controller or v2)."""
+    try:
+        for line in open("/proc/self/cgroup"):
+            hid, ctrls, rel = line.strip().split(":", 2)
+            if "/memory/" in path and "memory" in ctrls.split(","):
+                return path.replace("/sys/fs/cgroup/memory/", f"/sys/fs/cgroup/memory{rel}/".replace("//", "/"))
+            if "/memory/" not in path and hid == "0":
+                return path.replace("/sys/fs/cgroup/", f"/sys/fs/cgroup{rel}/".replace("//", "/"))
+    except OSError:
+        pass
+    return path

@@ -1,0 +1,121 @@
+"""Models larger than RAM: the expert cache under a real memory cgroup, and its policy against offline bounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmcli.engine.expert_cache import belady_hits, replay_hits
+from quant.synthetic import write_synthetic_moe
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def _trace(seed=0, n_tok=200, n_layer=4, n_expert=16, k=2, skew=1.2):
+    """A routing trace with the skew real routers show (a few experts popular per layer)."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n_expert + 1) ** skew
+    p /= p.sum()
+    perms = [rng.permutation(n_expert) for _ in range(n_layer)]
+    out = []
+    for _ in range(n_tok):
+        for layer in range(n_layer):
+            out.append((layer, [int(perms[layer][e]) for e in rng.choice(n_expert, k, replace=False, p=p)]))
+    return out
+
+
+@pytest.mark.parametrize("capacity", [8, 16, 32])
+def test_policies_lie_between_zero_and_beladys_optimum(capacity):
+    trace = _trace()
+    opt = belady_hits(trace, capacity)
+    for kind in ("lru", "lfu"):
+        h = replay_hits(trace, capacity, kind)
+        assert 0 <= h <= opt
+    # on skewed routing, frequency beats recency
+    assert replay_hits(trace, capacity, "lfu") >= replay_hits(trace, capacity, "lru")
+
+
+def test_the_live_cache_counts_the_same_hits_as_the_offline_lru_replay(tmp_path):
+    import lmcli
+
+    p = tmp_path / "m.lmc"
+    write_synthetic_moe(p, n_layer=3, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    m = lmcli.load(str(p), expert_cache_mib=3, prefetch=False)
+    ec = m.transformer.expert_cache
+    m.transformer.stats.trace = []
+    list(m.generate(m.tokenize("the quick brown fox"), max_tokens=12, temp=0.0, ignore_eos=True))
+    # per forward call and layer, the distinct experts the cache fetched, in order
+    trace = [(layer, sorted(set(ids.reshape(-1).tolist()))) for _, layer, ids, _ in m.transformer.stats.trace]
+    assert int(ec.stats.hits.sum()) == replay_hits(trace, ec.n_slots, "lru")
+    assert int(ec.stats.hits.sum() + ec.stats.misses.sum()) == sum(len(e) for _, e in trace)
+
+
+def test_a_budget_too_small_for_one_token_is_a_clear_error_before_running(tmp_path):
+    import lmcli
+    from lmcli.engine.expert_cache import MemoryBudgetError
+
+    p = tmp_path / "m.lmc"
+    write_synthetic_moe(p, n_layer=2, n_embd=256, n_ff_exp=1024, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    with pytest.raises(MemoryBudgetError, match="expert-cache-mib|bundles"):
+        lmcli.load(str(p), expert_cache_mib=1)
+
+
+def _cgroup_ok() -> bool:
+    return os.geteuid() == 0 and (CGROUP_V1 / "memory.limit_in_bytes").exists()
+
+
+@pytest.mark.skipif(not _cgroup_ok(), reason="needs root and the cgroup v1 memory controller (the CI machine has both)")
+def test_a_model_2_5x_larger_than_its_memory_cgroup_generates_the_same_tokens(tmp_path):
+    model = tmp_path / "big.lmc"
+    # 16 layers x 16 experts x 4.9 MB bundles: 1.26 GB of experts, small dense part
+    write_synthetic_moe(model, n_layer=16, n_embd=1024, n_ff_exp=2816, n_expert=16, n_expert_used=2, n_head=8,
+                        n_head_kv=2, vocab=1024)
+    size = model.stat().st_size
+    limit = int(size / 2.6)
+    env = dict(os.environ, LMCLI_HOME=str(tmp_path / "home"), NUMBA_NUM_THREADS="2")
+    args = [sys.executable, "-m", "lmcli.cli", "run", str(model), "hello world", "--raw", "-n", "12", "--temp", "0",
+            "--ignore-eos", "--json"]
+    free = subprocess.run(args + ["--expert-cache-mib", "0"], capture_output=True, text=True, env=env, timeout=600)
+    assert free.returncode == 0, free.stderr
+    ref = json.loads(free.stdout)
+
+    cg = CGROUP_V1 / f"lmcli-test-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+        try:
+            (cg / "memory.memsw.limit_in_bytes").write_text(str(limit))  # no swap escape, where accounted
+        except OSError:
+            pass
+        # drop the file from the page cache so the capped run really reads it from disk
+        fd = os.open(model, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        wrapped = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"] + args  # automatic cache
+        capped = subprocess.run(wrapped, capture_output=True, text=True, env=env, timeout=900)
+        peak = int((cg / "memory.max_usage_in_bytes").read_text())
+        failcnt = int((cg / "memory.failcnt").read_text())
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)
+    assert capped.returncode == 0, f"killed or failed under a {limit >> 20} MiB cap: {capped.stderr[-500:]}"
+    got = json.loads(capped.stdout)
+    assert got["tokens"] == ref["tokens"]
+    assert "expert_cache" in got and got["expert_cache"]["bytes_read"] > 0
+    assert peak <= limit
+    print(f"file {size >> 20} MiB, cap {limit >> 20} MiB, peak {peak >> 20} MiB, failcnt {failcnt}, "
+          f"decode {got['decode_tokens_per_s']} tok/s, disk/token {got['disk_bytes_per_token'] >> 20} MiB, "
+          f"hit rate {got['expert_cache']['hit_rate']}")
