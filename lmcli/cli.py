@@ -255,6 +255,30 @@ def plan(
             typer.echo(f"{k}: {v}")
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="model name or path"),
+    prompt_tokens: int = typer.Option(128, "-p", help="prompt length for prefill"),
+    gen_tokens: int = typer.Option(64, "-n", help="tokens to decode"),
+    threads: str = typer.Option("1,2", "-t", "--threads", help="comma-separated thread counts to sweep"),
+    reps: int = typer.Option(3, "-r", "--reps", help="repetitions (medians are reported)"),
+    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Measure prefill and decode tokens/s against the machine's read bandwidth, per phase and thread count."""
+    from .bench import format_bench, run_bench
+
+    try:
+        ths = [int(t) for t in threads.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--threads must be comma-separated integers, got {threads!r}") from None
+    if not ths or min(ths) < 1 or prompt_tokens < 1 or gen_tokens < 1 or reps < 1:
+        raise UsageError("-p, -n, -r and every --threads value must be at least 1")
+    r = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=ths, reps=reps,
+                  expert_cache_mib=expert_cache_mib)
+    typer.echo(json.dumps(r) if as_json else format_bench(r))
+
+
 @app.command("import")
 def import_cmd(
     file: Path = typer.Argument(..., help="a .gguf file"),

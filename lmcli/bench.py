@@ -1,0 +1,137 @@
+"""`lmcli bench`: prefill and decode speed, bytes read per token against the measured read bandwidth
+(the roofline), time per phase, and a thread sweep. Figures are medians of repetitions."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+
+
+def measure_read_bandwidth(threads: int, mib: int = 512, reps: int = 3) -> float:
+    """GB/s of reading `mib` MiB (beyond any cache) split across `threads` numpy reductions (GIL released)."""
+    a = np.ones(mib << 18, np.float32)
+    parts = np.array_split(a, threads)
+    out = []
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(np.sum, parts))
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(ex.map(np.sum, parts))
+            out.append(a.nbytes / (time.perf_counter() - t) / 1e9)
+    return statistics.median(out)
+
+
+@contextmanager
+def phase_timer(acc: dict):
+    """Time the engine's phases by wrapping its kernels' entry points for the duration (bench only)."""
+    from quant import kernels
+
+    from .engine import moe, ops, weights
+
+    def wrap(obj, name, phase):
+        fn = getattr(obj, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[phase] = acc.get(phase, 0.0) + time.perf_counter() - t
+
+        setattr(obj, name, timed)
+        return obj, name, fn
+
+    saved = [wrap(weights.Linear, "__call__", "matrix kernels"), wrap(ops, "attention", "attention"),
+             wrap(moe, "route", "routing"), wrap(kernels, "moe_gate_up", "expert kernels"),
+             wrap(kernels, "moe_down", "expert kernels")]
+    try:
+        yield acc
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
+def run_bench(model_name: str, *, prompt_tokens: int = 128, gen_tokens: int = 64, threads=(1, 2), reps: int = 3,
+              **load_kw) -> dict:
+    from .api import load, set_threads
+    from .sampling import Sampler, SamplerParams
+
+    m = load(model_name, n_ctx=prompt_tokens + gen_tokens + 8, **load_kw)
+    tr = m.transformer
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(0, m.config.vocab_size, prompt_tokens)]
+    sampler = Sampler(SamplerParams(temp=0.0))
+    dense = tr.weights.nbytes_dense
+    res = {"model": model_name, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "reps": reps,
+           "file_bytes": m.container.file_size, "threads": {}}
+    for th in threads:
+        set_threads(th)
+        bw = measure_read_bandwidth(th)
+        pre, dec, ebytes, samp = [], [], [], []
+        for r in range(reps + 1):  # the first repetition warms up (kernel specialisations, page cache)
+            cache = tr.new_cache()
+            t = time.perf_counter()
+            logits = tr.forward(prompt, cache)[-1]
+            p_s = time.perf_counter() - t
+            b0 = tr.stats.expert_bytes
+            s_t = 0.0
+            t = time.perf_counter()
+            for _ in range(gen_tokens):
+                ts = time.perf_counter()
+                tok = sampler(logits)
+                s_t += time.perf_counter() - ts
+                logits = tr.forward([tok], cache)[-1]
+            d_s = time.perf_counter() - t
+            if r:
+                pre.append(prompt_tokens / p_s)
+                dec.append(gen_tokens / d_s)
+                ebytes.append((tr.stats.expert_bytes - b0) / gen_tokens)
+                samp.append(s_t / gen_tokens)
+        per_tok = dense + statistics.median(ebytes)
+        acc: dict = {}
+        cache = tr.new_cache()
+        tr.forward(prompt[:8], cache)
+        with phase_timer(acc):
+            t = time.perf_counter()
+            tok = 0
+            for _ in range(gen_tokens):
+                tok = int(np.argmax(tr.forward([tok], cache)[-1]))
+            total = time.perf_counter() - t
+        phases = {k: round(v / gen_tokens * 1e3, 4) for k, v in acc.items()}
+        phases["sampling"] = round(statistics.median(samp) * 1e3, 4)
+        phases["python and other"] = round(max(total / gen_tokens * 1e3 - sum(acc.values()) / gen_tokens * 1e3, 0), 4)
+        dmed = statistics.median(dec)
+        res["threads"][th] = {
+            "prefill_tokens_per_s": _mmm(pre),
+            "decode_tokens_per_s": _mmm(dec),
+            "bytes_per_token": int(per_tok),
+            "effective_gb_per_s": round(per_tok * dmed / 1e9, 3),
+            "read_bandwidth_gb_per_s": round(bw, 3),
+            "roofline_fraction": round(per_tok * dmed / 1e9 / bw, 4),
+            "decode_ms_per_phase": phases,
+        }
+    return res
+
+
+def _mmm(xs: list[float]) -> dict:
+    return {"median": round(statistics.median(xs), 3), "min": round(min(xs), 3), "max": round(max(xs), 3)}
+
+
+def format_bench(r: dict) -> str:
+    lines = [f"{r['model']}: {r['file_bytes'] / 1e9:.2f} GB, prompt {r['prompt_tokens']} tokens, "
+             f"{r['gen_tokens']} generated, {r['reps']} repetitions (median [min-max])"]
+    for th, x in r["threads"].items():
+        p, d = x["prefill_tokens_per_s"], x["decode_tokens_per_s"]
+        lines += [
+            f"  threads {th}",
+            f"    prefill   {p['median']:9.1f} tok/s  [{p['min']:.1f}-{p['max']:.1f}]",
+            f"    decode    {d['median']:9.1f} tok/s  [{d['min']:.1f}-{d['max']:.1f}]",
+            f"    read/token {x['bytes_per_token'] / 1e6:8.1f} MB -> {x['effective_gb_per_s']:.1f} GB/s of "
+            f"{x['read_bandwidth_gb_per_s']:.1f} GB/s measured ({x['roofline_fraction']:.0%} of the roofline)",
+            "    decode ms/token by phase: " + ", ".join(f"{k} {v:.3f}" for k, v in x["decode_ms_per_phase"].items()),
+        ]
+    return "\n".join(lines)
