@@ -1,0 +1,902 @@
+"""An OpenAI-compatible HTTP server (Starlette + uvicorn): one model in memory, one generation at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as _dt
+import hmac
+import ipaddress
+import json
+import math
+import queue
+import re
+import secrets
+import socket
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .errors import ContextOverflow, LmcliError, ModelNotFound, TemplateError, UsageError
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+ROLES = ("system", "user", "assistant", "tool")  # "developer" (OpenAI's newer name) is read as "system"
+MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_STOP_LEN = 256
+MAX_TOKENS_LIMIT = 1 << 20  # the largest context lmcli.api accepts
+RETRY_AFTER_S = 2
+RECENT_REQUESTS = 256  # per-request counters kept in app.state.stats
+# Request fields lmcli cannot honour: refused rather than silently ignored.
+UNSUPPORTED = ("tools", "functions", "logit_bias", "top_logprobs", "suffix", "response_format")
+
+
+# --- errors in OpenAI's shape ---------------------------------------------------------------
+
+class ApiError(LmcliError):
+    """An error for an HTTP client: status code and OpenAI's {message, type, param, code}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _show(v: Any) -> str:
+    """A client's value for an error message, short (never echo a megabyte back)."""
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+# --- request parsing: JSON body -> plain data, every field validated ------------------------------
+
+@dataclass(frozen=True)
+class GenRequest:
+    """A validated completion request (chat: messages; text: prompt)."""
+
+    kind: str  # "chat" or "text"
+    model: str | None
+    messages: list[dict] | None
+    prompt: str | None
+    max_tokens: int | None  # None: as many as the context leaves after the prompt
+    stop: list[str]
+    sampling: dict  # SamplerParams fields the request set
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool  # an extension llama.cpp's and vLLM's servers share
+
+
+def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and (lo < v if lo_open else lo <= v) and v <= hi)
+    if not ok:
+        raise _bad(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {_show(v)}", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _bad(f"{name} must be an integer in [{lo}, {hi}], got {_show(v)}", name)
+    return v
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _bad(f"{name} must be true or false, got {_show(v)}", name)
+    return v
+
+
+def _content(v: Any, where: str) -> str:
+    """Message content: a string, null, or a list of text parts (images and audio are refused)."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        texts = []
+        for part in v:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"{where}: only text content parts are supported", where)
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise _bad(f"{where} must be a string or a list of text parts", where)
+
+
+def _messages(v: Any) -> list[dict]:
+    if not isinstance(v, list) or not v:
+        raise _bad("messages must be a non-empty array", "messages")
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ROLES:
+            raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_show(m.get('role'))}",
+                       f"messages[{i}].role")
+        out.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def _stop(v: Any) -> list[str]:
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) for s in stops) \
+            or any(len(s) > MAX_STOP_LEN for s in stops):
+        raise _bad(f"stop must be a string or a list of at most {MAX_STOP} strings of at most {MAX_STOP_LEN} "
+                   "characters", "stop")
+    return [s for s in stops if s]
+
+
+def parse_request(body: dict, kind: str) -> GenRequest:
+    """Validate a /v1/chat/completions (kind "chat") or /v1/completions ("text") body; ApiError 400 if wrong."""
+    for name in UNSUPPORTED:
+        v = body.get(name)
+        if v not in (None, [], {}, "") and not (name == "response_format" and isinstance(v, dict)
+                                                 and v.get("type") == "text"):
+            raise _bad(f"{name} is not supported by this server", name)
+    if body.get("logprobs") not in (None, False, 0):
+        raise _bad("logprobs are not supported by this server", "logprobs")
+    if body.get("echo") not in (None, False):
+        raise _bad("echo is not supported by this server", "echo")
+    for name in ("n", "best_of"):
+        if _integer(body, name, 1, 1 << 20) not in (None, 1):
+            raise _bad(f"{name} must be 1 (one choice per request)", name)
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, -2.0, 2.0) not in (None, 0.0):
+            raise _bad(f"{name} is not supported (use repeat_penalty)", name)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model must be a string", "model")
+    messages = prompt = None
+    if kind == "chat":
+        messages = _messages(body.get("messages"))
+    else:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1:
+            p = p[0]
+        if not isinstance(p, str) or not p:
+            raise _bad("prompt must be a non-empty string", "prompt")
+        prompt = p
+    max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
+    mct = _integer(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
+    if mct is not None:
+        max_tokens = mct
+    sampling = {
+        "temp": _number(body, "temperature", 0.0, 2.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0, lo_open=True),
+        "min_p": _number(body, "min_p", 0.0, 1.0),
+        "repeat_penalty": _number(body, "repeat_penalty", 0.0, 10.0, lo_open=True),
+        "top_k": _integer(body, "top_k", 0, MAX_TOKENS_LIMIT),
+        "seed": _integer(body, "seed", 0, 2**64 - 1),
+    }
+    stream = _flag(body, "stream")
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    include_usage = _flag(so or {}, "include_usage")
+    if include_usage and not stream:
+        raise _bad("stream_options is only allowed when stream is true", "stream_options")
+    # chat_template (and chat_template_kwargs) in a request are ignored: templates come only from the model.
+    return GenRequest(kind=kind, model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
+                      stop=_stop(body.get("stop")), sampling={k: v for k, v in sampling.items() if v is not None},
+                      stream=stream, include_usage=include_usage, ignore_eos=_flag(body, "ignore_eos"))
+
+
+# --- responses in OpenAI's shape ------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
+    """A whole (non-streamed) chat.completion or text_completion object."""
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [choice], "usage": use}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": use}
+
+
+def chunk_body(kind: str, rid: str, created: int, model: str, *, delta: dict | None = None, text: str = "",
+               finish: str | None = None, use: dict | None = None, usage_slot: bool = False) -> dict:
+    """One streamed chunk; with use (and no delta) the final usage chunk, whose choices are empty."""
+    obj = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+           "created": created, "model": model}
+    if use is not None:
+        obj["choices"] = []
+    elif kind == "chat":
+        obj["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+    else:
+        obj["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+    if use is not None or usage_slot:
+        obj["usage"] = use
+    return obj
+
+
+def sse(obj: dict | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+# --- the worker: one thread loads models and runs generations, one at a time ----------------------
+
+@dataclass
+class RequestStat:
+    """What one request did; the worker updates tokens after every token, so a test can watch it."""
+
+    id: str
+    kind: str
+    model: str
+    prompt_tokens: int = 0
+    tokens: int = 0  # completion tokens generated so far
+    finish_reason: str | None = None  # stop | length | cancelled (the client went away) | error | rejected
+    done: bool = False  # the worker is finished with it
+
+
+@dataclass
+class Stats:
+    """Server counters (app.state.stats): queue depth and the most recent requests by id."""
+
+    waiting: int = 0  # admitted, not started
+    running: int = 0  # 0 or 1
+    rejected: int = 0  # answered 503
+    tokens: int = 0  # completion tokens generated since start
+    requests: OrderedDict = field(default_factory=OrderedDict)  # id -> RequestStat
+
+    def new(self, kind: str, model: str) -> RequestStat:
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        st = self.requests[rid] = RequestStat(rid, kind, model)
+        while len(self.requests) > RECENT_REQUESTS:
+            self.requests.popitem(last=False)
+        return st
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model as clients name it (id) and what the worker loads (spec: a store path, a name or a path)."""
+
+    id: str
+    spec: str
+
+
+@dataclass
+class Job:
+    req: GenRequest
+    target: Target
+    stat: RequestStat
+    cancel: threading.Event
+    emit: Callable[[tuple], None]  # thread-safe: hands an item to the request's event loop
+
+
+class Engine:
+    """The single worker thread: Numba's thread count is per thread and the engine is not thread-safe."""
+
+    def __init__(self, stats: Stats, *, queue_size: int, n_ctx: int | None, threads: int | None,
+                 load: Callable[..., Any], log: Callable[[str], None]):
+        self.stats, self.queue_size, self.n_ctx, self.threads = stats, queue_size, n_ctx, threads
+        self._load, self._log = load, log
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._active: set[threading.Event] = set()
+        self.model = None
+        self.model_id: str | None = None
+
+    def submit(self, fn: Callable[[], None], cancel: threading.Event | None = None, *, force: bool = False) -> bool:
+        """Queue fn for the worker; False (and nothing queued) when queue_size jobs already wait."""
+        with self._lock:
+            if not force and self.stats.waiting + self.stats.running > self.queue_size:
+                return False  # one running and queue_size waiting already
+            self.stats.waiting += 1
+            if cancel is not None:
+                self._active.add(cancel)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="lmcli-engine", daemon=True)
+                self._thread.start()
+        self._jobs.put((fn, cancel))
+        return True
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the worker thread and return its result (or raise its error); used to preload."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the caller's thread
+                fut.set_exception(e)
+        self.submit(run, force=True)
+        return fut.result()
+
+    def close(self) -> None:
+        """Cancel every queued and running generation and stop the thread."""
+        with self._lock:
+            for ev in self._active:
+                ev.set()
+        if self._thread is not None:
+            self._jobs.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            fn, cancel = item
+            with self._lock:
+                self.stats.waiting -= 1
+                self.stats.running = 1
+            try:
+                fn()
+            except BaseException:  # fn reports its own errors; never let the worker die
+                self._log("lmcli: worker error: " + traceback.format_exc().strip().replace("\n", " | "))
+            finally:
+                with self._lock:
+                    self.stats.running = 0
+                    self._active.discard(cancel)
+
+    def get_model(self, target: Target):
+        """The model for target, loading it (and dropping the previous one first) when it is another."""
+        if self.model_id != target.id:
+            self.model, self.model_id = None, None  # one model in memory: release the old mapping first
+            t0 = time.perf_counter()
+            self.model = self._load(target.spec, n_ctx=self.n_ctx, threads=self.threads)
+            self.model_id = target.id
+            self._log(f"lmcli: loaded {target.id} in {time.perf_counter() - t0:.1f} s (context {self.model.n_ctx})")
+        return self.model
+
+    def run(self, job: Job) -> None:
+        """Generate for job, emitting ("start", n_prompt), ("text", piece)..., ("end", finish, n_prompt, n_out)."""
+        st = job.stat
+        try:
+            if job.cancel.is_set():
+                st.finish_reason = "cancelled"
+                return
+            model = self.get_model(job.target)
+            req = job.req
+            ids = model.chat_ids(req.messages) if req.kind == "chat" else model.tokenize(req.prompt)
+            param = "messages" if req.kind == "chat" else "prompt"
+            n_ctx = model.n_ctx
+            if not ids:
+                raise _bad("the prompt is empty", param)
+            if len(ids) >= n_ctx:
+                raise _bad(f"the prompt has {len(ids)} tokens; this model's context holds {n_ctx}, "
+                           "with room for at least one generated token", param, "context_length_exceeded")
+            if req.max_tokens is not None and req.max_tokens > n_ctx:
+                raise _bad(f"max_tokens must be at most the context size {n_ctx}, got {req.max_tokens}", "max_tokens")
+            limit = min(req.max_tokens or n_ctx, n_ctx - len(ids))  # capped by the context left after the prompt
+            params = _sampler(job.target.id, req.sampling)
+            st.prompt_tokens = len(ids)
+            job.emit(("start", len(ids)))
+            events = model.generate(ids, max_tokens=limit, stop=req.stop, sampler=params, ignore_eos=req.ignore_eos)
+            try:
+                for ev in events:
+                    if job.cancel.is_set():  # checked between tokens: the client went away
+                        st.finish_reason = "cancelled"
+                        break
+                    if ev.finish_reason is not None:
+                        self.stats.tokens += ev.timings.completion_tokens - st.tokens
+                        st.tokens = ev.timings.completion_tokens
+                        st.finish_reason = ev.finish_reason
+                        job.emit(("end", ev.finish_reason, len(ids), st.tokens))
+                        break
+                    if ev.token is not None:
+                        st.tokens += 1
+                        self.stats.tokens += 1
+                    if ev.text:
+                        job.emit(("text", ev.text))
+            finally:
+                events.close()
+        except ApiError as e:
+            st.finish_reason = "error"
+            job.emit(("error", e))
+        except ModelNotFound:
+            st.finish_reason = "error"
+            job.emit(("error", _not_found(job.target.id)))
+        except (TemplateError, UsageError, ContextOverflow) as e:
+            st.finish_reason = "error"
+            job.emit(("error", _bad(str(e))))
+        except Exception as e:  # a bug or a broken model file: details go to the log, never to the client
+            st.finish_reason = "error"
+            self._log(f"lmcli: error in {st.id} ({job.target.id}): {type(e).__name__}: {e}")
+            job.emit(("error", ApiError(500, "the server failed to complete the request (see its log)",
+                                        type="server_error")))
+        finally:
+            st.done = True
+
+
+def _sampler(model_id: str, sampling: dict):
+    """The request's sampling fields over the registry's defaults for the model over SamplerParams' own."""
+    from .registry import load_registry
+    from .sampling import SamplerParams
+
+    entry = load_registry().get(model_id)
+    defaults = dict(entry.defaults or {}) if entry is not None else {}
+    return SamplerParams(**{**defaults, **sampling}).validate()
+
+
+def _not_found(name: str | None) -> ApiError:
+    return ApiError(404, f"The model {_show(name)} does not exist" if name else "The model does not exist",
+                    param="model", code="model_not_found")
+
+
+# --- models: ids clients see, never a path -------------------------------------------------------
+
+def _is_name(s: str) -> bool:
+    from .registry import NAME_RE
+
+    return bool(NAME_RE.match(s)) and ".." not in s and not s.endswith((".gguf", ".lmc"))
+
+
+def model_id(spec: str) -> str:
+    """The id clients see for a model given by name or path (a path's stem: a path reveals the file system)."""
+    if _is_name(spec):
+        return spec
+    p = Path(spec)
+    stem = p.parent.name if p.name == "model.lmc" else p.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")[:64] or "model"
+
+
+def store_models() -> list[dict]:
+    """(id, created) of the models in the store."""
+    from .store import list_models
+
+    out = []
+    for m in list_models():
+        try:
+            created = int(_dt.datetime.fromisoformat(m.get("created", "")).timestamp())
+        except (TypeError, ValueError):
+            created = 0
+        out.append({"id": m["name"], "created": created})
+    return out
+
+
+def _target(requested: str | None, default: Target | None) -> Target:
+    """The model a request names: the default, a store entry or a packaged registry model; else 404."""
+    from .registry import load_registry
+    from .store import CONTAINER, MANIFEST, models_dir
+
+    if not requested:
+        if default is None:
+            raise _bad("you must provide a model parameter (the server has no default model)", "model")
+        return default
+    if default is not None and requested == default.id:
+        return default
+    if not _is_name(requested):
+        raise _not_found(None)
+    d = models_dir() / requested
+    if (d / MANIFEST).is_file() and (d / CONTAINER).is_file():
+        return Target(requested, str(d / CONTAINER))
+    entry = load_registry().get(requested)
+    if entry is not None and entry.packaged:
+        return Target(requested, requested)  # lmcli.load imports the packaged GGUF on first use
+    raise _not_found(requested)
+
+
+# --- HTTP plumbing: guards, body, log ---------------------------------------------------------------
+
+def _host_name(value: str) -> str | None:
+    """The host part of a Host header, lowercased ("[::1]" keeps its brackets); None if malformed."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        name, rest = (v[: end + 1], v[end + 1:]) if end > 0 else (v, "")
+    else:
+        name, sep, port = v.partition(":")
+        rest = sep + port
+    if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+        return None
+    return name or None
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class HostGuard:
+    """403 unless the Host header names a loopback host or an allowed one (a DNS-rebinding defence)."""
+
+    def __init__(self, app, allowed: frozenset[str] | None):
+        self.app, self.allowed = app, allowed  # allowed None: any host (a wildcard bind behind a key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.allowed is not None:
+            host = _host_name(_header(scope, b"host") or "")
+            if host not in self.allowed:
+                err = ApiError(403, "this Host is not allowed", type="permission_error", code="forbidden_host")
+                return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class KeyGuard:
+    """401 unless Authorization is "Bearer KEY" (compared in constant time); /health stays open."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            auth = (_header(scope, b"authorization") or "").encode("latin-1")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                msg = "Incorrect API key provided" if auth else "no API key given (send Authorization: Bearer KEY)"
+                err = ApiError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request: method, path, status, tokens, duration (uvicorn's own access log is off)."""
+
+    def __init__(self, app, log: Callable[[str], None]):
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [None]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            st = scope.get("lmcli.stat")
+            path = "".join(c if c.isprintable() and c != " " else "?" for c in scope["path"])[:200]
+            self.log(f"{scope['method']} {path} {status[0] or 500} {st.tokens if st else 0} tokens "
+                     f"{(time.perf_counter() - t0) * 1000:.0f} ms")
+
+
+async def read_json(request: Request, max_body: int) -> dict:
+    """The request's JSON object, read at most max_body bytes (413 beyond, by Content-Length or streamed)."""
+    too_big = ApiError(413, f"the request body is larger than {max_body} bytes", code="request_too_large",
+                       headers={"Connection": "close"})
+    cl = request.headers.get("content-length")
+    if cl is not None:
+        if not cl.strip().isdigit():
+            raise _bad("Content-Length is not a number")
+        if int(cl) > max_body:
+            raise too_big
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > max_body:
+            raise too_big
+    try:
+        body = json.loads(bytes(buf))
+    except (ValueError, RecursionError):
+        raise _bad("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    return body
+
+
+class _Gone(Exception):
+    """The client disconnected."""
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_item(q: asyncio.Queue, watcher: asyncio.Future) -> tuple:
+    getter = asyncio.ensure_future(q.get())
+    done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    raise _Gone()
+
+
+# --- the app -----------------------------------------------------------------------------------------
+
+class Api:
+    """The endpoints; state lives here and in app.state (stats, engine)."""
+
+    def __init__(self, default: Target | None, engine: Engine, stats: Stats, max_body: int):
+        self.default, self.engine, self.stats, self.max_body = default, engine, stats, max_body
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.engine.model_id, "waiting": self.stats.waiting,
+                             "running": self.stats.running})
+
+    def _models(self) -> list[dict]:
+        rows = {m["id"]: m for m in store_models()}
+        if self.default is not None:
+            rows.setdefault(self.default.id, {"id": self.default.id, "created": 0})
+        return [{"id": m["id"], "object": "model", "created": m["created"], "owned_by": "lmcli"}
+                for m in sorted(rows.values(), key=lambda m: m["id"])]
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": self._models()})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        for m in self._models():
+            if m["id"] == name:
+                return JSONResponse(m)
+        raise _not_found(name if _is_name(name) else None)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._complete(request, "chat")
+
+    async def text(self, request: Request) -> Response:
+        return await self._complete(request, "text")
+
+    async def _complete(self, request: Request, kind: str) -> Response:
+        req = parse_request(await read_json(request, self.max_body), kind)
+        target = _target(req.model, self.default)
+        st = self.stats.new(kind, target.id)
+        request.scope["lmcli.stat"] = st
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: tuple) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: the server stopped
+                cancel.set()
+        job = Job(req, target, st, cancel, emit)
+        if not self.engine.submit(partial(self.engine.run, job), cancel):
+            self.stats.rejected += 1
+            st.finish_reason, st.done = "rejected", True
+            raise ApiError(503, "the server is busy: too many requests are waiting; retry later",
+                           type="server_error", code="server_overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+        streaming = False
+        try:
+            item = await _next_item(q, watcher)
+            if item[0] == "error":
+                raise item[1]
+            created = int(time.time())
+            if req.stream:
+                streaming = True
+                watcher.cancel()  # from here StreamingResponse watches for the disconnect
+                return EventStream(self._events(q, job, created), cancel)
+            pieces = []
+            while True:
+                item = await _next_item(q, watcher)
+                if item[0] == "error":
+                    raise item[1]
+                if item[0] == "text":
+                    pieces.append(item[1])
+                elif item[0] == "end":
+                    _, finish, n_prompt, n_out = item
+                    return JSONResponse(completion_body(kind, st.id, created, target.id, "".join(pieces), finish,
+                                                        usage(n_prompt, n_out)))
+        except _Gone:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        finally:
+            watcher.cancel()
+            if not streaming:
+                cancel.set()
+
+    async def _events(self, q: asyncio.Queue, job: Job, created: int):
+        """Server-sent events for a streamed completion; leaving early (a disconnect) cancels the generation."""
+        kind, st, mid, inc = job.req.kind, job.stat, job.target.id, job.req.include_usage
+        chunk = partial(chunk_body, kind, st.id, created, mid, usage_slot=inc)
+        try:
+            if kind == "chat":
+                yield sse(chunk(delta={"role": "assistant", "content": ""}))
+            while True:
+                item = await q.get()
+                if item[0] == "text":
+                    yield sse(chunk(delta={"content": item[1]}, text=item[1]))
+                elif item[0] == "end":
+                    _, finish, n_prompt, n_out = item
+                    yield sse(chunk(delta={}, finish=finish))
+                    if inc:
+                        yield sse(chunk_body(kind, st.id, created, mid, use=usage(n_prompt, n_out)))
+                    yield sse("[DONE]")
+                    return
+                elif item[0] == "error":
+                    yield sse(item[1].body())
+                    return
+        finally:
+            job.cancel.set()
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream response that cancels its generation however it ends (even before it starts)."""
+
+    def __init__(self, content, cancel: threading.Event):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.cancel = cancel
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel.set()
+
+
+def _endpoint(fn):
+    """Wrap an endpoint: ApiError -> its response; anything else -> a 500 without a traceback."""
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except ApiError as e:
+            return e.response()
+        except ClientDisconnect:  # gone while sending its body
+            return Response(status_code=499)
+        except Exception as e:
+            request.app.state.log(f"lmcli: internal error on {request.url.path}: {type(e).__name__}: {e}")
+            return ApiError(500, "internal server error (see the server log)", type="server_error").response()
+    return wrapped
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    msg = {404: "no such endpoint", 405: "method not allowed"}.get(exc.status_code, "request failed")
+    return ApiError(exc.status_code, msg, headers=exc.headers).response()
+
+
+async def _crash(request: Request, exc: Exception) -> Response:
+    return ApiError(500, "internal server error", type="server_error").response()
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def _check_options(api_key: str | None, cors_origin: str | None, max_body: int, queue_size: int) -> None:
+    if api_key is not None and (not api_key or not all(33 <= ord(c) < 127 for c in api_key)):
+        raise UsageError("--api-key must be non-empty printable ASCII without spaces")
+    if cors_origin is not None:
+        if cors_origin == "*":
+            if api_key is None:
+                raise UsageError("--cors-origin '*' lets any web page use the server",
+                                 hint="name one origin (e.g. http://localhost:5173), or also set --api-key")
+        elif not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?",
+                              cors_origin):
+            raise UsageError(f"--cors-origin must be an origin like http://localhost:5173, got {_show(cors_origin)}")
+    for name, v, lo in (("max_body", max_body, 1), ("queue_size", queue_size, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise UsageError(f"{name} must be an integer of at least {lo}, got {_show(v)}")
+
+
+def create_app(default_model: str | None, *, api_key: str | None = None, cors_origin: str | None = None,
+               max_body: int = 1 << 20, queue_size: int = 8, n_ctx: int | None = None, threads: int | None = None,
+               log: Callable[[str], None] = print, host: str = "127.0.0.1") -> Starlette:
+    """The Starlette app; host is the address it is bound to (allowed in Host when not loopback, with a key)."""
+    from .api import load
+
+    _check_options(api_key, cors_origin, max_body, queue_size)
+    stats = Stats()
+    engine = Engine(stats, queue_size=queue_size, n_ctx=n_ctx, threads=threads, load=load, log=log)
+    default = Target(model_id(default_model), default_model) if default_model else None
+    api = Api(default, engine, stats, max_body)
+    allowed: frozenset[str] | None = LOOPBACK_HOSTS
+    if api_key is not None and not _is_loopback(host):
+        allowed = None if _is_wildcard(host) else LOOPBACK_HOSTS | {
+            f"[{host.strip('[]').lower()}]" if ":" in host else host.lower()}
+    middleware = [Middleware(AccessLog, log=log), Middleware(HostGuard, allowed=allowed)]
+    if cors_origin is not None:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"], max_age=600))
+    if api_key is not None:
+        middleware.append(Middleware(KeyGuard, key=api_key))
+    routes = [
+        Route("/health", _endpoint(api.health), methods=["GET"]),
+        Route("/v1/models", _endpoint(api.models), methods=["GET"]),
+        Route("/v1/models/{model:path}", _endpoint(api.model), methods=["GET"]),
+        Route("/v1/chat/completions", _endpoint(api.chat), methods=["POST"]),
+        Route("/v1/completions", _endpoint(api.text), methods=["POST"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            engine.close()
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _crash})
+    app.state.stats, app.state.engine, app.state.log = stats, engine, log
+    app.state.default = default
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (UsageError when the address is taken or unknown)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}", hint="check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                         hint="another server may be using the port; pick one with --port") from None
+    return sock
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
+          cors_origin: str | None = None, *, max_body: int = 1 << 20, queue_size: int = 8, n_ctx: int | None = None,
+          threads: int | None = None, log: Callable[[str], None] = print) -> None:
+    """Serve the OpenAI API until interrupted; refuses a non-loopback address without an API key."""
+    if not _is_loopback(host) and api_key is None:
+        raise UsageError(f"refusing to listen on {host} without an API key: anyone who can reach it could use it",
+                         hint="pass --api-key KEY (clients send Authorization: Bearer KEY), or use --host 127.0.0.1")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {_show(port)}")
+    import uvicorn
+
+    app = create_app(model, api_key=api_key, cors_origin=cors_origin, max_body=max_body, queue_size=queue_size,
+                     n_ctx=n_ctx, threads=threads, log=log, host=host)
+    engine: Engine = app.state.engine
+    if app.state.default is not None:
+        engine.call(partial(engine.get_model, app.state.default))  # a bad model fails here, before listening
+    sock = _bind(host, port)
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    what = app.state.default.id if app.state.default else "models from the store"
+    log(f"lmcli: serving {what} on http://{shown}:{sock.getsockname()[1]}/v1")
+    config = uvicorn.Config(app, access_log=False, log_level="warning", lifespan="on", proxy_headers=False,
+                            server_header=False, timeout_graceful_shutdown=5, limit_concurrency=128)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()

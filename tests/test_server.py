@@ -1,0 +1,367 @@
+"""The OpenAI-compatible server: a real uvicorn on a free port, driven by the openai package and raw HTTP.
+
+References: the library itself (lmcli.load("smollm2") generating at temperature 0) for texts and token counts,
+and OpenAI's API shapes as the openai client parses them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+
+try:
+    import httpx
+except ImportError:  # the openai package here depends on httpx2, an httpx fork with the same API
+    import httpx2 as httpx
+
+from lmcli.errors import UsageError
+from lmcli.sampling import SamplerParams
+from lmcli.server import create_app, model_id, serve
+
+KEY = "sk-test-0123456789"
+ORIGIN = "http://localhost:5173"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@contextlib.contextmanager
+def running(app):
+    """app served by uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    server = uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def log_lines():
+    return []
+
+
+@pytest.fixture(scope="module")
+def main(lmcli_home, log_lines):
+    """smollm2 behind an API key, with CORS for one origin; (base URL, app)."""
+    app = create_app("smollm2", api_key=KEY, cors_origin=ORIGIN, n_ctx=2048, log=log_lines.append)
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def busy(lmcli_home):
+    """smollm2 without a key, a 512-token context and room for one waiting request; (base URL, app)."""
+    app = create_app("smollm2", queue_size=1, n_ctx=512, log=lambda line: None)
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(main):
+    return openai.OpenAI(base_url=f"{main[0]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ref(lmcli_home):
+    """The same model in this process: the reference for texts and token counts."""
+    import lmcli
+
+    return lmcli.load("smollm2", n_ctx=2048)
+
+
+def _ref_generate(model, ids, max_tokens):
+    evs = list(model.generate(ids, max_tokens=max_tokens, sampler=SamplerParams(temp=0.0)))
+    return "".join(e.text for e in evs), evs[-1]
+
+
+def _auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+# --- answers -------------------------------------------------------------------------------------
+
+def test_chat_completion_answers_the_question(client):
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=30)
+    assert r.object == "chat.completion" and r.model == "smollm2"
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_streamed_chunks_join_to_the_non_streamed_text(client):
+    msgs = [{"role": "user", "content": "Name three colors of the rainbow."}]
+    whole = client.chat.completions.create(model="smollm2", messages=msgs, temperature=0, max_tokens=40)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=msgs, temperature=0, max_tokens=40,
+                                                 stream=True))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_completion_continues_a_prompt_as_the_library_does(client, ref):
+    prompt = "The three primary colors are"
+    text, final = _ref_generate(ref, ref.tokenize(prompt), 12)
+    r = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=12)
+    assert r.object == "text_completion" and r.choices[0].text == text
+    assert r.choices[0].finish_reason == final.finish_reason
+    streamed = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=12, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+
+def test_usage_counts_equal_the_tokenizer_counts(client, ref):
+    ids = ref.chat_ids(QUESTION)
+    _, final = _ref_generate(ref, ids, 20)
+    u = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20).usage
+    assert (u.prompt_tokens, u.completion_tokens) == (len(ids), len(final.tokens))
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    u = client.completions.create(model="smollm2", prompt="Hello there", temperature=0, max_tokens=5).usage
+    assert (u.prompt_tokens, u.completion_tokens) == (len(ref.tokenize("Hello there")), 5)
+
+
+def test_include_usage_ends_the_stream_with_a_usage_chunk(client):
+    whole = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_model_list_has_the_store_and_the_default(client, lmcli_home):
+    from lmcli.store import list_models
+
+    ids = {m.id for m in client.models.list().data}
+    assert "smollm2" in ids and {m["name"] for m in list_models()} <= ids
+    assert client.models.retrieve("smollm2").id == "smollm2"
+
+
+def test_a_default_given_as_a_path_is_listed_by_its_stem():
+    assert model_id("/home/me/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    assert model_id("/home/me/.lmcli/models/mixtral/model.lmc") == "mixtral"
+
+
+def test_a_chat_template_in_the_request_is_ignored(client):
+    kw = dict(model="smollm2", messages=QUESTION, temperature=0, max_tokens=10)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    hostile = client.chat.completions.create(
+        **kw, extra_body={"chat_template": "{{ raise_exception('from the request') }}"}).choices[0].message.content
+    assert hostile == plain
+
+
+def test_health_answers_without_a_key(main):
+    r = httpx.get(f"{main[0]}/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_a_model_named_in_the_request_is_loaded_from_the_store_in_place_of_the_last(busy, lmcli_home):
+    src, alias = lmcli_home / "models" / "smollm2", lmcli_home / "models" / "smol-alias"
+    alias.mkdir()
+    try:
+        for f in src.iterdir():
+            os.link(f, alias / f.name)
+        url, app = busy
+        body = {"messages": QUESTION, "temperature": 0, "max_tokens": 8}
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "smol-alias"}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "smol-alias"
+        assert app.state.engine.model_id == "smol-alias"
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.json()["model"] == "smollm2" and app.state.engine.model_id == "smollm2"
+    finally:
+        for f in alias.iterdir():
+            f.unlink()
+        alias.rmdir()
+
+
+# --- the queue and disconnects -----------------------------------------------------------------------
+
+def test_concurrent_requests_are_queued_and_all_answered(client):
+    def ask(_):
+        r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
+        return r.choices[0].message.content
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    assert len(set(answers)) == 1 and "Paris" in answers[0]  # greedy: one engine, no cross-talk
+
+
+def test_a_full_queue_answers_503_with_retry_after(busy):
+    url, app = busy
+    long = {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=60) as a:
+        with a.stream("POST", f"{url}/v1/completions", json=long) as running_one:
+            assert running_one.status_code == 200
+            lines = running_one.iter_lines()  # kept: dropping a half-read iterator closes the connection
+            next(line for line in lines if line.startswith("data: "))  # it is generating
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=60,
+                                      json={"messages": QUESTION, "temperature": 0, "max_tokens": 8})
+                deadline = time.monotonic() + 10
+                while app.state.stats.waiting < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                r = httpx.post(f"{url}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 8})
+                assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["code"] == "server_overloaded"
+                running_one.close()  # the long one stops; the waiting one runs
+                assert waiting.result().status_code == 200
+
+
+def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, main):
+    stream = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=1500,
+                                            stream=True, extra_body={"ignore_eos": True})
+    for i, chunk in enumerate(stream):
+        if i == 5:
+            break
+    stream.close()
+    stat = main[1].state.stats.requests[chunk.id]
+    deadline = time.monotonic() + 20
+    while not stat.done:
+        assert time.monotonic() < deadline, "the generation did not stop"
+        time.sleep(0.01)
+    assert stat.finish_reason == "cancelled" and stat.tokens < 150  # of 1500 asked for
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_stops_the_generation(main):
+    stats = main[1].state.stats
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{main[0]}/v1/completions", headers=_auth(), timeout=0.5,
+                   json={"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True})
+    stat = next(reversed(stats.requests.values()))
+    deadline = time.monotonic() + 20
+    while not stat.done:
+        assert time.monotonic() < deadline, "the generation did not stop"
+        time.sleep(0.01)
+    assert stat.finish_reason == "cancelled" and stat.tokens < 1000
+
+
+def test_each_request_logs_one_line(client, log_lines):
+    n = len(log_lines)
+    client.completions.create(model="smollm2", prompt="Hi", temperature=0, max_tokens=3)
+    deadline = time.monotonic() + 5  # the line is written once the response has gone out
+    while not any(line.startswith("POST /v1/completions 200 3 tokens ") for line in log_lines[n:]):
+        assert time.monotonic() < deadline, log_lines[n:]
+        time.sleep(0.01)
+    assert all(line.endswith(" ms") for line in log_lines[n:])
+
+
+# --- abuse -------------------------------------------------------------------------------------------
+
+def test_a_wrong_api_key_is_401(main):
+    bad = openai.OpenAI(base_url=f"{main[0]}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401
+    r = httpx.post(f"{main[0]}/v1/chat/completions", json={"messages": QUESTION})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("host,status", [
+    ("evil.example", 403), ("evil.example:80", 403), ("127.0.0.1.evil.example", 403), ("localhost:x", 403),
+    ("localhost:11435", 200), ("[::1]:8080", 200), ("127.0.0.1", 200), ("LOCALHOST", 200),
+])
+def test_only_loopback_host_headers_are_served(main, host, status):
+    r = httpx.get(f"{main[0]}/v1/models", headers={**_auth(), "Host": host})
+    assert r.status_code == status
+    if status == 403:
+        assert r.json()["error"]["type"] == "permission_error"
+
+
+def test_a_non_loopback_bind_with_a_key_also_serves_its_own_host(lmcli_home):
+    app = create_app("smollm2", api_key=KEY, host="192.168.1.10", log=lambda line: None)
+    with running(app) as url:
+        for host, status in [("192.168.1.10:11435", 200), ("localhost", 200), ("evil.example", 403)]:
+            assert httpx.get(f"{url}/v1/models", headers={**_auth(), "Host": host}).status_code == status
+
+
+def test_a_50_mb_body_is_413(main):
+    r = httpx.post(f"{main[0]}/v1/chat/completions", content=b"x" * (50 << 20), headers=_auth(), timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_streamed_body_without_a_length_is_cut_at_the_cap(main):
+    chunks = (b" " * (64 << 10) for _ in range(40))  # 2.5 MiB, chunked: no Content-Length to check up front
+    r = httpx.post(f"{main[0]}/v1/chat/completions", content=chunks, headers=_auth(), timeout=60)
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", -1), ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", "10"), ("max_tokens", True),
+    ("max_tokens", 4096), ("max_completion_tokens", 10 ** 12),
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -0.1), ("temperature", 2.5),
+    ("temperature", "0.5"), ("top_p", 0), ("top_p", 1.5), ("seed", 1.5), ("seed", -1), ("seed", "42"),
+    ("stop", ["a", "b", "c", "d", "e"]), ("stop", 7), ("n", 2), ("stream", "yes"), ("messages", []),
+])
+def test_bad_parameters_are_400(main, field, value):
+    body = {"model": "smollm2", "messages": QUESTION, field: value}
+    r = httpx.post(f"{main[0]}/v1/chat/completions", content=json.dumps(body), headers=_auth(), timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json_is_400(main):
+    r = httpx.post(f"{main[0]}/v1/chat/completions", content=b"{not json", headers=_auth())
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_an_unknown_model_is_404_and_no_path_leaks(client, main):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=QUESTION)
+    assert e.value.status_code == 404 and e.value.body["code"] == "model_not_found"
+    for name in ("/etc/passwd", "../smollm2", "x.gguf"):
+        r = httpx.post(f"{main[0]}/v1/chat/completions", json={"model": name, "messages": QUESTION}, headers=_auth())
+        assert r.status_code == 404 and "/" not in r.json()["error"]["message"]
+        assert "Traceback" not in r.text
+
+
+def test_a_prompt_longer_than_the_context_is_400(busy):
+    r = httpx.post(f"{busy[0]}/v1/completions", json={"prompt": "word " * 1000, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_max_tokens_is_capped_by_the_context_left_after_the_prompt(busy, ref):
+    prompt = "word " * 400
+    n_prompt = len(ref.tokenize(prompt))
+    r = httpx.post(f"{busy[0]}/v1/completions", timeout=60,
+                   json={"prompt": prompt, "max_tokens": 500, "ignore_eos": True, "temperature": 0})
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] == 512 - n_prompt
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_cors_headers_only_for_the_configured_origin(main, busy):
+    allow = "access-control-allow-origin"
+    r = httpx.get(f"{main[0]}/v1/models", headers={**_auth(), "Origin": ORIGIN})
+    assert r.headers.get(allow) == ORIGIN
+    r = httpx.get(f"{main[0]}/v1/models", headers={**_auth(), "Origin": "http://evil.example"})
+    assert allow not in r.headers
+    pre = httpx.options(f"{main[0]}/v1/chat/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200 and pre.headers.get(allow) == ORIGIN
+    r = httpx.get(f"{busy[0]}/v1/models", headers={"Origin": ORIGIN})
+    assert r.status_code == 200 and allow not in r.headers
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::"])
+def test_a_non_loopback_bind_without_a_key_is_refused_before_binding(monkeypatch, host):
+    def no_bind(*a, **k):
+        raise AssertionError("serve() bound a socket")
+    monkeypatch.setattr("lmcli.server._bind", no_bind)
+    with pytest.raises(UsageError) as e:
+        serve("smollm2", host=host, port=11435)
+    assert "--api-key" in e.value.hint
