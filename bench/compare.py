@@ -30,19 +30,10 @@ def fmt(xs):
 
 
 def read_bandwidth(threads: int, reps: int) -> list[float]:
-    """GB/s of reading 1 GiB (far beyond any cache) split across `threads` numpy reductions (GIL released)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """GB/s of reading 1 GiB split across `threads` numpy reductions (lmcli bench's probe), `reps` times."""
+    from lmcli.bench import measure_read_bandwidth
 
-    a = np.ones(1 << 28, np.float32)
-    parts = np.array_split(a, threads)
-    out = []
-    with ThreadPoolExecutor(threads) as ex:
-        list(ex.map(np.sum, parts))
-        for _ in range(reps):
-            t = time.perf_counter()
-            list(ex.map(np.sum, parts))
-            out.append(a.nbytes / (time.perf_counter() - t) / 1e9)
-    return out
+    return [measure_read_bandwidth(threads, mib=1024, reps=1) for _ in range(reps)]
 
 
 def kernel_gbs(threads: int, reps: int) -> list[float]:
