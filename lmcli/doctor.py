@@ -1,0 +1,407 @@
+"""`lmcli doctor` and `lmcli plan`: what this machine offers, and what a model will cost, without loading it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelFileError, ModelNotFound, UsageError
+
+DISK_GBPS = 1.7  # whole-bundle expert reads from disk, measured here at 1.5-2.0 GB/s (DESIGN.md)
+REGISTRY_BITS_PER_WEIGHT = 4.5  # Q4_0: 18 bytes per 32 weights
+BANDWIDTH_BYTES = 256 << 20
+BANDWIDTH_SECONDS = 0.3
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number near 2**63
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+# --- the machine ------------------------------------------------------------------------------
+
+
+def cpu_info(text: str) -> dict:
+    """CPU model name and the SIMD features the kernels care about, from /proc/cpuinfo text."""
+    flags: set[str] = set()
+    name = None
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        key = key.strip()
+        if key in ("flags", "Features") and not flags:
+            flags = set(val.split())
+        elif key == "model name" and name is None:
+            name = val.strip()
+    return {"cpu": name or platform.processor() or platform.machine(),
+            "avx2": "avx2" in flags,
+            "avx512": "avx512f" in flags,
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
+
+
+def meminfo(text: str) -> tuple[int | None, int | None]:
+    """(MemTotal, MemAvailable) in bytes from /proc/meminfo text."""
+    vals = {}
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        parts = val.split()
+        if parts and parts[0].isdigit():
+            vals[key.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return vals.get("MemTotal"), vals.get("MemAvailable")
+
+
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The cgroup memory limit in bytes (v2 memory.max, else v1 memory.limit_in_bytes), None without one."""
+    candidates = []
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            hid, _, rest = line.partition(":")
+            ctrls, _, rel = rest.partition(":")
+            if hid == "0" and ctrls == "":
+                candidates.append(root / rel.lstrip("/") / "memory.max")
+    except OSError:
+        pass
+    candidates += [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+    for p in candidates:
+        try:
+            v = p.read_text().strip()
+        except OSError:
+            continue
+        if v == "max":
+            return None
+        if v.isdigit():
+            return int(v) if int(v) < _NO_LIMIT else None
+    return None
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _existing_parent(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def numba_cache_dirs() -> list[Path]:
+    """Where Numba keeps the kernels' compiled code: NUMBA_CACHE_DIR, else __pycache__ beside each module."""
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    if env:
+        return [Path(env)]
+    dirs = []
+    for mod in ("quant.kernels", "lmcli.engine.ops"):
+        spec = find_spec(mod)
+        if spec is not None and spec.origin:
+            dirs.append(Path(spec.origin).parent / "__pycache__")
+    return dirs
+
+
+def numba_cache_files(dirs: list[Path]) -> int:
+    """Count of cached index (.nbi) and code (.nbc) files under dirs (0 means the next start compiles)."""
+    n = 0
+    for d in dirs:
+        if d.is_dir():
+            n += sum(1 for p in d.rglob("*") if p.suffix in (".nbi", ".nbc"))
+    return n
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, seconds: float = BANDWIDTH_SECONDS,
+                      threads: int | None = None) -> float:
+    """Read bandwidth in GB/s: numpy sums over a resident array, split across threads (sums release the GIL)."""
+    threads = threads or usable_cores()
+    a = np.ones(max(nbytes // 8, threads), np.float64)  # written once, so its pages are real, not the zero page
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(np.sum, parts))
+        passes, t0 = 0, time.perf_counter()
+        while True:
+            list(ex.map(np.sum, parts))
+            passes += 1
+            dt = time.perf_counter() - t0
+            if dt >= seconds:
+                break
+    return passes * a.nbytes / dt / 1e9
+
+
+def report() -> dict:
+    """The machine as lmcli sees it: CPU features, cores, memory, store disk, Numba cache, read bandwidth."""
+    from .store import home
+
+    cpu = cpu_info(_read("/proc/cpuinfo"))
+    total, avail = meminfo(_read("/proc/meminfo"))
+    store = home()
+    try:
+        free = shutil.disk_usage(_existing_parent(store)).free
+    except OSError:
+        free = None
+    dirs = numba_cache_dirs()
+    threads = usable_cores()
+    return {
+        **cpu,
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+        "cores_usable": threads,
+        "lmcli_threads": os.environ.get("LMCLI_THREADS") or None,
+        "ram_total_bytes": total,
+        "ram_available_bytes": avail,
+        "cgroup_memory_limit_bytes": cgroup_memory_limit(),
+        "store": str(store),
+        "store_free_bytes": free,
+        "numba_cache_dirs": [str(d) for d in dirs],
+        "numba_cache_files": numba_cache_files(dirs),
+        "read_bandwidth_gbps": round(measure_bandwidth(threads=threads), 2),
+        "read_bandwidth_threads": threads,
+    }
+
+
+# --- a model's cost -----------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '8G', '512M', '1.5GiB', '2048' (binary units: K/M/G/T, KiB..TiB; KB..TB are decimal)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*", str(text), re.IGNORECASE)
+    if not m or (m.group(3) and m.group(3).lower() != "b" and not m.group(2)):
+        raise UsageError(f"--memory must be a size such as 8G, 512M or 1.5GiB, got {text!r}")
+    num, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
+    mult = 10 ** (3 * " kmgt".index(unit)) if suffix == "b" and unit else _UNITS[unit]
+    n = int(num * mult)
+    if n <= 0:
+        raise UsageError(f"--memory must be more than zero, got {text!r}")
+    return n
+
+
+def _memory_budget(memory: str | None) -> tuple[int, str]:
+    if memory is not None:
+        return parse_size(memory), "--memory"
+    _, avail = meminfo(_read("/proc/meminfo"))
+    limit = cgroup_memory_limit()
+    if limit is not None and (avail is None or limit < avail):
+        return limit, "cgroup memory limit"
+    if avail is None:
+        raise UsageError("cannot read the available memory on this system", hint="pass --memory, e.g. --memory 8G")
+    return avail, "available RAM"
+
+
+def _parse_count(num: str, unit: str) -> float:
+    return float(num) * (1e9 if unit.upper() == "B" else 1e6)
+
+
+def registry_params(notes: str) -> tuple[float, float]:
+    """(total, active) parameter counts from notes such as '46.7B total, 12.9B active' or '7.2B dense'."""
+    num = r"(\d+(?:\.\d+)?)\s*([BM])\b"
+    tot = re.search(num + r"\s+total", notes)
+    act = re.search(num + r"\s+active", notes)
+    if tot and act:
+        return _parse_count(*tot.groups()), _parse_count(*act.groups())
+    dense = re.search(num + r"\s+dense", notes)
+    if dense:
+        n = _parse_count(*dense.groups())
+        return n, n
+    raise ModelFileError(f"the registry notes give no parameter counts: {notes!r}")
+
+
+def container_costs(path: Path) -> dict:
+    """Sizes from a container's header and tensor index (nothing of the weights is read)."""
+    from quant.container import Container
+    from quant.errors import ContainerError
+
+    from .engine.config import ModelConfig
+
+    try:
+        c = Container(path)
+    except ContainerError as e:
+        raise ModelFileError(str(e)) from None
+    try:
+        cfg = ModelConfig.from_dict(c.metadata.get("config"))
+        tensors = [(t.name, t.nbytes, t.n_expert, t.shape) for t in c.tensors.values()]
+        return _costs(cfg, tensors, c.file_size)
+    finally:
+        c.close()
+
+
+def gguf_costs(path: Path) -> dict:
+    """Sizes from a GGUF file's header (a packaged or given .gguf not yet imported: no import just to plan)."""
+    from gguf import GGUFReader
+
+    from quant.errors import QuantError
+    from quant.gguf_io import read_config
+
+    from .engine.config import ModelConfig
+
+    try:
+        r = GGUFReader(str(path), "r")
+        d = read_config(r, path)
+        emb = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
+        d.setdefault("vocab_size", int(emb.shape[-1]) if emb is not None else 1)  # set by import from the vocabulary
+        cfg = ModelConfig.from_dict(d)
+    except QuantError as e:
+        raise ModelFileError(str(e)) from None
+    except Exception as e:  # the reader raises assorted errors on a malformed file
+        raise ModelFileError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    tensors = []
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        n_exp = shape[0] if len(shape) == 3 else 0
+        tensors.append((t.name, int(t.n_bytes) // max(n_exp, 1), n_exp, shape))
+    return _costs(cfg, tensors, path.stat().st_size)
+
+
+def _costs(cfg, tensors, file_size: int) -> dict:
+    """Bytes read per token: every dense tensor (the token embedding only its one row, unless the head
+    shares it), and n_expert_used of each expert tensor's n_expert matrices."""
+    tied = not any(name == "output.weight" for name, *_ in tensors)
+    dense_tok = dense_total = expert_tok = expert_total = 0
+    for name, nbytes, n_exp, shape in tensors:
+        if n_exp:
+            expert_tok += nbytes * cfg.n_expert_used
+            expert_total += nbytes * n_exp
+            continue
+        dense_total += nbytes
+        dense_tok += nbytes // shape[0] if name == "token_embd.weight" and not tied else nbytes
+    return {"arch": cfg.arch, "n_layer": cfg.n_layer, "n_expert": cfg.n_expert, "n_expert_used": cfg.n_expert_used,
+            "file_bytes": file_size, "dense_bytes": dense_total, "expert_bytes": expert_total,
+            "dense_bytes_per_token": dense_tok, "expert_bytes_per_token": expert_tok,
+            "bytes_per_token": dense_tok + expert_tok, "kv_bytes_per_token": _kv_bytes_per_token(cfg),
+            "n_ctx": _default_ctx(cfg.n_ctx_train)}
+
+
+def _kv_bytes_per_token(cfg) -> int:
+    # float32 keys and values per layer (engine/cache.py); MLA caches decompressed per-head keys and values
+    if cfg.kv_lora_rank:
+        per = cfg.n_head * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    else:
+        per = cfg.n_head_kv * 2 * cfg.head_dim
+    return cfg.n_layer * per * 4
+
+
+def _default_ctx(n_ctx_train: int) -> int:
+    from .api import DEFAULT_CTX
+
+    env = os.environ.get("LMCLI_CTX_SIZE")
+    return int(env) if env and env.isdigit() else min(DEFAULT_CTX, n_ctx_train)
+
+
+def _locate(model: str) -> tuple[str, object]:
+    """("container", path) | ("gguf", path) | ("registry", Entry), importing nothing."""
+    from quant.container import MAGIC
+
+    from .registry import NAME_RE, load_registry
+    from .store import CONTAINER, MANIFEST, models_dir, packaged_file
+
+    if not model:
+        raise ModelNotFound("no model given")
+    p = Path(model).expanduser()
+    if os.sep in model or model.endswith((".gguf", ".lmc")) or p.exists():
+        if p.is_dir() and (p / CONTAINER).is_file():
+            return "container", p / CONTAINER
+        if not p.is_file():
+            raise ModelNotFound(f"{model}: no such file")
+        with open(p, "rb") as f:
+            head = f.read(len(MAGIC))
+        if head == MAGIC:
+            return "container", p
+        if head[:4] == b"GGUF":
+            return "gguf", p
+        raise ModelFileError(f"{model} is neither a GGUF file nor an lmcli container")
+    reg = load_registry()
+    if NAME_RE.match(model) and ".." not in model:
+        d = models_dir() / model
+        if (d / MANIFEST).is_file() and (d / CONTAINER).is_file():
+            return "container", d / CONTAINER
+        entry = reg.get(model)
+        if entry is not None and entry.packaged:
+            return "gguf", packaged_file(entry.packaged)
+        if entry is not None:
+            return "registry", entry
+    raise ModelNotFound(f"unknown model {model!r}", hint=f"known names: {', '.join(sorted(reg))}; or give a path")
+
+
+def _registry_costs(entry) -> dict:
+    total, active = registry_params(entry.notes)
+    bpw = REGISTRY_BITS_PER_WEIGHT / 8
+    m = re.search(r"(\d+) experts, top-(\d+)", entry.notes)
+    n_expert, used = (int(m.group(1)), int(m.group(2))) if m else (0, 0) if "dense" in entry.notes else (None, None)
+    return {"arch": entry.arch, "n_layer": None, "n_expert": n_expert, "n_expert_used": used,
+            "file_bytes": int(total * bpw), "dense_bytes": None, "expert_bytes": None,
+            "dense_bytes_per_token": None, "expert_bytes_per_token": None,
+            "bytes_per_token": int(active * bpw), "kv_bytes_per_token": None, "n_ctx": None}
+
+
+def _miss_bytes_per_token(c: dict, room: int) -> tuple[int, float]:
+    """Bytes per token that come from disk when only `room` bytes of weights stay in memory, and the share
+    of expert bytes that stays resident. Dense tensors are kept first; routing is taken as uniform, so
+    the resident share of experts serves the same share of expert reads."""
+    if c["dense_bytes"] is None:  # registry estimate: no split known, every byte equally likely resident
+        share = min(1.0, max(room, 0) / c["file_bytes"])
+        return int(c["bytes_per_token"] * (1 - share)), share
+    dense_share = min(1.0, max(room, 0) / c["dense_bytes"]) if c["dense_bytes"] else 1.0
+    room_exp = max(room - c["dense_bytes"], 0)
+    share = min(1.0, room_exp / c["expert_bytes"]) if c["expert_bytes"] else 1.0
+    miss = c["dense_bytes_per_token"] * (1 - dense_share) + c["expert_bytes_per_token"] * (1 - share)
+    return int(miss), share
+
+
+def plan(model: str, memory: str | None = None) -> dict:
+    """File size, bytes read per token, fit in memory and expected decode tokens/s, without loading the model."""
+    budget, budget_from = _memory_budget(memory)
+    kind, where = _locate(model)
+    if kind == "container":
+        c, source = container_costs(where), "container header"
+    elif kind == "gguf":
+        c, source = gguf_costs(where), "GGUF header (not imported yet)"
+    else:
+        c, source = _registry_costs(where), f"registry notes ({where.notes}); not downloaded"
+    kv = c["kv_bytes_per_token"] * c["n_ctx"] if c["kv_bytes_per_token"] is not None else 0
+    need = c["file_bytes"] + kv
+    fits = need <= budget
+    bw = measure_bandwidth()
+    assumptions = ["decode is memory-bound: tokens/s = read bandwidth / bytes read per token"]
+    if kind == "registry":
+        assumptions.append(f"{REGISTRY_BITS_PER_WEIGHT} bits per weight, active parameters read once per token; "
+                           "KV cache not counted")
+        if not fits:
+            assumptions.append("no split of dense and expert weights is known before download: every weight byte "
+                               "is taken as equally likely to stay in memory")
+    if fits:
+        miss, share = 0, 1.0
+        tps = bw * 1e9 / c["bytes_per_token"]
+    else:
+        miss, share = _miss_bytes_per_token(c, budget - kv)
+        hit = c["bytes_per_token"] - miss
+        tps = 1.0 / (hit / (bw * 1e9) + miss / (DISK_GBPS * 1e9))
+        assumptions.append(f"the weights that do not fit in memory are read from disk at {DISK_GBPS} GB/s "
+                           "(whole expert bundles; not measured on this disk)")
+        assumptions.append("routing is uniform: the resident share of experts serves that share of expert reads")
+    return {
+        "model": model,
+        "source": source,
+        "path": None if kind == "registry" else str(where),
+        **{k: c[k] for k in ("arch", "n_layer", "n_expert", "n_expert_used", "file_bytes", "bytes_per_token",
+                             "dense_bytes_per_token", "expert_bytes_per_token")},
+        "n_ctx": c["n_ctx"],
+        "kv_cache_bytes": kv if c["kv_bytes_per_token"] is not None else None,
+        "memory_budget_bytes": budget,
+        "memory_budget_from": budget_from,
+        "fits_in_memory": fits,
+        "resident_expert_share": round(share, 4),
+        "disk_bytes_per_token": miss,
+        "read_bandwidth_gbps": round(bw, 2),
+        "disk_read_gbps": None if fits else DISK_GBPS,
+        "expected_decode_tokens_per_s": round(tps, 2),
+        "assumptions": assumptions,
+    }

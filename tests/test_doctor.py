@@ -1,0 +1,191 @@
+"""`lmcli doctor` reports the machine; `lmcli plan` prices a model from its header or the registry, loading nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmcli.doctor import (DISK_GBPS, REGISTRY_BITS_PER_WEIGHT, cgroup_memory_limit, container_costs, numba_cache_dirs,
+                          numba_cache_files, parse_size, plan, report)
+from lmcli.errors import ModelNotFound, UsageError
+
+
+def lmcli(*args, home):
+    env = dict(os.environ, LMCLI_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "lmcli.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory) -> Path:
+    from quant.synthetic import write_synthetic_moe
+
+    return write_synthetic_moe(tmp_path_factory.mktemp("moe") / "tiny-moe.lmc", n_layer=2, n_embd=256, n_ff_exp=512,
+                               n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("LMCLI_HOME", str(home))
+    return home
+
+
+def index_bytes_per_token(path: Path) -> int:
+    """Bytes one decode step reads, from the container's tensor index: each dense tensor (one row of the token
+    embedding, which a separate output head leaves to lookups), and n_expert_used of each expert tensor."""
+    from quant.container import Container
+
+    c = Container(path)
+    used = c.metadata["config"]["n_expert_used"]
+    tied = "output.weight" not in c.tensors
+    total = 0
+    for t in c.tensors.values():
+        if t.n_expert:
+            total += used * t.nbytes
+        elif t.name == "token_embd.weight" and not tied:
+            total += t.nbytes // t.shape[0]
+        else:
+            total += t.nbytes
+    c.close()
+    return total
+
+
+# --- doctor ----------------------------------------------------------------------------------------
+
+
+def test_doctor_reports_plausible_plain_values():
+    r = report()
+    assert json.loads(json.dumps(r)) == r  # plain JSON types only
+    assert r["cores"] == os.cpu_count() and 1 <= r["cores_usable"] <= r["cores"]
+    assert r["ram_total_bytes"] >= r["ram_available_bytes"] > 0
+    assert r["store_free_bytes"] > 0 and isinstance(r["numba_cache_files"], int)
+    assert r["read_bandwidth_gbps"] > 0
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert r["avx2"] == ("avx2" in flags) and r["avx512"] == ("avx512f" in flags)
+    assert r["vnni"] == bool({"avx512_vnni", "avx_vnni"} & flags)
+
+
+def test_doctor_json_on_the_command_line(tmp_path):
+    r = lmcli("doctor", "--json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    for key in ("avx2", "avx512", "vnni", "cores", "ram_total_bytes", "ram_available_bytes",
+                "cgroup_memory_limit_bytes", "store_free_bytes", "numba_cache_files", "read_bandwidth_gbps"):
+        assert key in obj
+
+
+def test_cgroup_limits_v2_and_v1(tmp_path):
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/user.slice/app\n")
+    v2 = tmp_path / "v2"
+    (v2 / "user.slice" / "app").mkdir(parents=True)
+    (v2 / "user.slice" / "app" / "memory.max").write_text("1073741824\n")
+    assert cgroup_memory_limit(v2, proc) == 1 << 30
+    (v2 / "user.slice" / "app" / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit(v2, proc) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    proc.write_text("4:memory:/x\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("536870912\n")
+    assert cgroup_memory_limit(v1, proc) == 512 << 20
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert cgroup_memory_limit(v1, proc) is None
+    assert cgroup_memory_limit(tmp_path / "none", tmp_path / "missing") is None
+
+
+def test_numba_cache_counts_index_and_code_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    (tmp_path / "sub").mkdir()
+    for name in ("k.f-1.py311.nbi", "sub/k.f-1.py311.1.nbc", "readme.txt"):
+        (tmp_path / name).write_text("x")
+    assert numba_cache_dirs() == [tmp_path]
+    assert numba_cache_files(numba_cache_dirs()) == 2
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    dirs = numba_cache_dirs()
+    assert {d.parent.name for d in dirs} == {"quant", "engine"} and all(d.name == "__pycache__" for d in dirs)
+
+
+# --- plan ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,n", [("8G", 8 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("8GB", 8 * 10**9),
+                                    ("64k", 64 << 10), ("2048", 2048), (" 2 T ", 2 << 40)])
+def test_memory_sizes_parse(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "lots", "8X", "-1G", "0", "G", "1.2.3G", "5iB"])
+def test_bad_memory_sizes_are_usage_errors(text):
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_plan_bad_memory_is_one_line_and_exit_2(tmp_path):
+    r = lmcli("plan", "mixtral", "--memory", "8X", home=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --memory must be a size")
+
+
+def test_plan_unknown_model_raises_model_not_found(empty_home):
+    with pytest.raises(ModelNotFound):
+        plan("no-such-model")
+
+
+def test_plan_for_mixtral_before_download_uses_the_registry_notes(empty_home):
+    bpw = REGISTRY_BITS_PER_WEIGHT / 8
+    r = plan("mixtral", memory="64G")
+    assert r["source"].startswith("registry notes") and r["path"] is None
+    assert (r["n_expert"], r["n_expert_used"]) == (8, 2)
+    assert r["file_bytes"] == int(46.7e9 * bpw) and r["bytes_per_token"] == int(12.9e9 * bpw)
+    assert r["fits_in_memory"] is True and r["disk_read_gbps"] is None
+    assert r["expected_decode_tokens_per_s"] == pytest.approx(r["read_bandwidth_gbps"] * 1e9 / r["bytes_per_token"],
+                                                              rel=0.02)
+    small = plan("mixtral", memory="8G")
+    assert small["fits_in_memory"] is False and small["disk_read_gbps"] == DISK_GBPS
+    assert any(f"{DISK_GBPS} GB/s" in a for a in small["assumptions"])
+    assert 0 < small["disk_bytes_per_token"] < small["bytes_per_token"]
+    assert small["expected_decode_tokens_per_s"] < DISK_GBPS * 1e9 / small["disk_bytes_per_token"]
+    assert not (empty_home / "models").exists()  # nothing downloaded or written
+
+
+def test_plan_for_a_moe_container_reads_its_index(empty_home, moe_path):
+    r = plan(str(moe_path))
+    assert r["source"] == "container header" and r["file_bytes"] == moe_path.stat().st_size
+    assert r["bytes_per_token"] == index_bytes_per_token(moe_path)
+    assert r["dense_bytes_per_token"] + r["expert_bytes_per_token"] == r["bytes_per_token"]
+    assert r["fits_in_memory"] is True and r["resident_expert_share"] == 1.0 and r["disk_bytes_per_token"] == 0
+    tight = plan(str(moe_path), memory=str(r["file_bytes"] + r["kv_cache_bytes"]))
+    assert tight["fits_in_memory"] is True
+    short = plan(str(moe_path), memory="1M")
+    assert short["fits_in_memory"] is False and 0 < short["disk_bytes_per_token"] <= short["bytes_per_token"]
+    assert short["expected_decode_tokens_per_s"] < r["expected_decode_tokens_per_s"]
+
+
+def test_plan_expert_bytes_match_what_the_engine_reads(moe_path):
+    """The engine's own counter of expert bundle bytes per decode step agrees with the plan from the header."""
+    from lmcli.api import load
+
+    m = load(str(moe_path))
+    final = list(m.generate(m.tokenize("hello"), max_tokens=6, temp=0.0))[-1]
+    planned = container_costs(moe_path)["expert_bytes_per_token"]
+    # the engine reads whole bundles (gate, up, down and their 64-byte alignment gaps)
+    assert final.timings.expert_bytes_per_token == pytest.approx(planned, rel=0.01)
+
+
+def test_plan_for_the_packaged_model_reads_the_gguf_header_without_importing(empty_home, smol_container):
+    r = plan("smollm2")
+    assert r["source"].startswith("GGUF header") and r["path"].endswith(".gguf")
+    assert not (empty_home / "models").exists()
+    assert r["n_expert"] == 0 and r["fits_in_memory"] is True
+    # the same bytes per token as the container the import makes of it
+    assert r["bytes_per_token"] == container_costs(smol_container)["bytes_per_token"]
