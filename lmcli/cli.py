@@ -358,11 +358,14 @@ def export(
 
 
 @app.command("list")
-def list_cmd():
+def list_cmd(as_json: bool = typer.Option(False, "--json")):
     """List the models in the store."""
     from .store import list_models
 
     rows = list_models()
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
     if not rows:
         typer.echo("no models in the store")
         return
@@ -371,44 +374,39 @@ def list_cmd():
 
 
 @app.command()
-def show(model: str = typer.Argument(...), template: bool = typer.Option(False, "--template")):
-    """Show a model's architecture, sizes, tensor formats and chat template."""
-    from quant.container import Container
-    from quant.errors import ContainerError
+def show(model: str = typer.Argument(...), template: bool = typer.Option(False, "--template"),
+         as_json: bool = typer.Option(False, "--json")):
+    """Show a model's architecture, parameters, experts, tensor formats, bytes per token and chat template."""
+    from .store import show_info
 
-    from .errors import ModelFileError
-    from .store import resolve
-
-    path = resolve(model)
-    try:
-        c = Container(path)
-    except ContainerError as e:
-        raise ModelFileError(str(e)) from None
-    md = c.metadata
-    if template:
-        typer.echo(md.get("chat_template") or "(no chat template: ChatML is used)")
+    info = show_info(model)
+    if as_json:
+        typer.echo(json.dumps(info))
         return
-    typer.echo(f"path: {path}")
-    for k, v in (md.get("config") or {}).items():
-        typer.echo(f"  {k}: {v}")
-    q = md.get("quant") or {}
-    typer.echo(f"formats: {q.get('formats')}")
-    typer.echo(f"source: {md.get('source')}")
-    typer.echo(f"size: {c.file_size / 1e6:.1f} MB, {len(c.tensors)} tensors")
+    if template:
+        typer.echo(info.get("chat_template") or "(no chat template: ChatML is used)")
+        return
+    for k, v in info.items():
+        if k == "chat_template":
+            v = "(present; --template prints it)" if v else "(none: ChatML is used)"
+        typer.echo(f"{k}: {v}")
+
+
+@app.command()
+def cp(src: str = typer.Argument(...), dst: str = typer.Argument(...),
+       force: bool = typer.Option(False, "--force", help="replace an existing DST")):
+    """Copy a model in the store under a new name."""
+    from .store import copy_model
+
+    typer.echo(f"copied {src} -> {copy_model(src, dst, force=force)}")
 
 
 @app.command()
 def rm(name: str = typer.Argument(...)):
-    """Remove a model from the store."""
-    import shutil
+    """Remove a model (or an unfinished pull) from the store."""
+    from .store import remove_model
 
-    from .errors import ModelNotFound
-    from .store import model_dir
-
-    d = model_dir(name)
-    if not d.is_dir():
-        raise ModelNotFound(f"model {name!r} is not in the store")
-    shutil.rmtree(d)
+    remove_model(name)
     typer.echo(f"removed {name}")
 
 

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
+import signal
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Callable, Iterator
 
-from quant.container import MAGIC
-from quant.errors import QuantError
+from quant.container import MAGIC, Container
+from quant.errors import ContainerError, QuantError
 
 from .errors import ModelFileError, ModelNotFound, StoreError
 from .registry import NAME_RE, load_registry
 
 CONTAINER = "model.lmc"
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # flock'ed by whoever writes the model directory (pull, import, cp, rm)
+PARTIAL = ".partial"  # an unfinished pull: its checkpoint, source files and container; never a model
 
 
 def home() -> Path:
@@ -63,19 +72,168 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def list_models() -> list[dict]:
+    """Every complete model in the store (a manifest and its container), with its manifest; unfinished pulls are
+    not models and are skipped."""
     out = []
     d = models_dir()
     if not d.is_dir():
         return out
     for p in sorted(d.iterdir()):
         m = p / MANIFEST
-        if p.is_dir() and m.is_file() and (p / CONTAINER).is_file():
+        if NAME_RE.match(p.name) and p.is_dir() and m.is_file() and (p / CONTAINER).is_file():
             try:
                 man = json.loads(m.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
-            out.append({"name": p.name, **man})
+            if isinstance(man, dict):
+                out.append({"name": p.name, **man, "path": str(p / CONTAINER)})
     return out
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(name: str) -> dict | None:
+    """A store entry's manifest, or None if it has no (readable) manifest."""
+    try:
+        man = json.loads((model_dir(name) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return man if isinstance(man, dict) else None
+
+
+@contextlib.contextmanager
+def lock_model(name: str, *, on_wait: Callable[[], None] | None = None, create: bool = True) -> Iterator[Path]:
+    """Hold the model directory's lock (fcntl.flock on <dir>/.lock) -> the directory. A second writer waits.
+
+    A holder may remove the whole directory (rm, or a failed first pull cleaning up): a waiter that then gets
+    the lock of a removed file tries again on the file that is there now.
+    """
+    d = model_dir(name)
+    while True:
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(d / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise ModelNotFound(f"model {name!r} is not in the store") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(d / LOCK).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield d
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl+C (and SIGTERM) wait until the block ends: a few renames that must happen together."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(name: str, container: Path, manifest: dict) -> Path:
+    """Make a finished container (a file inside the model directory) the model `name`: the container is renamed
+    into place and the manifest written last, so a reader sees the old model, no model, or the new one. The caller
+    holds lock_model(name)."""
+    d = model_dir(name)
+    out = d / CONTAINER
+    try:
+        size = container.stat().st_size
+        with _signals_held():
+            (d / MANIFEST).unlink(missing_ok=True)  # a replaced model stops being listed before its file changes
+            os.replace(container, out)
+            write_json_atomic(d / MANIFEST, {**manifest, "container": CONTAINER, "size": size})
+            _fsync_dir(d)
+    except OSError as e:
+        raise disk_error(e, d) from None
+    return out
+
+
+def disk_error(e: OSError, where: Path) -> "StoreError":
+    """The store's error for a failed write: a full disk says so, with what to do."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"the disk holding {where} is full",
+                          hint="free some space (or set LMCLI_HOME to a larger disk) and run the same command again")
+    return StoreError(f"cannot write {where}: {e.strerror or e}")
+
+
+def remove_model(name: str) -> None:
+    """Remove a store entry (a model or an unfinished pull), waiting for any writer of it to finish."""
+    if not model_dir(name).is_dir():
+        raise ModelNotFound(f"model {name!r} is not in the store")
+    with lock_model(name, create=False) as d:
+        shutil.rmtree(d)
+
+
+def copy_model(src: str, dst: str, *, force: bool = False) -> Path:
+    """Copy a model (a store name, a registry name or a path) to the store name dst -> dst's container path.
+
+    Containers are never changed in place (a new one is renamed over the old), so the copy is a hard link when
+    the file system allows it, a byte copy otherwise.
+    """
+    path = resolve(src)
+    validate_name(dst)
+    with lock_model(dst) as d:
+        if path.parent.resolve() == d.resolve():
+            raise StoreError(f"{src} and {dst} are the same model")
+        if (d / MANIFEST).exists() and not force:
+            raise StoreError(f"model {dst!r} already exists in the store", hint="pass --force to replace it")
+        try:
+            man = json.loads((path.parent / MANIFEST).read_text(encoding="utf-8")) if path.name == CONTAINER else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            man = None
+        if not isinstance(man, dict):
+            man = {"source": {"kind": "file", "file": str(path.resolve())}}
+        tmp = d / f".{CONTAINER}.{os.getpid()}.tmp"
+        try:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            return publish(dst, tmp, {**man, "copied_from": src, "created": now()})
+        except OSError as e:
+            raise disk_error(e, d) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+            if not (d / MANIFEST).exists():
+                remove_if_empty(d)
+
+
+def remove_if_empty(d: Path) -> None:
+    """Remove a model directory that holds nothing but its lock (the caller holds the lock)."""
+    if d.is_dir() and {p.name for p in d.iterdir()} <= {LOCK}:
+        (d / LOCK).unlink(missing_ok=True)
+        d.rmdir()
 
 
 def _sha256(path: Path) -> str:
@@ -107,7 +265,7 @@ def import_gguf_file(src: Path, name: str, *, force: bool = False, source: dict 
                    "sha256": _sha256(src), **(source or {})},
         "container": CONTAINER,
         "size": out.stat().st_size,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now(),
     }
     write_json_atomic(d / MANIFEST, manifest)
     return out
@@ -126,7 +284,7 @@ def _gguf_store_name(p: Path) -> str:
     return stem[:64]
 
 
-def _cached_import(src: Path, name: str, source: dict | None = None) -> Path:
+def cached_import(src: Path, name: str, source: dict | None = None) -> Path:
     """Import src once; reuse the stored container while src's size and mtime are unchanged."""
     d = model_dir(name)
     try:
@@ -169,7 +327,7 @@ def resolve(name_or_path: str) -> Path:
         with open(p, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
-            return _cached_import(p, _gguf_store_name(p))
+            return cached_import(p, _gguf_store_name(p))
         raise ModelFileError(f"{name_or_path} is neither a GGUF file nor an lmcli container")
     if NAME_RE.match(name_or_path) and ".." not in name_or_path:
         d = models_dir() / name_or_path
@@ -178,10 +336,106 @@ def resolve(name_or_path: str) -> Path:
         reg = load_registry()
         entry = reg.get(name_or_path)
         if entry is not None and entry.packaged:
-            return _cached_import(packaged_file(entry.packaged), name_or_path,
+            return cached_import(packaged_file(entry.packaged), name_or_path,
                                   source={"registry": entry.name, "repo": entry.repo})
+        if (d / PARTIAL).is_dir():
+            raise ModelNotFound(f"model {name_or_path!r} is not complete: its download was interrupted",
+                                hint=f"run `{_resume_command(d, name_or_path)}` to resume it")
         if entry is not None:
             raise ModelNotFound(f"model {name_or_path!r} ({entry.repo}) is not in the store",
-                                hint="downloading from the Hub is not implemented yet; import a GGUF with `lmcli import FILE.gguf`")
+                                hint=f"run `lmcli pull {name_or_path}` to download it")
     known = sorted(load_registry())
     raise ModelNotFound(f"unknown model {name_or_path!r}", hint=f"known names: {', '.join(known)}; or give a .gguf path")
+
+
+def _resume_command(d: Path, name: str) -> str:
+    try:
+        spec = json.loads((d / PARTIAL / "state.json").read_text(encoding="utf-8"))["spec"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return f"lmcli pull {name}"
+    return f"lmcli pull {spec}" + ("" if spec == name else f" --name {name}")
+
+
+# --- show ---------------------------------------------------------------------------------------
+
+
+def _tensor_class(name: str, n_expert: int, ndim: int) -> str:
+    if n_expert:
+        return "experts"
+    if "_shexp" in name:
+        return "shared_experts"
+    if name.endswith("ffn_gate_inp.weight") or ".exp_probs_b." in name:
+        return "router"
+    if ndim == 1:
+        return "norms_and_biases"
+    if name == "token_embd.weight":
+        return "embedding"
+    if name == "output.weight":
+        return "output"
+    if ".attn_" in name:
+        return "attention"
+    if ".ffn_" in name:
+        return "ffn"
+    return "other"
+
+
+def _main_format(tensors) -> str | None:
+    """The format holding most of a model's matrix bytes (a GGUF import records only llama.cpp's file type)."""
+    size: dict[str, int] = {}
+    for t in tensors:
+        if len(t.shape) > 1:
+            size[t.fmt.name] = size.get(t.fmt.name, 0) + t.nbytes * max(1, t.n_expert)
+    return max(size, key=size.get) if size else None
+
+
+def show_info(name_or_path: str) -> dict:
+    """What `lmcli show --json` prints: architecture, parameters (total, active), experts and top-k, formats per
+    tensor class, file size, bytes read per token, context length, chat template, source."""
+    path = resolve(name_or_path)
+    try:
+        c = Container(path)
+    except ContainerError as e:
+        raise ModelFileError(str(e)) from None
+    try:
+        md, tensors, file_size = c.metadata, list(c.tensors.values()), c.file_size
+    finally:
+        c.close()
+    cfg = md.get("config") or {}
+    k = int(cfg.get("n_expert_used") or 0)
+    tied = "output.weight" not in {t.name for t in tensors}
+    total = active = per_token = 0
+    formats: dict[str, set[str]] = {}
+    for t in tensors:
+        n = math.prod(t.shape)
+        total += n
+        formats.setdefault(_tensor_class(t.name, t.n_expert, len(t.shape)), set()).add(t.fmt.name)
+        if t.n_expert:  # the router picks k of n_expert bundles per token and layer
+            active += n // t.n_expert * min(k, t.n_expert)
+            per_token += t.nbytes * min(k, t.n_expert)
+        else:
+            active += n
+            # A token reads one row of the embedding, unless the output projection reuses it (tied).
+            per_token += t.nbytes if t.name != "token_embd.weight" or tied else t.nbytes // t.shape[0]
+    man = None
+    if path.name == CONTAINER and path.parent.parent == models_dir():
+        man = read_manifest(path.parent.name)
+    return {
+        "name": path.parent.name if man is not None else None,
+        "path": str(path),
+        "architecture": cfg.get("arch"),
+        "parameters": {"total": total, "active": active},
+        "experts": {"n_expert": int(cfg.get("n_expert") or 0), "n_expert_used": k,
+                    "n_expert_shared": int(cfg.get("n_expert_shared") or 0)},
+        "layers": cfg.get("n_layer"),
+        "n_embd": cfg.get("n_embd"),
+        "vocab_size": cfg.get("vocab_size"),
+        "quant": (md.get("quant") or {}).get("type") or _main_format(tensors),
+        "formats": {cls: sorted(f) for cls, f in sorted(formats.items())},
+        "tensors": len(tensors),
+        "file_size": file_size,
+        "bytes_per_token": per_token,
+        "context_length": cfg.get("n_ctx_train"),
+        "chat_template": md.get("chat_template"),
+        "source": md.get("source"),
+        "manifest": man,
+    }

@@ -12,11 +12,11 @@ from typing import Callable
 
 import numpy as np
 
-from .container import ContainerWriter
+from .container import Container, ContainerWriter
 from .errors import ContainerError, ConvertError
 from .formats import F32, FORMATS, GROUP, Q4_0, Q4_1, Q8_0, TILE, Format
 from .quantize import dequantize_interleaved, quantize_matrix
-from .safetensors_io import DTYPES, TensorSource, open_model_dir
+from .safetensors_io import DTYPES, TensorEntry, TensorSource, TensorTable, collect_entries, open_model_dir
 
 QTYPES = ("q4_0", "q4_1", "q8_0", "f16")
 CHUNK_BYTES = 8 << 20  # float32 rows quantized at a time: bounds the temporaries of one large matrix
@@ -479,7 +479,7 @@ def expected_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def plan_tensors(src: TensorSource, cfg: dict, qtype: Format, hf_cfg: dict) -> list[Out]:
+def plan_tensors(src: TensorTable, cfg: dict, qtype: Format, hf_cfg: dict) -> list[Out]:
     """Match every source tensor to a container tensor and check every name and shape (nanoGPT's habit):
     an unknown or unexpected source tensor, a missing one, or a shape mismatch is an error."""
     mtp = int(hf_cfg.get("num_nextn_predict_layers") or 0) if cfg["arch"] == "deepseek_v3" else 0
@@ -711,8 +711,10 @@ def read_chat_template(directory: Path) -> str | None:
 # --- conversion ---------------------------------------------------------------------------------
 
 
-def _convert_rows(src: TensorSource, p: Piece, fmt: Format) -> tuple[np.ndarray, np.ndarray, float]:
-    """One matrix (a piece of a source tensor) -> interleaved (codes, scales) and its summed squared error.
+def _convert_rows(src: TensorSource, p: Piece, fmt: Format,
+                  measure: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """One matrix (a piece of a source tensor) -> interleaved (codes, scales) and its summed squared error
+    (0.0 unless measure).
 
     Rows are quantized in chunks of whole tiles, so the result equals quantizing the matrix at once while the
     float32 temporaries stay bounded.
@@ -725,7 +727,7 @@ def _convert_rows(src: TensorSource, p: Piece, fmt: Format) -> tuple[np.ndarray,
         if not np.isfinite(w).all():
             raise ConvertError(f"tensor {p.src} has non-finite values")
         c, s = quantize_matrix(w, fmt)
-        if fmt is not F32:
+        if measure and fmt is not F32:
             sq += float(np.sum(np.square(dequantize_interleaved(c, s, fmt, n, p.row_len) - w, dtype=np.float64)))
         codes.append(c)
         scales.append(s)
@@ -759,26 +761,10 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         raise ConvertError(f"{out.parent} is not a directory")
     hf_cfg = _read_json(directory / "config.json", required=True)
     cfg = read_config(hf_cfg)
-    metadata = {
-        "config": cfg,
-        "tokenizer": read_tokenizer(directory, hf_cfg, cfg["vocab_size"]),
-        "chat_template": read_chat_template(directory),
-        "quant": None,
-        "source": {"format": "hf", "dir": directory.resolve().name, "model_type": cfg["arch"]},
-    }
+    metadata = _metadata(directory, hf_cfg, cfg, {"format": "hf", "dir": directory.resolve().name})
     with open_model_dir(directory) as src:
         plan = plan_tensors(src, cfg, fmt, hf_cfg)
-        formats: dict[str, int] = {}
-        for o in plan:
-            formats[o.fmt.name] = formats.get(o.fmt.name, 0) + 1
-        embd_fmt = _format("token_embd.weight", (2, GROUP), fmt).name
-        metadata["quant"] = {
-            "type": qtype,
-            "policy": {"vectors": "f32", "ffn_gate_inp": "f32", "token_embd": embd_fmt, "output": embd_fmt,
-                       "other": qtype},
-            "formats": formats,
-            "source_format": "hf",
-        }
+        metadata["quant"] = _quant_info(plan, qtype)
         total_bytes = sum(_piece_bytes(src, p) for o in plan for p in o.pieces)
         try:
             rms = _write(src, plan, out, overwrite, metadata, progress, total_bytes)
@@ -790,20 +776,50 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
             "seconds": time.perf_counter() - t0, "rms_error": rms}
 
 
+def _metadata(directory: Path, hf_cfg: dict, cfg: dict, source: dict) -> dict:
+    """The container's metadata but for "quant" (known once the tensors are planned)."""
+    return {
+        "config": cfg,
+        "tokenizer": read_tokenizer(directory, hf_cfg, cfg["vocab_size"]),
+        "chat_template": read_chat_template(directory),
+        "quant": None,
+        "source": {**source, "model_type": cfg["arch"]},
+    }
+
+
+def _quant_info(plan: list[Out], qtype: str) -> dict:
+    fmt = FORMATS[qtype]
+    formats: dict[str, int] = {}
+    for o in plan:
+        formats[o.fmt.name] = formats.get(o.fmt.name, 0) + 1
+    embd_fmt = _format("token_embd.weight", (2, GROUP), fmt).name
+    return {
+        "type": qtype,
+        "policy": {"vectors": "f32", "ffn_gate_inp": "f32", "token_embd": embd_fmt, "output": embd_fmt,
+                   "other": qtype},
+        "formats": formats,
+        "source_format": "hf",
+    }
+
+
+def _plan_writer(w: ContainerWriter, plan: list[Out]) -> None:
+    k = 0
+    while k < len(plan):  # the three expert tensors of a layer are consecutive: one bundle per expert
+        o = plan[k]
+        if len(o.shape) == 3:
+            group = plan[k:k + 3]
+            w.plan_experts([(g.name, g.fmt, g.shape[1:]) for g in group], o.shape[0])
+            k += 3
+        else:
+            w.plan(o.name, o.fmt, o.shape)
+            k += 1
+
+
 def _write(src, plan: list[Out], out: Path, overwrite: bool, metadata: dict, progress, total_bytes: int) -> dict:
     rms: dict[str, float] = {}
     done_t = done_b = 0
     with ContainerWriter(out, overwrite=overwrite) as w:
-        k = 0
-        while k < len(plan):  # the three expert tensors of a layer are consecutive: one bundle per expert
-            o = plan[k]
-            if len(o.shape) == 3:
-                group = plan[k:k + 3]
-                w.plan_experts([(g.name, g.fmt, g.shape[1:]) for g in group], o.shape[0])
-                k += 3
-            else:
-                w.plan(o.name, o.fmt, o.shape)
-                k += 1
+        _plan_writer(w, plan)
         w.begin(metadata)
         k = 0
         while k < len(plan):
@@ -842,3 +858,136 @@ def _write(src, plan: list[Out], out: Path, overwrite: bool, metadata: dict, pro
                 progress(done_t, len(plan), done_b, total_bytes)
         w.finish()
     return rms
+
+
+# --- shard by shard: converting while a model downloads (lmcli pull) -----------------------------
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """A conversion planned before any shard is read, from the small files (config, tokenizer) and every shard's
+    header: the container's metadata and tensors, and which tensors (or experts of one) each shard fills.
+
+    A container tensor may draw on several shards (the experts of one layer spread over two files); each of its
+    experts is written when the shard that holds it arrives.
+    """
+
+    qtype: str
+    metadata: dict
+    plan: tuple[Out, ...]
+    table: TensorTable  # every source tensor, as the headers describe it
+    units: dict[str, tuple[tuple[int, int | None], ...]]  # shard file -> (plan index, expert or None), in order
+
+
+def plan_shards(src_dir: str | os.PathLike, headers: dict[str, list[TensorEntry]], weight_map: dict[str, str] | None,
+                qtype: str, source: dict) -> ShardJob:
+    """Plan a conversion from a directory holding config.json and the tokenizer files, and the validated headers
+    of every shard (safetensors_io.parse_header); `source` goes into the container's metadata."""
+    if qtype not in QTYPES:
+        raise ConvertError(f"unknown quantization type {qtype!r} (choose from {', '.join(QTYPES)})")
+    directory = Path(src_dir)
+    hf_cfg = _read_json(directory / "config.json", required=True)
+    cfg = read_config(hf_cfg)
+    metadata = _metadata(directory, hf_cfg, cfg, {"format": "hf", **source})
+    table = TensorTable(collect_entries([headers[s] for s in sorted(headers)], weight_map))
+    plan = plan_tensors(table, cfg, FORMATS[qtype], hf_cfg)
+    metadata["quant"] = _quant_info(plan, qtype)
+    units: dict[str, list] = {s: [] for s in headers}
+    for i, o in enumerate(plan):
+        for e, p in enumerate(o.pieces):
+            units[table.entry(p.src).shard].append((i, e if len(o.shape) == 3 else None))
+    return ShardJob(qtype, metadata, tuple(plan), table, {s: tuple(u) for s, u in units.items()})
+
+
+class _PresizedWriter(ContainerWriter):
+    """ContainerWriter's own layout and header, in a file left at its full (sparse) size so that tensors can be
+    written in place later, shard by shard, by this process or by the next one after an interruption."""
+
+    def presize(self) -> Path:
+        # Uses the writer's internals (_f, _end, _tmp) so that the byte layout stays the container module's alone.
+        self._require("write")
+        self._f.truncate(self._end)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        os.replace(self._tmp, self.path)
+        self._state = "done"
+        return self.path
+
+
+def start_container(job: ShardJob, path: str | os.PathLike) -> Path:
+    """Create (atomically, replacing any) the container file of a job: its header, every tensor's place, no data."""
+    try:
+        with _PresizedWriter(path, overwrite=True) as w:
+            _plan_writer(w, list(job.plan))
+            w.begin(job.metadata)
+            return w.presize()
+    except ContainerError as e:
+        raise ConvertError(str(e)) from None
+
+
+def resumable(job: ShardJob, path: str | os.PathLike) -> bool:
+    """Whether a file started by start_container holds this job's layout (so its written tensors can be kept)."""
+    try:
+        c = Container(path)
+    except ContainerError:
+        return False
+    try:
+        want = [(o.name, o.fmt.name, tuple(o.shape)) for o in job.plan]
+        have = [(t.name, t.fmt.name, t.shape) for t in c.tensors.values()]
+        return sorted(have) == sorted(want) and c.metadata == json.loads(json.dumps(job.metadata))
+    finally:
+        c.close()
+
+
+def convert_shard(job: ShardJob, path: str | os.PathLike, shard_dir: str | os.PathLike, shard: str, *,
+                  progress: Callable[[int, int], None] | None = None) -> None:
+    """Convert every tensor (or expert) that one downloaded shard holds into the job's container at path, in place,
+    and fsync it. The shard's header must be the one the job was planned from.
+
+    progress(done, total) counts this shard's pieces. OSError (a full disk) is raised as is.
+    """
+    if shard not in job.units:
+        raise ConvertError(f"{shard} is not a shard of this model")
+    with TensorSource(shard_dir, files=[shard]) as src:
+        planned = sorted((e for e in job.table.entries() if e.shard == shard), key=lambda e: e.start)
+        found = sorted((src.entry(n) for n in src.names()), key=lambda e: e.start)
+        if found != planned:
+            raise ConvertError(f"{shard}: its header differs from the one the conversion was planned from")
+        try:
+            c = Container(path)
+        except ContainerError as e:
+            raise ConvertError(str(e)) from None
+        places = {name: (t.offset, t.stride, t.nbytes) for name, t in c.tensors.items()}
+        c.close()
+        units = job.units[shard]
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for k, (i, expert) in enumerate(units):
+                o = job.plan[i]
+                p = o.pieces[expert or 0]
+                if len(o.shape) == 1:
+                    vec = src.read_rows(p.src, 0, 1).reshape(-1)
+                    if not np.isfinite(vec).all():
+                        raise ConvertError(f"tensor {p.src} has non-finite values")
+                    data = vec.tobytes()
+                else:
+                    codes, scales, _ = _convert_rows(src, p, o.fmt, measure=False)
+                    data = codes.tobytes() + scales.tobytes()
+                offset, stride, nbytes = places[o.name]
+                if len(data) != nbytes:
+                    raise ConvertError(f"tensor {o.name}: {len(data)} bytes converted, {nbytes} planned")
+                _pwrite_all(fd, data, offset + (expert or 0) * stride)
+                if progress is not None:
+                    progress(k + 1, len(units))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

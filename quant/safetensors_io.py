@@ -63,24 +63,35 @@ def _no_duplicates(pairs):
     return d
 
 
+def header_length(prefix: bytes, name: str, size: int) -> int:
+    """The header length N from a file's first 8 bytes, checked against the file size."""
+    if len(prefix) < 8:
+        raise ConvertError(f"{name}: truncated safetensors file ({size} bytes)")
+    (hlen,) = struct.unpack("<Q", prefix[:8])
+    if hlen > MAX_HEADER:
+        raise ConvertError(f"{name}: header length {hlen} exceeds the {MAX_HEADER}-byte limit; "
+                           "not a safetensors file")
+    if 8 + hlen > size:
+        raise ConvertError(f"{name}: truncated: the header claims {hlen} bytes, the file has {size}")
+    return hlen
+
+
 def read_header(path: Path) -> tuple[list[TensorEntry], dict]:
     """Parse and validate one safetensors file's header -> (entries in offset order, __metadata__)."""
     name = path.name
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ConvertError(f"{name}: truncated safetensors file ({size} bytes)")
-            (hlen,) = struct.unpack("<Q", prefix)
-            if hlen > MAX_HEADER:
-                raise ConvertError(f"{name}: header length {hlen} exceeds the {MAX_HEADER}-byte limit; "
-                                   "not a safetensors file")
-            if 8 + hlen > size:
-                raise ConvertError(f"{name}: truncated: the header claims {hlen} bytes, the file has {size}")
+            hlen = header_length(f.read(8), name, size)
             raw = f.read(hlen)
     except OSError as e:
         raise ConvertError(f"cannot read {name}: {e.strerror}") from None
+    return parse_header(raw, name, size)
+
+
+def parse_header(raw: bytes, name: str, size: int) -> tuple[list[TensorEntry], dict]:
+    """Validate a header's JSON bytes against the size of the file it heads (which may be remote: read with a
+    Range request before the file is downloaded) -> (entries in offset order, __metadata__)."""
     if not raw.startswith(b"{"):
         raise ConvertError(f"{name}: header is not a JSON object")
     try:
@@ -92,7 +103,7 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict]:
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ConvertError(f"{name}: __metadata__ must map strings to strings")
-    data_start = 8 + hlen
+    data_start = 8 + len(raw)
     buffer_len = size - data_start
     spans = []
     for tname, info in header.items():
@@ -176,46 +187,39 @@ def shard_files(directory: Path, weight_map: dict[str, str] | None) -> list[Path
     return [_shard_path(directory, f, directory.name) for f in found]
 
 
-class TensorSource:
-    """The tensors of a model directory: names, shapes and dtypes from validated headers; data by mmap.
+def collect_entries(shards: list[list[TensorEntry]], weight_map: dict[str, str] | None) -> dict[str, TensorEntry]:
+    """Every tensor of a set of shards by name: none given twice, and where an index exists, each in the shard the
+    index names and every indexed tensor present."""
+    out: dict[str, TensorEntry] = {}
+    for entries in shards:
+        for e in entries:
+            if e.name in out:
+                raise ConvertError(f"tensor {e.name} appears in both {out[e.name].shard} and {e.shard}")
+            if weight_map is not None and weight_map.get(e.name, e.shard) != e.shard:
+                raise ConvertError(f"{INDEX_FILE} puts {e.name} in {weight_map[e.name]}, but it is in {e.shard}")
+            out[e.name] = e
+    if weight_map is not None:
+        missing = [n for n in weight_map if n not in out]
+        if missing:
+            raise ConvertError(f"{INDEX_FILE} lists {missing[0]} in {weight_map[missing[0]]}, which does not hold it")
+    return out
 
-    Reading copies a tensor (or a range of its rows) out as float32, then tells the kernel to drop the
-    pages it touched from this process, so reading a whole model keeps the resident set at one tensor.
+
+class TensorTable:
+    """Names, shapes, dtypes and places of a model's tensors, from validated headers; no data.
+
+    A conversion is planned on this alone, so it can be planned from headers read over the network before any
+    shard is downloaded.
     """
 
-    def __init__(self, directory: str | os.PathLike):
-        self.dir = Path(directory)
-        if not self.dir.is_dir():
-            raise ConvertError(f"{self.dir} is not a directory")
-        self._entries: dict[str, TensorEntry] = {}
-        self._maps: dict[str, mmap.mmap] = {}
-        index_map = read_index(self.dir)
-        try:
-            for path in shard_files(self.dir, index_map):
-                entries, _ = read_header(path)
-                for e in entries:
-                    if e.name in self._entries:
-                        first = self._entries[e.name].shard
-                        raise ConvertError(f"tensor {e.name} appears in both {first} and {e.shard}")
-                    if index_map is not None and index_map.get(e.name, e.shard) != e.shard:
-                        raise ConvertError(f"{INDEX_FILE} puts {e.name} in {index_map[e.name]}, but it is in {e.shard}")
-                    self._entries[e.name] = e
-                if any(e.nbytes for e in entries):
-                    with open(path, "rb") as f:
-                        self._maps[path.name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if index_map is not None:
-                missing = [n for n in index_map if n not in self._entries]
-                if missing:
-                    raise ConvertError(f"{INDEX_FILE} lists {missing[0]} in {index_map[missing[0]]}, "
-                                       "which does not hold it")
-        except BaseException:
-            self.close()
-            raise
-
-    # --- description -------------------------------------------------------------------------
+    def __init__(self, entries: dict[str, TensorEntry]):
+        self._entries = entries
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def entries(self) -> list[TensorEntry]:
+        return list(self._entries.values())
 
     def entry(self, name: str) -> TensorEntry:
         try:
@@ -231,6 +235,37 @@ class TensorSource:
 
     def nbytes(self, name: str) -> int:
         return self.entry(name).nbytes
+
+
+class TensorSource(TensorTable):
+    """The tensors of a model directory: names, shapes and dtypes from validated headers; data by mmap.
+
+    Reading copies a tensor (or a range of its rows) out as float32, then tells the kernel to drop the
+    pages it touched from this process, so reading a whole model keeps the resident set at one tensor.
+    files: read only these shard files of the directory (one shard of a model being pulled), without the index.
+    """
+
+    def __init__(self, directory: str | os.PathLike, files: list[str] | None = None):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise ConvertError(f"{self.dir} is not a directory")
+        super().__init__({})
+        self._maps: dict[str, mmap.mmap] = {}
+        index_map = read_index(self.dir) if files is None else None
+        paths = (shard_files(self.dir, index_map) if files is None
+                 else [_shard_path(self.dir, f, "the shard list") for f in files])
+        try:
+            headers = []
+            for path in paths:
+                entries, _ = read_header(path)
+                headers.append(entries)
+                if any(e.nbytes for e in entries):
+                    with open(path, "rb") as f:
+                        self._maps[path.name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._entries = collect_entries(headers, index_map)
+        except BaseException:
+            self.close()
+            raise
 
     # --- data --------------------------------------------------------------------------------
 

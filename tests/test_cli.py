@@ -206,3 +206,18 @@ def test_ctrl_c_exits_130(lmcli_home):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and b"Traceback" not in err
+
+
+def test_show_list_cp_rm_round_trip(lmcli_home):
+    info = json.loads(lmcli("show", "smollm2", "--json", home=lmcli_home).stdout)
+    assert info["architecture"] == "llama" and info["layers"] == 30 and info["vocab_size"] == 49152
+    assert info["bytes_per_token"] < info["file_size"]
+    r = lmcli("cp", "smollm2", "smol-copy", home=lmcli_home)
+    assert r.returncode == 0, r.stderr
+    names = [m["name"] for m in json.loads(lmcli("list", "--json", home=lmcli_home).stdout)]
+    assert {"smollm2", "smol-copy"} <= set(names)
+    assert_clean_failure(lmcli("cp", "smollm2", "smol-copy", home=lmcli_home))  # exists, no --force
+    assert lmcli("rm", "smol-copy", home=lmcli_home).returncode == 0
+    names = [m["name"] for m in json.loads(lmcli("list", "--json", home=lmcli_home).stdout)]
+    assert "smol-copy" not in names
+    assert_clean_failure(lmcli("rm", "../etc", home=lmcli_home))
