@@ -308,6 +308,60 @@ def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xq, xd, xs, xf, 
                 acc[r] += buf32[base + k * TILE + r] * a
 
 
+@njit(cache=True, inline="always")
+def _tile_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xq, xd, xs, rows, acc, w, isum, bits, d, m):
+    """acc (len(rows), TILE) = rows [tile*TILE, +TILE) of a q4_0/q4_1/q8_0 matrix . activation rows `rows`.
+
+    Prefill: each group's codes are unpacked once into w (GROUP, TILE) and reused for every token.
+    """
+    ng = n_in // GROUP
+    nr = rows.shape[0]
+    for q in range(nr):
+        for r in range(TILE):
+            acc[q, r] = 0.0
+    nsc = 2 if kind == 3 else 1
+    cbytes = 16 if kind != 8 else 32
+    cb = coff + tile * ng * cbytes * TILE
+    sb = (soff + tile * ng * nsc * TILE * 2) // 2
+    for g in range(ng):
+        if kind == 8:
+            for j in range(GROUP):
+                base = cb + (g * GROUP + j) * TILE
+                row = buf8[base : base + TILE]
+                for r in range(TILE):
+                    w[j, r] = np.int32(np.int8(row[r]))
+        else:
+            for jb in range(GROUP // 2):
+                base = cb + (g * 16 + jb) * TILE
+                row = buf8[base : base + TILE]
+                for r in range(TILE):
+                    c = np.int32(row[r])
+                    w[jb, r] = c & 15
+                    w[jb + 16, r] = c >> 4
+        s0 = sb + g * nsc * TILE
+        _f16_row(buf16[s0 : s0 + TILE], bits, d)
+        if kind == 3:
+            _f16_row(buf16[s0 + TILE : s0 + 2 * TILE], bits, m)
+        elif kind == 2:
+            for r in range(TILE):
+                m[r] = np.float32(-8.0) * d[r]
+        else:
+            for r in range(TILE):
+                m[r] = 0.0
+        for q in range(nr):
+            t = rows[q]
+            for r in range(TILE):
+                isum[r] = 0
+            for j in range(GROUP):
+                a = np.int32(xq[t, g * GROUP + j])
+                for r in range(TILE):
+                    isum[r] += w[j, r] * a
+            dx = xd[t, g]
+            sx = np.float32(xs[t, g])
+            for r in range(TILE):
+                acc[q, r] += dx * (d[r] * np.float32(isum[r]) + m[r] * sx)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def moe_gate_up(buf8, buf16, buf32, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_soff, sel, tok_ptr, tok_idx,
                 xq, xd, xs, xf, h):
@@ -329,7 +383,20 @@ def moe_gate_up(buf8, buf16, buf32, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_
         d = np.empty(TILE, np.float32)
         m = np.empty(TILE, np.float32)
         n_valid = min(TILE, n_ff - tile * TILE)
-        for a in range(tok_ptr[i], tok_ptr[i + 1]):
+        a0, a1 = tok_ptr[i], tok_ptr[i + 1]
+        if a1 - a0 > 1 and kind != 0 and kind != 1:
+            rows = tok_idx[a0:a1]
+            ga = np.empty((a1 - a0, TILE), np.float32)
+            ua = np.empty((a1 - a0, TILE), np.float32)
+            w = np.empty((GROUP, TILE), np.int32)
+            _tile_dot_rows(buf8, buf16, kind, g_coff[e], g_soff[e], n_in, tile, xq, xd, xs, rows, ga, w, isum, bits, d, m)
+            _tile_dot_rows(buf8, buf16, kind, u_coff[e], u_soff[e], n_in, tile, xq, xd, xs, rows, ua, w, isum, bits, d, m)
+            for q in range(a1 - a0):
+                for r in range(n_valid):
+                    x = ga[q, r]
+                    h[a0 + q, tile * TILE + r] = x / (np.float32(1.0) + np.exp(-x)) * ua[q, r]
+            continue
+        for a in range(a0, a1):
             t = tok_idx[a]
             _tile_dot(buf8, buf16, buf32, kind, g_coff[e], g_soff[e], n_in, tile, xq, xd, xs, xf, t, g, isum, bits, d, m)
             _tile_dot(buf8, buf16, buf32, kind, u_coff[e], u_soff[e], n_in, tile, xq, xd, xs, xf, t, u, isum, bits, d, m)
@@ -352,7 +419,17 @@ def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq
         d = np.empty(TILE, np.float32)
         m = np.empty(TILE, np.float32)
         n_valid = min(TILE, n_out - tile * TILE)
-        for a in range(tok_ptr[i], tok_ptr[i + 1]):
+        a0, a1 = tok_ptr[i], tok_ptr[i + 1]
+        if a1 - a0 > 1 and kind != 0 and kind != 1:
+            rows = np.arange(a0, a1)
+            ya = np.empty((a1 - a0, TILE), np.float32)
+            w = np.empty((GROUP, TILE), np.int32)
+            _tile_dot_rows(buf8, buf16, kind, coff[e], soff[e], n_in, tile, hq, hd, hs, rows, ya, w, isum, bits, d, m)
+            for q in range(a1 - a0):
+                for r in range(n_valid):
+                    y[a0 + q, tile * TILE + r] = ya[q, r]
+            continue
+        for a in range(a0, a1):
             _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, hq, hd, hs, hf, a, acc, isum, bits, d, m)
             for r in range(n_valid):
                 y[a, tile * TILE + r] = acc[r]
