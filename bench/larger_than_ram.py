@@ -85,8 +85,9 @@ def run_capped(kind: str, path: Path, cap: int, n_decode: int, threads: int) -> 
                str(path), str(n_decode), str(threads)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                            env=dict(os.environ, NUMBA_NUM_THREADS=str(threads)))
-        if p.returncode != 0:
-            return None  # killed (OOM) or failed
+        if p.returncode != 0:  # killed (OOM) or failed
+            print(f"  [{kind} exited {p.returncode}: {p.stderr.strip().splitlines()[-1:] or 'killed'}]", flush=True)
+            return None
         return json.loads(p.stdout.strip().splitlines()[-1])
     finally:
         for _ in range(100):

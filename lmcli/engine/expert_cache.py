@@ -152,6 +152,10 @@ class ExpertCache:
                 f"an expert cache of {capacity_bytes >> 20} MiB holds {self.n_slots} expert bundles of "
                 f"{self.slot_size >> 20} MiB; one token needs at least {need} resident",
                 hint="raise --expert-cache-mib")
+        self.top_k = top_k
+        # a batch (prefill) may select more experts than fit: moe_ffn works through them max_batch at a time,
+        # keeping top_k slots for the next layer's prefetch
+        self.max_batch = max(top_k, self.n_slots - top_k)
         self._map = mmap.mmap(-1, self.n_slots * self.slot_size)  # anonymous, page aligned
         self.buf8 = np.frombuffer(self._map, np.uint8)
         self.buf16 = self.buf8.view(np.uint16)
@@ -209,6 +213,11 @@ class ExpertCache:
             slot = self.free.pop()
         else:
             victim = self.policy.victim(pinned | set(self.pending) | self.in_use)
+            if victim is None and self.pending:  # prefetches hold the rest: let them land, then evict one
+                for key, fut in list(self.pending.items()):
+                    self.stats.bytes_read += fut.result()
+                    self.pending.pop(key)
+                victim = self.policy.victim(pinned | self.in_use)
             if victim is None:
                 raise MemoryBudgetError("the expert cache is too small for the experts in flight",
                                         hint="raise --expert-cache-mib")
@@ -224,7 +233,7 @@ class ExpertCache:
         if self._io is None or layer not in self.layers:
             return
         with self._lock:
-            for e in experts:
+            for e in list(experts)[: self.top_k]:
                 key = (layer, int(e))
                 if key in self.slot_of or key in self.pending:
                     continue

@@ -85,6 +85,18 @@ class RoutingStats:
             self.trace.clear()
 
 
+def _experts(b8, b16, b32, offs, kind, ex, sel, tok_ptr, tok_idx, a, hb, y) -> None:
+    """gate/up (fused SiLU) then down for the assignments tok_ptr[0]..tok_ptr[-1] of experts `sel`."""
+    xq, xd, xs = a.quantized()
+    (gc, gs), (uc, us), (dc, ds) = offs["gate"], offs["up"], offs["down"]
+    kernels.moe_gate_up(b8, b16, b32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
+                        xq, xd, xs, a.x, hb)
+    a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])
+    ha = Act(hb[a0:a1])
+    hq, hd, hs = ha.quantized()
+    kernels.moe_down(b8, b16, b32, kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr - a0, hq, hd, hs, ha.x, y[a0:a1])
+
+
 def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | None, layer: int,
             cache=None, next_moe: tuple[int, FFN] | None = None) -> np.ndarray:
     """Routed experts (+ shared experts) for h (T, n_embd): tokens grouped by expert, so each selected
@@ -106,26 +118,21 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
     wsort = wts.reshape(-1)[order]
     ex = ff.experts
     kind = kernels.KIND[ex.fmt]
-    xq, xd, xs = a.quantized()
-    if cache is not None:
-        slots = cache.fetch(layer, sel)
-        if next_moe is not None:
-            nl, nff = next_moe
-            pred, _ = route(nff.router(a), spec, nff.router_bias)
-            cache.prefetch(nl, np.unique(pred))
-        offs = cache.offsets(layer, sel, slots, ex.n_expert)
-        b8, b16, b32 = cache.buf8, cache.buf16, cache.buf32
-    else:
-        offs = ex.offsets
-        b8, b16, b32 = w.buf8, w.buf16, w.buf32
     hb = np.empty((len(flat_e), ex.n_ff), np.float32)
-    (gc, gs), (uc, us), (dc, ds) = offs["gate"], offs["up"], offs["down"]
-    kernels.moe_gate_up(b8, b16, b32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
-                        xq, xd, xs, a.x, hb)
-    ha = Act(hb)
-    hq, hd, hs = ha.quantized()
     y = np.empty((len(flat_e), ex.n_embd), np.float32)
-    kernels.moe_down(b8, b16, b32, kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr, hq, hd, hs, ha.x, y)
+    if cache is None:
+        _experts(w.buf8, w.buf16, w.buf32, ex.offsets, kind, ex, sel, tok_ptr, tok_idx, a, hb, y)
+    else:
+        for i0 in range(0, len(sel), cache.max_batch):  # as many experts at a time as the cache holds
+            sub = sel[i0 : i0 + cache.max_batch]
+            slots = cache.fetch(layer, sub)
+            if i0 == 0 and next_moe is not None:  # the reads for the next layer overlap this layer's compute
+                nl, nff = next_moe
+                pred, _ = route(nff.router(a), spec, nff.router_bias)
+                cache.prefetch(nl, np.unique(pred))
+            offs = cache.offsets(layer, sub, slots, ex.n_expert)
+            _experts(cache.buf8, cache.buf16, cache.buf32, offs, kind, ex, sub, tok_ptr[i0 : i0 + len(sub) + 1],
+                     tok_idx, a, hb, y)
     out = np.zeros((T, ex.n_embd), np.float32)
     np.add.at(out, tok_idx, wsort[:, None] * y)
     if ff.sh_gate is not None:
