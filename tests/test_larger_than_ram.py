@@ -62,7 +62,7 @@ def test_a_budget_too_small_for_one_token_is_a_clear_error_before_running(tmp_pa
     from lmcli.engine.expert_cache import MemoryBudgetError
 
     p = tmp_path / "m.lmc"
-    write_synthetic_moe(p, n_layer=2, n_embd=256, n_ff_exp=1024, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    write_synthetic_moe(p, n_layer=2, n_embd=256, n_ff_exp=4096, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
     with pytest.raises(MemoryBudgetError, match="expert-cache-mib|bundles"):
         lmcli.load(str(p), expert_cache_mib=1)
 

@@ -146,7 +146,7 @@ class ExpertCache:
         self.layers = layers
         self.slot_size = max(ex.stride for ex in layers.values())
         self.n_slots = capacity_bytes // self.slot_size
-        need = 2 * top_k  # this layer's experts in use plus the next layer's in flight
+        need = top_k  # one token's experts of one layer; prefetch needs top_k more and is dropped without them
         if self.n_slots < need:
             raise MemoryBudgetError(
                 f"an expert cache of {capacity_bytes >> 20} MiB holds {self.n_slots} expert bundles of "
@@ -155,7 +155,7 @@ class ExpertCache:
         self.top_k = top_k
         # a batch (prefill) may select more experts than fit: moe_ffn works through them max_batch at a time,
         # keeping top_k slots for the next layer's prefetch
-        self.max_batch = max(top_k, self.n_slots - top_k)
+        self.max_batch = max(top_k, self.n_slots - top_k) if self.n_slots >= 2 * top_k else self.n_slots
         self._map = mmap.mmap(-1, self.n_slots * self.slot_size)  # anonymous, page aligned
         self.buf8 = np.frombuffer(self._map, np.uint8)
         self.buf16 = self.buf8.view(np.uint16)
@@ -175,6 +175,7 @@ class ExpertCache:
         self.prefetched_keys: set = set()
         self.in_use: set = set()  # the experts the current layer's kernels are reading
         self._lock = threading.Lock()
+        prefetch = prefetch and self.n_slots >= 2 * top_k
         self._io = ThreadPoolExecutor(1, thread_name_prefix="lmcli-expert-io") if prefetch else None
         # byte offsets of gate/up/down codes and scales inside a bundle (the same for every expert)
         self.inner = {}

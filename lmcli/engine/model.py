@@ -69,7 +69,7 @@ class Transformer:
                 return None  # it fits: the page cache over the mapping is the cheapest cache
             # the dense weights stay resident (page cache over the mapping); the rest, less a margin for
             # activations, the KV cache and the allocator, holds expert bundles
-            budget = int(0.8 * avail) - self.weights.nbytes_dense
+            budget = int(0.5 * avail) - self.weights.nbytes_dense
             budget = max(budget, 0)
         else:
             if mib < 0:
