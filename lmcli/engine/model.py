@@ -30,8 +30,11 @@ class Transformer:
 
     def __init__(self, container: Container, cfg: ModelConfig, max_ctx: int, moe_topk: int | None = None,
                  expert_cache_mib: int | None = None, cache_policy: str = "lru", prefetch: bool = True):
+        from .expert_cache import memory_available
+
         self.container = container
         self.cfg = cfg
+        self._avail_at_load = memory_available()  # before the dense weights are read in (they count in a cgroup)
         self.weights: Weights = load_weights(container, cfg)
         self.max_ctx = max_ctx
         self.cos, self.sin = ops.rope_table(max_ctx, cfg.n_rot, cfg.rope_theta, cfg.rope_scaling)
@@ -58,13 +61,13 @@ class Transformer:
     def _make_cache(self, mib: int | None, top_k: int, policy: str, prefetch: bool):
         """An expert cache when asked for (mib > 0), or automatically when the file is larger than what the
         process may use comfortably (60% of available memory, cgroup limit included); mib == 0 turns it off."""
-        from .expert_cache import ExpertCache, memory_available
+        from .expert_cache import ExpertCache
 
         layers = {i: L.ffn.experts for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None}
         if not layers or mib == 0:
             return None
         if mib is None:
-            avail = memory_available()
+            avail = self._avail_at_load
             if not avail or self.container.file_size <= 0.6 * avail:
                 return None  # it fits: the page cache over the mapping is the cheapest cache
             # the dense weights stay resident (page cache over the mapping); the rest, less a margin for
