@@ -33,11 +33,11 @@ def io_read() -> int:
 
 def worker(kind: str, path: str, n_decode: int, threads: int) -> dict:
     prompt = list(range(300, 316))
-    if kind == "lmcli":
+    if kind in ("lmcli", "lmcli-noprefetch"):
         sys.path.insert(0, str(ROOT))
         import lmcli
 
-        m = lmcli.load(path, n_ctx=64, threads=threads)
+        m = lmcli.load(path, n_ctx=64, threads=threads, prefetch=kind == "lmcli")
         tr = m.transformer
         cache = tr.new_cache(64)
         tok = int(tr.forward(prompt, cache)[-1].argmax())
@@ -117,9 +117,9 @@ def main():
     size = lmc.stat().st_size
     for frac in [float(x) for x in a.caps.split(",")]:
         cap = int(size * frac)
-        res = {"lmcli": [], "llama-mmap": []}
+        res = {"lmcli": [], "lmcli-noprefetch": [], "llama-mmap": []}
         for _ in range(a.reps):
-            for kind, path in (("lmcli", lmc), ("llama-mmap", gguf)):
+            for kind, path in (("lmcli", lmc), ("lmcli-noprefetch", lmc), ("llama-mmap", gguf)):
                 r = run_capped(kind, path, cap, a.decode, a.threads)
                 res[kind].append(r)
         repack = run_capped("llama-repack", gguf, cap, 2, a.threads)
@@ -132,8 +132,8 @@ def main():
             ts = [r["tok_s"] for r in ok]
             rb = [r["read_per_token"] / 1e9 for r in ok]
             hr = f", hit rate {statistics.median([r['hit_rate'] for r in ok if r.get('hit_rate') is not None] or [0]):.2f}" \
-                if kind == "lmcli" else ""
-            print(f"  {kind:11s} decode tok/s median {statistics.median(ts):.2f} (min {min(ts):.2f}, max {max(ts):.2f}); "
+                if kind.startswith("lmcli") else ""
+            print(f"  {kind:16s} decode tok/s median {statistics.median(ts):.2f} (min {min(ts):.2f}, max {max(ts):.2f}); "
                   f"disk GB/token median {statistics.median(rb):.3f}{hr}; {len(ok)}/{len(rs)} runs survived")
         if res["lmcli"][0] and res["llama-mmap"][0]:
             lt = statistics.median([r["tok_s"] for r in res["lmcli"] if r])
