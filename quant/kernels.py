@@ -383,20 +383,7 @@ def moe_gate_up(buf8, buf16, buf32, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_
         d = np.empty(TILE, np.float32)
         m = np.empty(TILE, np.float32)
         n_valid = min(TILE, n_ff - tile * TILE)
-        a0, a1 = tok_ptr[i], tok_ptr[i + 1]
-        if a1 - a0 > 1 and kind != 0 and kind != 1:
-            rows = tok_idx[a0:a1]
-            ga = np.empty((a1 - a0, TILE), np.float32)
-            ua = np.empty((a1 - a0, TILE), np.float32)
-            w = np.empty((GROUP, TILE), np.int32)
-            _tile_dot_rows(buf8, buf16, kind, g_coff[e], g_soff[e], n_in, tile, xq, xd, xs, rows, ga, w, isum, bits, d, m)
-            _tile_dot_rows(buf8, buf16, kind, u_coff[e], u_soff[e], n_in, tile, xq, xd, xs, rows, ua, w, isum, bits, d, m)
-            for q in range(a1 - a0):
-                for r in range(n_valid):
-                    x = ga[q, r]
-                    h[a0 + q, tile * TILE + r] = x / (np.float32(1.0) + np.exp(-x)) * ua[q, r]
-            continue
-        for a in range(a0, a1):
+        for a in range(tok_ptr[i], tok_ptr[i + 1]):
             t = tok_idx[a]
             _tile_dot(buf8, buf16, buf32, kind, g_coff[e], g_soff[e], n_in, tile, xq, xd, xs, xf, t, g, isum, bits, d, m)
             _tile_dot(buf8, buf16, buf32, kind, u_coff[e], u_soff[e], n_in, tile, xq, xd, xs, xf, t, u, isum, bits, d, m)
@@ -419,17 +406,58 @@ def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq
         d = np.empty(TILE, np.float32)
         m = np.empty(TILE, np.float32)
         n_valid = min(TILE, n_out - tile * TILE)
-        a0, a1 = tok_ptr[i], tok_ptr[i + 1]
-        if a1 - a0 > 1 and kind != 0 and kind != 1:
-            rows = np.arange(a0, a1)
-            ya = np.empty((a1 - a0, TILE), np.float32)
-            w = np.empty((GROUP, TILE), np.int32)
-            _tile_dot_rows(buf8, buf16, kind, coff[e], soff[e], n_in, tile, hq, hd, hs, rows, ya, w, isum, bits, d, m)
-            for q in range(a1 - a0):
-                for r in range(n_valid):
-                    y[a0 + q, tile * TILE + r] = ya[q, r]
-            continue
-        for a in range(a0, a1):
+        for a in range(tok_ptr[i], tok_ptr[i + 1]):
             _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, hq, hd, hs, hf, a, acc, isum, bits, d, m)
             for r in range(n_valid):
                 y[a, tile * TILE + r] = acc[r]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def moe_gate_up_rows(buf8, buf16, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_soff, sel, tok_ptr, tok_idx,
+                     xq, xd, xs, h):
+    """moe_gate_up for prefill (q4_0/q4_1/q8_0): each tile's code groups are unpacked once for all the
+    tokens routed to the expert. Separate from the decode kernel, whose code it would slow down."""
+    n_tiles = (n_ff + TILE - 1) // TILE
+    for job in prange(sel.shape[0] * n_tiles):
+        i = job // n_tiles
+        tile = job % n_tiles
+        e = sel[i]
+        a0, a1 = tok_ptr[i], tok_ptr[i + 1]
+        n_valid = min(TILE, n_ff - tile * TILE)
+        rows = tok_idx[a0:a1]
+        ga = np.empty((a1 - a0, TILE), np.float32)
+        ua = np.empty((a1 - a0, TILE), np.float32)
+        w = np.empty((GROUP, TILE), np.int32)
+        isum = np.empty(TILE, np.int32)
+        bits = np.empty(TILE, np.uint32)
+        d = np.empty(TILE, np.float32)
+        m = np.empty(TILE, np.float32)
+        _tile_dot_rows(buf8, buf16, kind, g_coff[e], g_soff[e], n_in, tile, xq, xd, xs, rows, ga, w, isum, bits, d, m)
+        _tile_dot_rows(buf8, buf16, kind, u_coff[e], u_soff[e], n_in, tile, xq, xd, xs, rows, ua, w, isum, bits, d, m)
+        for q in range(a1 - a0):
+            for r in range(n_valid):
+                x = ga[q, r]
+                h[a0 + q, tile * TILE + r] = x / (np.float32(1.0) + np.exp(-x)) * ua[q, r]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, hd, hs, y):
+    """moe_down for prefill (q4_0/q4_1/q8_0), reusing each unpacked code group across the expert's tokens."""
+    n_tiles = (n_out + TILE - 1) // TILE
+    for job in prange(sel.shape[0] * n_tiles):
+        i = job // n_tiles
+        tile = job % n_tiles
+        e = sel[i]
+        a0, a1 = tok_ptr[i], tok_ptr[i + 1]
+        n_valid = min(TILE, n_out - tile * TILE)
+        rows = np.arange(a0, a1)
+        ya = np.empty((a1 - a0, TILE), np.float32)
+        w = np.empty((GROUP, TILE), np.int32)
+        isum = np.empty(TILE, np.int32)
+        bits = np.empty(TILE, np.uint32)
+        d = np.empty(TILE, np.float32)
+        m = np.empty(TILE, np.float32)
+        _tile_dot_rows(buf8, buf16, kind, coff[e], soff[e], n_in, tile, hq, hd, hs, rows, ya, w, isum, bits, d, m)
+        for q in range(a1 - a0):
+            for r in range(n_valid):
+                y[a0 + q, tile * TILE + r] = ya[q, r]

@@ -89,12 +89,22 @@ def _experts(b8, b16, b32, offs, kind, ex, sel, tok_ptr, tok_idx, a, hb, y) -> N
     """gate/up (fused SiLU) then down for the assignments tok_ptr[0]..tok_ptr[-1] of experts `sel`."""
     xq, xd, xs = a.quantized()
     (gc, gs), (uc, us), (dc, ds) = offs["gate"], offs["up"], offs["down"]
-    kernels.moe_gate_up(b8, b16, b32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
-                        xq, xd, xs, a.x, hb)
+    # prefill (an expert with several tokens) of integer formats takes the kernels that reuse unpacked codes
+    batched = a.x.shape[0] > 1 and ex.fmt in ("q4_0", "q4_1", "q8_0")
+    if batched:
+        kernels.moe_gate_up_rows(b8, b16, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
+                                 xq, xd, xs, hb)
+    else:
+        kernels.moe_gate_up(b8, b16, b32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
+                            xq, xd, xs, a.x, hb)
     a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])
     ha = Act(hb[a0:a1])
     hq, hd, hs = ha.quantized()
-    kernels.moe_down(b8, b16, b32, kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr - a0, hq, hd, hs, ha.x, y[a0:a1])
+    if batched:
+        kernels.moe_down_rows(b8, b16, kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr - a0, hq, hd, hs, y[a0:a1])
+    else:
+        kernels.moe_down(b8, b16, b32, kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr - a0, hq, hd, hs, ha.x,
+                         y[a0:a1])
 
 
 def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | None, layer: int,
