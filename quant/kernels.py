@@ -461,3 +461,53 @@ def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, 
         for q in range(a1 - a0):
             for r in range(n_valid):
                 y[a0 + q, tile * TILE + r] = ya[q, r]
+
+
+@njit(cache=True)
+def group_by_expert(ids, n_expert):
+    """Counting sort of token->expert assignments: ids (T, k) -> (sel, tok_ptr, tok_idx, order).
+
+    sel: the distinct experts in increasing order; assignments of sel[i] are tok_ptr[i]..tok_ptr[i+1] of tok_idx
+    (token rows); order[a] is the flat (t * k + j) index of assignment a, to pick its routing weight.
+    """
+    T, k = ids.shape
+    counts = np.zeros(n_expert, np.int64)
+    for t in range(T):
+        for j in range(k):
+            counts[ids[t, j]] += 1
+    n_sel = 0
+    for e in range(n_expert):
+        if counts[e] > 0:
+            n_sel += 1
+    sel = np.empty(n_sel, np.int64)
+    tok_ptr = np.zeros(n_sel + 1, np.int64)
+    start = np.zeros(n_expert, np.int64)
+    i = 0
+    acc = 0
+    for e in range(n_expert):
+        if counts[e] > 0:
+            sel[i] = e
+            start[e] = acc
+            acc += counts[e]
+            tok_ptr[i + 1] = acc
+            i += 1
+    tok_idx = np.empty(T * k, np.int64)
+    order = np.empty(T * k, np.int64)
+    for t in range(T):
+        for j in range(k):
+            e = ids[t, j]
+            a = start[e]
+            start[e] += 1
+            tok_idx[a] = t
+            order[a] = t * k + j
+    return sel, tok_ptr, tok_idx, order
+
+
+@njit(cache=True)
+def combine_experts(y, tok_idx, w, out):
+    """out[tok_idx[a]] += w[a] * y[a] for every assignment a (the routed experts' weighted sum)."""
+    for a in range(y.shape[0]):
+        t = tok_idx[a]
+        wa = w[a]
+        for i in range(y.shape[1]):
+            out[t, i] += wa * y[a, i]

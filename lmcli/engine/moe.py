@@ -118,13 +118,8 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
     T = h.shape[0]
     a = Act(h)
     ids, wts = route(ff.router(a), spec, ff.router_bias)
-    k = ids.shape[1]
     flat_e = ids.reshape(-1)
-    order = np.argsort(flat_e, kind="stable")
-    sel, counts = np.unique(flat_e[order], return_counts=True)
-    tok_ptr = np.zeros(len(sel) + 1, np.int64)
-    np.cumsum(counts, out=tok_ptr[1:])
-    tok_idx = np.repeat(np.arange(T, dtype=np.int64), k)[order]
+    sel, tok_ptr, tok_idx, order = kernels.group_by_expert(ids, ff.experts.n_expert)
     wsort = wts.reshape(-1)[order]
     ex = ff.experts
     kind = kernels.KIND[ex.fmt]
@@ -144,7 +139,7 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
             _experts(cache.buf8, cache.buf16, cache.buf32, offs, kind, ex, sub, tok_ptr[i0 : i0 + len(sub) + 1],
                      tok_idx, a, hb, y)
     out = np.zeros((T, ex.n_embd), np.float32)
-    np.add.at(out, tok_idx, wsort[:, None] * y)
+    kernels.combine_experts(y, tok_idx, wsort, out)
     if ff.sh_gate is not None:
         g = ff.sh_gate(a)
         u = ff.sh_up(a)
@@ -153,7 +148,7 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
             sh *= (1.0 / (1.0 + np.exp(-(h @ ff.sh_gate_inp))))[:, None]
         out += sh
     if stats is not None:
-        np.add.at(stats.hist[layer], flat_e, 1)
+        stats.hist[layer] += np.bincount(flat_e, minlength=stats.hist.shape[1])
         stats.expert_bytes += len(sel) * ex.bundle_nbytes
         if stats.trace is not None:
             stats.trace.append((stats.pos0, layer, ids, wts))
