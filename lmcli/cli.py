@@ -175,6 +175,8 @@ def chat(
     threads: Optional[int] = typer.Option(None, "-t", "--threads"),
     ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size"),
     moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
+    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib",
+                                                   help="expert cache size (default: automatic; 0: off)"),
 ):
     """Chat with a model in the terminal (/help lists the commands)."""
     from .repl import run_chat
@@ -184,7 +186,7 @@ def chat(
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
     code = run_chat(model, system=system, sampling=params, max_tokens=max_tokens, n_ctx=ctx_size, threads=threads,
-                    moe_topk=moe_topk)
+                    moe_topk=moe_topk, expert_cache_mib=expert_cache_mib)
     if code:
         raise typer.Exit(code)
 

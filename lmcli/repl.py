@@ -510,6 +510,12 @@ class ChatUI:
                  f"{t.prefill_tps:.1f} tokens/s\n"
                  f"generation: {t.completion_tokens} tokens, {t.decode_tps:.1f} tokens/s\n"
                  f"experts: {experts}")
+        ec = self.conv.model.transformer.expert_cache
+        if ec is not None:  # a model larger than memory: what the expert cache did since the session began
+            c = ec.stats.as_dict()
+            self.out(f"expert cache: {ec.n_slots} bundles of {ec.slot_size / 1e6:.1f} MB, hit rate {c['hit_rate']:.0%}, "
+                     f"{c['bytes_read'] / 1e6:.1f} MB read from disk, {c['io_wait_s']:.2f} s waiting on reads, "
+                     f"{c['prefetch_used']}/{c['prefetched']} prefetched bundles used")
 
     def cmd_context(self, arg: str):
         conv = self.conv
@@ -607,7 +613,7 @@ def histogram_line(row: np.ndarray, top: int = 3, max_bar: int = 64) -> str:
 
 
 def run_chat(model: str, *, system: str | None, sampling: SamplerParams, max_tokens: int, n_ctx: int | None,
-             threads: int | None, moe_topk: int | None) -> int:
+             threads: int | None, moe_topk: int | None, expert_cache_mib: int | None = None) -> int:
     """Load model (its errors are raised before the REPL starts), then chat until /bye, Ctrl+D or Ctrl+C twice."""
     from rich.console import Console
 
@@ -615,7 +621,7 @@ def run_chat(model: str, *, system: str | None, sampling: SamplerParams, max_tok
 
     _check_max_tokens(max_tokens)
     sampling = _checked_params(sampling)
-    m = load(model, n_ctx=n_ctx, threads=threads, moe_topk=moe_topk)
+    m = load(model, n_ctx=n_ctx, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib)
     conv = Conversation(m, model, system=system, sampling=sampling, max_tokens=max_tokens)
     console = Console(highlight=False, emoji=False, markup=False)
     ui = ChatUI(conv, console, line_reader())

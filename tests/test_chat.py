@@ -303,3 +303,13 @@ def test_history_file_recalls_lines_across_sessions_unless_turned_off(tmp_path, 
     chat.key("\r")
     chat.c.expect_exact("(no system message)")
     assert chat.bye() == 0
+
+
+def test_stats_shows_the_expert_cache_when_one_is_in_use(lmcli_home, moe_path):
+    chat = Chat(str(moe_path), "--temp", "0", "-n", "6", "--expert-cache-mib", "4", home=lmcli_home)
+    chat.send("hello")
+    out = chat.send("/stats")
+    m = re.search(r"expert cache: (\d+) bundles of [\d.]+ MB, hit rate (\d+)%, ([\d.]+) MB read from disk", out)
+    assert m, out
+    assert int(m.group(1)) >= 2 and float(m.group(3)) > 0
+    assert chat.bye() == 0
