@@ -11,7 +11,6 @@ plus lmcli's roofline fraction: (bytes read per decode token) x tokens/s / measu
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time

@@ -65,7 +65,6 @@ def run(
 ):
     """Generate a reply to PROMPT and print it."""
     from .api import load
-    from .sampling import SamplerParams
 
     params = _sampling(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                        seed=seed)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .container import ContainerWriter
 from .errors import GGUFError, QuantError
-from .formats import BY_GGUF_TYPE, F32, GROUP, Format
+from .formats import BY_GGUF_TYPE, F32, GROUP
 from .quantize import BLOCK_BYTES, interleave
 
 SUPPORTED_ARCHS = ("llama",)

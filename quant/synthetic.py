@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .container import ContainerWriter
-from .formats import F32, FORMATS, Q8_0, TILE, matrix_parts
+from .formats import F32, FORMATS, Q8_0, matrix_parts
 
 
 def _byte_tokens() -> list[str]:

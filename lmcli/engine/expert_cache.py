@@ -268,7 +268,7 @@ class ExpertCache:
                         self.stats.misses[layer] += 1  # read in flight: a miss whose read started early
                 else:
                     self.stats.misses[layer] += 1
-                    slot = self._claim(key, pinned)
+                    self._claim(key, pinned)
                     waits.append((key, None))
                 slots[i] = self.slot_of[key]
                 self.policy.touch(key)
