@@ -14,24 +14,6 @@ from lmcli.tokenizer import Tokenizer
 
 SMOL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# GGUF key -> key of the metadata dict Tokenizer.from_metadata reads.
-GGUF_TOKENIZER_KEYS = {
-    "tokenizer.ggml.model": "model",
-    "tokenizer.ggml.pre": "pre",
-    "tokenizer.ggml.tokens": "tokens",
-    "tokenizer.ggml.token_type": "token_type",
-    "tokenizer.ggml.merges": "merges",
-    "tokenizer.ggml.scores": "scores",
-    "tokenizer.ggml.bos_token_id": "bos_token_id",
-    "tokenizer.ggml.eos_token_id": "eos_token_id",
-    "tokenizer.ggml.unknown_token_id": "unk_token_id",
-    "tokenizer.ggml.padding_token_id": "pad_token_id",
-    "tokenizer.ggml.eot_token_id": "eot_token_id",
-    "tokenizer.ggml.add_bos_token": "add_bos_token",
-    "tokenizer.ggml.add_eos_token": "add_eos_token",
-    "tokenizer.ggml.add_space_prefix": "add_space_prefix",
-}
-
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello, world! How's it going? I'm fine; you'll see, they'd said.",
@@ -51,9 +33,10 @@ TEXTS = [
 
 
 def read_tokenizer_metadata(path: pathlib.Path) -> dict:
-    """The tokenizer fields of a GGUF file, under the names Tokenizer.from_metadata expects."""
-    reader = gguf.GGUFReader(str(path))
-    return {name: reader.fields[key].contents() for key, name in GGUF_TOKENIZER_KEYS.items() if key in reader.fields}
+    """The tokenizer fields of a GGUF file, as the importer stores them for Tokenizer.from_metadata."""
+    from quant.gguf_io import read_tokenizer
+
+    return read_tokenizer(gguf.GGUFReader(str(path)))
 
 
 def stream_pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
