@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
 
 
 def measure_read_bandwidth(threads: int, mib: int = 512, reps: int = 3) -> float:
-    """GB/s of reading `mib` MiB (beyond any cache) split across `threads` numpy reductions (GIL released)."""
-    a = np.ones(mib << 18, np.float32)
-    parts = np.array_split(a, threads)
-    out = []
-    with ThreadPoolExecutor(threads) as ex:
-        list(ex.map(np.sum, parts))
-        for _ in range(reps):
-            t = time.perf_counter()
-            list(ex.map(np.sum, parts))
-            out.append(a.nbytes / (time.perf_counter() - t) / 1e9)
-    return statistics.median(out)
+    """Median GB/s of `reps` single passes of doctor's probe over `mib` MiB (beyond any cache)."""
+    from .doctor import measure_bandwidth
+
+    return statistics.median(measure_bandwidth(mib << 20, seconds=0.0, threads=threads) for _ in range(reps))
 
 
 @contextmanager

@@ -231,12 +231,7 @@ def doctor(as_json: bool = typer.Option(False, "--json")):
     """CPU features, cores, memory, store disk space, Numba cache state and measured read bandwidth."""
     from .doctor import report
 
-    r = report()
-    if as_json:
-        typer.echo(json.dumps(r))
-    else:
-        for k, v in r.items():
-            typer.echo(f"{k}: {v}")
+    _print_report(report(), as_json)
 
 
 @app.command()
@@ -248,7 +243,10 @@ def plan(
     """Expected size, bytes read per token, fit in RAM and decode tokens/s, without loading the model."""
     from .doctor import plan as _plan
 
-    r = _plan(model, memory=memory)
+    _print_report(_plan(model, memory=memory), as_json)
+
+
+def _print_report(r: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(r))
     else:
