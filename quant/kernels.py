@@ -29,6 +29,13 @@ def _f16_row(src, bits, dst):
         dst[r] = fv[r] * _F16_MAGIC
 
 
+@njit(cache=True, inline="always")
+def _f16_scalar(h, b):
+    # one fp16 value (uint32 holding its bits) -> float32, the bit trick of _f16_row; b: (1,) uint32 scratch
+    b[0] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+    return b.view(np.float32)[0] * _F16_MAGIC
+
+
 @njit(cache=True, fastmath=True)
 def quantize_act(x, xq, xd, xs):
     """x (T, n) float32 -> xq (T, n) int16, xd (T, n/32) float32 scales, xs (T, n/32) int32 code sums."""
@@ -192,6 +199,7 @@ def embed_rows(codes, scales, kind, ids, out):
     """
     n_in = out.shape[1]
     n_groups = n_in // GROUP
+    b = np.empty(1, np.uint32)  # scratch for bit reinterpretation, allocated once
     for i in range(ids.shape[0]):
         row = ids[i]
         tile = row // TILE
@@ -202,29 +210,17 @@ def embed_rows(codes, scales, kind, ids, out):
             for k in range(n_in):
                 off = base + (k * TILE + r) * esz
                 if kind == 0:
-                    u = (np.uint32(codes[off]) | (np.uint32(codes[off + 1]) << np.uint32(8))
-                         | (np.uint32(codes[off + 2]) << np.uint32(16)) | (np.uint32(codes[off + 3]) << np.uint32(24)))
-                    b = np.empty(1, np.uint32)
-                    b[0] = u
+                    b[0] = (np.uint32(codes[off]) | (np.uint32(codes[off + 1]) << np.uint32(8))
+                            | (np.uint32(codes[off + 2]) << np.uint32(16)) | (np.uint32(codes[off + 3]) << np.uint32(24)))
                     out[i, k] = b.view(np.float32)[0]
                 else:
-                    h = np.uint32(codes[off]) | (np.uint32(codes[off + 1]) << np.uint32(8))
-                    b = np.empty(1, np.uint32)
-                    b[0] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-                    out[i, k] = b.view(np.float32)[0] * _F16_MAGIC
+                    out[i, k] = _f16_scalar(np.uint32(codes[off]) | (np.uint32(codes[off + 1]) << np.uint32(8)), b)
             continue
         n_sc = scales.shape[2]
         cb = 16 if kind != 8 else 32
-        b = np.empty(1, np.uint32)
         for g in range(n_groups):
-            h = np.uint32(scales[tile, g, 0, r])
-            b[0] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-            dd = b.view(np.float32)[0] * _F16_MAGIC
-            mm = np.float32(0.0)
-            if n_sc == 2:
-                h = np.uint32(scales[tile, g, 1, r])
-                b[0] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-                mm = b.view(np.float32)[0] * _F16_MAGIC
+            dd = _f16_scalar(np.uint32(scales[tile, g, 0, r]), b)
+            mm = _f16_scalar(np.uint32(scales[tile, g, 1, r]), b) if n_sc == 2 else np.float32(0.0)
             base = ((tile * n_groups + g) * cb) * TILE
             for j in range(cb):
                 c = codes[base + j * TILE + r]
