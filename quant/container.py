@@ -331,10 +331,20 @@ class ContainerWriter:
         if missing:
             self.abort()
             raise ContainerError(f"tensors not written: {', '.join(missing[:5])}")
+        return self._publish()
+
+    def presize(self) -> Path:
+        """Publish the file now, header written and every tensor's place reserved (sparse, unwritten), so that
+        tensors can be written in place later by offset: a shard-by-shard pull, resumable after interruption."""
+        self._require("write")
+        return self._publish()
+
+    def _publish(self) -> Path:
         self._f.truncate(self._end)
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        self._f = None
         os.replace(self._tmp, self.path)
         dfd = os.open(self.path.parent, os.O_RDONLY)
         try:

@@ -899,27 +899,10 @@ def plan_shards(src_dir: str | os.PathLike, headers: dict[str, list[TensorEntry]
     return ShardJob(qtype, metadata, tuple(plan), table, {s: tuple(u) for s, u in units.items()})
 
 
-class _PresizedWriter(ContainerWriter):
-    """ContainerWriter's own layout and header, in a file left at its full (sparse) size so that tensors can be
-    written in place later, shard by shard, by this process or by the next one after an interruption."""
-
-    def presize(self) -> Path:
-        # Uses the writer's internals (_f, _end, _tmp) so that the byte layout stays the container module's alone.
-        self._require("write")
-        self._f.truncate(self._end)
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
-        os.replace(self._tmp, self.path)
-        self._state = "done"
-        return self.path
-
-
 def start_container(job: ShardJob, path: str | os.PathLike) -> Path:
     """Create (atomically, replacing any) the container file of a job: its header, every tensor's place, no data."""
     try:
-        with _PresizedWriter(path, overwrite=True) as w:
+        with ContainerWriter(path, overwrite=True) as w:
             _plan_writer(w, list(job.plan))
             w.begin(job.metadata)
             return w.presize()
