@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from quant import simd
+
 TILE = 64
 GROUP = 32
 _F16_MAGIC = np.float32(2.0**112)  # rebias f16 exponent (15) to f32 (127): 2^(127-15)
@@ -64,43 +66,23 @@ def matmul_q4(codes, scales, xq, xd, xs, out):
 
     codes  (n_tiles, n_groups, 16, TILE) uint8: byte j of a row holds element j (low) and j+16 (high)
     scales (n_tiles, n_groups, 1 or 2, TILE) uint16 fp16: d (Q4_0: w = d*(q-8)) or d, m (Q4_1: w = d*q + m)
+    Several tokens (prefill): each group is unpacked once into int16 pairs and reused for every token.
     """
     n_tiles, n_groups = codes.shape[0], codes.shape[1]
     has_min = scales.shape[2] == 2
-    T = xq.shape[0]
+    T, n_in = xq.shape
     n_out = out.shape[1]
     for tile in prange(n_tiles):
         acc = np.zeros((T, TILE), np.float32)
-        isum = np.empty((T, TILE), np.int32)
-        w = np.empty((GROUP, TILE), np.int32)
+        isum = np.empty(TILE, np.int32)
+        w = np.empty(16 * TILE, np.int32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
         m = np.empty(TILE, np.float32)
         for g in range(n_groups):
-            if T == 1:
-                for r in range(TILE):
-                    isum[0, r] = 0
-                for jb in range(GROUP // 2):
-                    a = np.int32(xq[0, g * GROUP + jb])
-                    b = np.int32(xq[0, g * GROUP + jb + 16])
-                    row = codes[tile, g, jb]
-                    for r in range(TILE):
-                        c = np.int32(row[r])
-                        isum[0, r] += (c & 15) * a + (c >> 4) * b
-            else:
-                for jb in range(GROUP // 2):
-                    row = codes[tile, g, jb]
-                    for r in range(TILE):
-                        c = np.int32(row[r])
-                        w[jb, r] = c & 15
-                        w[jb + 16, r] = c >> 4
-                for t in range(T):
-                    for r in range(TILE):
-                        isum[t, r] = 0
-                    for j in range(GROUP):
-                        a = np.int32(xq[t, g * GROUP + j])
-                        for r in range(TILE):
-                            isum[t, r] += w[j, r] * a
+            coff = (tile * n_groups + g) * 16 * TILE
+            if T > 1:
+                simd.pairs_q4(codes, coff, w)
             _f16_row(scales[tile, g, 0], bits, d)
             if has_min:
                 _f16_row(scales[tile, g, 1], bits, m)
@@ -108,10 +90,14 @@ def matmul_q4(codes, scales, xq, xd, xs, out):
                 for r in range(TILE):
                     m[r] = np.float32(-8.0) * d[r]
             for t in range(T):
+                if T == 1:
+                    simd.isum_q4(codes, coff, xq, g * GROUP, isum)
+                else:
+                    simd.isum_pairs(w, xq, t * n_in + g * GROUP, isum)
                 dx = xd[t, g]
                 sx = np.float32(xs[t, g])
                 for r in range(TILE):
-                    acc[t, r] += dx * (d[r] * np.float32(isum[t, r]) + m[r] * sx)
+                    acc[t, r] += dx * (d[r] * np.float32(isum[r]) + m[r] * sx)
         n_valid = min(TILE, n_out - tile * TILE)
         for t in range(T):
             for r in range(n_valid):
@@ -122,27 +108,27 @@ def matmul_q4(codes, scales, xq, xd, xs, out):
 def matmul_q8(codes, scales, xq, xd, xs, out):
     """8-bit grouped matmul (Q8_0 semantics): codes (n_tiles, n_groups, 32, TILE) int8, scales (.., 1, TILE)."""
     n_tiles, n_groups = codes.shape[0], codes.shape[1]
-    T = xq.shape[0]
+    T, n_in = xq.shape
     n_out = out.shape[1]
     for tile in prange(n_tiles):
         acc = np.zeros((T, TILE), np.float32)
-        isum = np.empty((T, TILE), np.int32)
+        isum = np.empty(TILE, np.int32)
+        w = np.empty(16 * TILE, np.int32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
         for g in range(n_groups):
-            for t in range(T):
-                for r in range(TILE):
-                    isum[t, r] = 0
-                for j in range(GROUP):
-                    a = np.int32(xq[t, g * GROUP + j])
-                    row = codes[tile, g, j]
-                    for r in range(TILE):
-                        isum[t, r] += np.int32(row[r]) * a
+            coff = (tile * n_groups + g) * GROUP * TILE
+            if T > 1:
+                simd.pairs_q8(codes, coff, w)
             _f16_row(scales[tile, g, 0], bits, d)
             for t in range(T):
+                if T == 1:
+                    simd.isum_q8(codes, coff, xq, g * GROUP, isum)
+                else:
+                    simd.isum_pairs(w, xq, t * n_in + g * GROUP, isum)
                 dx = xd[t, g]
                 for r in range(TILE):
-                    acc[t, r] += dx * d[r] * np.float32(isum[t, r])
+                    acc[t, r] += dx * d[r] * np.float32(isum[r])
         n_valid = min(TILE, n_out - tile * TILE)
         for t in range(T):
             for r in range(n_valid):
@@ -257,24 +243,10 @@ def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xq, xd, xs, xf, 
         cb = coff + tile * ng * cbytes * TILE
         sb = (soff + tile * ng * nsc * TILE * 2) // 2
         for g in range(ng):
-            for r in range(TILE):
-                isum[r] = 0
             if kind == 8:
-                for j in range(GROUP):
-                    a = np.int32(xq[t, g * GROUP + j])
-                    base = cb + (g * GROUP + j) * TILE
-                    row = buf8[base : base + TILE]  # a fixed-length slice lets LLVM vectorise the row loop
-                    for r in range(TILE):
-                        isum[r] += np.int32(np.int8(row[r])) * a
+                simd.isum_q8(buf8, cb + g * GROUP * TILE, xq, t * n_in + g * GROUP, isum)
             else:
-                for jb in range(GROUP // 2):
-                    a = np.int32(xq[t, g * GROUP + jb])
-                    b = np.int32(xq[t, g * GROUP + jb + 16])
-                    base = cb + (g * 16 + jb) * TILE
-                    row = buf8[base : base + TILE]
-                    for r in range(TILE):
-                        c = np.int32(row[r])
-                        isum[r] += (c & 15) * a + (c >> 4) * b
+                simd.isum_q4(buf8, cb + g * 16 * TILE, xq, t * n_in + g * GROUP, isum)
             s0 = sb + g * nsc * TILE
             _f16_row(buf16[s0 : s0 + TILE], bits, d)
             if kind == 3:
@@ -308,7 +280,7 @@ def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xq, xd, xs, xf, 
 def _tile_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xq, xd, xs, rows, acc, w, isum, bits, d, m):
     """acc (len(rows), TILE) = rows [tile*TILE, +TILE) of a q4_0/q4_1/q8_0 matrix . activation rows `rows`.
 
-    Prefill: each group's codes are unpacked once into w (GROUP, TILE) and reused for every token.
+    Prefill: each group's codes are unpacked once into int16 pairs w (simd.pairs_*) and reused for every token.
     """
     ng = n_in // GROUP
     nr = rows.shape[0]
@@ -321,19 +293,9 @@ def _tile_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xq, xd, xs, rows, 
     sb = (soff + tile * ng * nsc * TILE * 2) // 2
     for g in range(ng):
         if kind == 8:
-            for j in range(GROUP):
-                base = cb + (g * GROUP + j) * TILE
-                row = buf8[base : base + TILE]
-                for r in range(TILE):
-                    w[j, r] = np.int32(np.int8(row[r]))
+            simd.pairs_q8(buf8, cb + g * GROUP * TILE, w)
         else:
-            for jb in range(GROUP // 2):
-                base = cb + (g * 16 + jb) * TILE
-                row = buf8[base : base + TILE]
-                for r in range(TILE):
-                    c = np.int32(row[r])
-                    w[jb, r] = c & 15
-                    w[jb + 16, r] = c >> 4
+            simd.pairs_q4(buf8, cb + g * 16 * TILE, w)
         s0 = sb + g * nsc * TILE
         _f16_row(buf16[s0 : s0 + TILE], bits, d)
         if kind == 3:
@@ -346,12 +308,7 @@ def _tile_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xq, xd, xs, rows, 
                 m[r] = 0.0
         for q in range(nr):
             t = rows[q]
-            for r in range(TILE):
-                isum[r] = 0
-            for j in range(GROUP):
-                a = np.int32(xq[t, g * GROUP + j])
-                for r in range(TILE):
-                    isum[r] += w[j, r] * a
+            simd.isum_pairs(w, xq, t * n_in + g * GROUP, isum)
             dx = xd[t, g]
             sx = np.float32(xs[t, g])
             for r in range(TILE):
@@ -423,7 +380,7 @@ def moe_gate_up_rows(buf8, buf16, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_so
         rows = tok_idx[a0:a1]
         ga = np.empty((a1 - a0, TILE), np.float32)
         ua = np.empty((a1 - a0, TILE), np.float32)
-        w = np.empty((GROUP, TILE), np.int32)
+        w = np.empty(16 * TILE, np.int32)
         isum = np.empty(TILE, np.int32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
@@ -448,7 +405,7 @@ def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, 
         n_valid = min(TILE, n_out - tile * TILE)
         rows = np.arange(a0, a1)
         ya = np.empty((a1 - a0, TILE), np.float32)
-        w = np.empty((GROUP, TILE), np.int32)
+        w = np.empty(16 * TILE, np.int32)
         isum = np.empty(TILE, np.int32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
