@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import LmcliError
 
 POLICIES = ("lru", "lfu")
+DEFAULT_POLICY = "lru"  # what lmcli.load and the engine use unless told otherwise
 
 
 class MemoryBudgetError(LmcliError):
@@ -90,8 +91,16 @@ class Policy:
         return best
 
 
+def _check_capacity(trace: list, capacity: int) -> None:
+    widest = max((len(experts) for _, experts in trace), default=0)
+    if capacity < widest:
+        raise ValueError(f"a cache of {capacity} bundles cannot hold one step's {widest} experts")
+
+
 def replay_hits(trace: list, capacity: int, kind: str) -> int:
-    """Offline replay of a routing trace [(layer, [experts...]) per token and layer] under a policy."""
+    """Offline replay of a routing trace [(layer, [experts...]) per token and layer] under a policy: the
+    experts of one step are pinned while it runs, as the live cache pins the experts its kernels read."""
+    _check_capacity(trace, capacity)
     pol = Policy(kind)
     resident: set = set()
     hits = 0
@@ -113,6 +122,7 @@ def replay_hits(trace: list, capacity: int, kind: str) -> int:
 
 def belady_hits(trace: list, capacity: int) -> int:
     """Belady's optimum (evict the key used furthest in the future): the upper bound for any policy."""
+    _check_capacity(trace, capacity)
     seq = [(layer, e) for layer, experts in trace for e in experts]
     groups = [len(experts) for _, experts in trace]
     nxt = [0] * len(seq)
