@@ -238,12 +238,15 @@ def doctor(as_json: bool = typer.Option(False, "--json")):
 def plan(
     model: str = typer.Argument(..., help="model name (a registry name works before download) or path"),
     memory: Optional[str] = typer.Option(None, "--memory", help="memory budget, e.g. 8G (default: available)"),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="a routing trace (lmcli run --routing-trace FILE): "
+                                                              "replay it through the expert cache instead of "
+                                                              "assuming uniform routing"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Expected size, bytes read per token, fit in RAM and decode tokens/s, without loading the model."""
     from .doctor import plan as _plan
 
-    _print_report(_plan(model, memory=memory), as_json)
+    _print_report(_plan(model, memory=memory, trace=trace), as_json)
 
 
 def _print_report(r: dict, as_json: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -228,7 +229,7 @@ def container_costs(path: Path) -> dict:
         raise ModelFileError(str(e)) from None
     try:
         cfg = ModelConfig.from_dict(c.metadata.get("config"))
-        tensors = [(t.name, t.nbytes, t.n_expert, t.shape) for t in c.tensors.values()]
+        tensors = [(t.name, t.nbytes, t.n_expert, t.shape, t.stride) for t in c.tensors.values()]
         return _costs(cfg, tensors, c.file_size)
     finally:
         c.close()
@@ -257,19 +258,31 @@ def gguf_costs(path: Path) -> dict:
     for t in r.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         n_exp = shape[0] if len(shape) == 3 else 0
-        tensors.append((t.name, int(t.n_bytes) // max(n_exp, 1), n_exp, shape))
+        tensors.append((t.name, int(t.n_bytes) // max(n_exp, 1), n_exp, shape, None))
     return _costs(cfg, tensors, path.stat().st_size)
 
 
 def _costs(cfg, tensors, file_size: int) -> dict:
     """Bytes read per token: every dense tensor (the token embedding only its one row, unless the head
-    shares it), and n_expert_used of each expert tensor's n_expert matrices."""
+    shares it), and n_expert_used of each expert tensor's n_expert matrices. Also the layers with routed
+    experts and the bytes of one expert's bundle (what one expert cache miss reads): a container's expert
+    stride, or for a GGUF file the bundle its import will lay out (gate, up and down, 64-byte aligned
+    inside, the bundle page-aligned)."""
+    from quant.formats import align_up
+
     tied = not any(name == "output.weight" for name, *_ in tensors)
     dense_tok = dense_total = expert_tok = expert_total = 0
-    for name, nbytes, n_exp, shape in tensors:
+    bundle: dict[int, int] = {}  # layer -> bytes of one expert's bundle
+    for name, nbytes, n_exp, shape, stride in tensors:
         if n_exp:
             expert_tok += nbytes * cfg.n_expert_used
             expert_total += nbytes * n_exp
+            m = re.match(r"blk\.(\d+)\.", name)
+            layer = int(m.group(1)) if m else -1
+            if stride is not None:  # the container's stride: a layer's gate, up and down share it
+                bundle[layer] = max(bundle.get(layer, 0), stride)
+            else:
+                bundle[layer] = bundle.get(layer, 0) + align_up(nbytes, 64)
             continue
         dense_total += nbytes
         dense_tok += nbytes // shape[0] if name == "token_embd.weight" and not tied else nbytes
@@ -277,7 +290,8 @@ def _costs(cfg, tensors, file_size: int) -> dict:
             "file_bytes": file_size, "dense_bytes": dense_total, "expert_bytes": expert_total,
             "dense_bytes_per_token": dense_tok, "expert_bytes_per_token": expert_tok,
             "bytes_per_token": dense_tok + expert_tok, "kv_bytes_per_token": _kv_bytes_per_token(cfg),
-            "n_ctx": _default_ctx(cfg.n_ctx_train)}
+            "n_ctx": _default_ctx(cfg.n_ctx_train), "moe_layers": sorted(bundle),
+            "bundle_bytes": max((align_up(b) for b in bundle.values()), default=0)}
 
 
 def _kv_bytes_per_token(cfg) -> int:
@@ -339,7 +353,8 @@ def _registry_costs(entry) -> dict:
     return {"arch": entry.arch, "n_layer": None, "n_expert": n_expert, "n_expert_used": used,
             "file_bytes": int(total * bpw), "dense_bytes": None, "expert_bytes": None,
             "dense_bytes_per_token": None, "expert_bytes_per_token": None,
-            "bytes_per_token": int(active * bpw), "kv_bytes_per_token": None, "n_ctx": None}
+            "bytes_per_token": int(active * bpw), "kv_bytes_per_token": None, "n_ctx": None,
+            "moe_layers": None, "bundle_bytes": None}
 
 
 def _miss_bytes_per_token(c: dict, room: int) -> tuple[int, float]:
@@ -356,8 +371,74 @@ def _miss_bytes_per_token(c: dict, room: int) -> tuple[int, float]:
     return int(miss), share
 
 
-def plan(model: str, memory: str | None = None) -> dict:
-    """File size, bytes read per token, fit in memory and expected decode tokens/s, without loading the model."""
+def _layer_span(layers: list[int]) -> str:
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+def read_trace(path: Path, c: dict, model: str) -> tuple[list, int]:
+    """A routing trace as `lmcli run --routing-trace` writes it (one JSON object per token and layer, with
+    "layer" and "experts"), checked against the model: [(layer, [experts...])] in file order, and the number
+    of tokens it covers. Anything else is a UsageError naming the file and line."""
+    if c["moe_layers"] is None:
+        raise UsageError(f"--trace needs the model's tensor index, and {model} is only a registry entry here",
+                         hint=f"lmcli pull {model}, or give a .gguf or .lmc path")
+    if not c["moe_layers"]:
+        raise UsageError(f"{model} has no routed experts: a routing trace does not apply to it")
+    moe, n_expert = set(c["moe_layers"]), c["n_expert"]
+    span = _layer_span(c["moe_layers"])
+    trace: list = []
+    per_layer: dict[int, int] = {}
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise UsageError(f"--trace {path}: cannot read it ({e.strerror or e})") from None
+    for no, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"--trace {path}, line {no}"
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError on bytes that are not UTF-8
+            raise UsageError(f"{where} is not JSON ({getattr(e, 'msg', e)})") from None
+        experts = obj.get("experts") if isinstance(obj, dict) else None
+        layer = obj.get("layer") if isinstance(obj, dict) else None
+        if (type(layer) is not int or not isinstance(experts, list) or not experts
+                or any(type(e) is not int for e in experts)):
+            raise UsageError(f'{where}: expected an object with an integer "layer" and a list of integer '
+                             '"experts", as `lmcli run --routing-trace` writes')
+        if layer not in moe:
+            raise UsageError(f"{where}: layer {layer} has no routed experts in {model} (they are in {span})")
+        bad = next((e for e in experts if not 0 <= e < n_expert), None)
+        if bad is not None:
+            raise UsageError(f"{where}: expert {bad} is out of range for {model} "
+                             f"({n_expert} experts per layer, ids 0-{n_expert - 1})")
+        if len(set(experts)) != len(experts):
+            raise UsageError(f"{where}: an expert is listed twice in {experts}")
+        trace.append((layer, experts))
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    if not trace:
+        raise UsageError(f"--trace {path} is empty", hint=f"write one with lmcli run {model} PROMPT --routing-trace FILE")
+    return trace, max(per_layer.values())
+
+
+def _replay(trace: list, capacity: int) -> dict:
+    """Hits per policy and Belady's optimum for `capacity` resident bundles (0 hits below one step's experts:
+    the engine refuses an expert cache that small and every expert is read from the file)."""
+    from .engine.expert_cache import POLICIES, belady_hits, replay_hits
+
+    if capacity < max(len(e) for _, e in trace):
+        return {**{k: 0 for k in POLICIES}, "belady": 0}
+    return {**{k: replay_hits(trace, capacity, k) for k in POLICIES}, "belady": belady_hits(trace, capacity)}
+
+
+def plan(model: str, memory: str | None = None, trace: Path | str | None = None) -> dict:
+    """File size, bytes read per token, fit in memory and expected decode tokens/s, without loading the model.
+    With `trace` (a file from `lmcli run --routing-trace`), expert reads come from replaying that routing
+    through the expert cache instead of assuming uniform routing."""
+    from .engine.expert_cache import DEFAULT_POLICY, POLICIES
+
     budget, budget_from = _memory_budget(memory)
     kind, where = _locate(model)
     if kind == "container":
@@ -366,9 +447,14 @@ def plan(model: str, memory: str | None = None) -> dict:
         c, source = gguf_costs(where), "GGUF header (not imported yet)"
     else:
         c, source = _registry_costs(where), f"registry notes ({where.notes}); not downloaded"
+    steps, n_tokens = read_trace(Path(trace), c, model) if trace is not None else (None, None)
     kv = c["kv_bytes_per_token"] * c["n_ctx"] if c["kv_bytes_per_token"] is not None else 0
     need = c["file_bytes"] + kv
     fits = need <= budget
+    n_bundles = len(c["moe_layers"]) * c["n_expert"] if c["moe_layers"] else 0
+    capacity = None
+    if c["bundle_bytes"]:  # the expert bundles the budget holds once the KV cache and the dense weights are in
+        capacity = n_bundles if fits else min(n_bundles, max(budget - kv - c["dense_bytes"], 0) // c["bundle_bytes"])
     bw = measure_bandwidth()
     assumptions = ["decode is memory-bound: tokens/s = read bandwidth / bytes read per token"]
     if kind == "registry":
@@ -377,16 +463,47 @@ def plan(model: str, memory: str | None = None) -> dict:
         if not fits:
             assumptions.append("no split of dense and expert weights is known before download: every weight byte "
                                "is taken as equally likely to stay in memory")
+    rates = belady = None
+    belady_miss = belady_tps = None
     if fits:
         miss, share = 0, 1.0
         tps = bw * 1e9 / c["bytes_per_token"]
+        hit_rate = 1.0
+        if steps is not None:
+            rates, belady, belady_miss, belady_tps = {k: 1.0 for k in POLICIES}, 1.0, 0, tps
+            assumptions.append("the model fits in memory: every expert stays resident once read, whatever the "
+                               "routing, so the trace changes nothing")
     else:
         miss, share = _miss_bytes_per_token(c, budget - kv)
-        hit = c["bytes_per_token"] - miss
-        tps = 1.0 / (hit / (bw * 1e9) + miss / (DISK_GBPS * 1e9))
+        hit_rate = share
         assumptions.append(f"the weights that do not fit in memory are read from disk at {DISK_GBPS} GB/s "
                            "(whole expert bundles; not measured on this disk)")
-        assumptions.append("routing is uniform: the resident share of experts serves that share of expert reads")
+        if steps is None:
+            hit = c["bytes_per_token"] - miss
+            tps = 1.0 / (hit / (bw * 1e9) + miss / (DISK_GBPS * 1e9))
+            assumptions.append("routing is uniform: the resident share of experts serves that share of expert reads")
+        else:
+            hits = _replay(steps, capacity)
+            accesses = sum(len(e) for _, e in steps)
+            dense_share = min(1.0, max(budget - kv, 0) / c["dense_bytes"]) if c["dense_bytes"] else 1.0
+            dense_miss = c["dense_bytes_per_token"] * (1 - dense_share)
+
+            def cost(h: int) -> tuple[int, float]:  # (disk bytes per token, tokens/s) with h hits over the trace
+                mem = c["dense_bytes_per_token"] - dense_miss + h * c["bundle_bytes"] / n_tokens
+                disk = dense_miss + (accesses - h) * c["bundle_bytes"] / n_tokens
+                return int(disk), 1.0 / (mem / (bw * 1e9) + disk / (DISK_GBPS * 1e9))
+
+            miss, tps = cost(hits[DEFAULT_POLICY])
+            belady_miss, belady_tps = cost(hits["belady"])
+            hit_rate = hits[DEFAULT_POLICY] / accesses
+            rates = {k: round(v / accesses, 4) for k, v in hits.items() if k != "belady"}
+            belady = hits["belady"] / accesses
+            assumptions.append(f"routing is the trace's ({n_tokens} tokens, {accesses} expert uses), replayed through "
+                               f"a {DEFAULT_POLICY} expert cache of {capacity} bundles of {c['bundle_bytes']} bytes "
+                               "from a cold start; each miss reads one bundle")
+            if capacity < max(len(e) for _, e in steps):
+                assumptions.append("the budget holds fewer bundles than one token's experts in a layer: the engine "
+                                   "runs no expert cache then, and every expert use is a read")
     return {
         "model": model,
         "source": source,
@@ -399,9 +516,20 @@ def plan(model: str, memory: str | None = None) -> dict:
         "memory_budget_from": budget_from,
         "fits_in_memory": fits,
         "resident_expert_share": round(share, 4),
+        "routing": "uniform" if steps is None else "trace",
+        "trace": None if trace is None else str(trace),
+        "trace_tokens": n_tokens,
+        "expert_bundle_bytes": c["bundle_bytes"],
+        "expert_cache_bundles": capacity,
+        "expert_cache_policy": DEFAULT_POLICY,
+        "expected_hit_rate": round(hit_rate, 4),
+        "policy_hit_rates": rates,
+        "belady_hit_rate": None if belady is None else round(belady, 4),
         "disk_bytes_per_token": miss,
+        "belady_disk_bytes_per_token": belady_miss,
         "read_bandwidth_gbps": round(bw, 2),
         "disk_read_gbps": None if fits else DISK_GBPS,
         "expected_decode_tokens_per_s": round(tps, 2),
+        "belady_decode_tokens_per_s": None if belady_tps is None else round(belady_tps, 2),
         "assumptions": assumptions,
     }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmcli.doctor import (DISK_GBPS, REGISTRY_BITS_PER_WEIGHT, cgroup_memory_limit, container_costs, numba_cache_dirs,
@@ -189,3 +190,152 @@ def test_plan_for_the_packaged_model_reads_the_gguf_header_without_importing(emp
     assert r["n_expert"] == 0 and r["fits_in_memory"] is True
     # the same bytes per token as the container the import makes of it
     assert r["bytes_per_token"] == container_costs(smol_container)["bytes_per_token"]
+
+
+# --- plan --trace: routing replayed through the expert cache ------------------------------------------
+
+
+def lru_hits(steps, capacity: int) -> int:
+    """A plain LRU over (layer, expert) keys, written apart from the engine's: a list, most recent last; the
+    experts of the step being run are never the victim."""
+    order, hits = [], 0
+    for layer, experts in steps:
+        keys = [(layer, e) for e in experts]
+        for k in keys:
+            if k in order:
+                hits += 1
+                order.remove(k)
+            elif len(order) >= capacity:
+                order.remove(next(o for o in order if o not in keys))
+            order.append(k)
+    return hits
+
+
+def write_trace(path: Path, steps, n_moe_layers: int) -> Path:
+    """The format `lmcli run --routing-trace` writes: one JSON line per (token, layer)."""
+    lines = [json.dumps({"pos": i // n_moe_layers, "layer": layer, "experts": experts,
+                         "weights": [round(1 / len(experts), 6)] * len(experts)})
+             for i, (layer, experts) in enumerate(steps)]
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def skewed_steps(n_tok=120, n_layer=2, n_expert=8, k=2, seed=3):
+    """Zipf-like routing: in each layer a few experts take most tokens (a different few per layer)."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n_expert + 1) ** 1.3
+    p /= p.sum()
+    perms = [rng.permutation(n_expert) for _ in range(n_layer)]
+    return [(layer, [int(perms[layer][e]) for e in rng.choice(n_expert, k, replace=False, p=p)])
+            for _ in range(n_tok) for layer in range(n_layer)]
+
+
+def header_sizes(path: Path) -> tuple[int, int, int]:
+    """(bytes of the non-expert tensors, bytes of one expert bundle, KV cache bytes at the default context),
+    from the container index and config."""
+    from quant.container import Container
+
+    from lmcli.api import DEFAULT_CTX
+
+    c = Container(path)
+    cfg = c.metadata["config"]
+    dense = sum(t.nbytes for t in c.tensors.values() if not t.n_expert)
+    stride = max(t.stride for t in c.tensors.values() if t.n_expert)
+    n_ctx = min(DEFAULT_CTX, cfg["n_ctx_train"])
+    kv = cfg["n_layer"] * cfg["n_head_kv"] * 2 * (cfg["n_embd"] // cfg["n_head"]) * 4 * n_ctx
+    c.close()
+    return dense, stride, kv
+
+
+def test_plan_with_a_trace_reports_the_hit_rate_of_replaying_it(empty_home, moe_path, tmp_path):
+    dense, stride, kv = header_sizes(moe_path)
+    steps = skewed_steps()
+    trace = write_trace(tmp_path / "trace.jsonl", steps, 2)
+    slots = 5  # of 16 bundles
+    r = plan(str(moe_path), memory=str(kv + dense + slots * stride + stride // 2), trace=str(trace))
+    assert r["routing"] == "trace" and r["fits_in_memory"] is False and r["trace_tokens"] == 120
+    assert r["expert_bundle_bytes"] == stride and r["expert_cache_bundles"] == slots
+    uses = sum(len(e) for _, e in steps)
+    hits = lru_hits(steps, slots)
+    assert r["expert_cache_policy"] == "lru"
+    assert r["expected_hit_rate"] == pytest.approx(hits / uses, abs=5e-5)
+    assert r["policy_hit_rates"]["lru"] == r["expected_hit_rate"]
+    assert r["disk_bytes_per_token"] == int((uses - hits) * stride / 120)  # the dense weights fit
+    assert r["expected_hit_rate"] <= r["belady_hit_rate"] <= 1
+    assert r["belady_disk_bytes_per_token"] <= r["disk_bytes_per_token"]
+    bw = r["read_bandwidth_gbps"] * 1e9
+    mem = r["dense_bytes_per_token"] + hits * stride / 120
+    want = 1 / (mem / bw + r["disk_bytes_per_token"] / (DISK_GBPS * 1e9))
+    assert r["expected_decode_tokens_per_s"] == pytest.approx(want, rel=0.02)
+    assert r["belady_decode_tokens_per_s"] >= r["expected_decode_tokens_per_s"]
+    # the same budget without the trace: uniform routing, as before
+    u = plan(str(moe_path), memory=str(kv + dense + slots * stride + stride // 2))
+    assert u["routing"] == "uniform" and u["trace_tokens"] is None and u["belady_hit_rate"] is None
+    assert u["expert_cache_bundles"] == slots
+
+
+def test_a_trace_whose_experts_all_fit_misses_only_on_first_use(empty_home, moe_path, tmp_path):
+    dense, stride, kv = header_sizes(moe_path)
+    # 3 experts per layer in turn, 6 in all: a 6-bundle cache misses each once, and never again
+    steps = [(layer, [t % 3, (t + 1) % 3]) for t in range(50) for layer in (0, 1)]
+    trace = write_trace(tmp_path / "trace.jsonl", steps, 2)
+    r = plan(str(moe_path), memory=str(kv + dense + 6 * stride), trace=trace)
+    assert r["expert_cache_bundles"] == 6
+    assert r["expected_hit_rate"] == pytest.approx(1 - 6 / 200, abs=5e-5) == r["belady_hit_rate"]
+    assert r["disk_bytes_per_token"] == int(6 * stride / 50)
+    # and when the whole model fits, the trace changes nothing
+    big = plan(str(moe_path), memory="1G", trace=trace)
+    assert big["fits_in_memory"] is True and big["routing"] == "trace" and big["disk_bytes_per_token"] == 0
+    assert big["expected_hit_rate"] == 1.0 and big["expert_cache_bundles"] == 16
+
+
+def test_a_trace_the_engine_wrote_is_read_by_plan(empty_home, moe_path, tmp_path):
+    from lmcli.api import load
+    from lmcli.cli import _write_trace
+
+    m = load(str(moe_path))
+    m.transformer.stats.trace = []
+    list(m.generate(m.tokenize("hello there"), max_tokens=4, temp=0.0, ignore_eos=True))
+    path = tmp_path / "engine.jsonl"
+    _write_trace(path, m.transformer.stats.trace)
+    dense, stride, kv = header_sizes(moe_path)
+    r = plan(str(moe_path), memory=str(kv + dense + 8 * stride), trace=path)
+    assert r["routing"] == "trace" and r["trace_tokens"] >= 5
+    assert 0 <= r["expected_hit_rate"] <= r["belady_hit_rate"] <= 1
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "is empty"),
+    ("\n\n", "is empty"),
+    ('{"pos": 0, "layer": 0, "experts": [1, 2]}\n{"pos": 1, "layer": 0, "experts": [1,\n', "line 2 is not JSON"),
+    ('{"pos": 0, "layer": 2, "experts": [1, 2]}\n', "layer 2 has no routed experts"),
+    ('{"pos": 0, "layer": -1, "experts": [1, 2]}\n', "layer -1 has no routed experts"),
+    ('{"pos": 0, "layer": 1, "experts": [1, 8]}\n', "expert 8 is out of range"),
+    ('{"pos": 0, "layer": 1, "experts": [3, 3]}\n', "listed twice"),
+    ('{"pos": 0, "layer": 1}\n', 'integer "layer" and a list of integer "experts"'),
+    ('[0, [1, 2]]\n', 'integer "layer" and a list of integer "experts"'),
+    ('{"layer": "0", "experts": [1, 2]}\n', 'integer "layer"'),
+])
+def test_a_bad_trace_is_one_error_line_and_exit_2(tmp_path, moe_path, content, message):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(content)
+    r = lmcli("plan", str(moe_path), "--memory", "6M", "--trace", str(trace), "--json", home=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --trace") and message in r.stderr
+
+
+def test_plan_trace_missing_file_or_without_a_model_index(tmp_path, moe_path):
+    r = lmcli("plan", str(moe_path), "--trace", str(tmp_path / "nope.jsonl"), home=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read it" in r.stderr
+    trace = write_trace(tmp_path / "t.jsonl", [(0, [0, 1])], 1)
+    r = lmcli("plan", "mixtral", "--trace", str(trace), home=tmp_path)  # a registry entry: no tensor index yet
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "registry entry" in r.stderr
+
+
+def test_plan_trace_on_the_command_line_prints_json(tmp_path, moe_path):
+    trace = write_trace(tmp_path / "t.jsonl", skewed_steps(n_tok=30), 2)
+    r = lmcli("plan", str(moe_path), "--memory", "10M", "--trace", str(trace), "--json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["routing"] == "trace" and obj["trace_tokens"] == 30
+    assert set(obj["policy_hit_rates"]) == {"lru", "lfu"}
