@@ -233,9 +233,8 @@ def skewed_steps(n_tok=120, n_layer=2, n_expert=8, k=2, seed=3):
 def header_sizes(path: Path) -> tuple[int, int, int]:
     """(bytes of the non-expert tensors, bytes of one expert bundle, KV cache bytes at the default context),
     from the container index and config."""
-    from quant.container import Container
-
     from lmcli.api import DEFAULT_CTX
+    from quant.container import Container
 
     c = Container(path)
     cfg = c.metadata["config"]
