@@ -502,8 +502,8 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None)
                                f"a {DEFAULT_POLICY} expert cache of {capacity} bundles of {c['bundle_bytes']} bytes "
                                "from a cold start; each miss reads one bundle")
             if capacity < max(len(e) for _, e in steps):
-                assumptions.append("the budget holds fewer bundles than one token's experts in a layer: the engine "
-                                   "runs no expert cache then, and every expert use is a read")
+                assumptions.append("the budget holds fewer bundles than one token's experts in a layer, an expert "
+                                   "cache the engine refuses to make: every expert use is counted as a read")
     return {
         "model": model,
         "source": source,
