@@ -74,15 +74,23 @@ def matmul_q4(codes, scales, xq, xd, xs, out):
     n_out = out.shape[1]
     for tile in prange(n_tiles):
         acc = np.zeros((T, TILE), np.float32)
+        n_valid = min(TILE, n_out - tile * TILE)
+        if T == 1:
+            cb, sb = tile * n_groups * 16 * TILE, tile * n_groups * scales.shape[2] * TILE
+            if has_min:
+                simd.tile_q4_1(codes, cb, scales, sb, n_groups, xq, 0, xd, xs, 0, acc[0])
+            else:
+                simd.tile_q4_0(codes, cb, scales, sb, n_groups, xq, 0, xd, xs, 0, acc[0])
+            for r in range(n_valid):
+                out[0, tile * TILE + r] = acc[0, r]
+            continue
         isum = np.empty(TILE, np.int32)
         w = np.empty(16 * TILE, np.int32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
         m = np.empty(TILE, np.float32)
         for g in range(n_groups):
-            coff = (tile * n_groups + g) * 16 * TILE
-            if T > 1:
-                simd.pairs_q4(codes, coff, w)
+            simd.pairs_q4(codes, (tile * n_groups + g) * 16 * TILE, w)
             _f16_row(scales[tile, g, 0], bits, d)
             if has_min:
                 _f16_row(scales[tile, g, 1], bits, m)
@@ -90,15 +98,11 @@ def matmul_q4(codes, scales, xq, xd, xs, out):
                 for r in range(TILE):
                     m[r] = np.float32(-8.0) * d[r]
             for t in range(T):
-                if T == 1:
-                    simd.isum_q4(codes, coff, xq, g * GROUP, isum)
-                else:
-                    simd.isum_pairs(w, xq, t * n_in + g * GROUP, isum)
+                simd.isum_pairs(w, xq, t * n_in + g * GROUP, isum)
                 dx = xd[t, g]
                 sx = np.float32(xs[t, g])
                 for r in range(TILE):
                     acc[t, r] += dx * (d[r] * np.float32(isum[r]) + m[r] * sx)
-        n_valid = min(TILE, n_out - tile * TILE)
         for t in range(T):
             for r in range(n_valid):
                 out[t, tile * TILE + r] = acc[t, r]
@@ -112,24 +116,25 @@ def matmul_q8(codes, scales, xq, xd, xs, out):
     n_out = out.shape[1]
     for tile in prange(n_tiles):
         acc = np.zeros((T, TILE), np.float32)
+        n_valid = min(TILE, n_out - tile * TILE)
+        if T == 1:
+            simd.tile_q8_0(codes, tile * n_groups * GROUP * TILE, scales, tile * n_groups * TILE, n_groups,
+                           xq, 0, xd, xs, 0, acc[0])
+            for r in range(n_valid):
+                out[0, tile * TILE + r] = acc[0, r]
+            continue
         isum = np.empty(TILE, np.int32)
         w = np.empty(16 * TILE, np.int32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
         for g in range(n_groups):
-            coff = (tile * n_groups + g) * GROUP * TILE
-            if T > 1:
-                simd.pairs_q8(codes, coff, w)
+            simd.pairs_q8(codes, (tile * n_groups + g) * GROUP * TILE, w)
             _f16_row(scales[tile, g, 0], bits, d)
             for t in range(T):
-                if T == 1:
-                    simd.isum_q8(codes, coff, xq, g * GROUP, isum)
-                else:
-                    simd.isum_pairs(w, xq, t * n_in + g * GROUP, isum)
+                simd.isum_pairs(w, xq, t * n_in + g * GROUP, isum)
                 dx = xd[t, g]
                 for r in range(TILE):
                     acc[t, r] += dx * d[r] * np.float32(isum[r])
-        n_valid = min(TILE, n_out - tile * TILE)
         for t in range(T):
             for r in range(n_valid):
                 out[t, tile * TILE + r] = acc[t, r]
@@ -232,35 +237,21 @@ KIND = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
 
 
 @njit(cache=True, inline="always")
-def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xq, xd, xs, xf, t, acc, isum, bits, d, m):
+def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xq, xd, xs, xf, t, acc, bits, d):
     """acc (TILE,) = rows [tile*TILE, +TILE) of one interleaved matrix . activation row t."""
     ng = n_in // GROUP
     for r in range(TILE):
         acc[r] = 0.0
     if kind == 2 or kind == 3 or kind == 8:
         nsc = 2 if kind == 3 else 1
-        cbytes = 16 if kind != 8 else 32
-        cb = coff + tile * ng * cbytes * TILE
+        cb = coff + tile * ng * (16 if kind != 8 else 32) * TILE
         sb = (soff + tile * ng * nsc * TILE * 2) // 2
-        for g in range(ng):
-            if kind == 8:
-                simd.isum_q8(buf8, cb + g * GROUP * TILE, xq, t * n_in + g * GROUP, isum)
-            else:
-                simd.isum_q4(buf8, cb + g * 16 * TILE, xq, t * n_in + g * GROUP, isum)
-            s0 = sb + g * nsc * TILE
-            _f16_row(buf16[s0 : s0 + TILE], bits, d)
-            if kind == 3:
-                _f16_row(buf16[s0 + TILE : s0 + 2 * TILE], bits, m)
-            elif kind == 2:
-                for r in range(TILE):
-                    m[r] = np.float32(-8.0) * d[r]
-            else:
-                for r in range(TILE):
-                    m[r] = 0.0
-            dx = xd[t, g]
-            sx = np.float32(xs[t, g])
-            for r in range(TILE):
-                acc[r] += dx * (d[r] * np.float32(isum[r]) + m[r] * sx)
+        if kind == 2:
+            simd.tile_q4_0(buf8, cb, buf16, sb, ng, xq, t * n_in, xd, xs, t * ng, acc)
+        elif kind == 3:
+            simd.tile_q4_1(buf8, cb, buf16, sb, ng, xq, t * n_in, xd, xs, t * ng, acc)
+        else:
+            simd.tile_q8_0(buf8, cb, buf16, sb, ng, xq, t * n_in, xd, xs, t * ng, acc)
     elif kind == 1:
         base = coff // 2 + tile * n_in * TILE
         for k in range(n_in):
@@ -331,15 +322,13 @@ def moe_gate_up(buf8, buf16, buf32, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_
         e = sel[i]
         g = np.empty(TILE, np.float32)
         u = np.empty(TILE, np.float32)
-        isum = np.empty(TILE, np.int32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
-        m = np.empty(TILE, np.float32)
         n_valid = min(TILE, n_ff - tile * TILE)
         for a in range(tok_ptr[i], tok_ptr[i + 1]):
             t = tok_idx[a]
-            _tile_dot(buf8, buf16, buf32, kind, g_coff[e], g_soff[e], n_in, tile, xq, xd, xs, xf, t, g, isum, bits, d, m)
-            _tile_dot(buf8, buf16, buf32, kind, u_coff[e], u_soff[e], n_in, tile, xq, xd, xs, xf, t, u, isum, bits, d, m)
+            _tile_dot(buf8, buf16, buf32, kind, g_coff[e], g_soff[e], n_in, tile, xq, xd, xs, xf, t, g, bits, d)
+            _tile_dot(buf8, buf16, buf32, kind, u_coff[e], u_soff[e], n_in, tile, xq, xd, xs, xf, t, u, bits, d)
             for r in range(n_valid):
                 x = g[r]
                 h[a, tile * TILE + r] = x / (np.float32(1.0) + np.exp(-x)) * u[r]
@@ -354,13 +343,11 @@ def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq
         tile = job % n_tiles
         e = sel[i]
         acc = np.empty(TILE, np.float32)
-        isum = np.empty(TILE, np.int32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
-        m = np.empty(TILE, np.float32)
         n_valid = min(TILE, n_out - tile * TILE)
         for a in range(tok_ptr[i], tok_ptr[i + 1]):
-            _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, hq, hd, hs, hf, a, acc, isum, bits, d, m)
+            _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, hq, hd, hs, hf, a, acc, bits, d)
             for r in range(n_valid):
                 y[a, tile * TILE + r] = acc[r]
 
