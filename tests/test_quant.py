@@ -106,3 +106,61 @@ def test_embedding_rows_equal_reference_dequantization(fmt):
     kind = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}[fmt.name]
     kernels.embed_rows(codes.reshape(-1).view(np.uint8), scales, kind, ids, out)
     assert np.array_equal(out, ref[ids])
+
+
+_ISA_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np
+from quant import kernels
+from quant.formats import Q4_0, Q4_1, Q8_0
+from quant.quantize import dequantize_interleaved, quantize_matrix
+rng = np.random.default_rng(7)
+n_out, n_in = 150, 192
+res = {"vnni": kernels._VNNI, "avx512bw": kernels._AVX512BW, "err": 0.0, "digest": hashlib.sha256()}
+for fmt in (Q4_0, Q4_1, Q8_0):
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    codes, scales = quantize_matrix(w, fmt)
+    wd = dequantize_interleaved(codes, scales, fmt, n_out, n_in).astype(np.float64)
+    for T in (1, 5):
+        x = rng.standard_normal((T, n_in)).astype(np.float32)
+        xq, xd, xs = np.empty((T, n_in), np.int16), np.empty((T, n_in // 32), np.float32), np.empty((T, n_in // 32), np.int32)
+        kernels.quantize_act(x, xq, xd, xs)
+        out = np.full((T, n_out), np.nan, np.float32)
+        (kernels.matmul_q8 if fmt is Q8_0 else kernels.matmul_q4)(codes, scales, xq, xd, xs, out)
+        ref = x.astype(np.float64) @ wd.T
+        res["err"] = max(res["err"], float(np.abs(out - ref).max() / np.abs(ref).max()))
+        res["digest"].update(out.tobytes())
+res["digest"] = res["digest"].hexdigest()
+print(json.dumps(res))
+"""
+
+
+_ISAS = {
+    "host": ({}, None),
+    "avx512bw": ({"NUMBA_CPU_NAME": "skylake-avx512",
+                  "NUMBA_CPU_FEATURES": "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx2,+fma,+f16c,+sse4.2,+popcnt"},
+                 (False, True)),
+    "avx2": ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+f16c,+sse4.2,+popcnt,+avx"},
+             (False, False)),
+}
+
+
+def test_kernels_agree_across_instruction_sets(tmp_path):
+    """The multiply-add is emitted as vpdpwssd (VNNI), vpmaddwd (AVX-512BW) or plain IR (any CPU): each path,
+    compiled in a fresh process for that CPU, matches the float64 reference and gives bit-identical results."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    digests = {}
+    for isa, (extra, flags) in _ISAS.items():
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / isa), **extra)
+        r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads(r.stdout)
+        assert got["err"] <= 1e-4, isa
+        if flags is not None:
+            assert (got["vnni"], got["avx512bw"]) == flags, isa
+        digests[isa] = got["digest"]
+    assert len(set(digests.values())) == 1, f"instruction-set paths disagree: {digests}"
