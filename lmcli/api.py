@@ -13,6 +13,7 @@ from quant.container import Container
 from quant.errors import ContainerError
 
 from .engine.config import ModelConfig
+from .engine.expert_cache import DEFAULT_POLICY
 from .engine.model import Transformer
 from .errors import ModelFileError, UsageError
 from .generate import Event, generate_events
@@ -48,8 +49,8 @@ class Model:
     """A loaded model: config, tokenizer, chat template and the engine over the mmapped container."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
-                 moe_topk: int | None = None, expert_cache_mib: int | None = None, cache_policy: str = "lru",
-                 prefetch: bool = True):
+                 moe_topk: int | None = None, expert_cache_mib: int | None = None,
+                 cache_policy: str = DEFAULT_POLICY, prefetch: bool = True):
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -139,7 +140,8 @@ def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = N
          moe_topk: int | None = None, **engine) -> Model:
     """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it.
 
-    engine: expert_cache_mib (None: automatic, 0: off), cache_policy ("lru" | "lfu"), prefetch (bool).
+    engine: expert_cache_mib (None: automatic, 0: off), cache_policy ("cyclic",
+    the default, "lru" or "lfu": lmcli.engine.expert_cache.Policy), prefetch (bool).
     """
     from .store import resolve
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmcli.engine.expert_cache import belady_hits, replay_hits
+from lmcli.engine.expert_cache import POLICIES, belady_hits, replay_hits
 from quant.synthetic import write_synthetic_moe
 
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
@@ -35,25 +35,27 @@ def _trace(seed=0, n_tok=200, n_layer=4, n_expert=16, k=2, skew=1.2):
 def test_policies_lie_between_zero_and_beladys_optimum(capacity):
     trace = _trace()
     opt = belady_hits(trace, capacity)
-    for kind in ("lru", "lfu"):
+    for kind in POLICIES:
         h = replay_hits(trace, capacity, kind)
         assert 0 <= h <= opt
     # on skewed routing, frequency beats recency
     assert replay_hits(trace, capacity, "lfu") >= replay_hits(trace, capacity, "lru")
 
 
-def test_the_live_cache_counts_the_same_hits_as_the_offline_lru_replay(tmp_path):
+@pytest.mark.parametrize("kind", POLICIES)
+def test_the_live_cache_counts_the_same_hits_as_the_offline_replay(tmp_path, kind):
     import lmcli
 
     p = tmp_path / "m.lmc"
     write_synthetic_moe(p, n_layer=3, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
-    m = lmcli.load(str(p), expert_cache_mib=3, prefetch=False)
+    m = lmcli.load(str(p), expert_cache_mib=3, prefetch=False, cache_policy=kind)
+    assert m.transformer.expert_cache.policy.kind == kind
     ec = m.transformer.expert_cache
     m.transformer.stats.trace = []
     list(m.generate(m.tokenize("the quick brown fox"), max_tokens=12, temp=0.0, ignore_eos=True))
     # per forward call and layer, the distinct experts the cache fetched, in order
     trace = [(layer, sorted(set(ids.reshape(-1).tolist()))) for _, layer, ids, _ in m.transformer.stats.trace]
-    assert int(ec.stats.hits.sum()) == replay_hits(trace, ec.n_slots, "lru")
+    assert int(ec.stats.hits.sum()) == replay_hits(trace, ec.n_slots, kind)
     assert int(ec.stats.hits.sum() + ec.stats.misses.sum()) == sum(len(e) for _, e in trace)
 
 

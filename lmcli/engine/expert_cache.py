@@ -9,6 +9,7 @@ hidden state) while the current layer computes.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import threading
@@ -21,8 +22,8 @@ import numpy as np
 
 from ..errors import LmcliError
 
-POLICIES = ("lru", "lfu")
-DEFAULT_POLICY = "lru"  # what lmcli.load and the engine use unless told otherwise
+POLICIES = ("lru", "lfu", "cyclic")
+DEFAULT_POLICY = "cyclic"  # what lmcli.load and the engine use unless told otherwise
 
 
 class MemoryBudgetError(LmcliError):
@@ -58,22 +59,69 @@ class CacheStats:
 
 
 class Policy:
-    """Replacement policy over (layer, expert) keys: "lru", or "lfu" (least frequently used, ties by recency)."""
+    """Replacement policy over (layer, expert) keys.
+
+    "lru": least recently used. "lfu": least frequently used (uses counted since the start, evicted keys
+    included), ties by recency.
+    "cyclic": decode visits the MoE layers in ascending order, over and over, so the experts whose next
+    possible use is furthest away are those of the layer being run (its experts other than this step's are
+    next needed one whole cycle on), then those of the layer run before it, and so on backwards; the layer
+    that comes next is evicted from last. The victim is the least frequently used expert (ties: least
+    recent) of the first layer in that order that has an evictable one. LRU does the opposite on this loop:
+    the layer visited longest ago is the one needed next, and a cache smaller than one token's experts hits
+    nothing at all. Frequency is only compared within a layer: weighing it across layers scored worse on
+    real Mixtral routing (bench/policy_replay.py).
+
+    The caller says which layer's step is starting with visit(layer) (ExpertCache.fetch and replay_hits
+    do); touch() of a key also moves there. The visiting order is the ascending order of the layers seen.
+    """
 
     def __init__(self, kind: str):
         if kind not in POLICIES:
             raise LmcliError(f"unknown expert cache policy {kind!r} (known: {', '.join(POLICIES)})")
         self.kind = kind
-        self.order: OrderedDict = OrderedDict()  # key -> None, least recent first
-        self.freq: dict = {}
+        self.order: OrderedDict = OrderedDict()  # lru, lfu: resident key -> None, least recent first
+        self.freq: dict = {}  # key -> uses since the start
+        self.by_layer: dict = {}  # cyclic: layer -> an OrderedDict like `order` of that layer's resident keys
+        self.ring: list = []  # cyclic: the layers seen, in visiting (ascending) order
+        self.current = None  # the layer whose step runs now
+
+    def _keys(self, layer: int) -> OrderedDict:
+        """The recency list a key of `layer` belongs in: one per layer for cyclic, one for all otherwise."""
+        if self.kind != "cyclic":
+            return self.order
+        keys = self.by_layer.get(layer)
+        if keys is None:
+            keys = self.by_layer[layer] = OrderedDict()
+            bisect.insort(self.ring, layer)
+        return keys
+
+    def visit(self, layer: int) -> None:
+        """The step of `layer` starts: its experts are fetched next."""
+        self.current = layer
+        self._keys(layer)
 
     def touch(self, key) -> None:
-        self.order.pop(key, None)
-        self.order[key] = None
+        """`key` is used (and resident)."""
+        self.visit(key[0])
         self.freq[key] = self.freq.get(key, 0) + 1
+        keys = self._keys(key[0])
+        keys.pop(key, None)
+        keys[key] = None
 
     def remove(self, key) -> None:
-        self.order.pop(key, None)
+        self._keys(key[0]).pop(key, None)
+
+    @staticmethod
+    def _least_frequent(keys, pinned: set, freq: dict):
+        best, best_f = None, None
+        for key in keys:  # least recent first, so the first minimum is the least recent among equals
+            if key in pinned:
+                continue
+            f = freq.get(key, 0)
+            if best_f is None or f < best_f:
+                best, best_f = key, f
+        return best
 
     def victim(self, pinned: set):
         if self.kind == "lru":
@@ -81,14 +129,17 @@ class Policy:
                 if key not in pinned:
                     return key
             return None
-        best, best_f = None, None
-        for key in self.order:  # least recent first, so the first minimum is the least recent among equals
-            if key in pinned:
-                continue
-            f = self.freq.get(key, 0)
-            if best_f is None or f < best_f:
-                best, best_f = key, f
-        return best
+        if self.kind == "lfu":
+            return self._least_frequent(self.order, pinned, self.freq)
+        ring = self.ring
+        if not ring:
+            return None
+        start = bisect.bisect_right(ring, self.current) - 1 if self.current is not None else len(ring) - 1
+        for j in range(len(ring)):  # the current layer, then backwards; the next layer last
+            key = self._least_frequent(self.by_layer[ring[(start - j) % len(ring)]], pinned, self.freq)
+            if key is not None:
+                return key
+        return None
 
 
 def _check_capacity(trace: list, capacity: int) -> None:
@@ -105,6 +156,7 @@ def replay_hits(trace: list, capacity: int, kind: str) -> int:
     resident: set = set()
     hits = 0
     for layer, experts in trace:
+        pol.visit(layer)
         pinned = {(layer, e) for e in experts}
         for e in experts:
             key = (layer, e)
@@ -149,7 +201,7 @@ def belady_hits(trace: list, capacity: int) -> int:
 class ExpertCache:
     """Slots of `slot_size` bytes in one anonymous mapping; (layer, expert) -> slot."""
 
-    def __init__(self, path: str, layers: dict, capacity_bytes: int, top_k: int, policy: str = "lru",
+    def __init__(self, path: str, layers: dict, capacity_bytes: int, top_k: int, policy: str = DEFAULT_POLICY,
                  prefetch: bool = True):
         # layers: layer index -> Experts (weights.Experts) of the MoE layers
         self.path = path
@@ -261,6 +313,7 @@ class ExpertCache:
         pinned = set(keys)
         with self._lock:
             self.in_use = pinned
+            self.policy.visit(layer)
         waits: list[tuple[object, Future]] = []
         slots = np.empty(len(keys), np.int64)
         with self._lock:
