@@ -59,6 +59,22 @@ def test_the_live_cache_counts_the_same_hits_as_the_offline_replay(tmp_path, kin
     assert int(ec.stats.hits.sum() + ec.stats.misses.sum()) == sum(len(e) for _, e in trace)
 
 
+def test_prefetched_experts_the_router_did_not_confirm_stay_evictable(tmp_path):
+    import lmcli
+
+    p = tmp_path / "m.lmc"
+    write_synthetic_moe(p, n_layer=3, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    for kind in POLICIES:
+        m = lmcli.load(str(p), expert_cache_mib=3, prefetch=True, cache_policy=kind)
+        ec = m.transformer.expert_cache
+        list(m.generate(m.tokenize("the quick brown fox jumps over"), max_tokens=30, temp=0.0, ignore_eos=True))
+        assert ec.stats.prefetched > ec.stats.prefetch_used  # some prefetches were never used
+        # every resident expert is one the policy may evict: none holds its slot for good
+        known = set(ec.policy.order) | {k for keys in ec.policy.by_layer.values() for k in keys}
+        assert set(ec.slot_of) == known, kind
+        ec.close()
+
+
 def test_a_budget_too_small_for_one_token_is_a_clear_error_before_running(tmp_path):
     import lmcli
     from lmcli.engine.expert_cache import MemoryBudgetError

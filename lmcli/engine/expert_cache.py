@@ -109,6 +109,12 @@ class Policy:
         keys.pop(key, None)
         keys[key] = None
 
+    def admit(self, key) -> None:
+        """`key` is made resident without being used (a prefetch): evictable, most recent, no use counted."""
+        keys = self._keys(key[0])
+        if key not in keys:
+            keys[key] = None
+
     def remove(self, key) -> None:
         self._keys(key[0]).pop(key, None)
 
@@ -303,6 +309,7 @@ class ExpertCache:
                 if not self.free and self.policy.victim(set(self.pending) | {key} | self.in_use) is None:
                     return
                 slot = self._claim(key, {key})
+                self.policy.admit(key)  # evictable once it has landed and its layer has run without it
                 self.pending[key] = self._io.submit(self._read, key, slot)
                 self.prefetched_keys.add(key)
                 self.stats.prefetched += 1
@@ -335,6 +342,9 @@ class ExpertCache:
                     waits.append((key, None))
                 slots[i] = self.slot_of[key]
                 self.policy.touch(key)
+            for key in [k for k in self.pending if k[0] == layer and k not in pinned]:
+                if self.pending[key].done():  # a prefetch the router did not confirm: unpinned from now on
+                    self.stats.bytes_read += self.pending.pop(key).result()
         t = time.perf_counter()
         for key, fut in waits:
             if fut is None:
