@@ -15,6 +15,7 @@ from ..errors import ContextOverflow, UsageError
 from . import ops
 from .cache import KVCache
 from .config import ModelConfig
+from .expert_cache import DEFAULT_POLICY
 from .moe import RouterSpec, RoutingStats, moe_ffn
 from .weights import Act, Attention, FFN, Weights, load_weights
 
@@ -29,7 +30,7 @@ class Transformer:
     """A decoder-only transformer over mmapped weights."""
 
     def __init__(self, container: Container, cfg: ModelConfig, max_ctx: int, moe_topk: int | None = None,
-                 expert_cache_mib: int | None = None, cache_policy: str = "lru", prefetch: bool = True):
+                 expert_cache_mib: int | None = None, cache_policy: str = DEFAULT_POLICY, prefetch: bool = True):
         from .expert_cache import memory_available
 
         self.container = container
