@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from quant import kernels
 
@@ -26,6 +27,40 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-x, axis=-1, kind="stable")[:, :k]
 
 
+@njit(cache=True)
+def _route_softmax(z, k, norm, ids, w):
+    """The softmax router in one compiled call (decode runs it once per MoE layer and token; as numpy it is a
+    dozen small calls). Top-k by repeated arg-max scanning up, so ties go to the lower index, as _topk."""
+    T, E = z.shape
+    p = np.empty(E, np.float32)
+    for t in range(T):
+        m = z[t, 0]
+        for e in range(1, E):
+            m = max(m, z[t, e])
+        s = np.float32(0.0)
+        for e in range(E):
+            p[e] = np.exp(z[t, e] - m)
+            s += p[e]
+        for e in range(E):
+            p[e] = p[e] / s
+        tot = np.float32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                taken = False
+                for i in range(j):
+                    if ids[t, i] == e:
+                        taken = True
+                if not taken and (best < 0 or p[e] > p[best]):
+                    best = e
+            ids[t, j] = best
+            w[t, j] = p[best]
+            tot += p[best]
+        if norm:
+            for j in range(k):
+                w[t, j] = w[t, j] / tot
+
+
 def route(logits: np.ndarray, spec: RouterSpec, bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Router logits (T, n_expert) -> (expert ids (T, k) int64, weights (T, k) float32).
 
@@ -36,16 +71,14 @@ def route(logits: np.ndarray, spec: RouterSpec, bias: np.ndarray | None = None) 
       of its two best experts), weights from the uncorrected sigmoid scores, renormalised if norm_topk_prob,
       times routed_scaling_factor (DeepseekV3TopkRouter / DeepseekV3MoE.route_tokens_to_experts, Dots1).
     """
-    z = logits.astype(np.float32)
+    z = np.ascontiguousarray(logits, dtype=np.float32)
     T, E = z.shape
     if spec.kind == "softmax":
-        p = np.exp(z - z.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        ids = _topk(p, spec.top_k)
-        w = np.take_along_axis(p, ids, axis=-1)
-        if spec.norm_topk_prob:
-            w = w / w.sum(axis=-1, keepdims=True)
-    elif spec.kind == "sigmoid":
+        ids = np.empty((T, spec.top_k), np.int64)
+        w = np.empty((T, spec.top_k), np.float32)
+        _route_softmax(z, spec.top_k, spec.norm_topk_prob, ids, w)
+        return ids, w
+    if spec.kind == "sigmoid":
         s = 1.0 / (1.0 + np.exp(-z))
         sel = s + bias[None, :] if bias is not None else s.copy()
         if spec.n_group > 1:
