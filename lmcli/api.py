@@ -46,11 +46,11 @@ def set_threads(threads: int | None) -> int:
 
 
 class Model:
-    """A loaded model: config, tokenizer, chat template and the engine over the mmapped container."""
+    """A loaded model: config, tokenizer, chat template and the engine over the container."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
                  moe_topk: int | None = None, expert_cache_mib: int | None = None,
-                 cache_policy: str = DEFAULT_POLICY, prefetch: bool = True):
+                 cache_policy: str = DEFAULT_POLICY, prefetch: bool = True, use_mmap: bool | None = None):
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -72,7 +72,8 @@ class Model:
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
         self.chat_template: str | None = md.get("chat_template")
         self.transformer = Transformer(self.container, self.config, n_ctx, moe_topk=moe_topk,
-                                       expert_cache_mib=expert_cache_mib, cache_policy=cache_policy, prefetch=prefetch)
+                                       expert_cache_mib=expert_cache_mib, cache_policy=cache_policy, prefetch=prefetch,
+                                       use_mmap=use_mmap)
         self.load_s = time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
@@ -141,7 +142,8 @@ def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = N
     """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it.
 
     engine: expert_cache_mib (None: automatic, 0: off), cache_policy ("cyclic",
-    the default, "lru" or "lfu": lmcli.engine.expert_cache.Policy), prefetch (bool).
+    the default, "lru" or "lfu": lmcli.engine.expert_cache.Policy), prefetch (bool), use_mmap (None: read the
+    weights into RAM when the file fits in memory, else map it; True: always map; False: always read).
     """
     from .store import resolve
 

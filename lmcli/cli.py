@@ -61,6 +61,8 @@ def run(
     expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib",
                                                    help="expert cache size (default: automatic when the model "
                                                         "does not fit in memory; 0: off)"),
+    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
+                                  "them into RAM (starts faster, decodes slower)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="timings on stderr"),
 ):
     """Generate a reply to PROMPT and print it."""
@@ -79,7 +81,8 @@ def run(
     if each_line and prompt not in (None, "-"):
         raise UsageError("--each-line reads prompts from stdin; drop the PROMPT argument")
     prompts = _read_lines() if each_line else [_read_prompt(prompt)]
-    m = load(model, n_ctx=ctx_size, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib)
+    m = load(model, n_ctx=ctx_size, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib,
+             use_mmap=use_mmap or None)
     if raw and system is not None:
         raise UsageError("--system needs the chat template (drop --raw)")
     stats = m.transformer.stats
@@ -176,6 +179,8 @@ def chat(
     moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
     expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib",
                                                    help="expert cache size (default: automatic; 0: off)"),
+    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
+                                  "them into RAM (starts faster, decodes slower)"),
 ):
     """Chat with a model in the terminal (/help lists the commands)."""
     from .repl import run_chat
@@ -185,7 +190,7 @@ def chat(
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
     code = run_chat(model, system=system, sampling=params, max_tokens=max_tokens, n_ctx=ctx_size, threads=threads,
-                    moe_topk=moe_topk, expert_cache_mib=expert_cache_mib)
+                    moe_topk=moe_topk, expert_cache_mib=expert_cache_mib, use_mmap=use_mmap or None)
     if code:
         raise typer.Exit(code)
 
@@ -265,6 +270,8 @@ def bench(
     threads: str = typer.Option("1,2", "-t", "--threads", help="comma-separated thread counts to sweep"),
     reps: int = typer.Option(3, "-r", "--reps", help="repetitions (medians are reported)"),
     expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib"),
+    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
+                                  "them into RAM (starts faster, decodes slower)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Measure prefill and decode tokens/s against the machine's read bandwidth, per phase and thread count."""
@@ -277,7 +284,7 @@ def bench(
     if not ths or min(ths) < 1 or prompt_tokens < 1 or gen_tokens < 1 or reps < 1:
         raise UsageError("-p, -n, -r and every --threads value must be at least 1")
     r = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=ths, reps=reps,
-                  expert_cache_mib=expert_cache_mib)
+                  expert_cache_mib=expert_cache_mib, use_mmap=use_mmap or None)
     typer.echo(json.dumps(r) if as_json else format_bench(r))
 
 

@@ -613,7 +613,8 @@ def histogram_line(row: np.ndarray, top: int = 3, max_bar: int = 64) -> str:
 
 
 def run_chat(model: str, *, system: str | None, sampling: SamplerParams, max_tokens: int, n_ctx: int | None,
-             threads: int | None, moe_topk: int | None, expert_cache_mib: int | None = None) -> int:
+             threads: int | None, moe_topk: int | None, expert_cache_mib: int | None = None,
+             use_mmap: bool | None = None) -> int:
     """Load model (its errors are raised before the REPL starts), then chat until /bye, Ctrl+D or Ctrl+C twice."""
     from rich.console import Console
 
@@ -621,7 +622,8 @@ def run_chat(model: str, *, system: str | None, sampling: SamplerParams, max_tok
 
     _check_max_tokens(max_tokens)
     sampling = _checked_params(sampling)
-    m = load(model, n_ctx=n_ctx, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib)
+    m = load(model, n_ctx=n_ctx, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib,
+             use_mmap=use_mmap)
     conv = Conversation(m, model, system=system, sampling=sampling, max_tokens=max_tokens)
     console = Console(highlight=False, emoji=False, markup=False)
     ui = ChatUI(conv, console, line_reader())

@@ -26,6 +26,16 @@ def resident_pages(addr: int, length: int) -> np.ndarray:
     return np.frombuffer(vec, np.uint8).astype(bool)
 
 
+def resident_file_pages(path) -> np.ndarray:
+    """Which pages of the file are in the page cache (mincore over a fresh mapping)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        buf = np.frombuffer(mm, np.uint8)
+        addr = buf.ctypes.data
+        pages = resident_pages(addr, len(mm))
+        del buf
+    return pages
+
+
 def drop_cache(path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -47,7 +57,8 @@ def test_unselected_experts_are_never_paged_in(zero_router_model):
     import lmcli
 
     drop_cache(zero_router_model)
-    m = lmcli.load(str(zero_router_model), n_ctx=64)
+    m = lmcli.load(str(zero_router_model), n_ctx=64, use_mmap=True)  # a small file is otherwise read into RAM
+    assert not m.container.resident
     base = m.container._buf.ctypes.data
     layers = [L.ffn.experts for L in m.transformer.weights.layers]
     assert all(not resident_pages(base + ex.base, ex.stride * ex.n_expert).any() for ex in layers), \
@@ -83,6 +94,24 @@ def test_moe_topk_changes_the_experts_read(zero_router_model):
     events = list(m.generate(m.tokenize("hello"), max_tokens=3, temp=0.0, ignore_eos=True))
     ex = m.transformer.weights.layers[0].ffn.experts
     assert events[-1].timings.expert_bytes_per_token == 2 * 3 * ex.bundle_nbytes
+
+
+def test_weights_are_read_into_ram_when_the_file_fits_and_mapped_with_mmap(zero_router_model):
+    """Default: the file is copied into anonymous memory (huge pages), mapped with use_mmap=True (--mmap);
+    both give the same logits bit for bit, and in RAM no page of the file needs to stay cached."""
+    import lmcli
+
+    ids = list(range(1, 12))
+    drop_cache(zero_router_model)
+    m = lmcli.load(str(zero_router_model), n_ctx=64)
+    assert m.container.resident
+    a = m.logits(ids)
+    drop_cache(zero_router_model)
+    assert np.array_equal(a, m.logits(ids))
+    assert not resident_file_pages(zero_router_model).any(), "the engine read the file again"
+    b = lmcli.load(str(zero_router_model), n_ctx=64, use_mmap=True)
+    assert not b.container.resident
+    assert np.array_equal(a, b.logits(ids))
 
 
 @pytest.mark.parametrize("k", [0, 9])

@@ -27,15 +27,22 @@ def _silu(x: np.ndarray) -> np.ndarray:
 
 
 class Transformer:
-    """A decoder-only transformer over mmapped weights."""
+    """A decoder-only transformer over the container's weights (read into RAM, or mapped)."""
 
     def __init__(self, container: Container, cfg: ModelConfig, max_ctx: int, moe_topk: int | None = None,
-                 expert_cache_mib: int | None = None, cache_policy: str = DEFAULT_POLICY, prefetch: bool = True):
+                 expert_cache_mib: int | None = None, cache_policy: str = DEFAULT_POLICY, prefetch: bool = True,
+                 use_mmap: bool | None = None):
         from .expert_cache import memory_available
 
         self.container = container
         self.cfg = cfg
         self._avail_at_load = memory_available()  # before the dense weights are read in (they count in a cgroup)
+        # weights in RAM (huge pages) when the file fits, as llama.cpp does; mapped when asked (--mmap), when an
+        # expert cache is asked for, or when the file is too large (then the expert cache takes over)
+        avail = self._avail_at_load
+        if use_mmap is False or (use_mmap is None and not expert_cache_mib and avail
+                                 and container.file_size <= 0.6 * avail):
+            container.load_resident()
         self.weights: Weights = load_weights(container, cfg)
         self.max_ctx = max_ctx
         self.cos, self.sin = ops.rope_table(max_ctx, cfg.n_rot, cfg.rope_theta, cfg.rope_scaling)
