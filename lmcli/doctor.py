@@ -129,8 +129,9 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, seconds: float = BANDWIDTH_
     from quant import kernels
 
     threads = threads or usable_cores()
-    a = np.ones(max(nbytes // 512, 1) * 64, np.uint64).reshape(-1, 64)  # written, so its pages are real
-    out = np.zeros((16 * threads, 64), np.uint64)
+    chunks = 16 * threads
+    a = np.ones(max(nbytes // (256 * chunks), 1) * 32 * chunks, np.uint64)  # written, so its pages are real
+    out = np.zeros(chunks, np.uint64)
     prev = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
