@@ -24,6 +24,8 @@ from ..errors import LmcliError
 
 POLICIES = ("lru", "lfu", "cyclic")
 DEFAULT_POLICY = "cyclic"  # what lmcli.load and the engine use unless told otherwise
+PREFETCH_MIN_RECALL = 0.5  # prefetch reads only while predictions name at least this share of routed experts
+PREDICTION_EMA = 0.1  # weight of the latest step in the running recall
 
 
 class MemoryBudgetError(LmcliError):
@@ -40,6 +42,8 @@ class CacheStats:
     bytes_read: int = 0  # bytes read from the file by the cache (demand + prefetch)
     prefetched: int = 0  # bundles read ahead of need
     prefetch_used: int = 0  # of those, later used
+    prediction_recall: float = 1.0  # running share of routed experts the next-layer prediction named
+    prefetch_skipped: int = 0  # predictions not read because recall was below PREFETCH_MIN_RECALL
     wait_s: float = 0.0  # time the forward pass spent blocked on reads
 
     def __post_init__(self):
@@ -54,6 +58,8 @@ class CacheStats:
             "bytes_read": self.bytes_read,
             "prefetched": self.prefetched,
             "prefetch_used": self.prefetch_used,
+            "prediction_recall": round(self.prediction_recall, 4),
+            "prefetch_skipped": self.prefetch_skipped,
             "io_wait_s": round(self.wait_s, 6),
         }
 
@@ -225,7 +231,10 @@ class ExpertCache:
         # keeping top_k slots for the next layer's prefetch
         self.max_batch = max(top_k, self.n_slots - top_k) if self.n_slots >= 2 * top_k else self.n_slots
         self._map = mmap.mmap(-1, self.n_slots * self.slot_size)  # anonymous, page aligned
+        # the kernels get read-only views, as of a resident or mapped container: the same compiled signatures
+        # (the cache's reads go through a memoryview of the mapping)
         self.buf8 = np.frombuffer(self._map, np.uint8)
+        self.buf8.flags.writeable = False
         self.buf16 = self.buf8.view(np.uint16)
         self.buf32 = self.buf8.view(np.float32)
         try:
@@ -241,6 +250,7 @@ class ExpertCache:
         self.stats = CacheStats(max(layers) + 1)
         self.pending: dict = {}  # key -> Future of an in-flight read
         self.prefetched_keys: set = set()
+        self.predicted: dict = {}  # layer -> experts the last prediction named (checked when the layer runs)
         self.in_use: set = set()  # the experts the current layer's kernels are reading
         self._lock = threading.Lock()
         prefetch = prefetch and self.n_slots >= 2 * top_k
@@ -298,8 +308,15 @@ class ExpertCache:
         return slot
 
     def prefetch(self, layer: int, experts) -> None:
-        """Start reading these experts of `layer` in the background (misses only)."""
+        """Start reading these experts of `layer` in the background (misses only), while the prediction
+        (the next layer's router on the current hidden state) has been naming the routed experts: when its
+        running recall falls below PREFETCH_MIN_RECALL the reads would mostly evict useful bundles for
+        nothing, so predictions are only checked until they recover."""
         if self._io is None or layer not in self.layers:
+            return
+        self.predicted[layer] = {int(e) for e in experts}
+        if self.stats.prediction_recall < PREFETCH_MIN_RECALL:
+            self.stats.prefetch_skipped += 1
             return
         with self._lock:
             for e in list(experts)[: self.top_k]:
@@ -318,6 +335,10 @@ class ExpertCache:
         """Slots holding `experts` of `layer`, reading misses (one pread per bundle); returns slot ids."""
         keys = [(layer, int(e)) for e in experts]
         pinned = set(keys)
+        pred = self.predicted.pop(layer, None)
+        if pred is not None and keys:
+            recall = sum(e in pred for _, e in keys) / len(keys)
+            self.stats.prediction_recall += PREDICTION_EMA * (recall - self.stats.prediction_recall)
         with self._lock:
             self.in_use = pinned
             self.policy.visit(layer)

@@ -26,6 +26,9 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
 
+HEADROOM = 256 << 20  # bytes kept free beside the dense weights and the expert cache (at least; 1/8 of avail)
+
+
 class Transformer:
     """A decoder-only transformer over the container's weights (read into RAM, or mapped)."""
 
@@ -79,8 +82,9 @@ class Transformer:
             if not avail or self.container.file_size <= 0.6 * avail:
                 return None  # it fits: the page cache over the mapping is the cheapest cache
             # the dense weights stay resident (page cache over the mapping); the rest, less a margin for
-            # activations, the KV cache and the allocator, holds expert bundles
-            budget = int(0.5 * avail) - self.weights.nbytes_dense
+            # activations, the KV cache and the allocator (the runtime is already counted in avail), holds
+            # expert bundles
+            budget = avail - self.weights.nbytes_dense - max(HEADROOM, avail // 8)
             budget = max(budget, 0)
         else:
             if mib < 0:
