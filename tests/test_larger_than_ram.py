@@ -75,6 +75,33 @@ def test_prefetched_experts_the_router_did_not_confirm_stay_evictable(tmp_path):
         ec.close()
 
 
+def test_prefetch_reads_pause_while_predictions_miss_and_resume_when_they_recover(tmp_path):
+    import lmcli
+    from lmcli.engine.expert_cache import PREDICTION_EMA, PREFETCH_MIN_RECALL
+
+    assert (PREFETCH_MIN_RECALL, PREDICTION_EMA) == (0.5, 0.1)  # the hand-worked numbers below assume these
+    p = tmp_path / "m.lmc"
+    write_synthetic_moe(p, n_layer=3, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    m = lmcli.load(str(p), expert_cache_mib=3, prefetch=True)
+    ec = m.transformer.expert_cache
+    # seven wrong predictions: recall 0.9^7 = 0.478 < 0.5; each of them was still read
+    for i in range(7):
+        ec.prefetch(1, [0, 1])
+        ec.fetch(1, np.array([6, 7]))
+        ec.fetch(2, np.array([4, 5]))  # another layer runs in between, as in decode
+    assert abs(ec.stats.prediction_recall - 0.9**7) < 1e-9
+    assert ec.stats.prefetch_skipped == 0
+    read = ec.stats.prefetched
+    ec.prefetch(1, [2, 3])  # recall too low: checked, not read
+    assert (ec.stats.prefetch_skipped, ec.stats.prefetched) == (1, read)
+    ec.fetch(1, np.array([2, 3]))  # it was right: 0.478 + 0.1 * (1 - 0.478) = 0.530
+    assert abs(ec.stats.prediction_recall - (0.9**7 + 0.1 * (1 - 0.9**7))) < 1e-9
+    ec.fetch(2, np.array([4, 5]))
+    ec.prefetch(1, [0, 3])
+    assert ec.stats.prefetch_skipped == 1  # reading again
+    ec.close()
+
+
 def test_a_budget_too_small_for_one_token_is_a_clear_error_before_running(tmp_path):
     import lmcli
     from lmcli.engine.expert_cache import MemoryBudgetError
