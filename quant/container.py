@@ -83,7 +83,9 @@ class Container:
         except OSError as e:
             raise ContainerError(f"cannot open {self.path}: {e.strerror}") from None
         with f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             prefix = f.read(_PREFIX.size)
             if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
                 raise ContainerError(f"{self.path} is not an lmcli container")
@@ -216,15 +218,23 @@ class Container:
         if self.resident or self._mm is None:
             return
         huge = 2 << 20
-        anon = mmap.mmap(-1, align_up(self.file_size, huge) + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            anon = mmap.mmap(-1, align_up(self.file_size, huge) + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError:
+            return  # no room for a copy (strict overcommit): keep reading through the file mapping
         base = np.frombuffer(anon, dtype=np.uint8)
         skip = (-base.ctypes.data) % huge  # start on a 2 MiB boundary so that every page can be a huge page
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
             anon.madvise(mmap.MADV_HUGEPAGE, skip, len(anon) - skip)
+        except (AttributeError, OSError):
+            pass  # no transparent huge pages here: 4 KiB pages, still no page-cache mapping
         buf = base[skip : skip + self.file_size]
         view = memoryview(buf)
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+                raise ContainerError(f"{self.path} was replaced while it was loaded; load it again")
             pos = 0
             while pos < self.file_size:
                 n = os.preadv(fd, [view[pos : pos + chunk]], pos)
@@ -233,7 +243,7 @@ class Container:
                 pos += n
         finally:
             os.close(fd)
-        view.release()
+            view.release()
         buf.flags.writeable = False
         self._buf, self._anon = buf, anon
         try:

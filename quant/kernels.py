@@ -48,6 +48,7 @@ ACT_QMAX = 32767  # int16 activation codes; |sum of 32 products| < 2^31 for 4- a
 # generators in another module would leave stale compiled kernels behind when only they change.
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32 = ir.FloatType()
 
 
 def _vec(t, n):
@@ -106,14 +107,38 @@ def _splat(builder, v, vt):
 
 
 def _target_features() -> set:
-    """The CPU features Numba compiles for (NUMBA_CPU_FEATURES if set, else the host's)."""
-    text = config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    """The CPU features Numba compiles for: NUMBA_CPU_FEATURES when set ("" for NUMBA_CPU_NAME=generic), else
+    the host's as Numba reads them (NUMBA_ENABLE_AVX=0 included). A feature missing here only means the
+    portable IR is used, which is correct on any CPU."""
+    from numba.core.codegen import get_host_cpu_features
+
+    text = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
     return {f[1:] for f in text.split(",") if f.startswith("+")}
 
 
 _FEATURES = _target_features()
 _VNNI = "avx512vnni" in _FEATURES and "avx512f" in _FEATURES
 _AVX512BW = "avx512bw" in _FEATURES
+_F16C = "f16c" in _FEATURES
+
+
+def _f16x16(builder, sp, off):
+    """16 fp16 values at sp[off] -> <16 x float>: fpext (vcvtph2ps) with F16C. Without it, integer rebiasing
+    of the exponent (subnormals through an exact int-to-float): written as "bits * 2^112" LLVM recognises the
+    conversion and calls __extendhfsf2, whose calling convention differs between libgcc versions (garbage or
+    a missing-symbol abort)."""
+    h = _load(builder, sp, off, _I16, 16, 2)
+    fvec = _vec(_F32, 16)
+    if _F16C:
+        return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), 16)), fvec)
+    w = builder.zext(h, _vec(_I32, 16))
+    sign = builder.shl(builder.and_(w, _splat32(0x8000)), _splat32(16))
+    em = builder.and_(w, _splat32(0x7FFF))
+    normal = builder.add(builder.shl(em, _splat32(13)), _splat32(112 << 23))
+    sub = builder.bitcast(builder.fmul(builder.sitofp(em, fvec), ir.Constant(fvec, [float(2.0**-24)] * 16)),
+                          _vec(_I32, 16))  # exponent 0: em * 2^-24, exact
+    bits = builder.select(builder.icmp_unsigned("<", em, _splat32(0x400)), sub, normal)
+    return builder.bitcast(builder.or_(bits, sign), fvec)
 
 
 def _pmadd(builder, acc, w, a):
@@ -156,12 +181,11 @@ def _lanes_q8(builder, cp, j, k):
 
 # --- one tile row of a matrix, all groups: integer dot products and the float scale epilogue ------------
 
-_F32 = ir.FloatType()
 
 
 def _tile_codegen(kind):
     """acc[r] = sum over groups g of xd[g] * (d[g, r] * isum[g, r] + m[g, r] * xs[g]) for the 64 rows r of a
-    tile; d and m (q4_1 only; q4_0: m = -8 d; q8_0: m = 0) are fp16 scales converted with fpext (vcvtph2ps).
+    tile; d and m (q4_1 only; q4_0: m = -8 d; q8_0: m = 0) are fp16 scales converted by _f16x16 (vcvtph2ps with F16C).
     The accumulators stay in registers across groups (allocas promoted by LLVM's mem2reg)."""
     lanes = _lanes_q8 if kind == "q8_0" else _lanes_q4
     cstride = 32 * 64 if kind == "q8_0" else 16 * 64
@@ -194,11 +218,9 @@ def _tile_codegen(kind):
             sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
             sx8 = _splat(builder, builder.mul(sxi, ir.Constant(_I32, 8)), _vec(_I32, 16))
             for k in range(4):
-                d = builder.fpext(builder.bitcast(_load(builder, sp, 16 * k, _I16, 16, 2), _vec(ir.HalfType(), 16)),
-                                  fvec)
+                d = _f16x16(builder, sp, 16 * k)
                 if kind == "q4_1":
-                    m = builder.fpext(builder.bitcast(_load(builder, sp, 64 + 16 * k, _I16, 16, 2),
-                                                      _vec(ir.HalfType(), 16)), fvec)
+                    m = _f16x16(builder, sp, 64 + 16 * k)
                     inner = _fma(builder, d, builder.sitofp(accs[k], fvec), builder.fmul(m, sxv))
                 elif kind == "q4_0":
                     # w = d (q - 8): d * (isum - 8 sx), the offset taken in exact integer arithmetic
@@ -261,11 +283,10 @@ def _rows_codegen(kind):
             sp = _ptr(context, builder, ta[2], sc, builder.add(sb, builder.mul(g, _c64(nsc * 64))), _I16)
             for k in range(4):
                 w = [lanes(builder, cp, j, k) for j in range(16)]
-                d = builder.fpext(builder.bitcast(_load(builder, sp, 16 * k, _I16, 16, 2), _vec(ir.HalfType(), 16)), fvec)
+                d = _f16x16(builder, sp, 16 * k)
                 m = None
                 if kind == "q4_1":
-                    m = builder.fpext(builder.bitcast(_load(builder, sp, 64 + 16 * k, _I16, 16, 2),
-                                                      _vec(ir.HalfType(), 16)), fvec)
+                    m = _f16x16(builder, sp, 64 + 16 * k)
                 with cgutils.for_range(builder, nr) as ql:
                     q = ql.index
                     t = builder.load(_ptr(context, builder, ta[6], rows, q, _I64))

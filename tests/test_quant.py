@@ -116,7 +116,8 @@ from quant.formats import Q4_0, Q4_1, Q8_0
 from quant.quantize import dequantize_interleaved, quantize_matrix
 rng = np.random.default_rng(7)
 n_out, n_in = 150, 192
-res = {"vnni": kernels._VNNI, "avx512bw": kernels._AVX512BW, "err": 0.0, "digest": hashlib.sha256()}
+res = {"vnni": kernels._VNNI, "avx512bw": kernels._AVX512BW, "f16c": kernels._F16C, "err": 0.0,
+       "digest": hashlib.sha256()}
 for fmt in (Q4_0, Q4_1, Q8_0):
     w = rng.standard_normal((n_out, n_in)).astype(np.float32)
     codes, scales = quantize_matrix(w, fmt)
@@ -142,12 +143,19 @@ _ISAS = {
                  (False, True)),
     "avx2": ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+f16c,+sse4.2,+popcnt,+avx"},
              (False, False)),
+    # AVX-512 without F16C in the feature list: fp16 scales by the integer bit trick instead of vcvtph2ps
+    "no-f16c": ({"NUMBA_CPU_NAME": "skylake-avx512",
+                 "NUMBA_CPU_FEATURES": "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx2,+fma,+sse4.2,+popcnt"},
+                (False, True)),
+    # Numba's portable target (NUMBA_CPU_NAME=generic): plain vector IR, no F16C
+    "generic": ({"NUMBA_CPU_NAME": "generic"}, (False, False)),
 }
 
 
 def test_kernels_agree_across_instruction_sets(tmp_path):
-    """The multiply-add is emitted as vpdpwssd (VNNI), vpmaddwd (AVX-512BW) or plain IR (any CPU): each path,
-    compiled in a fresh process for that CPU, matches the float64 reference and gives bit-identical results."""
+    """The multiply-add is emitted as vpdpwssd (VNNI), vpmaddwd (AVX-512BW) or plain IR (any CPU), fp16 scales
+    by vcvtph2ps or a bit trick: each path, compiled in a fresh process for that CPU, matches the float64
+    reference and gives bit-identical results."""
     import json
     import os
     import subprocess
@@ -162,5 +170,6 @@ def test_kernels_agree_across_instruction_sets(tmp_path):
         assert got["err"] <= 1e-4, isa
         if flags is not None:
             assert (got["vnni"], got["avx512bw"]) == flags, isa
+        assert got["f16c"] == (isa not in ("no-f16c", "generic")), isa
         digests[isa] = got["digest"]
     assert len(set(digests.values())) == 1, f"instruction-set paths disagree: {digests}"

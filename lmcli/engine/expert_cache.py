@@ -336,7 +336,7 @@ class ExpertCache:
         keys = [(layer, int(e)) for e in experts]
         pinned = set(keys)
         pred = self.predicted.pop(layer, None)
-        if pred is not None and keys:
+        if pred is not None and 0 < len(keys) <= self.top_k:  # decode steps: a batch's union says little
             recall = sum(e in pred for _, e in keys) / len(keys)
             self.stats.prediction_recall += PREDICTION_EMA * (recall - self.stats.prediction_recall)
         with self._lock:

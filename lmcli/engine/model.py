@@ -43,8 +43,16 @@ class Transformer:
         # weights in RAM (huge pages) when the file fits, as llama.cpp does; mapped when asked (--mmap), when an
         # expert cache is asked for, or when the file is too large (then the expert cache takes over)
         avail = self._avail_at_load
+        n_kv, dk, dv = self._kv_dims_of(cfg)
+        self._kv_bytes = cfg.n_layer * n_kv * max_ctx * (dk + dv) * 4  # float32 K and V at full context
+        if use_mmap is False:
+            if expert_cache_mib:
+                raise UsageError("the expert cache reads from the file mapping: drop use_mmap=False")
+            if avail and container.file_size + self._kv_bytes > avail:
+                raise UsageError(f"the model file ({container.file_size >> 20} MiB) and its KV cache do not fit in "
+                                 f"the {avail >> 20} MiB available", hint="keep the file mapped (the default)")
         if use_mmap is False or (use_mmap is None and not expert_cache_mib and avail
-                                 and container.file_size <= 0.6 * avail):
+                                 and container.file_size + self._kv_bytes <= 0.6 * avail):
             container.load_resident()
         self.weights: Weights = load_weights(container, cfg)
         self.max_ctx = max_ctx
@@ -59,15 +67,19 @@ class Transformer:
         self.router = RouterSpec(cfg.router, top_k, cfg.norm_topk_prob, cfg.routed_scaling_factor,
                                  cfg.n_group, cfg.topk_group)
         self.stats = RoutingStats(cfg.n_layer, cfg.n_expert)
-        if cfg.kv_lora_rank:
-            self._kv_dims = (cfg.n_head, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim)
-        else:
-            self._kv_dims = (cfg.n_head_kv, cfg.head_dim, cfg.head_dim)
+        self._kv_dims = self._kv_dims_of(cfg)
         dk = self._kv_dims[1]
         self.attn_scale = np.float32(cfg.attention_multiplier or 1.0 / np.sqrt(dk))
         self.expert_cache = self._make_cache(expert_cache_mib, top_k, cache_policy, prefetch)
         moe = [i for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None]
         self._next_moe = {a: (b, self.weights.layers[b].ffn) for a, b in zip(moe, moe[1:])}
+
+    @staticmethod
+    def _kv_dims_of(cfg: ModelConfig) -> tuple[int, int, int]:
+        """(KV heads, key dim, value dim) per layer; MLA caches the decompressed per-head K and V."""
+        if cfg.kv_lora_rank:
+            return cfg.n_head, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        return cfg.n_head_kv, cfg.head_dim, cfg.head_dim
 
     def _make_cache(self, mib: int | None, top_k: int, policy: str, prefetch: bool):
         """An expert cache when asked for (mib > 0), or automatically when the file is larger than what the
@@ -75,16 +87,16 @@ class Transformer:
         from .expert_cache import ExpertCache
 
         layers = {i: L.ffn.experts for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None}
-        if not layers or mib == 0:
+        if not layers or mib == 0 or self.container.resident:
             return None
         if mib is None:
             avail = self._avail_at_load
             if not avail or self.container.file_size <= 0.6 * avail:
                 return None  # it fits: the page cache over the mapping is the cheapest cache
             # the dense weights stay resident (page cache over the mapping); the rest, less a margin for
-            # activations, the KV cache and the allocator (the runtime is already counted in avail), holds
-            # expert bundles
-            budget = avail - self.weights.nbytes_dense - max(HEADROOM, avail // 8)
+            # activations and the allocator that also holds the full-context KV cache (its pages are taken as
+            # the context fills; the runtime is already counted in avail), holds expert bundles
+            budget = avail - self.weights.nbytes_dense - max(HEADROOM, avail // 8, self._kv_bytes)
             budget = max(budget, 0)
         else:
             if mib < 0:
