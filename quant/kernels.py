@@ -10,7 +10,6 @@ float scale product is applied once per (row, group).
 
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
