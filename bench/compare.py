@@ -82,6 +82,25 @@ def bench_lmcli(model, threads, prompt_ids, n_decode):
     return pre, dec
 
 
+def llama_no_repack(**kw):
+    """A llama_cpp.Llama whose weights stay in the file mapping (use_extra_bufts off: no repack into RAM),
+    the only way llama.cpp runs a model larger than RAM."""
+    import llama_cpp
+
+    base = llama_cpp.llama_model_default_params
+
+    def params():
+        p = base()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(**kw)
+    finally:
+        llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = base
+
+
 def bench_llama(llm, prompt_ids, n_decode):
     llm.reset()
     t = time.perf_counter()

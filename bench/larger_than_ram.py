@@ -51,17 +51,11 @@ def worker(kind: str, path: str, n_decode: int, threads: int) -> dict:
         import llama_cpp
         import numpy as np
 
-        if kind == "llama-mmap":  # no repack: weights stay in the file mapping
-            base = llama_cpp.llama_model_default_params
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from compare import llama_no_repack
 
-            def params():
-                p = base()
-                p.use_extra_bufts = False
-                return p
-
-            llama_cpp.llama_model_default_params = params
-            llama_cpp.llama.llama_cpp.llama_model_default_params = params
-        llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=threads, n_threads_batch=threads, verbose=False)
+        kw = dict(model_path=path, n_ctx=64, n_threads=threads, n_threads_batch=threads, verbose=False)
+        llm = llama_no_repack(**kw) if kind == "llama-mmap" else llama_cpp.Llama(**kw)
         llm.eval(prompt)
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         r0, t0 = io_read(), time.perf_counter()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import bench_llama, fmt, med, read_bandwidth  # noqa: E402
+from compare import bench_llama, fmt, llama_no_repack, med, read_bandwidth  # noqa: E402
 
 SHAPES = {
     "small": dict(n_layer=8, n_embd=2048, n_ff_exp=5632, n_head=16, n_head_kv=4),
@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-repack", action="store_true", help="also run llama.cpp with its weights left in the mmap")
     a = ap.parse_args()
 
     import numba
@@ -56,8 +57,10 @@ def main():
     numba.set_num_threads(a.threads)
     m = lmcli.load(str(lmc), n_ctx=a.prefill + a.decode + 16, threads=a.threads)
     tr = m.transformer
-    llm = Llama(model_path=str(gguf), n_ctx=a.prefill + a.decode + 16, n_threads=a.threads,
-                n_threads_batch=a.threads, n_batch=512, verbose=False)
+    kw = dict(model_path=str(gguf), n_ctx=a.prefill + a.decode + 16, n_threads=a.threads,
+              n_threads_batch=a.threads, n_batch=512, verbose=False)
+    llm = Llama(**kw)
+    llm_map = llama_no_repack(**kw) if a.no_repack else None
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(300, 31000, a.prefill)]
 
@@ -76,8 +79,11 @@ def main():
 
     run_lmcli()
     bench_llama(llm, prompt[:16], 4)
+    if llm_map is not None:
+        bench_llama(llm_map, prompt[:16], 4)
     L = {"pre": [], "dec": []}
     C = {"pre": [], "dec": []}
+    M = {"pre": [], "dec": []}
     ebytes = []
     for _ in range(a.reps):
         p, dd, eb = run_lmcli()
@@ -87,6 +93,10 @@ def main():
         p, dd = bench_llama(llm, prompt, a.decode)
         C["pre"].append(p)
         C["dec"].append(dd)
+        if llm_map is not None:
+            p, dd = bench_llama(llm_map, prompt, a.decode)
+            M["pre"].append(p)
+            M["dec"].append(dd)
     dense = tr.weights.nbytes_dense if hasattr(tr.weights, "nbytes_dense") else None
     per_tok = statistics.median(ebytes) + (dense or 0)
     bw = read_bandwidth(a.threads, 3)
@@ -96,6 +106,11 @@ def main():
     print(f"  lmcli     prefill tok/s {fmt(L['pre'])}")
     print(f"  llama.cpp prefill tok/s {fmt(C['pre'])}")
     print(f"  ratio lmcli/llama.cpp: decode {med(L['dec']) / med(C['dec']):.2f}x, prefill {med(L['pre']) / med(C['pre']):.2f}x")
+    if llm_map is not None:
+        print(f"  llama.cpp no repack decode  tok/s {fmt(M['dec'])}")
+        print(f"  llama.cpp no repack prefill tok/s {fmt(M['pre'])}")
+        print(f"  ratio lmcli/llama.cpp no repack: decode {med(L['dec']) / med(M['dec']):.2f}x, "
+              f"prefill {med(L['pre']) / med(M['pre']):.2f}x")
     print(f"  bytes read per decode token: {per_tok / 1e6:.1f} MB (experts {statistics.median(ebytes) / 1e6:.1f} MB)")
     print(f"  read bandwidth {med(bw):.1f} GB/s -> lmcli roofline fraction "
           f"{per_tok * med(L['dec']) / 1e9 / med(bw):.0%}")
