@@ -25,12 +25,12 @@ ACT_QMAX = 32767  # int16 activation codes; |sum of 32 products| < 2^31 for 4- a
 # --- integer dot products as LLVM IR (Numba @intrinsic) --------------------------------------------------
 # Integer dot products of one (64 rows x 32 inputs) code group, written as LLVM IR (Numba @intrinsic).
 #
-# LLVM does not auto-vectorise the nibble-times-activation loops of kernels.py into multiply-add
-# instructions: from scalar code it emits a widening multiply (vpmulld) and an add per 16 products. Written
-# here as a pairwise int16 multiply-add over vectors, LLVM's x86 backend matches it to vpmaddwd, and on CPUs
-# with AVX-512 VNNI (or AVX-VNNI) folds the accumulation into vpdpwssd: one instruction per 32 products.
-# The IR is target-independent (LLVM lowers it for AVX2, SSE or NEON too) and the arithmetic is exact integer
-# math, so results are bit-identical to the scalar loops on every CPU.
+# LLVM does not auto-vectorise nibble-times-activation loops written in Numba into multiply-add
+# instructions: from scalar code it emits a widening multiply (vpmulld) and an add per 16 products. Here the
+# inner products are pairwise int16 multiply-adds over vectors (_pmadd): vpdpwssd on AVX-512 VNNI (one
+# instruction per 32 products), vpmaddwd + add on AVX-512BW, portable vector IR that LLVM lowers for any
+# other target (AVX2, SSE, NEON). The arithmetic is exact integer math, so every path gives bit-identical
+# results (tests/test_quant.py compiles each one).
 #
 # Pairing: lane r of a 32-bit vector holds two int16 weights of row r, (w[r, j], w[r, j+16]) for j < 16 of a
 # group, matched with the activation pair (x[j], x[j+16]). For the 4-bit layout that is exactly the two nibbles
