@@ -182,13 +182,32 @@ def _lanes_q8(builder, cp, j, k):
 
 
 
+def _scaled(builder, kind, d, m, isum, sxi):
+    """d * isum + m * sx for one group and 16 rows (<16 x float>), the float side of the kernels:
+    q4_1 w = d q + m; q4_0 w = d (q - 8), the offset taken in exact integer arithmetic as d (isum - 8 sx);
+    q8_0 w = d q. d, m: the rows' fp16 scales as floats (m only for q4_1); sxi: the group's activation sum."""
+    fvec = _vec(_F32, 16)
+    if kind == "q4_1":
+        sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
+        return _fma(builder, d, builder.sitofp(isum, fvec), builder.fmul(m, sxv))
+    if kind == "q4_0":
+        sx8 = _splat(builder, builder.mul(sxi, ir.Constant(_I32, 8)), _vec(_I32, 16))
+        return builder.fmul(d, builder.sitofp(builder.sub(isum, sx8), fvec))
+    return builder.fmul(d, builder.sitofp(isum, fvec))
+
+
+def _layout(kind):
+    """(code lanes, elements of codes per group of 64 rows, fp16 scale rows per group) of a format."""
+    if kind == "q8_0":
+        return _lanes_q8, 32 * 64, 1
+    return _lanes_q4, 16 * 64, 2 if kind == "q4_1" else 1
+
+
 def _tile_codegen(kind):
     """acc[r] = sum over groups g of xd[g] * (d[g, r] * isum[g, r] + m[g, r] * xs[g]) for the 64 rows r of a
     tile; d and m (q4_1 only; q4_0: m = -8 d; q8_0: m = 0) are fp16 scales converted by _f16x16 (vcvtph2ps with F16C).
     The accumulators stay in registers across groups (allocas promoted by LLVM's mem2reg)."""
-    lanes = _lanes_q8 if kind == "q8_0" else _lanes_q4
-    cstride = 32 * 64 if kind == "q8_0" else 16 * 64
-    nsc = 2 if kind == "q4_1" else 1
+    lanes, cstride, nsc = _layout(kind)
 
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xq, xoff, xd, xs, xgoff, out = args
@@ -214,18 +233,10 @@ def _tile_codegen(kind):
             dx = builder.load(_ptr(context, builder, ta[7], xd, gi, _F32))
             sxi = builder.load(_ptr(context, builder, ta[8], xs, gi, _I32))
             dxv = _splat(builder, dx, fvec)
-            sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
-            sx8 = _splat(builder, builder.mul(sxi, ir.Constant(_I32, 8)), _vec(_I32, 16))
             for k in range(4):
                 d = _f16x16(builder, sp, 16 * k)
-                if kind == "q4_1":
-                    m = _f16x16(builder, sp, 64 + 16 * k)
-                    inner = _fma(builder, d, builder.sitofp(accs[k], fvec), builder.fmul(m, sxv))
-                elif kind == "q4_0":
-                    # w = d (q - 8): d * (isum - 8 sx), the offset taken in exact integer arithmetic
-                    inner = builder.fmul(d, builder.sitofp(builder.sub(accs[k], sx8), fvec))
-                else:
-                    inner = builder.fmul(d, builder.sitofp(accs[k], fvec))
+                m = _f16x16(builder, sp, 64 + 16 * k) if kind == "q4_1" else None
+                inner = _scaled(builder, kind, d, m, accs[k], sxi)
                 builder.store(_fma(builder, dxv, inner, builder.load(accp[k])), accp[k])
         op = _ptr(context, builder, ta[10], out, _c64(0), _F32)
         for k in range(4):
@@ -266,9 +277,7 @@ def _rows_codegen(kind):
     """acc[q, r] += sum over groups of xd[t, g] * (d * isum + m * xs[t, g]) for rows t = rows[q]: for each group
     and 16-row chunk, the 16 unpacked weight vectors stay in registers while every token streams past them,
     each token costing 16 multiply-adds with its activation pairs broadcast from memory."""
-    lanes = _lanes_q8 if kind == "q8_0" else _lanes_q4
-    cstride = 32 * 64 if kind == "q8_0" else 16 * 64
-    nsc = 2 if kind == "q4_1" else 1
+    lanes, cstride, nsc = _layout(kind)
 
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xp, rows, xd, xs, acc = args
@@ -283,9 +292,7 @@ def _rows_codegen(kind):
             for k in range(4):
                 w = [lanes(builder, cp, j, k) for j in range(16)]
                 d = _f16x16(builder, sp, 16 * k)
-                m = None
-                if kind == "q4_1":
-                    m = _f16x16(builder, sp, 64 + 16 * k)
+                m = _f16x16(builder, sp, 64 + 16 * k) if kind == "q4_1" else None
                 with cgutils.for_range(builder, nr) as ql:
                     q = ql.index
                     t = builder.load(_ptr(context, builder, ta[6], rows, q, _I64))
@@ -298,14 +305,7 @@ def _rows_codegen(kind):
                     isum = builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
                     dx = _splat(builder, builder.load(_ptr(context, builder, ta[7], xd, gi, _F32)), fvec)
                     sxi = builder.load(_ptr(context, builder, ta[8], xs, gi, _I32))
-                    if kind == "q4_1":
-                        sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
-                        inner = _fma(builder, d, builder.sitofp(isum, fvec), builder.fmul(m, sxv))
-                    elif kind == "q4_0":
-                        sx8 = _splat(builder, builder.mul(sxi, ir.Constant(_I32, 8)), ivec)
-                        inner = builder.fmul(d, builder.sitofp(builder.sub(isum, sx8), fvec))
-                    else:
-                        inner = builder.fmul(d, builder.sitofp(isum, fvec))
+                    inner = _scaled(builder, kind, d, m, isum, sxi)
                     ap = builder.bitcast(_ptr(context, builder, ta[9], acc, builder.add(builder.mul(q, _c64(64)),
                                                                                         _c64(16 * k)), _F32),
                                          fvec.as_pointer())
