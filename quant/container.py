@@ -28,7 +28,7 @@ from .errors import ContainerError
 from .formats import ALIGN, FORMATS, GROUP, TILE, Format, align_up, matrix_parts
 
 MAGIC = b"LMCLIWT\x00"
-VERSION = 1
+VERSION = 2  # 2: the 4-bit tile layout of quantize._q4_tile (1 held GGUF's nibble bytes per row)
 _PREFIX = struct.Struct("<8sIIQ")
 MAX_HEADER = 256 << 20
 MAX_DIM = 1 << 31
@@ -91,7 +91,9 @@ class Container:
                 raise ContainerError(f"{self.path} is not an lmcli container")
             _, version, _, hlen = _PREFIX.unpack(prefix)
             if version != VERSION:
-                raise ContainerError(f"{self.path} has container version {version}; this lmcli reads {VERSION}")
+                how = ("convert it again: `lmcli rm` and `lmcli pull` it, or `lmcli import`/`lmcli quantize` its source"
+                       if version < VERSION else "upgrade lmcli")
+                raise ContainerError(f"{self.path} has container version {version}, this lmcli reads {VERSION}: {how}")
             if hlen > MAX_HEADER or _PREFIX.size + hlen > size:
                 raise ContainerError(f"{self.path} is truncated or declares a header of {hlen} bytes")
             try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Rows of a matrix are stored in tiles of TILE output rows. Inside a tile, for each 32-weight group,
-# the codes of all TILE rows sit side by side (byte j of row r at [j, r]) so that the kernel's inner
-# loop runs over rows with unit stride and vectorises; scales live in a separate array after the codes.
+# the codes of all TILE rows sit side by side so that the kernel's inner loop runs over rows with unit stride
+# and vectorises (8-bit: byte j of row r at [j, r]; 4-bit: one 32-bit word per row and 8 elements, see
+# quantize._q4_tile); scales live in a separate array after the codes.
 TILE = 64
 GROUP = 32
 ALIGN = 4096  # every tensor and every expert bundle starts on a page boundary

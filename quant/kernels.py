@@ -33,8 +33,9 @@ ACT_QMAX = 32767  # int16 activation codes; |sum of 32 products| < 2^31 for 4- a
 # results (tests/test_quant.py compiles each one).
 #
 # Pairing: lane r of a 32-bit vector holds two int16 weights of row r, (w[r, j], w[r, j+16]) for j < 16 of a
-# group, matched with the activation pair (x[j], x[j+16]). For the 4-bit layout that is exactly the two nibbles
-# of code byte j of row r (low: element j, high: element j+16); for 8-bit codes it is rows j and j+16.
+# group, matched with the activation pair (x[j], x[j+16]). In the 4-bit tile layout (quantize._q4_tile) one
+# 32-bit word per row holds the nibbles of four such pairs: a shift and a mask give each (two vector
+# instructions per 32 products, one 64-byte load per 128); for 8-bit codes they are bytes j and j+16.
 # Products: |w| <= 128, |x| <= 32767, 32 products per group: |sum| < 2^31, no overflow.
 #
 # Intrinsics (all arrays C-contiguous; offsets are in elements of the array they index):
@@ -165,13 +166,17 @@ def _pmadd(builder, acc, w, a):
     return builder.add(acc, prod)
 
 
-def _lanes_q4(builder, cp, j, k):
-    # 16 code bytes of rows 16k.. (input j) -> lanes (low nibble, high nibble) as int16 pairs
-    c = builder.zext(_load(builder, cp, j * 64 + k * 16, _I8, 16, 1), _vec(_I32, 16))
-    return builder.and_(builder.or_(c, builder.shl(c, _splat32(12))), _splat32(0x000F000F))
+def _lanes_q4(builder, cp, j, k, memo):
+    # rows 16k.. of pair j = 4u + s: lane (u, row) of the 4-bit tile layout (quantize._q4_tile) shifted by 4s,
+    # masked to the int16 pair (element j, element j + 16). One 64-byte load serves the four j of a u.
+    u, s = divmod(j, 4)
+    if (u, k) not in memo:
+        memo[u, k] = builder.bitcast(_load(builder, cp, (u * 4 + k) * 64, _I8, 64, 1), _vec(_I32, 16))
+    v = memo[u, k]
+    return builder.and_(builder.lshr(v, _splat32(4 * s)) if s else v, _splat32(0x000F000F))
 
 
-def _lanes_q8(builder, cp, j, k):
+def _lanes_q8(builder, cp, j, k, memo):
     # signed bytes of rows j and j+16 (inputs j, j+16) for rows 16k.. -> int16 pairs
     a = builder.sext(_load(builder, cp, j * 64 + k * 16, _I8, 16, 1), _vec(_I32, 16))
     b = builder.sext(_load(builder, cp, (j + 16) * 64 + k * 16, _I8, 16, 1), _vec(_I32, 16))
@@ -223,11 +228,12 @@ def _tile_codegen(kind):
             sp = _ptr(context, builder, ta[2], sc, builder.add(sb, builder.mul(g, _c64(nsc * 64))), _I16)
             pairs = _act_pairs(builder, xp)
             part = [_splat32(0)] * 8  # two chains per 16-row chunk, to hide the multiply-add latency
+            memo = {}
             for j in range(16):
                 b = builder.shuffle_vector(pairs, pairs, _splat32(j))
                 for k in range(4):
                     c = 2 * k + j % 2
-                    part[c] = _pmadd(builder, part[c], lanes(builder, cp, j, k), b)
+                    part[c] = _pmadd(builder, part[c], lanes(builder, cp, j, k, memo), b)
             accs = [builder.add(part[2 * k], part[2 * k + 1]) for k in range(4)]
             gi = builder.add(xgoff, g)
             dx = builder.load(_ptr(context, builder, ta[7], xd, gi, _F32))
@@ -289,8 +295,9 @@ def _rows_codegen(kind):
             g = gl.index
             cp = _ptr(context, builder, ta[0], codes, builder.add(cb, builder.mul(g, _c64(cstride))), _I8)
             sp = _ptr(context, builder, ta[2], sc, builder.add(sb, builder.mul(g, _c64(nsc * 64))), _I16)
+            memo = {}
             for k in range(4):
-                w = [lanes(builder, cp, j, k) for j in range(16)]
+                w = [lanes(builder, cp, j, k, memo) for j in range(16)]
                 d = _f16x16(builder, sp, 16 * k)
                 m = _f16x16(builder, sp, 64 + 16 * k) if kind == "q4_1" else None
                 with cgutils.for_range(builder, nr) as ql:
@@ -397,7 +404,7 @@ def act_pairs(xq, xp):
 def matmul_q4(codes, scales, xq, xd, xs, out):
     """4-bit grouped matmul: out (T, n_out) = x (T, n_in) @ W.T, W in Q4_0 or Q4_1 semantics.
 
-    codes  (n_tiles, n_groups, 16, TILE) uint8: byte j of a row holds element j (low) and j+16 (high)
+    codes  (n_tiles, n_groups, 16, TILE) uint8: 1024 bytes per (tile, group) in the layout of quantize._q4_tile
     scales (n_tiles, n_groups, 1 or 2, TILE) uint16 fp16: d (Q4_0: w = d*(q-8)) or d, m (Q4_1: w = d*q + m)
     Several tokens (prefill): each tile's weights are unpacked once and held in registers while every
     token streams past them (rows_*).
@@ -531,19 +538,21 @@ def embed_rows(codes, scales, kind, ids, out):
             dd = _f16_scalar(np.uint32(scales[tile, g, 0, r]), b)
             mm = _f16_scalar(np.uint32(scales[tile, g, 1, r]), b) if n_sc == 2 else np.float32(0.0)
             base = ((tile * n_groups + g) * cb) * TILE
-            for j in range(cb):
-                c = codes[base + j * TILE + r]
-                if kind == 8:
-                    v = np.int32(c)
+            if kind == 8:
+                for j in range(cb):
+                    v = np.int32(codes[base + j * TILE + r])
                     if v > 127:
                         v -= 256
                     out[i, g * GROUP + j] = dd * np.float32(v)
-                elif kind == 2:
-                    out[i, g * GROUP + j] = dd * np.float32(np.int32(c & 15) - 8)
-                    out[i, g * GROUP + j + 16] = dd * np.float32(np.int32(c >> 4) - 8)
-                else:
-                    out[i, g * GROUP + j] = dd * np.float32(c & 15) + mm
-                    out[i, g * GROUP + j + 16] = dd * np.float32(c >> 4) + mm
+                continue
+            off = np.float32(-8.0) if kind == 2 else np.float32(0.0)
+            for u in range(4):  # the 4-bit tile layout (quant.quantize._q4_tile)
+                lane = base + ((u * 4 + r // 16) * 16 + r % 16) * 4
+                for q in range(4):
+                    c = codes[lane + q]
+                    e = g * GROUP + 4 * u + 2 * (q % 2) + 16 * (q // 2)
+                    out[i, e] = dd * (np.float32(c & 15) + off) + mm
+                    out[i, e + 1] = dd * (np.float32(c >> 4) + off) + mm
 
 
 # --- routed experts ---------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def interleave(raw: np.ndarray, fmt: Format, n_out: int, n_in: int) -> tuple[np.
     """Row-major GGUF data of one matrix -> (codes, scales) in the interleaved layout.
 
     raw: for block formats (n_out, n_in // 32 * block_bytes) uint8; for F16/F32 (n_out, n_in) of that dtype.
-    codes: (n_tiles, n_groups, code_bytes, TILE) or (n_tiles, n_in, TILE) for F16/F32.
+    codes: (n_tiles, n_groups, code_bytes, TILE) or (n_tiles, n_in, TILE) for F16/F32; Q8_0 byte j of row r at
+    [.., j, r]; Q4_0/Q4_1 in the 4-bit tile layout (_q4_tile).
     scales: (n_tiles, n_groups, scale_count, TILE) uint16 fp16 bits (empty for F16/F32).
     """
     n_tiles = (n_out + TILE - 1) // TILE
@@ -115,12 +116,41 @@ def interleave(raw: np.ndarray, fmt: Format, n_out: int, n_in: int) -> tuple[np.
     b = _pad_rows(np.ascontiguousarray(raw, dtype=np.uint8).reshape(n_out, n_groups, bb), n_tiles)
     b = b.reshape(n_tiles, TILE, n_groups, bb)
     hdr = 2 * fmt.scale_count
-    codes = np.ascontiguousarray(b[..., hdr:].transpose(0, 2, 3, 1))  # (n_tiles, n_groups, code_bytes, TILE)
+    if fmt is Q8_0:
+        codes = np.ascontiguousarray(b[..., hdr:].transpose(0, 2, 3, 1)).view(np.int8)  # (tiles, groups, 32, TILE)
+    else:
+        codes = _q4_tile(b[..., hdr:])
     sc = np.ascontiguousarray(b[..., :hdr]).view(np.uint16)  # (n_tiles, TILE, n_groups, scale_count)
     scales = np.ascontiguousarray(sc.transpose(0, 2, 3, 1))  # (n_tiles, n_groups, scale_count, TILE)
-    if fmt is Q8_0:
-        codes = codes.view(np.int8)
     return codes, scales
+
+
+# 4-bit codes of one (tile, group): 1024 bytes as [u 0..3][k 0..3][r 0..15][b 0..3], row R = 16k + r. The four
+# bytes (u, R) hold elements 4u..4u+3 (bytes 0, 1: low nibble first) and 4u+16..4u+19 (bytes 2, 3): read as
+# one 32-bit lane per row, (lane >> 4s) & 0x000F000F is the int16 pair (element 4u+s, element 4u+s+16), the
+# weights that meet the activation pair (x[j], x[j+16]), j = 4u+s, in one multiply-add. A 64-byte load covers
+# 16 rows x 8 elements, and the loads of a group run in address order.
+
+
+def _q4_tile(qs: np.ndarray) -> np.ndarray:
+    """GGUF nibble bytes (n_tiles, TILE, n_groups, 16) (byte j: element j low, j + 16 high) -> codes
+    (n_tiles, n_groups, 16, TILE) uint8 in the tile layout above."""
+    nt, _, ng, _ = qs.shape
+    lo = (qs & np.uint8(15)).reshape(nt, TILE, ng, 4, 4)  # [.., u, i]: element 4u + i
+    hi = (qs >> np.uint8(4)).reshape(nt, TILE, ng, 4, 4)  # element 4u + i + 16
+    nb = np.stack([lo[..., 0] | (lo[..., 1] << 4), lo[..., 2] | (lo[..., 3] << 4),
+                   hi[..., 0] | (hi[..., 1] << 4), hi[..., 2] | (hi[..., 3] << 4)], axis=-1)  # [.., u, b]
+    nb = nb.reshape(nt, 4, 16, ng, 4, 4).transpose(0, 3, 4, 1, 2, 5)  # (tile, group, u, k, r, b)
+    return np.ascontiguousarray(nb, dtype=np.uint8).reshape(nt, ng, 16, TILE)
+
+
+def _q4_rows(codes: np.ndarray) -> np.ndarray:
+    """Inverse of _q4_tile: codes (n_tiles, n_groups, 16, TILE) -> GGUF nibble bytes (n_tiles, TILE, n_groups, 16)."""
+    nt, ng = codes.shape[:2]
+    nb = codes.view(np.uint8).reshape(nt, ng, 4, 4, 16, 4).transpose(0, 3, 4, 1, 2, 5).reshape(nt, TILE, ng, 4, 4)
+    lo = np.stack([nb[..., 0] & 15, nb[..., 0] >> 4, nb[..., 1] & 15, nb[..., 1] >> 4], axis=-1)
+    hi = np.stack([nb[..., 2] & 15, nb[..., 2] >> 4, nb[..., 3] & 15, nb[..., 3] >> 4], axis=-1)
+    return (lo | (hi << 4)).astype(np.uint8).reshape(nt, TILE, ng, 16)
 
 
 def deinterleave(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int, n_in: int) -> np.ndarray:
@@ -129,7 +159,10 @@ def deinterleave(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int,
     if fmt is F16 or fmt is F32:
         a = codes.transpose(0, 2, 1).reshape(n_tiles * TILE, n_in)[:n_out]
         return np.ascontiguousarray(a)
-    c = codes.view(np.uint8).transpose(0, 3, 1, 2)  # (n_tiles, TILE, n_groups, code_bytes)
+    if fmt is Q8_0:
+        c = codes.view(np.uint8).transpose(0, 3, 1, 2)  # (n_tiles, TILE, n_groups, code_bytes)
+    else:
+        c = _q4_rows(codes)
     s = scales.transpose(0, 3, 1, 2).copy().view(np.uint8)  # (n_tiles, TILE, n_groups, 2 * scale_count)
     b = np.concatenate([s, c], axis=-1).reshape(n_tiles * TILE, -1)[:n_out]
     return np.ascontiguousarray(b)
