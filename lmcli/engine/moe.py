@@ -9,6 +9,7 @@ from numba import njit
 
 from quant import kernels
 
+from . import ops
 from .weights import Act, FFN
 
 
@@ -128,8 +129,11 @@ def _experts(b8, b16, b32, offs, kind, ex, sel, tok_ptr, tok_idx, a, hb, y) -> N
         kernels.moe_gate_up_rows(b8, b16, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
                                  xq, xd, xs, hb)
     else:
+        a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])
+        h2 = np.empty((2, hb.shape[0], ex.n_ff), np.float32)
         kernels.moe_gate_up(b8, b16, b32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
-                            xq, xd, xs, a.x, hb)
+                            xq, xd, xs, a.x, h2)
+        ops.silu_mul(h2[0, a0:a1], h2[1, a0:a1], hb[a0:a1])
     a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])
     ha = Act(hb[a0:a1])
     hq, hd, hs = ha.quantized()
