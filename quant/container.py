@@ -28,7 +28,7 @@ from .errors import ContainerError
 from .formats import ALIGN, FORMATS, GROUP, TILE, Format, align_up, matrix_parts
 
 MAGIC = b"LMCLIWT\x00"
-VERSION = 2  # 2: the 4-bit tile layout of quantize._q4_tile (1 held GGUF's nibble bytes per row)
+VERSION = 2  # 2: codes in the word layout of quantize._tile_words (1: GGUF's code bytes, one per row and column)
 _PREFIX = struct.Struct("<8sIIQ")
 MAX_HEADER = 256 << 20
 MAX_DIM = 1 << 31

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 # Rows of a matrix are stored in tiles of TILE output rows. Inside a tile, for each 32-weight group,
 # the codes of all TILE rows sit side by side so that the kernel's inner loop runs over rows with unit stride
-# and vectorises (8-bit: byte j of row r at [j, r]; 4-bit: one 32-bit word per row and 8 elements, see
-# quantize._q4_tile); scales live in a separate array after the codes.
+# and vectorises (one 32-bit word per row and 8 elements (4-bit) or 4 (8-bit), see quantize._tile_words);
+# scales live in a separate array after the codes.
 TILE = 64
 GROUP = 32
 ALIGN = 4096  # every tensor and every expert bundle starts on a page boundary

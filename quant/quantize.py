@@ -101,8 +101,8 @@ def interleave(raw: np.ndarray, fmt: Format, n_out: int, n_in: int) -> tuple[np.
     """Row-major GGUF data of one matrix -> (codes, scales) in the interleaved layout.
 
     raw: for block formats (n_out, n_in // 32 * block_bytes) uint8; for F16/F32 (n_out, n_in) of that dtype.
-    codes: (n_tiles, n_groups, code_bytes, TILE) or (n_tiles, n_in, TILE) for F16/F32; Q8_0 byte j of row r at
-    [.., j, r]; Q4_0/Q4_1 in the 4-bit tile layout (_q4_tile).
+    codes: (n_tiles, n_groups, code_bytes, TILE) in the tile layout (_tile_words), or (n_tiles, n_in, TILE) for
+    F16/F32.
     scales: (n_tiles, n_groups, scale_count, TILE) uint16 fp16 bits (empty for F16/F32).
     """
     n_tiles = (n_out + TILE - 1) // TILE
@@ -116,41 +116,65 @@ def interleave(raw: np.ndarray, fmt: Format, n_out: int, n_in: int) -> tuple[np.
     b = _pad_rows(np.ascontiguousarray(raw, dtype=np.uint8).reshape(n_out, n_groups, bb), n_tiles)
     b = b.reshape(n_tiles, TILE, n_groups, bb)
     hdr = 2 * fmt.scale_count
-    if fmt is Q8_0:
-        codes = np.ascontiguousarray(b[..., hdr:].transpose(0, 2, 3, 1)).view(np.int8)  # (tiles, groups, 32, TILE)
-    else:
-        codes = _q4_tile(b[..., hdr:])
+    codes = (_q8_tile if fmt is Q8_0 else _q4_tile)(b[..., hdr:])  # (n_tiles, n_groups, code_bytes, TILE)
     sc = np.ascontiguousarray(b[..., :hdr]).view(np.uint16)  # (n_tiles, TILE, n_groups, scale_count)
     scales = np.ascontiguousarray(sc.transpose(0, 2, 3, 1))  # (n_tiles, n_groups, scale_count, TILE)
     return codes, scales
 
 
-# 4-bit codes of one (tile, group): 1024 bytes as [u 0..3][k 0..3][r 0..15][b 0..3], row R = 16k + r. The four
-# bytes (u, R) hold elements 4u..4u+3 (bytes 0, 1: low nibble first) and 4u+16..4u+19 (bytes 2, 3): read as
-# one 32-bit lane per row, (lane >> 4s) & 0x000F000F is the int16 pair (element 4u+s, element 4u+s+16), the
-# weights that meet the activation pair (x[j], x[j+16]), j = 4u+s, in one multiply-add. A 64-byte load covers
-# 16 rows x 8 elements, and the loads of a group run in address order.
+# Codes of one (tile, group), 4-bit and 8-bit alike: [u][k 0..3][r 0..15][b 0..3], row R = 16k + r: one 32-bit
+# word per (u, row), and a 64-byte load covers 16 rows; the loads of a group run in address order. The word
+# holds the weights that meet the activation pairs (x[j], x[j+16]) in the pairwise int16 multiply-add:
+#   4-bit (u < 4): bytes 0, 1 elements 4u..4u+3, bytes 2, 3 elements 4u+16..4u+19 (low nibble first), so
+#         (word >> 4s) & 0x000F000F is the pair (element j, element j+16), j = 4u + s;
+#   8-bit (u < 8): bytes (e[2u], e[2u+1], e[2u+16], e[2u+17]); as two int16, (w << 8) >> 8 (arithmetic) is the
+#         pair for j = 2u, w >> 8 the pair for j = 2u + 1.
+
+
+def _tile_words(nb: np.ndarray) -> np.ndarray:
+    """Per-row words (n_tiles, TILE, n_groups, U, 4) -> codes (n_tiles, n_groups, 4 U, TILE) in the layout above."""
+    nt, _, ng, U, _ = nb.shape
+    w = nb.reshape(nt, 4, 16, ng, U, 4).transpose(0, 3, 4, 1, 2, 5)  # (tile, group, u, k, r, b)
+    return np.ascontiguousarray(w).reshape(nt, ng, 4 * U, TILE)
+
+
+def _row_words(codes: np.ndarray, U: int) -> np.ndarray:
+    """Inverse of _tile_words."""
+    nt, ng = codes.shape[:2]
+    w = codes.view(np.uint8).reshape(nt, ng, U, 4, 16, 4).transpose(0, 3, 4, 1, 2, 5)
+    return w.reshape(nt, TILE, ng, U, 4)
 
 
 def _q4_tile(qs: np.ndarray) -> np.ndarray:
-    """GGUF nibble bytes (n_tiles, TILE, n_groups, 16) (byte j: element j low, j + 16 high) -> codes
-    (n_tiles, n_groups, 16, TILE) uint8 in the tile layout above."""
+    """GGUF nibble bytes (n_tiles, TILE, n_groups, 16) (byte j: element j low, j + 16 high) -> codes."""
     nt, _, ng, _ = qs.shape
     lo = (qs & np.uint8(15)).reshape(nt, TILE, ng, 4, 4)  # [.., u, i]: element 4u + i
     hi = (qs >> np.uint8(4)).reshape(nt, TILE, ng, 4, 4)  # element 4u + i + 16
-    nb = np.stack([lo[..., 0] | (lo[..., 1] << 4), lo[..., 2] | (lo[..., 3] << 4),
-                   hi[..., 0] | (hi[..., 1] << 4), hi[..., 2] | (hi[..., 3] << 4)], axis=-1)  # [.., u, b]
-    nb = nb.reshape(nt, 4, 16, ng, 4, 4).transpose(0, 3, 4, 1, 2, 5)  # (tile, group, u, k, r, b)
-    return np.ascontiguousarray(nb, dtype=np.uint8).reshape(nt, ng, 16, TILE)
+    return _tile_words(np.stack([lo[..., 0] | (lo[..., 1] << 4), lo[..., 2] | (lo[..., 3] << 4),
+                                 hi[..., 0] | (hi[..., 1] << 4), hi[..., 2] | (hi[..., 3] << 4)], axis=-1))
 
 
 def _q4_rows(codes: np.ndarray) -> np.ndarray:
-    """Inverse of _q4_tile: codes (n_tiles, n_groups, 16, TILE) -> GGUF nibble bytes (n_tiles, TILE, n_groups, 16)."""
-    nt, ng = codes.shape[:2]
-    nb = codes.view(np.uint8).reshape(nt, ng, 4, 4, 16, 4).transpose(0, 3, 4, 1, 2, 5).reshape(nt, TILE, ng, 4, 4)
+    """Inverse of _q4_tile -> GGUF nibble bytes (n_tiles, TILE, n_groups, 16)."""
+    nb = _row_words(codes, 4)
     lo = np.stack([nb[..., 0] & 15, nb[..., 0] >> 4, nb[..., 1] & 15, nb[..., 1] >> 4], axis=-1)
     hi = np.stack([nb[..., 2] & 15, nb[..., 2] >> 4, nb[..., 3] & 15, nb[..., 3] >> 4], axis=-1)
-    return (lo | (hi << 4)).astype(np.uint8).reshape(nt, TILE, ng, 16)
+    return (lo | (hi << 4)).astype(np.uint8).reshape(*nb.shape[:3], 16)
+
+
+def _q8_tile(qs: np.ndarray) -> np.ndarray:
+    """GGUF int8 codes as bytes (n_tiles, TILE, n_groups, 32) -> codes (int8)."""
+    nt, _, ng, _ = qs.shape
+    pairs = np.concatenate([qs[..., :16].reshape(nt, TILE, ng, 8, 2), qs[..., 16:].reshape(nt, TILE, ng, 8, 2)],
+                           axis=-1)
+    return _tile_words(pairs).view(np.int8)
+
+
+def _q8_rows(codes: np.ndarray) -> np.ndarray:
+    """Inverse of _q8_tile -> bytes (n_tiles, TILE, n_groups, 32)."""
+    nb = _row_words(codes, 8)
+    lead = nb.shape[:3]
+    return np.concatenate([nb[..., :2].reshape(*lead, 16), nb[..., 2:].reshape(*lead, 16)], axis=-1)
 
 
 def deinterleave(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int, n_in: int) -> np.ndarray:
@@ -159,10 +183,7 @@ def deinterleave(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int,
     if fmt is F16 or fmt is F32:
         a = codes.transpose(0, 2, 1).reshape(n_tiles * TILE, n_in)[:n_out]
         return np.ascontiguousarray(a)
-    if fmt is Q8_0:
-        c = codes.view(np.uint8).transpose(0, 3, 1, 2)  # (n_tiles, TILE, n_groups, code_bytes)
-    else:
-        c = _q4_rows(codes)
+    c = (_q8_rows if fmt is Q8_0 else _q4_rows)(codes)  # (n_tiles, TILE, n_groups, code_bytes)
     s = scales.transpose(0, 3, 1, 2).copy().view(np.uint8)  # (n_tiles, TILE, n_groups, 2 * scale_count)
     b = np.concatenate([s, c], axis=-1).reshape(n_tiles * TILE, -1)[:n_out]
     return np.ascontiguousarray(b)
