@@ -600,6 +600,73 @@ def embed_rows(codes, scales, kind, ids, out):
                     out[i, e + 1] = dd * (np.float32(c >> 4) + off) + mm
 
 
+# --- SwiGLU: silu(g) * u with a vector exp --------------------------------------------------------------
+# Numba calls libm's expf once per element (no vector math library): 3.6 ns each, 41 us for one token's
+# two 5632-wide expert rows. Here exp is Cephes' expf as vector IR: range reduction by k = rint(x log2 e),
+# a degree-6 polynomial, 2^k from the exponent bits (within 2 ulp of libm's expf on [-87, 88]).
+
+_LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896341, 0.693359375, -2.12194440e-4
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def _fconst(v, n=16):
+    return ir.Constant(_vec(_F32, n), [v] * n)
+
+
+def _vcall(builder, name, *args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(args[0].type, [a.type for a in args]), name)
+    return builder.call(fn, list(args))
+
+
+def _exp16(builder, x):
+    """exp of <16 x float>, arguments clamped to [-87.3, 88.3] (k = rint(x log2 e) within the normal exponents)."""
+    x = _vcall(builder, "llvm.maxnum.v16f32", _vcall(builder, "llvm.minnum.v16f32", x, _fconst(88.3)), _fconst(-87.3))
+    k = _vcall(builder, "llvm.rint.v16f32", builder.fmul(x, _fconst(_LOG2E)))
+    r = _fma(builder, k, _fconst(-_LN2_HI), x)
+    r = _fma(builder, k, _fconst(-_LN2_LO), r)
+    p = _fconst(_EXP_P[0])
+    for c in _EXP_P[1:]:
+        p = _fma(builder, p, r, _fconst(c))
+    p = _fma(builder, p, builder.fmul(r, r), builder.fadd(r, _fconst(1.0)))
+    two_k = builder.shl(builder.add(builder.fptosi(k, _vec(_I32, 16)), _splat32(127)), _splat32(23))
+    return builder.fmul(p, builder.bitcast(two_k, _vec(_F32, 16)))
+
+
+@intrinsic
+def _silu_mul16(typingctx, g, u, out, off):
+    """out[off:off+16] = silu(g) * u on the flat elements of C-contiguous float32 arrays."""
+    for a, what in ((g, "g"), (u, "u"), (out, "out")):
+        _check(a, (types.float32,), what)
+
+    def codegen(context, builder, sig, args):
+        ga, ua, oa, o = args
+        fvec = _vec(_F32, 16)
+        ptr = [builder.bitcast(_ptr(context, builder, t, v, o, _F32), fvec.as_pointer())
+               for t, v in zip(sig.args[:3], (ga, ua, oa))]
+        x = builder.load(ptr[0], align=4)
+        e = _exp16(builder, builder.fsub(_fconst(0.0), x))
+        y = builder.fmul(builder.fdiv(x, builder.fadd(_fconst(1.0), e)), builder.load(ptr[1], align=4))
+        builder.store(y, ptr[2], align=4)
+        return context.get_dummy_value()
+
+    return types.void(g, u, out, types.int64), codegen
+
+
+@njit(cache=True)
+def silu_mul(g, u, out):
+    """out = silu(g) * u = g / (1 + exp(-g)) * u (SwiGLU); g, u, out (T, n) C-contiguous float32 (out may be g)."""
+    T, n = g.shape
+    for t in range(T):
+        base = t * n
+        i = 0
+        while i + 16 <= n:
+            _silu_mul16(g, u, out, base + i)
+            i += 16
+        for j in range(i, n):
+            x = g[t, j]
+            out[t, j] = x / (np.float32(1.0) + np.exp(-x)) * u[t, j]
+
+
 # --- routed experts ---------------------------------------------------------------------------------
 # Expert matrices are addressed inside one flat view of the container (buf8/buf16/buf32 are uint8, uint16
 # and float32 views of the same bytes) by per-expert byte offsets of their codes and scales, so that one

@@ -10,7 +10,6 @@ from gguf import quants as gq
 
 from quant.container import Container
 from quant.errors import GGUFError
-from quant.formats import FORMATS
 from quant.gguf_io import import_gguf
 from quant.quantize import dequantize_interleaved
 

@@ -155,7 +155,6 @@ def test_moe_topk_above_the_expert_count_is_one_clear_line(zero_router_model, tm
 
 
 def test_unknown_router_kind_in_a_container_is_a_clear_error(tmp_path):
-    import json
 
     from quant.container import Container
 

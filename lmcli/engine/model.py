@@ -22,10 +22,6 @@ from .weights import Act, Attention, FFN, Weights, load_weights
 PREFILL_CHUNK = 256  # tokens per batched pass: bounds activation memory for long prompts
 
 
-def _silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
-
-
 HEADROOM = 256 << 20  # bytes kept free beside the dense weights and the expert cache (at least; 1/8 of avail)
 
 

@@ -179,8 +179,8 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
     kernels.combine_experts(y, tok_idx, wsort, out)
     if ff.sh_gate is not None:
         g = ff.sh_gate(a)
-        u = ff.sh_up(a)
-        sh = ff.sh_down(Act(g / (1.0 + np.exp(-g)) * u))
+        ops.silu_mul(g, ff.sh_up(a), g)
+        sh = ff.sh_down(Act(g))
         if ff.sh_gate_inp is not None:
             sh *= (1.0 / (1.0 + np.exp(-(h @ ff.sh_gate_inp))))[:, None]
         out += sh

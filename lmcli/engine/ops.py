@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from quant.kernels import silu_mul  # noqa: F401 (vector exp; the engine's SwiGLU)
+
 
 @njit(cache=True, fastmath=True)
 def rmsnorm(x, w, eps, out):
@@ -108,16 +110,6 @@ def attention(q, kc, vc, pos0, scale, window, out):
             p = sc[j - j0] * inv
             for d in range(Dv):
                 out[t, h, d] += p * vc[kv, j, d]
-
-
-@njit(cache=True, fastmath=True)
-def silu_mul(g, u, out):
-    """out = silu(g) * u = g / (1 + exp(-g)) * u  (SwiGLU)."""
-    T, n = g.shape
-    for t in range(T):
-        for i in range(n):
-            x = g[t, i]
-            out[t, i] = x / (np.float32(1.0) + np.exp(-x)) * u[t, i]
 
 
 @njit(cache=True, fastmath=True)
