@@ -518,13 +518,13 @@ def matmul_f16(codes, x, out):
         acc = np.zeros((T, TILE), np.float32)
         bits = np.empty(TILE, np.uint32)
         wv = np.empty(TILE, np.float32)
+        n_valid = min(TILE, n_out - tile * TILE)
         for k in range(n_in):
-            _f16_row(codes[tile, k], bits, wv)
+            _f16_row(codes[tile, k, :n_valid], bits, wv)
             for t in range(T):
                 a = x[t, k]
-                for r in range(TILE):
+                for r in range(n_valid):
                     acc[t, r] += wv[r] * a
-        n_valid = min(TILE, n_out - tile * TILE)
         for t in range(T):
             for r in range(n_valid):
                 out[t, tile * TILE + r] = acc[t, r]
@@ -538,16 +538,32 @@ def matmul_f32(codes, x, out):
     n_out = out.shape[1]
     for tile in prange(n_tiles):
         acc = np.zeros((T, TILE), np.float32)
+        n_valid = min(TILE, n_out - tile * TILE)  # a router's 8-64 rows: read only those (the rest is padding)
         for k in range(n_in):
             wrow = codes[tile, k]
             for t in range(T):
                 a = x[t, k]
-                for r in range(TILE):
-                    acc[t, r] += wrow[r] * a
-        n_valid = min(TILE, n_out - tile * TILE)
+                if n_valid == TILE:
+                    for r in range(TILE):
+                        acc[t, r] += wrow[r] * a
+                else:
+                    for r in range(n_valid):
+                        acc[t, r] += wrow[r] * a
         for t in range(T):
             for r in range(n_valid):
                 out[t, tile * TILE + r] = acc[t, r]
+
+
+@njit(cache=True, fastmath=True)
+def matmul_rows(w, x, out):
+    """out (T, n_out) = x (T, n_in) @ w.T for a small row-major float32 w (a router): one thread, no launch."""
+    T, n_in = x.shape
+    for t in range(T):
+        for o in range(w.shape[0]):
+            s = np.float32(0.0)
+            for k in range(n_in):
+                s += w[o, k] * x[t, k]
+            out[t, o] = s
 
 
 @njit(cache=True)
