@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from quant.container import MAGIC, Container
+from quant.container import VERSION as CONTAINER_VERSION
 from quant.errors import ContainerError, QuantError
 
 from .errors import ModelFileError, ModelNotFound, StoreError
@@ -279,6 +280,16 @@ def _is_container(p: Path) -> bool:
         return False
 
 
+def _current(p: Path) -> bool:
+    """Whether p is a container in the layout this lmcli reads (an import from an older lmcli is redone)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head[:8] == MAGIC and len(head) == 12 and int.from_bytes(head[8:12], "little") == CONTAINER_VERSION
+
+
 def _gguf_store_name(p: Path) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", p.stem).strip("-.") or "model"
     return stem[:64]
@@ -291,7 +302,7 @@ def cached_import(src: Path, name: str, source: dict | None = None) -> Path:
         man = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
         st = src.stat()
         s = man.get("source", {})
-        if s.get("size") == st.st_size and s.get("mtime_ns") == st.st_mtime_ns and (d / CONTAINER).is_file():
+        if s.get("size") == st.st_size and s.get("mtime_ns") == st.st_mtime_ns and _current(d / CONTAINER):
             return d / CONTAINER
     except (OSError, json.JSONDecodeError, AttributeError):
         pass
@@ -331,10 +342,11 @@ def resolve(name_or_path: str) -> Path:
         raise ModelFileError(f"{name_or_path} is neither a GGUF file nor an lmcli container")
     if NAME_RE.match(name_or_path) and ".." not in name_or_path:
         d = models_dir() / name_or_path
-        if (d / MANIFEST).is_file() and (d / CONTAINER).is_file():
-            return d / CONTAINER
         reg = load_registry()
         entry = reg.get(name_or_path)
+        stale_packaged = entry is not None and entry.packaged and not _current(d / CONTAINER)
+        if (d / MANIFEST).is_file() and (d / CONTAINER).is_file() and not stale_packaged:
+            return d / CONTAINER
         if entry is not None and entry.packaged:
             return cached_import(packaged_file(entry.packaged), name_or_path,
                                   source={"registry": entry.name, "repo": entry.repo})

@@ -88,6 +88,35 @@ def test_truncated_container(lmcli_home, tmp_path):
     assert snapshot(lmcli_home) == before
 
 
+def _as_version(src: Path, dst: Path, version: int) -> None:
+    data = bytearray(src.read_bytes())
+    data[8:12] = version.to_bytes(4, "little")
+    dst.write_bytes(bytes(data))
+
+
+def test_a_container_from_an_older_lmcli_is_refused_with_what_to_do(lmcli_home, tmp_path):
+    old = tmp_path / "old.lmc"
+    _as_version(lmcli_home / "models" / "smollm2" / "model.lmc", old, 1)
+    r = lmcli("run", str(old), "hi", home=lmcli_home)
+    assert_clean_failure(r)
+    assert "container version 1" in r.stderr and "convert it again" in r.stderr
+
+
+def test_a_packaged_model_imported_by_an_older_lmcli_is_imported_again(lmcli_home, tmp_path):
+    import shutil
+
+    from quant.container import VERSION
+
+    home = tmp_path / "home"
+    shutil.copytree(lmcli_home / "models" / "smollm2", home / "models" / "smollm2")
+    stored = home / "models" / "smollm2" / "model.lmc"
+    _as_version(lmcli_home / "models" / "smollm2" / "model.lmc", stored, VERSION - 1)
+    r = lmcli("run", "smollm2", "What is the capital of France?", "--temp", "0", "-n", "12", home=home)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert int.from_bytes(stored.read_bytes()[8:12], "little") == VERSION
+
+
 def test_out_of_range_offset_in_a_container(lmcli_home, tmp_path):
     src = lmcli_home / "models" / "smollm2" / "model.lmc"
     raw = bytearray(src.read_bytes())
