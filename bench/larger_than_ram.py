@@ -33,11 +33,11 @@ def io_read() -> int:
 
 def worker(kind: str, path: str, n_decode: int, threads: int) -> dict:
     prompt = list(range(300, 316))
-    if kind in ("lmcli", "lmcli-noprefetch"):
+    if kind in ("lmcli", "lmcli-prefetch"):
         sys.path.insert(0, str(ROOT))
         import lmcli
 
-        m = lmcli.load(path, n_ctx=64, threads=threads, prefetch=kind == "lmcli")
+        m = lmcli.load(path, n_ctx=64, threads=threads, prefetch=kind == "lmcli-prefetch")
         tr = m.transformer
         cache = tr.new_cache(64)
         tok = int(tr.forward(prompt, cache)[-1].argmax())
@@ -77,8 +77,13 @@ def run_capped(kind: str, path: Path, cap: int, n_decode: int, threads: int) -> 
         os.close(fd)
         cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh", sys.executable, __file__, "--worker", kind,
                str(path), str(n_decode), str(threads)]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                           env=dict(os.environ, NUMBA_NUM_THREADS=str(threads)))
+        limit = 300 if kind == "llama-repack" else 1800  # the repack thrashes for good under some caps
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit,
+                               env=dict(os.environ, NUMBA_NUM_THREADS=str(threads)))
+        except subprocess.TimeoutExpired:
+            print(f"  [{kind} stalled: no result in {limit} s, stopped]", flush=True)
+            return None
         if p.returncode != 0:  # killed (OOM) or failed
             print(f"  [{kind} exited {p.returncode}: {p.stderr.strip().splitlines()[-1:] or 'killed'}]", flush=True)
             return None
@@ -111,9 +116,9 @@ def main():
     size = lmc.stat().st_size
     for frac in [float(x) for x in a.caps.split(",")]:
         cap = int(size * frac)
-        res = {"lmcli": [], "lmcli-noprefetch": [], "llama-mmap": []}
+        res = {"lmcli": [], "lmcli-prefetch": [], "llama-mmap": []}
         for _ in range(a.reps):
-            for kind, path in (("lmcli", lmc), ("lmcli-noprefetch", lmc), ("llama-mmap", gguf)):
+            for kind, path in (("lmcli", lmc), ("lmcli-prefetch", lmc), ("llama-mmap", gguf)):
                 r = run_capped(kind, path, cap, a.decode, a.threads)
                 res[kind].append(r)
         repack = run_capped("llama-repack", gguf, cap, 2, a.threads)
@@ -133,7 +138,7 @@ def main():
             lt = statistics.median([r["tok_s"] for r in res["lmcli"] if r])
             ct = statistics.median([r["tok_s"] for r in res["llama-mmap"] if r])
             print(f"  ratio lmcli / llama.cpp (mmap): {lt / ct:.2f}x")
-        print(f"  llama.cpp default (repack into RAM): {'survived' if repack else 'killed'}")
+        print(f"  llama.cpp default (repack into RAM): {'survived' if repack else 'killed or stalled'}")
 
 
 if __name__ == "__main__":

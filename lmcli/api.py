@@ -50,7 +50,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
                  moe_topk: int | None = None, expert_cache_mib: int | None = None,
-                 cache_policy: str = DEFAULT_POLICY, prefetch: bool = True, use_mmap: bool | None = None):
+                 cache_policy: str = DEFAULT_POLICY, prefetch: bool = False, use_mmap: bool | None = None):
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -142,7 +142,8 @@ def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = N
     """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it.
 
     engine: expert_cache_mib (None: automatic, 0: off), cache_policy ("cyclic",
-    the default, "lru" or "lfu": lmcli.engine.expert_cache.Policy), prefetch (bool), use_mmap (None: read the
+    the default, "lru" or "lfu": lmcli.engine.expert_cache.Policy), prefetch (bool, default off: read the next layer's
+    predicted experts ahead; it lost to demand reads in every capped run measured, see bench/larger_than_ram.py), use_mmap (None: read the
     weights into RAM when the file fits in memory, else map it; True: always map; False: always read).
     """
     from .store import resolve

@@ -3,8 +3,10 @@ than RAM. The kernels then read experts from the cache buffer instead of the fil
 
 Measured here: page faults on a cold expert read 0.08-0.19 GB/s, one pread of the whole bundle 1.5-2.0 GB/s.
 Reads use O_DIRECT where the filesystem allows, so bundles do not also fill the page cache (which counts
-against a memory cgroup); a reader thread serves prefetches (the next layer's router run on the current
-hidden state) while the current layer computes.
+against a memory cgroup); when asked (prefetch=True), a reader thread serves prefetches (the next layer's
+router run on the current hidden state) while the current layer computes. Off by default: in every capped run
+of bench/larger_than_ram.py it read more or ran slower than demand reads alone (25% of the file: 1.98 vs 2.48
+tok/s; 60%: 9.46 vs 22.51), the reader thread competing with the two compute threads for two cores.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ class ExpertCache:
     """Slots of `slot_size` bytes in one anonymous mapping; (layer, expert) -> slot."""
 
     def __init__(self, path: str, layers: dict, capacity_bytes: int, top_k: int, policy: str = DEFAULT_POLICY,
-                 prefetch: bool = True):
+                 prefetch: bool = False):
         # layers: layer index -> Experts (weights.Experts) of the MoE layers
         self.path = path
         self.layers = layers

@@ -69,6 +69,19 @@ class Linear:
             out += self.bias
         return out
 
+    @staticmethod
+    def several(lins: tuple, act: Act) -> list[np.ndarray]:
+        """[lin(act) for lin in lins], in one parallel call when it is one token and every matrix is 4-bit."""
+        if act.x.shape[0] != 1 or any(lin.fmt not in ("q4_0", "q4_1") or lin.rows_f32 is not None for lin in lins):
+            return [lin(act) for lin in lins]
+        outs = tuple(np.empty((1, lin.n_out), np.float32) for lin in lins)
+        kernels.matvec_q4_multi(tuple(lin.codes for lin in lins), tuple(lin.scales for lin in lins),
+                                *act.quantized(), outs)
+        for lin, out in zip(lins, outs):
+            if lin.bias is not None:
+                out += lin.bias
+        return list(outs)
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows (embedding lookup) -> (len(ids), n_in) float32."""
         out = np.empty((len(ids), self.n_in), np.float32)
@@ -211,6 +224,7 @@ class _Loader:
 def load_weights(c: Container, cfg: ModelConfig) -> Weights:
     """Map every tensor the config needs, checking each shape against the config and that none is left over."""
     L = _Loader(c)
+    c.advise("random")  # before any page is touched (a router's compact copy is made here): no readahead into experts
     E, D = cfg.n_embd, cfg.head_dim
     H, KV = cfg.n_head, cfg.n_head_kv
     try:
@@ -269,7 +283,6 @@ def load_weights(c: Container, cfg: ModelConfig) -> Weights:
     if extra:
         raise ModelFileError(f"{c.path}: tensors the config does not use: {', '.join(extra[:4])}",
                              hint="the container's config and tensors disagree")
-    c.advise("random")
     for t in c.tensors.values():
         if t.n_expert == 0:
             c.advise("willneed", t.offset, t.nbytes)  # dense weights stay resident: one large read each
