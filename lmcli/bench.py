@@ -37,8 +37,7 @@ def phase_timer(acc: dict):
         setattr(obj, name, timed)
         return obj, name, fn
 
-    saved = [wrap(weights.Linear, "__call__", "matrix kernels"), wrap(kernels, "matvec_q4_multi", "matrix kernels"),
-             wrap(ops, "attention", "attention"),
+    saved = [wrap(weights.Linear, "__call__", "matrix kernels"), wrap(ops, "attention", "attention"),
              wrap(moe, "route", "routing"), wrap(kernels, "moe_gate_up", "expert kernels"),
              wrap(kernels, "moe_down", "expert kernels")]
     try:

@@ -479,37 +479,6 @@ def matmul_q4(codes, scales, xq, xd, xs, out):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def matvec_q4_multi(codes, scales, xq, xd, xs, outs):
-    """Several 4-bit matrices times one activation row in one parallel call (attention's q, k and v; a dense
-    FFN's gate and up): codes/scales/outs are tuples of the matrices' arrays and their (1, n_out) outputs. The
-    tiles of all of them form one run of jobs, so the small k and v matrices do not each pay a launch and a
-    cold start of the memory streams."""
-    nm = len(codes)
-    starts = np.zeros(nm + 1, np.int64)
-    for i in range(nm):
-        starts[i + 1] = starts[i] + codes[i].shape[0]
-    n_jobs = starts[nm]
-    n_chunks = min(CHUNKS, n_jobs)
-    for c in prange(n_chunks):
-        acc1 = np.empty(TILE, np.float32)
-        lo, hi = _span(n_jobs, c, n_chunks)
-        for job in range(lo, hi):
-            i = 0
-            while job >= starts[i + 1]:
-                i += 1
-            tile = job - starts[i]
-            cd, sc, out = codes[i], scales[i], outs[i]
-            ng = cd.shape[1]
-            cb, sb = tile * ng * 16 * TILE, tile * ng * sc.shape[2] * TILE
-            if sc.shape[2] == 2:
-                tile_q4_1(cd, cb, sc, sb, ng, xq, 0, xd, xs, 0, acc1)
-            else:
-                tile_q4_0(cd, cb, sc, sb, ng, xq, 0, xd, xs, 0, acc1)
-            for r in range(min(TILE, out.shape[1] - tile * TILE)):
-                out[0, tile * TILE + r] = acc1[r]
-
-
-@njit(cache=True, parallel=True, fastmath=True)
 def matmul_q8(codes, scales, xq, xd, xs, out):
     """8-bit grouped matmul (Q8_0 semantics): codes (n_tiles, n_groups, 32, TILE) int8, scales (.., 1, TILE)."""
     n_tiles, n_groups = codes.shape[0], codes.shape[1]

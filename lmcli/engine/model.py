@@ -17,7 +17,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .expert_cache import DEFAULT_POLICY
 from .moe import RouterSpec, RoutingStats, moe_ffn
-from .weights import Act, Attention, FFN, Linear, Weights, load_weights
+from .weights import Act, Attention, FFN, Weights, load_weights
 
 PREFILL_CHUNK = 256  # tokens per batched pass: bounds activation memory for long prompts
 
@@ -165,8 +165,9 @@ class Transformer:
         return x
 
     def _dense(self, ff: FFN, h: np.ndarray) -> np.ndarray:
-        g, u = Linear.several((ff.gate, ff.up), Act(h))
-        ops.silu_mul(g, u, g)
+        a = Act(h)
+        g = ff.gate(a)
+        ops.silu_mul(g, ff.up(a), g)
         return ff.down(Act(g))
 
     def _rope(self, x: np.ndarray, pos0: int) -> None:
@@ -176,7 +177,7 @@ class Transformer:
         cfg = self.cfg
         T, H, KV, D = h.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
         a = Act(h)
-        q, k, v = Linear.several((at.wq, at.wk, at.wv), a)
+        q, k, v = at.wq(a), at.wk(a), at.wv(a)
         if cfg.qk_norm == "full":  # OLMoE: RMSNorm over all heads' q (and k) before the split
             ops.rmsnorm(q, at.q_norm, cfg.norm_eps, q)
             ops.rmsnorm(k, at.k_norm, cfg.norm_eps, k)

@@ -69,19 +69,6 @@ class Linear:
             out += self.bias
         return out
 
-    @staticmethod
-    def several(lins: tuple, act: Act) -> list[np.ndarray]:
-        """[lin(act) for lin in lins], in one parallel call when it is one token and every matrix is 4-bit."""
-        if act.x.shape[0] != 1 or any(lin.fmt not in ("q4_0", "q4_1") or lin.rows_f32 is not None for lin in lins):
-            return [lin(act) for lin in lins]
-        outs = tuple(np.empty((1, lin.n_out), np.float32) for lin in lins)
-        kernels.matvec_q4_multi(tuple(lin.codes for lin in lins), tuple(lin.scales for lin in lins),
-                                *act.quantized(), outs)
-        for lin, out in zip(lins, outs):
-            if lin.bias is not None:
-                out += lin.bias
-        return list(outs)
-
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows (embedding lookup) -> (len(ids), n_in) float32."""
         out = np.empty((len(ids), self.n_in), np.float32)
