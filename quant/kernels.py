@@ -249,7 +249,6 @@ def _tile_codegen(kind, pf=PREFETCH):
             pairs = _act_pairs(builder, xp)
             for o in range(0, cstride, 64) if pf else ():
                 _prefetch(builder, cp, pf + o)
-
             part = [_splat32(0)] * 8  # two chains per 16-row chunk, to hide the multiply-add latency
             memo = {}
             for j in range(16):

@@ -125,16 +125,15 @@ def _experts(b8, b16, b32, offs, kind, ex, sel, tok_ptr, tok_idx, a, hb, y) -> N
     (gc, gs), (uc, us), (dc, ds) = offs["gate"], offs["up"], offs["down"]
     # prefill (an expert with several tokens) of integer formats takes the kernels that reuse unpacked codes
     batched = a.x.shape[0] > 1 and ex.fmt in ("q4_0", "q4_1", "q8_0")
+    a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])  # this call's assignments
     if batched:
         kernels.moe_gate_up_rows(b8, b16, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
                                  xq, xd, xs, hb)
     else:
-        a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])
-        h2 = np.empty((2, hb.shape[0], ex.n_ff), np.float32)
+        h2 = np.empty((2, hb.shape[0], ex.n_ff), np.float32)  # gate, up (rows a0..a1 written)
         kernels.moe_gate_up(b8, b16, b32, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
                             xq, xd, xs, a.x, h2)
         ops.silu_mul(h2[0, a0:a1], h2[1, a0:a1], hb[a0:a1])
-    a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])
     ha = Act(hb[a0:a1])
     hq, hd, hs = ha.quantized()
     if batched:
