@@ -77,39 +77,45 @@ def attention(q, kc, vc, pos0, scale, window, out):
 
     window > 0: query at position p sees keys p - window + 1 .. p only (sliding-window attention, Mistral).
     q (T, n_head, Dk); kc (n_head_kv, n_ctx, Dk), vc (n_head_kv, n_ctx, Dv) holding positions < pos0 + T;
-    out (T, n_head, Dv). Query head h reads KV head h // (n_head / n_head_kv).
+    out (T, n_head, Dv). Query head h reads KV head h // (n_head / n_head_kv). One job per (token, KV head)
+    serves all the query heads of the group, so each cached K and V row is read once, not once per head.
     """
     T, H, D = q.shape
-    Dv = vc.shape[2]
-    group = H // kc.shape[0]
-    for job in prange(T * H):
-        t = job // H
-        h = job % H
-        kv = h // group
+    KV, Dv = kc.shape[0], vc.shape[2]
+    group = H // KV
+    for job in prange(T * KV):
+        t = job // KV
+        kv = job % KV
+        h0 = kv * group
         n = pos0 + t + 1
         j0 = max(0, n - window) if window > 0 else 0
-        sc = np.empty(n - j0, np.float32)
-        mx = np.float32(-np.inf)
-        for j in range(j0, n):
-            s = np.float32(0.0)
-            for d in range(D):
-                s += q[t, h, d] * kc[kv, j, d]
-            s *= scale
-            sc[j - j0] = s
-            if s > mx:
-                mx = s
-        tot = np.float32(0.0)
-        for j in range(n - j0):
-            e = np.exp(sc[j] - mx)
-            sc[j] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        for d in range(Dv):
-            out[t, h, d] = 0.0
-        for j in range(j0, n):
-            p = sc[j - j0] * inv
+        cnt = n - j0
+        sc = np.empty((group, cnt), np.float32)
+        for j in range(cnt):
+            for g in range(group):
+                s = np.float32(0.0)
+                for d in range(D):
+                    s += q[t, h0 + g, d] * kc[kv, j0 + j, d]
+                sc[g, j] = s * scale
+        for g in range(group):
+            mx = np.float32(-np.inf)
+            for j in range(cnt):
+                mx = max(mx, sc[g, j])
+            tot = np.float32(0.0)
+            for j in range(cnt):
+                e = np.exp(sc[g, j] - mx)
+                sc[g, j] = e
+                tot += e
+            inv = np.float32(1.0) / tot
+            for j in range(cnt):
+                sc[g, j] *= inv
             for d in range(Dv):
-                out[t, h, d] += p * vc[kv, j, d]
+                out[t, h0 + g, d] = 0.0
+        for j in range(cnt):
+            for g in range(group):
+                p = sc[g, j]
+                for d in range(Dv):
+                    out[t, h0 + g, d] += p * vc[kv, j0 + j, d]
 
 
 @njit(cache=True, fastmath=True)
