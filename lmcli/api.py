@@ -141,10 +141,10 @@ def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = N
          moe_topk: int | None = None, **engine) -> Model:
     """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it.
 
-    engine: expert_cache_mib (None: automatic, 0: off), cache_policy ("cyclic",
-    the default, "lru" or "lfu": lmcli.engine.expert_cache.Policy), prefetch (bool, default off: read the next layer's
-    predicted experts ahead; it lost to demand reads in every capped run measured, see bench/larger_than_ram.py), use_mmap (None: read the
-    weights into RAM when the file fits in memory, else map it; True: always map; False: always read).
+    engine: expert_cache_mib (None: automatic, 0: off), cache_policy ("cyclic", the default, "lru" or "lfu":
+    lmcli.engine.expert_cache.Policy), prefetch (default False; True reads the next layer's predicted experts
+    ahead, which lost to demand reads in every capped run of bench/larger_than_ram.py), use_mmap (None: read
+    the weights into RAM when the file fits in memory, else map it; True: always map; False: always read).
     """
     from .store import resolve
 
