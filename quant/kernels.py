@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils, config, errors
 from numba.extending import intrinsic
@@ -120,6 +121,11 @@ def _target_features() -> set:
 _FEATURES = _target_features()
 _VNNI = "avx512vnni" in _FEATURES and "avx512f" in _FEATURES
 _AVX512BW = "avx512bw" in _FEATURES
+_AVXVNNI = "avxvnni" in _FEATURES
+_AVX2 = "avx2" in _FEATURES
+# LLVM 21 retyped the VNNI word intrinsics' operands from i32 to i16 vectors; the old form still compiles for
+# the 512-bit one (auto-upgraded) but the 256-bit one falls back to vpmaddwd + vpaddd (seen with LLVM 22)
+_VNNI_I16 = llvm_version_info >= (21,)
 _F16C = "f16c" in _FEATURES
 
 
@@ -142,26 +148,51 @@ def _f16x16(builder, sp, off):
     return builder.bitcast(builder.or_(bits, sign), fvec)
 
 
+def _halves(builder, v):
+    """A 512-bit vector -> its two 256-bit halves (lanes 0..n/2-1, n/2..n-1)."""
+    n = v.type.count
+    return [builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n // 2), list(range(h * n // 2, (h + 1) * n // 2))))
+            for h in (0, 1)]
+
+
+def _join(builder, lo, hi):
+    n = lo.type.count
+    return builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 2 * n), list(range(2 * n))))
+
+
+def _x86(builder, name, ret, *args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, list(args))
+
+
 def _pmadd(builder, acc, w, a):
     """acc + pairwise int16 products of the int16 pairs in lanes w and a (16 x i32 each).
 
-    With AVX-512 VNNI this is one vpdpwssd, without it vpmaddwd + vpaddd (AVX-512BW), named as x86 intrinsics:
-    written as plain IR (below), LLVM's known-bits analysis sees the nibbles' zero high bits and splits every
-    multiply-add into two plus shuffles. Other CPUs get the plain IR, which LLVM lowers for their vectors."""
+    Named as x86 intrinsics where the CPU has them: one vpdpwssd (AVX-512 VNNI), vpmaddwd + vpaddd (AVX-512BW),
+    two 256-bit vpdpwssd (AVX-VNNI: the VEX form of Intel client CPUs) or two 256-bit vpmaddwd + vpaddd (AVX2).
+    Written as plain IR (the last branch), LLVM's known-bits analysis sees the nibbles' zero high bits and splits
+    every multiply-add into two plus blends (1024 vpmaddwd + 512 vpblendw where 512 suffice, measured on the
+    AVX2 assembly); other CPUs (ARM, generic x86) get that plain IR, which LLVM lowers for their vectors."""
+    v16, v32 = _vec(_I32, 16), _vec(_I16, 32)
+    w16, a16 = builder.bitcast(w, v32), builder.bitcast(a, v32)
     if _VNNI:
-        fnty = ir.FunctionType(_vec(_I32, 16), [_vec(_I32, 16)] * 3)
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpwssd.512")
-        return builder.call(fn, [acc, w, a])
-    w16, a16 = builder.bitcast(w, _vec(_I16, 32)), builder.bitcast(a, _vec(_I16, 32))
+        return _x86(builder, "llvm.x86.avx512.vpdpwssd.512", v16, acc, *((w16, a16) if _VNNI_I16 else (w, a)))
+    if _AVXVNNI:
+        parts = [_x86(builder, "llvm.x86.avx512.vpdpwssd.256", _vec(_I32, 8), c, x, y)
+                 for c, x, y in zip(_halves(builder, acc), *(_halves(builder, v) for v in ((w16, a16) if _VNNI_I16
+                                                                                        else (w, a))))]
+        return _join(builder, *parts)
     if _AVX512BW:
-        fnty = ir.FunctionType(_vec(_I32, 16), [_vec(_I16, 32)] * 2)
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.pmaddw.d.512")
-        return builder.add(acc, builder.call(fn, [w16, a16]))
-    even = ir.Constant(_vec(_I32, 16), [2 * i for i in range(16)])
-    odd = ir.Constant(_vec(_I32, 16), [2 * i + 1 for i in range(16)])
+        return builder.add(acc, _x86(builder, "llvm.x86.avx512.pmaddw.d.512", v16, w16, a16))
+    if _AVX2:
+        parts = [_x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), x, y)
+                 for x, y in zip(_halves(builder, w16), _halves(builder, a16))]
+        return builder.add(acc, _join(builder, *parts))
+    even = ir.Constant(v16, [2 * i for i in range(16)])
+    odd = ir.Constant(v16, [2 * i + 1 for i in range(16)])
 
     def half(v, m):
-        return builder.sext(builder.shuffle_vector(v, v, m), _vec(_I32, 16))
+        return builder.sext(builder.shuffle_vector(v, v, m), v16)
 
     prod = builder.add(builder.mul(half(w16, even), half(a16, even)), builder.mul(half(w16, odd), half(a16, odd)))
     return builder.add(acc, prod)

@@ -129,76 +129,127 @@ def test_silu_mul_matches_float64():
 
 
 _ISA_SCRIPT = r"""
-import hashlib, json, sys
+import collections, hashlib, json, re, sys
+import numba
 import numpy as np
 from quant import kernels
 from quant.formats import Q4_0, Q4_1, Q8_0
 from quant.quantize import dequantize_interleaved, quantize_matrix
+run = sys.argv[1] == "run"
 rng = np.random.default_rng(7)
 n_out, n_in = 150, 192
-res = {"vnni": kernels._VNNI, "avx512bw": kernels._AVX512BW, "f16c": kernels._F16C, "err": 0.0,
-       "digest": hashlib.sha256()}
+res = {"vnni": kernels._VNNI, "avxvnni": kernels._AVXVNNI, "avx512bw": kernels._AVX512BW, "avx2": kernels._AVX2,
+       "f16c": kernels._F16C, "err": 0.0, "asm": {}}
+digest = hashlib.sha256()
+mnemonic = re.compile(r"^\s+(?:\{vex\}\s+)?([a-z]\w*)\s+(.*)$", re.M)
 for fmt in (Q4_0, Q4_1, Q8_0):
     w = rng.standard_normal((n_out, n_in)).astype(np.float32)
     codes, scales = quantize_matrix(w, fmt)
     wd = dequantize_interleaved(codes, scales, fmt, n_out, n_in).astype(np.float64)
+    fn = kernels.matmul_q8 if fmt is Q8_0 else kernels.matmul_q4
     for T in (1, 5):
         x = rng.standard_normal((T, n_in)).astype(np.float32)
         xq, xd, xs = np.empty((T, n_in), np.int16), np.empty((T, n_in // 32), np.float32), np.empty((T, n_in // 32), np.int32)
-        kernels.quantize_act(x, xq, xd, xs)
         out = np.full((T, n_out), np.nan, np.float32)
-        (kernels.matmul_q8 if fmt is Q8_0 else kernels.matmul_q4)(codes, scales, xq, xd, xs, out)
-        ref = x.astype(np.float64) @ wd.T
-        res["err"] = max(res["err"], float(np.abs(out - ref).max() / np.abs(ref).max()))
-        res["digest"].update(out.tobytes())
-g = (rng.standard_normal((3, 211)) * 20).astype(np.float32)
-u = rng.standard_normal((3, 211)).astype(np.float32)
-out = np.empty_like(g)
-kernels.silu_mul(g, u, out)
-g64 = g.astype(np.float64)
-ref = g64 / (1 + np.exp(-g64)) * u
-res["silu_err"] = float((np.abs(out - ref) / (np.abs(ref) + 1e-30)).max())
-res["digest"].update(out.tobytes())
-res["digest"] = res["digest"].hexdigest()
+        args = (codes, scales, xq, xd, xs, out)
+        sig = tuple(numba.typeof(a) for a in args)
+        fn.compile(sig)  # compiling never executes: every path compiles on every CPU
+        # instructions that operate on vector registers, by mnemonic and register width
+        ops = collections.Counter(f"{m.group(1)}:{'zmm' if 'zmm' in m.group(2) else 'ymm' if 'ymm' in m.group(2) else 'x'}"
+                                  for m in mnemonic.finditer(fn.inspect_asm(sig)))
+        for k, v in ops.items():
+            res["asm"][k] = res["asm"].get(k, 0) + v
+        if run:
+            kernels.quantize_act(x, xq, xd, xs)
+            fn(*args)
+            ref = x.astype(np.float64) @ wd.T
+            res["err"] = max(res["err"], float(np.abs(out - ref).max() / np.abs(ref).max()))
+            digest.update(out.tobytes())
+if run:
+    g = (rng.standard_normal((3, 211)) * 20).astype(np.float32)
+    u = rng.standard_normal((3, 211)).astype(np.float32)
+    out = np.empty_like(g)
+    kernels.silu_mul(g, u, out)
+    g64 = g.astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64)) * u
+    res["silu_err"] = float((np.abs(out - ref) / (np.abs(ref) + 1e-30)).max())
+    digest.update(out.tobytes())
+    res["digest"] = digest.hexdigest()
 print(json.dumps(res))
 """
 
-
+_X86 = "+avx2,+fma,+sse4.2,+popcnt,+avx"
+_AVX512 = "+avx512f,+avx512bw,+avx512vl,+avx512dq," + _X86
+# name: (environment, the flags kernels.py must read from it (vnni, avxvnni, avx512bw, avx2, f16c), the multiply-add
+# instructions its assembly must contain as "mnemonic:register width", instructions it must not contain). LLVM's
+# tuning for a CPU may turn some vpdpwssd into vpmaddwd + vpaddd where that schedules better on it (Ice Lake,
+# Alder Lake), so a VNNI path must contain vpdpwssd, not only it.
 _ISAS = {
-    "host": ({}, None),
-    "avx512bw": ({"NUMBA_CPU_NAME": "skylake-avx512",
-                  "NUMBA_CPU_FEATURES": "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx2,+fma,+f16c,+sse4.2,+popcnt"},
-                 (False, True)),
-    "avx2": ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+f16c,+sse4.2,+popcnt,+avx"},
-             (False, False)),
+    "avx512vnni": ({"NUMBA_CPU_NAME": "icelake-server", "NUMBA_CPU_FEATURES": _AVX512 + ",+avx512vnni,+f16c"},
+                   (True, False, True, True, True), {"vpdpwssd:zmm"}, {"vpmaddwd:ymm"}),
+    "avx512bw": ({"NUMBA_CPU_NAME": "skylake-avx512", "NUMBA_CPU_FEATURES": _AVX512 + ",+f16c"},
+                 (False, False, True, True, True), {"vpmaddwd:zmm"}, {"vpdpwssd:zmm"}),
+    # AVX-VNNI: Intel client CPUs since Alder Lake (256-bit, VEX). LLVM's tuning for Alder Lake keeps some
+    # multiply-adds as vpmaddwd + vpaddd where that schedules better, so vpdpwssd need not be the only form.
+    "avxvnni": ({"NUMBA_CPU_NAME": "alderlake", "NUMBA_CPU_FEATURES": _X86 + ",+f16c,+avxvnni"},
+                (False, True, False, True, True), {"vpdpwssd:ymm"}, {"vpdpwssd:zmm", "vpmaddwd:zmm"}),
+    # AVX2 + FMA + F16C (AMD Zen 1-3, Intel Haswell to Comet Lake): 256-bit vpmaddwd, each multiply-add once (the
+    # plain IR gave twice as many vpmaddwd plus vpblendw)
+    "avx2": ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": _X86 + ",+f16c"},
+             (False, False, False, True, True), {"vpmaddwd:ymm", "vcvtph2ps:ymm"}, {"vpblendw:ymm", "vpdpwssd:ymm"}),
     # AVX-512 without F16C in the feature list: fp16 scales by the integer bit trick instead of vcvtph2ps
-    "no-f16c": ({"NUMBA_CPU_NAME": "skylake-avx512",
-                 "NUMBA_CPU_FEATURES": "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx2,+fma,+sse4.2,+popcnt"},
-                (False, True)),
-    # Numba's portable target (NUMBA_CPU_NAME=generic): plain vector IR, no F16C
-    "generic": ({"NUMBA_CPU_NAME": "generic"}, (False, False)),
+    "no-f16c": ({"NUMBA_CPU_NAME": "skylake-avx512", "NUMBA_CPU_FEATURES": _AVX512},
+                (False, False, True, True, False), {"vpmaddwd:zmm"}, {"vcvtph2ps:zmm", "vcvtph2ps:ymm"}),
+    # Numba's portable target (NUMBA_CPU_NAME=generic): plain vector IR (SSE2 on x86-64), no F16C
+    "generic": ({"NUMBA_CPU_NAME": "generic"}, (False, False, False, False, False), {"pmaddwd:x"}, set()),
 }
 
 
+def _host_features() -> set:
+    from numba.core.codegen import get_host_cpu_features
+
+    return {f[1:] for f in get_host_cpu_features().split(",") if f.startswith("+")}
+
+
 def test_kernels_agree_across_instruction_sets(tmp_path):
-    """The multiply-add is emitted as vpdpwssd (VNNI), vpmaddwd (AVX-512BW) or plain IR (any CPU), fp16 scales
-    by vcvtph2ps or a bit trick: each path, compiled in a fresh process for that CPU, matches the float64
-    reference and gives bit-identical results."""
+    """Every instruction-set path compiles on every CPU, each in a fresh process for its target, and its assembly
+    holds the expected multiply-add form (vpdpwssd on AVX-512 VNNI and AVX-VNNI, vpmaddwd on AVX-512BW and AVX2,
+    pmaddwd on the portable target). The paths this CPU can execute are run: each matches the float64 reference,
+    and all give bit-identical results (exact integer arithmetic, one activation scheme). Paths the CPU cannot
+    run (AVX-512 on an AVX2 machine) are checked by their assembly only: executing them would be SIGILL."""
     import json
     import os
     import subprocess
     import sys
 
+    import platform
+
+    host = _host_features()
     digests = {}
-    for isa, (extra, flags) in _ISAS.items():
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    for isa, (extra, flags, want, avoid) in _ISAS.items():
+        if not x86 and isa != "generic":
+            continue  # an x86 CPU name does not compile for another architecture's host
+        need = {f[1:] for f in extra.get("NUMBA_CPU_FEATURES", "").split(",") if f}
+        runnable = need <= host
         env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / isa), **extra)
-        r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
+        r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, "run" if runnable else "compile"], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (isa, r.returncode, r.stderr[-2000:])
         got = json.loads(r.stdout)
-        assert got["err"] <= 1e-4, isa
-        assert got["silu_err"] <= 1e-6, isa
-        if flags is not None:
-            assert (got["vnni"], got["avx512bw"]) == flags, isa
-        assert got["f16c"] == (isa not in ("no-f16c", "generic")), isa
-        digests[isa] = got["digest"]
+        assert (got["vnni"], got["avxvnni"], got["avx512bw"], got["avx2"], got["f16c"]) == flags, isa
+        assert want <= set(got["asm"]), (isa, sorted(got["asm"]))
+        assert not avoid & set(got["asm"]), (isa, avoid & set(got["asm"]))
+        if runnable:
+            assert got["err"] <= 1e-4, isa
+            assert got["silu_err"] <= 1e-6, isa
+            digests[isa] = got["digest"]
+    # the host's own compile (no NUMBA_CPU_* set) always runs, and the portable path runs on any x86-64
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "host"))
+    for k in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, "run"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    digests["host"] = json.loads(r.stdout)["digest"]
+    assert "generic" in digests
     assert len(set(digests.values())) == 1, f"instruction-set paths disagree: {digests}"
