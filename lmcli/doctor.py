@@ -159,10 +159,13 @@ def report() -> dict:
         free = shutil.disk_usage(_existing_parent(store)).free
     except OSError:
         free = None
+    from quant.kernels import kernel_path
+
     dirs = numba_cache_dirs()
     threads = usable_cores()
     return {
         **cpu,
+        **kernel_path(),
         "arch": platform.machine(),
         "cores": os.cpu_count(),
         "cores_usable": threads,

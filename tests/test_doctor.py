@@ -17,8 +17,8 @@ from lmcli.engine.expert_cache import DEFAULT_POLICY, POLICIES, replay_hits
 from lmcli.errors import ModelNotFound, UsageError
 
 
-def lmcli(*args, home):
-    env = dict(os.environ, LMCLI_HOME=str(home))
+def lmcli(*args, home, env=None):
+    env = dict(os.environ, LMCLI_HOME=str(home), **(env or {}))
     return subprocess.run([sys.executable, "-m", "lmcli.cli", *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
@@ -75,6 +75,27 @@ def test_doctor_reports_plausible_plain_values():
             break
     assert r["avx2"] == ("avx2" in flags) and r["avx512"] == ("avx512f" in flags)
     assert r["vnni"] == bool({"avx512_vnni", "avx_vnni"} & flags)
+
+
+def test_doctor_names_the_kernel_path_of_the_cpu_it_compiles_for(tmp_path):
+    """The host's path follows /proc/cpuinfo's flags; a build for an AVX2 target (NUMBA_CPU_NAME) says avx2."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    want = ("avx512-vnni" if {"avx512_vnni", "avx512f"} <= flags else "avx512bw" if "avx512bw" in flags
+            else "avx-vnni" if "avx_vnni" in flags else "avx2" if "avx2" in flags else "portable")
+    assert report()["kernel_path"] == want
+    if "avx2" not in flags:
+        return  # an AVX2 build cannot run on this CPU (the instruction-set test checks its code)
+    env = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+f16c,+sse4.2,+popcnt,+avx",
+           "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    r = lmcli("doctor", "--json", home=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["kernel_path"] == "avx2" and "vpmaddwd" in obj["kernel_multiply_add"]
+    assert obj["kernel_fp16_scales"].startswith("vcvtph2ps")
 
 
 def test_doctor_json_on_the_command_line(tmp_path):
