@@ -5,6 +5,16 @@ matvec kernel on a 14336x4096 matrix in GB/s against the machine's measured read
 first token (a fresh `lmcli run` process with the Numba cache present).
 
     python bench/compare.py [--model smollm2] [--gguf FILE] [--reps 5] [--decode 64] [--prefill 128]
+
+AVX2 figures on a machine that has AVX-512 (like for like): lmcli's kernels compiled for an AVX2 CPU and a
+llama.cpp built for AVX2 only, in its own venv, loaded through LLAMA_CPP_LIB_PATH:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+        -DGGML_AVX_VNNI=OFF" pip install --no-cache-dir llama-cpp-python          # in a second venv
+    NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx2,+fma,+f16c,+sse4.2,+popcnt,+avx NUMBA_CACHE_DIR=/tmp/nb-avx2 \
+        LLAMA_CPP_LIB_PATH=<that venv>/lib/python3.11/site-packages/llama_cpp/lib python bench/compare.py
+
+Both sides print the instruction set they run (lmcli's kernel path, llama.cpp's system info).
 """
 
 from __future__ import annotations
@@ -63,6 +73,16 @@ def kernel_gbs(threads: int, reps: int) -> list[float]:
             ts.append(time.perf_counter() - t)
         res.append(nbytes / med(ts) / 1e9)
     return res
+
+
+def describe() -> str:
+    """The instruction sets both sides were built for, for the report's first line."""
+    import llama_cpp
+
+    from quant.kernels import kernel_path
+
+    return (f"lmcli kernels: {kernel_path()['kernel_path']}; llama.cpp: "
+            f"{llama_cpp.llama_print_system_info().decode().strip()}")
 
 
 def bench_lmcli(model, threads, prompt_ids, n_decode):
@@ -149,7 +169,8 @@ def main():
     model = lmcli.load(a.model if not a.gguf else a.gguf, n_ctx=a.prefill + a.decode + 16)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(100, model.config.vocab_size - 100, a.prefill)]
-    results = {"model": a.model, "gguf": gguf, "reps": a.reps}
+    results = {"model": a.model, "gguf": gguf, "reps": a.reps, "isa": describe()}
+    print(results["isa"])
     for th in [int(t) for t in a.threads.split(",")]:
         llm = Llama(model_path=gguf, n_ctx=a.prefill + a.decode + 16, n_threads=th, n_threads_batch=th,
                     n_batch=512, logits_all=False, verbose=False)

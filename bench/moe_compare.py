@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import bench_llama, fmt, llama_no_repack, med, read_bandwidth  # noqa: E402
+from compare import bench_llama, describe, fmt, llama_no_repack, med, read_bandwidth  # noqa: E402
 
 SHAPES = {
     "small": dict(n_layer=8, n_embd=2048, n_ff_exp=5632, n_head=16, n_head_kv=4),
@@ -54,6 +54,7 @@ def main():
         print(f"wrote {lmc} ({lmc.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s")
     if not gguf.exists():
         export_gguf(lmc, gguf)
+    print(describe())
     numba.set_num_threads(a.threads)
     m = lmcli.load(str(lmc), n_ctx=a.prefill + a.decode + 16, threads=a.threads)
     tr = m.transformer

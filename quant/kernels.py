@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from llvmlite.binding import llvm_version_info
 from numba import njit, prange, types
 from numba.core import cgutils, config, errors
 from numba.extending import intrinsic
@@ -115,9 +114,6 @@ _VNNI = "avx512vnni" in _FEATURES and "avx512f" in _FEATURES
 _AVX512BW = "avx512bw" in _FEATURES
 _AVXVNNI = "avxvnni" in _FEATURES
 _AVX2 = "avx2" in _FEATURES
-# LLVM 21 retyped the VNNI word intrinsics' operands from i32 to i16 vectors; the old form still compiles for
-# the 512-bit one (auto-upgraded) but the 256-bit one falls back to vpmaddwd + vpaddd (seen with LLVM 22)
-_VNNI_I16 = llvm_version_info >= (21,)
 _F16C = "f16c" in _FEATURES
 
 
@@ -134,7 +130,7 @@ def kernel_path() -> dict:
             "half the vector width of AVX-512: decode near memory bandwidth on 2+ cores"
     elif _AVX2:
         name, madd, note = "avx2", "vpmaddwd + vpaddd, 256-bit (16 products per multiply-add)", \
-            "about 20 GB/s of weights per core (Zen 4 compiled for AVX2): bound by memory on 2+ fast cores, " \
+            "about 24 GB/s of weights per core (Zen 4 compiled for AVX2): bound by memory on 2+ fast cores, " \
             "by arithmetic on older or slower ones"
     else:
         name, madd, note = "portable", "plain vector IR lowered by LLVM for this CPU (NEON on ARM, SSE2 on x86-64)", \
@@ -184,17 +180,19 @@ def _pmadd(builder, acc, w, a):
 
     Named as x86 intrinsics where the CPU has them: one vpdpwssd (AVX-512 VNNI), vpmaddwd + vpaddd (AVX-512BW),
     two 256-bit vpdpwssd (AVX-VNNI: the VEX form of Intel client CPUs) or two 256-bit vpmaddwd + vpaddd (AVX2).
-    Written as plain IR (the last branch), LLVM's known-bits analysis sees the nibbles' zero high bits and splits
-    every multiply-add into two plus blends (1024 vpmaddwd + 512 vpblendw where 512 suffice, measured on the
-    AVX2 assembly); other CPUs (ARM, generic x86) get that plain IR, which LLVM lowers for their vectors."""
+    Written as plain pairwise IR, LLVM's known-bits analysis saw the nibbles' zero high bits and split every
+    multiply-add into two plus blends (1024 vpmaddwd + 512 vpblendw where 512 suffice, in the AVX2 assembly).
+    Other CPUs (ARM, generic x86) get the plain IR of the last branch, which LLVM lowers for their vectors
+    (pmaddwd on SSE2; NEON mla on 32-bit lanes, tests/test_quant.py compiles it for aarch64)."""
     v16, v32 = _vec(_I32, 16), _vec(_I16, 32)
     w16, a16 = builder.bitcast(w, v32), builder.bitcast(a, v32)
+    # vpdpwssd's multiplicands as i32 vectors, the form every LLVM knows (LLVM 22 declares i16 vectors and
+    # upgrades this form: the same code either way, checked)
     if _VNNI:
-        return _x86(builder, "llvm.x86.avx512.vpdpwssd.512", v16, acc, *((w16, a16) if _VNNI_I16 else (w, a)))
+        return _x86(builder, "llvm.x86.avx512.vpdpwssd.512", v16, acc, w, a)
     if _AVXVNNI:
         parts = [_x86(builder, "llvm.x86.avx512.vpdpwssd.256", _vec(_I32, 8), c, x, y)
-                 for c, x, y in zip(_halves(builder, acc), *(_halves(builder, v) for v in ((w16, a16) if _VNNI_I16
-                                                                                        else (w, a))))]
+                 for c, x, y in zip(_halves(builder, acc), _halves(builder, w), _halves(builder, a))]
         return _join(builder, *parts)
     if _AVX512BW:
         return builder.add(acc, _x86(builder, "llvm.x86.avx512.pmaddw.d.512", v16, w16, a16))
