@@ -20,6 +20,7 @@ Both sides print the instruction set they run (lmcli's kernel path, llama.cpp's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -73,6 +74,18 @@ def kernel_gbs(threads: int, reps: int) -> list[float]:
             ts.append(time.perf_counter() - t)
         res.append(nbytes / med(ts) / 1e9)
     return res
+
+
+@contextlib.contextmanager
+def busy_neighbours(n: int):
+    """n CPU-bound processes beside the measurement (a desktop with a browser or a build going), stopped after."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def describe() -> str:
@@ -157,7 +170,13 @@ def main():
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound neighbour processes running beside both engines")
     a = ap.parse_args()
+    with busy_neighbours(a.busy):
+        run(a)
+
+
+def run(a):
 
     import lmcli
     from lmcli.store import packaged_file
@@ -169,8 +188,8 @@ def main():
     model = lmcli.load(a.model if not a.gguf else a.gguf, n_ctx=a.prefill + a.decode + 16)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(100, model.config.vocab_size - 100, a.prefill)]
-    results = {"model": a.model, "gguf": gguf, "reps": a.reps, "isa": describe()}
-    print(results["isa"])
+    results = {"model": a.model, "gguf": gguf, "reps": a.reps, "isa": describe(), "busy": a.busy}
+    print(results["isa"] + (f"; {a.busy} busy neighbour process(es)" if a.busy else ""))
     for th in [int(t) for t in a.threads.split(",")]:
         llm = Llama(model_path=gguf, n_ctx=a.prefill + a.decode + 16, n_threads=th, n_threads_batch=th,
                     n_batch=512, logits_all=False, verbose=False)

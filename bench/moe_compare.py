@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import bench_llama, describe, fmt, llama_no_repack, med, read_bandwidth  # noqa: E402
+from compare import bench_llama, busy_neighbours, describe, fmt, llama_no_repack, med, read_bandwidth  # noqa: E402
 
 SHAPES = {
     "small": dict(n_layer=8, n_embd=2048, n_ff_exp=5632, n_head=16, n_head_kv=4),
@@ -36,7 +36,13 @@ def main():
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-repack", action="store_true", help="also run llama.cpp with its weights left in the mmap")
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound neighbour processes running beside both engines")
     a = ap.parse_args()
+    with busy_neighbours(a.busy):
+        run(a)
+
+
+def run(a):
 
     import numba
 
@@ -54,7 +60,7 @@ def main():
         print(f"wrote {lmc} ({lmc.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s")
     if not gguf.exists():
         export_gguf(lmc, gguf)
-    print(describe())
+    print(describe() + (f"; {a.busy} busy neighbour process(es)" if a.busy else ""))
     numba.set_num_threads(a.threads)
     m = lmcli.load(str(lmc), n_ctx=a.prefill + a.decode + 16, threads=a.threads)
     tr = m.transformer
