@@ -4,7 +4,9 @@ Legend: T tokens, n_in inputs, n_out outputs, tiles of TILE=64 output rows, grou
 Activations are quantized per group of 32 to int16 (not int8 as llama.cpp does): the integer products are
 pairwise int16 multiply-adds (vpdpwssd on AVX-512 VNNI, 32 products per instruction), which keeps the result
 within ~1e-5 of float math. int8 activations would allow vpdpbusd (64 per instruction): decode is bound by
-memory either way; prefill would gain, at the accuracy cost measured on SmolLM2 (top-1 flips). The per-group
+memory either way; prefill would gain (on AVX2 too: vpmaddubsw), at the accuracy cost measured on SmolLM2 by
+bench/act_precision.py (1000 tokens against transformers: max logit error 8.7e-2 vs 3.4e-4, top-1 96.5% vs 100%,
+mean KL 3.9e-3 vs 7e-8). The per-group
 float scale product is applied once per (row, group).
 """
 
