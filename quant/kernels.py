@@ -303,7 +303,7 @@ def _tile_codegen(kind, pf=PREFETCH):
             for o in range(0, cstride, 64) if pf else ():
                 _prefetch(builder, cp, pf + o)
             memo = {}
-            if _VNNI or _AVXVNNI:
+            if _VNNI:
                 part = [_splat32(0)] * 8  # two chains per 16-row chunk, to hide the fused multiply-add's latency
                 for j in range(16):
                     b = pair(j)
@@ -312,9 +312,11 @@ def _tile_codegen(kind, pf=PREFETCH):
                         part[c] = _pmadd(builder, part[c], lanes(builder, cp, j, k, memo), b)
                 accs = [builder.add(part[2 * k], part[2 * k + 1]) for k in range(4)]
             else:
-                # multiply and add are separate instructions: one chain per chunk (the add has 1 cycle latency),
-                # and each word used up before the next is loaded. Eight 512-bit chains (16 of AVX2's 16 ymm
-                # registers) spilled 96 vectors per group to the stack.
+                # one chain per chunk, each word used up before the next is loaded. Where multiply and add are
+                # separate instructions the add's 1-cycle latency needs no second chain; on 256-bit targets
+                # (AVX2, AVX-VNNI) eight 512-bit chains took all 16 ymm registers and spilled 96-128 vectors per
+                # group to the stack (AVX-VNNI: 688 -> 586 instructions per group, its 8 ymm chains of
+                # vpdpwssd are independent enough)
                 per = 4 if lanes is _lanes_q4 else 2  # pairs per 32-bit word
                 accs = [_splat32(0)] * 4
                 for u in range(16 // per):
