@@ -87,12 +87,20 @@ def _load(builder, p, off, t, n, align):
     return builder.load(builder.bitcast(q, _vec(t, n).as_pointer()), align=align)
 
 
+def _vcall(builder, name, *args, ret=None):
+    """A call of the LLVM intrinsic `name` on args, returning ret (default: the first argument's type)."""
+    fnty = ir.FunctionType(ret or args[0].type, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), list(args))
+
+
 def _fma(builder, a, b, c):
     """a * b + c on float vectors (llvm.fma; llvmlite's builder.fma takes scalars only)."""
-    n = a.type.count
-    fnty = ir.FunctionType(a.type, [a.type] * 3)
-    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.fma.v{n}f32")
-    return builder.call(fn, [a, b, c])
+    return _vcall(builder, f"llvm.fma.v{a.type.count}f32", a, b, c)
+
+
+def _bcast(builder, pp, j):
+    """<16 x i32> with every lane the int32 at pp[j] (one vpbroadcastd, or an {1to16} memory operand)."""
+    return _splat(builder, builder.load(builder.gep(pp, [_c64(j)])), _vec(_I32, 16))
 
 
 def _splat(builder, v, vt):
@@ -172,11 +180,6 @@ def _join(builder, lo, hi):
     return builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 2 * n), list(range(2 * n))))
 
 
-def _x86(builder, name, ret, *args):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, list(args))
-
-
 def _pmadd(builder, acc, w, a):
     """acc + pairwise int16 products of the int16 pairs in lanes w and a (16 x i32 each).
 
@@ -191,15 +194,15 @@ def _pmadd(builder, acc, w, a):
     # vpdpwssd's multiplicands as i32 vectors, the form every LLVM knows (LLVM 22 declares i16 vectors and
     # upgrades this form: the same code either way, checked)
     if _VNNI:
-        return _x86(builder, "llvm.x86.avx512.vpdpwssd.512", v16, acc, w, a)
+        return _vcall(builder, "llvm.x86.avx512.vpdpwssd.512", acc, w, a)
     if _AVXVNNI:
-        parts = [_x86(builder, "llvm.x86.avx512.vpdpwssd.256", _vec(_I32, 8), c, x, y)
+        parts = [_vcall(builder, "llvm.x86.avx512.vpdpwssd.256", c, x, y)
                  for c, x, y in zip(_halves(builder, acc), _halves(builder, w), _halves(builder, a))]
         return _join(builder, *parts)
     if _AVX512BW:
-        return builder.add(acc, _x86(builder, "llvm.x86.avx512.pmaddw.d.512", v16, w16, a16))
+        return builder.add(acc, _vcall(builder, "llvm.x86.avx512.pmaddw.d.512", w16, a16, ret=v16))
     if _AVX2:
-        parts = [_x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), x, y)
+        parts = [_vcall(builder, "llvm.x86.avx2.pmadd.wd", x, y, ret=_vec(_I32, 8))
                  for x, y in zip(_halves(builder, w16), _halves(builder, a16))]
         return builder.add(acc, _join(builder, *parts))
     # each 32-bit lane's int16 halves sign-extended in place by shifts (no even/odd shuffles, which NEON lowers
@@ -286,7 +289,7 @@ def _tile_codegen(kind, pf=PREFETCH):
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xp, xoff, xd, xs, xgoff, out = args
         ta = sig.args
-        fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
+        fvec = _vec(_F32, 16)
         accp = [cgutils.alloca_once(builder, fvec) for _ in range(4)]
         for p in accp:
             builder.store(ir.Constant(fvec, [0.0] * 16), p)
@@ -295,18 +298,15 @@ def _tile_codegen(kind, pf=PREFETCH):
             cp = _ptr(context, builder, ta[0], codes, builder.add(cb, builder.mul(g, _c64(cstride))), _I8)
             pp = _ptr(context, builder, ta[5], xp, builder.add(xoff, builder.mul(g, _c64(16))), _I32)
             sp = _ptr(context, builder, ta[2], sc, builder.add(sb, builder.mul(g, _c64(nsc * 64))), _I16)
-            # activation pair j broadcast from memory (vpbroadcastd / an {1to16} operand): no shuffles, and no
-            # shuffle-index vectors to keep in registers (on AVX2 they were spilled to the stack)
-            def pair(j):
-                return _splat(builder, builder.load(builder.gep(pp, [_c64(j)])), ivec)
-
+            # activation pair j broadcast from memory (_bcast): no shuffles, and no shuffle-index vectors to keep
+            # in registers (on AVX2 they were spilled to the stack)
             for o in range(0, cstride, 64) if pf else ():
                 _prefetch(builder, cp, pf + o)
             memo = {}
             if _VNNI:
                 part = [_splat32(0)] * 8  # two chains per 16-row chunk, to hide the fused multiply-add's latency
                 for j in range(16):
-                    b = pair(j)
+                    b = _bcast(builder, pp, j)
                     for k in range(4):
                         c = 2 * k + j % 2
                         part[c] = _pmadd(builder, part[c], lanes(builder, cp, j, k, memo), b)
@@ -320,7 +320,7 @@ def _tile_codegen(kind, pf=PREFETCH):
                 per = 4 if lanes is _lanes_q4 else 2  # pairs per 32-bit word
                 accs = [_splat32(0)] * 4
                 for u in range(16 // per):
-                    bs = [pair(j) for j in range(u * per, (u + 1) * per)]
+                    bs = [_bcast(builder, pp, j) for j in range(u * per, (u + 1) * per)]
                     for k in range(4):
                         for sft in range(per):
                             accs[k] = _pmadd(builder, accs[k], lanes(builder, cp, u * per + sft, k, memo), bs[sft])
@@ -377,7 +377,7 @@ def _rows_codegen(kind):
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xp, rows, xd, xs, acc = args
         ta = sig.args
-        fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
+        fvec = _vec(_F32, 16)
         rows_arr = context.make_array(ta[6])(context, builder, rows)
         nr = builder.extract_value(rows_arr.shape, 0)
         with cgutils.for_range(builder, ng) as gl:
@@ -396,7 +396,7 @@ def _rows_codegen(kind):
                     pp = _ptr(context, builder, ta[5], xp, builder.mul(gi, _c64(16)), _I32)
                     part = [_splat32(0)] * 4  # four independent chains: a multiply-add has ~5 cycles latency
                     for j in range(16):
-                        b = _splat(builder, builder.load(builder.gep(pp, [_c64(j)])), ivec)
+                        b = _bcast(builder, pp, j)
                         part[j % 4] = _pmadd(builder, part[j % 4], w[j], b)
                     isum = builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
                     dx = _splat(builder, builder.load(_ptr(context, builder, ta[7], xd, gi, _F32)), fvec)
@@ -693,11 +693,6 @@ _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.
 
 def _fconst(v, n=16):
     return ir.Constant(_vec(_F32, n), [v] * n)
-
-
-def _vcall(builder, name, *args):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(args[0].type, [a.type for a in args]), name)
-    return builder.call(fn, list(args))
 
 
 def _exp16(builder, x):
