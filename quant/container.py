@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ContainerError
-from .formats import ALIGN, FORMATS, GROUP, TILE, Format, align_up, matrix_parts
+from .formats import ALIGN, F32, FORMATS, GROUP, TILE, Format, align_up, matrix_parts
 
 MAGIC = b"LMCLIWT\x00"
 VERSION = 2  # 2: codes in the word layout of quantize._tile_words (1: GGUF's code bytes, one per row and column)
@@ -54,7 +54,7 @@ class TensorInfo:
 def expected_nbytes(fmt: Format, shape: tuple[int, ...]) -> int:
     """Bytes of one matrix (or vector) of this shape and format; raises ContainerError if not storable."""
     if len(shape) == 1:
-        if fmt.name != "f32":
+        if fmt is not F32:
             raise ContainerError(f"vector tensors are stored as f32, not {fmt.name}")
         return 4 * shape[0]
     n_out, n_in = shape[-2], shape[-1]
@@ -270,14 +270,7 @@ def matrix_views(buf: np.ndarray, off: int, fmt: Format, n_out: int, n_in: int) 
     cb, sb = matrix_parts(fmt, n_out, n_in)
     raw_c = buf[off : off + cb]
     raw_s = buf[off + cb : off + cb + sb]
-    if fmt.name == "f32":
-        codes = raw_c.view(np.float32).reshape(n_tiles, n_in, TILE)
-    elif fmt.name == "f16":
-        codes = raw_c.view(np.uint16).reshape(n_tiles, n_in, TILE)
-    elif fmt.name == "q8_0":
-        codes = raw_c.view(np.int8).reshape(n_tiles, n_groups, GROUP, TILE)
-    else:
-        codes = raw_c.reshape(n_tiles, n_groups, GROUP // 2, TILE)
+    codes = raw_c.view(fmt.code_dtype).reshape(fmt.codes_shape(n_out, n_in))
     scales = (raw_s.view(np.uint16).reshape(n_tiles, n_groups, fmt.scale_count, TILE) if sb
               else np.zeros((0, 1, 1, TILE), np.uint16))
     return codes, scales

@@ -1,8 +1,10 @@
-"""Weight formats: block semantics (GGUF's) and the interleaved on-disk layout the kernels read."""
+"""Weight formats: each one an object owning its geometry, reference codec, kernels and GGUF mapping."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from functools import cached_property
 
 # Rows of a matrix are stored in tiles of TILE output rows. Inside a tile, for each 32-weight group,
 # the codes of all TILE rows sit side by side so that the kernel's inner loop runs over rows with unit stride
@@ -15,20 +17,69 @@ ALIGN = 4096  # every tensor and every expert bundle starts on a page boundary
 
 @dataclass(frozen=True)
 class Format:
-    """One weight format: its name, GGUF type id, and bytes per group in each array."""
+    """One weight format and everything that depends on which format it is: geometry, the numpy reference codec,
+    the kernel entry points and the GGUF mapping. Code elsewhere asks the format, never tests its name, so a new
+    format (K-quants, IQ) is one definition here plus its codec (quant.quantize) and kernels (quant.kernels).
+
+    The codec and the matmul are named, not imported: they are resolved on first use, so importing this module
+    loads neither numpy nor Numba (kernels compile lazily on their first call).
+    """
 
     name: str
-    gguf_type: int  # gguf.GGMLQuantizationType value of the equivalent block format
+    gguf_type: int  # gguf.GGMLQuantizationType of the equivalent GGUF tensor (import and export)
+    file_type: int  # llama_ftype (general.file_type) of a GGUF file whose matrices are mostly in this format
     code_bytes: int  # bytes of codes per group of GROUP weights of one row
     scale_count: int  # fp16 scale values per group of one row (d, or d and m)
     quantized: bool
+    bits: float  # bits per weight, scales included (precision policies compare it: "embeddings at least 8-bit")
+    block_size: int  # weights per block in GGUF's row-major data (1 for float formats), as gguf.GGML_QUANT_SIZES
+    block_bytes: int  # bytes per block
+    code_dtype: str  # numpy dtype of the interleaved codes as the kernels read them
+    codec_name: str  # the numpy reference codec: a quant.quantize.Codec
+    matmul_name: str  # quant.kernels entry for a batch of activations (see int_act for its arguments)
+    int_act: bool  # the matmul takes int16 activations (codes, scales, xq, xd, xs, out), else (codes, x, out)
+    kind: int  # the format's id in the kernels that take any format (embed_rows, moe_*): its GGUF type id
+    expert_rows: bool  # moe_*_rows (prefill: codes unpacked once for all of an expert's tokens) take this kind
+
+    @cached_property
+    def codec(self):
+        """-> quant.quantize.Codec."""
+        return getattr(importlib.import_module("quant.quantize"), self.codec_name)
+
+    @cached_property
+    def matmul(self):
+        return getattr(importlib.import_module("quant.kernels"), self.matmul_name)
+
+    def codes_shape(self, n_out: int, n_in: int) -> tuple[int, ...]:
+        """Shape of a matrix's interleaved codes (in code_dtype): per group for block formats, per element for
+        float formats (the tile layout of quant.quantize)."""
+        n_tiles = (n_out + TILE - 1) // TILE
+        if not self.quantized:
+            return (n_tiles, n_in, TILE)
+        return (n_tiles, n_in // GROUP, self.code_bytes // _ITEMSIZE[self.code_dtype], TILE)
+
+    def row_nbytes(self, n_in: int) -> int:
+        """Bytes of one row of n_in weights in GGUF's row-major data."""
+        return n_in // self.block_size * self.block_bytes
 
 
-F32 = Format("f32", 0, 4 * GROUP, 0, False)
-F16 = Format("f16", 1, 2 * GROUP, 0, False)
-Q4_0 = Format("q4_0", 2, GROUP // 2, 1, True)
-Q4_1 = Format("q4_1", 3, GROUP // 2, 2, True)
-Q8_0 = Format("q8_0", 8, GROUP, 1, True)
+_ITEMSIZE = {"uint8": 1, "int8": 1, "uint16": 2, "float32": 4}
+
+F32 = Format("f32", gguf_type=0, file_type=0, code_bytes=4 * GROUP, scale_count=0, quantized=False, bits=32,
+             block_size=1, block_bytes=4, code_dtype="float32", codec_name="F32_CODEC", matmul_name="matmul_f32",
+             int_act=False, kind=0, expert_rows=False)
+F16 = Format("f16", gguf_type=1, file_type=1, code_bytes=2 * GROUP, scale_count=0, quantized=False, bits=16,
+             block_size=1, block_bytes=2, code_dtype="uint16", codec_name="F16_CODEC", matmul_name="matmul_f16",
+             int_act=False, kind=1, expert_rows=False)
+Q4_0 = Format("q4_0", gguf_type=2, file_type=2, code_bytes=GROUP // 2, scale_count=1, quantized=True, bits=4.5,
+              block_size=GROUP, block_bytes=18, code_dtype="uint8", codec_name="Q4_0_CODEC", matmul_name="matmul_q4",
+              int_act=True, kind=2, expert_rows=True)
+Q4_1 = Format("q4_1", gguf_type=3, file_type=3, code_bytes=GROUP // 2, scale_count=2, quantized=True, bits=5,
+              block_size=GROUP, block_bytes=20, code_dtype="uint8", codec_name="Q4_1_CODEC", matmul_name="matmul_q4",
+              int_act=True, kind=3, expert_rows=True)
+Q8_0 = Format("q8_0", gguf_type=8, file_type=7, code_bytes=GROUP, scale_count=1, quantized=True, bits=8.5,
+              block_size=GROUP, block_bytes=34, code_dtype="int8", codec_name="Q8_0_CODEC", matmul_name="matmul_q8",
+              int_act=True, kind=8, expert_rows=True)
 
 FORMATS = {f.name: f for f in (F32, F16, Q4_0, Q4_1, Q8_0)}
 BY_GGUF_TYPE = {f.gguf_type: f for f in FORMATS.values()}

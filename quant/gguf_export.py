@@ -13,8 +13,8 @@ import numpy as np
 
 from .container import Container
 from .errors import GGUFError
-from .formats import F16, F32, GROUP, Format
-from .quantize import BLOCK_BYTES, deinterleave, dequantize_blocks
+from .formats import F16, F32, FORMATS, Format
+from .quantize import deinterleave, dequantize_blocks
 
 # Block-format weights leave exactly as stored (deinterleave gives back GGUF's row-major blocks), so an imported
 # GGUF exports to the same tensor bytes and llama.cpp runs the very weights lmcli runs. What llama.cpp fixes per
@@ -64,9 +64,6 @@ FIXED_ROUTING = {
     "olmoe": {"router": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "router_bias": False},
 }
 
-# llama_ftype of a file whose weights are mostly in one format.
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}
-
 # GGUF token types (llama_token_type).
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
@@ -84,7 +81,7 @@ class _Tensor:
     """One GGUF tensor to write: its type, logical shape (outermost first), size, and a chunk producer."""
 
     name: str
-    ggml_type: int  # gguf.GGMLQuantizationType value
+    fmt: Format  # its GGUF type is fmt.gguf_type
     shape: tuple[int, ...]  # numpy order: (n_expert, n_out, n_in) / (n_out, n_in) / (n,)
     nbytes: int
     chunks: Callable[[], Iterator[np.ndarray]]  # yields the data in file order, one piece at a time
@@ -270,10 +267,10 @@ def _file_type(c: Container) -> int:
     scheme = quant.get("scheme", quant.get("type"))
     if isinstance(scheme, int) and not isinstance(scheme, bool):
         return scheme
-    if isinstance(scheme, str) and scheme.lower() in FILE_TYPES:
-        return FILE_TYPES[scheme.lower()]
-    counts = Counter(t.fmt.name for t in c.tensors.values() if len(t.shape) > 1)
-    return FILE_TYPES[counts.most_common(1)[0][0]] if counts else 0
+    if isinstance(scheme, str) and scheme.lower() in FORMATS:
+        return FORMATS[scheme.lower()].file_type
+    counts = Counter(t.fmt for t in c.tensors.values() if len(t.shape) > 1)
+    return counts.most_common(1)[0][0].file_type if counts else F32.file_type
 
 
 # --- tokenizer -------------------------------------------------------------------------------
@@ -397,7 +394,7 @@ def _plan_tensors(c: Container, cfg: dict, arch: str) -> list[_Tensor]:
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3" and "rope_freqs.weight" not in c.tensors:
         freqs = _llama3_rope_freqs(cfg)
-        out.append(_Tensor("rope_freqs.weight", 0, freqs.shape, freqs.nbytes, lambda: iter([freqs])))
+        out.append(_Tensor("rope_freqs.weight", F32, freqs.shape, freqs.nbytes, lambda: iter([freqs])))
     return out
 
 
@@ -409,7 +406,7 @@ def _tensor(c: Container, src: str, name: str, rows: np.ndarray | None) -> _Tens
         raise GGUFError(f"{src} has shape {t.shape}, which does not fit the model config's head layout")
     n_out = n_src if rows is None else len(rows)
     if len(t.shape) == 1:
-        return _Tensor(name, 0, (n_out,), 4 * n_out, lambda: iter([_vec(c, src, rows)]))
+        return _Tensor(name, F32, (n_out,), 4 * n_out, lambda: iter([_vec(c, src, rows)]))
     n_in = t.shape[-1]
     n_expert = t.shape[0] if len(t.shape) == 3 else 0
     shape = (*t.shape[:-2], n_out, n_in)
@@ -420,7 +417,7 @@ def _tensor(c: Container, src: str, name: str, rows: np.ndarray | None) -> _Tens
             raw = deinterleave(*c.matrix(src, e if n_expert else None), fmt, n_src, n_in)
             yield raw if rows is None else raw[rows]
 
-    return _Tensor(name, fmt.gguf_type, shape, _nbytes(fmt, shape), chunks)
+    return _Tensor(name, fmt, shape, _nbytes(fmt, shape), chunks)
 
 
 def _vec(c: Container, name: str, rows: np.ndarray | None) -> np.ndarray:
@@ -429,10 +426,7 @@ def _vec(c: Container, name: str, rows: np.ndarray | None) -> np.ndarray:
 
 
 def _nbytes(fmt: Format, shape: tuple[int, ...]) -> int:
-    n_rows = int(np.prod(shape[:-1]))
-    if fmt.quantized:
-        return n_rows * shape[-1] // GROUP * BLOCK_BYTES[fmt.name]
-    return n_rows * shape[-1] * (4 if fmt is F32 else 2)
+    return int(np.prod(shape[:-1])) * fmt.row_nbytes(shape[-1])
 
 
 def _rope_permutations(cfg: dict, arch: str) -> dict[str, np.ndarray]:
@@ -515,17 +509,14 @@ def _split_kv_b(c: Container, t, cfg: dict) -> list[_Tensor]:
 
     def k_chunks():
         r = raw()[:, :nope]  # (n_head, nope, kv_lora)
-        if fmt.quantized:
-            k = dequantize_blocks(r, fmt, kv_lora).astype(np.float16 if k_fmt is F16 else np.float32)
-        else:
-            k = r
+        k = k_fmt.codec.encode(dequantize_blocks(r, fmt, kv_lora)) if fmt.quantized else r
         yield np.ascontiguousarray(k.transpose(0, 2, 1))
 
     base = t.name[: -len("attn_kv_b.weight")]
     k_shape, v_shape = (n_head, kv_lora, nope), (n_head, v_dim, kv_lora)
     return [
-        _Tensor(base + "attn_k_b.weight", k_fmt.gguf_type, k_shape, _nbytes(k_fmt, k_shape), k_chunks),
-        _Tensor(base + "attn_v_b.weight", fmt.gguf_type, v_shape, _nbytes(fmt, v_shape),
+        _Tensor(base + "attn_k_b.weight", k_fmt, k_shape, _nbytes(k_fmt, k_shape), k_chunks),
+        _Tensor(base + "attn_v_b.weight", fmt, v_shape, _nbytes(fmt, v_shape),
                 lambda: iter([np.ascontiguousarray(raw()[:, nope:])])),
     ]
 
@@ -542,12 +533,11 @@ def _write(out: Path, arch: str, add_metadata: Callable, tensors: list[_Tensor])
     try:
         add_metadata(w)
         for t in tensors:
-            qt = GGMLQuantizationType(t.ggml_type)
-            if t.ggml_type in (0, 1):
-                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32 if t.ggml_type == 0 else np.float16), t.nbytes)
-            else:  # block formats are described by their byte shape, as GGUFWriter.add_tensor takes them
-                byte_shape = (*t.shape[:-1], t.shape[-1] // GROUP * BLOCK_BYTES[qt.name.lower()])
-                w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=qt)
+            # described by its byte shape and type, as GGUFWriter.add_tensor takes block formats (for F32/F16 the
+            # writer divides the byte shape back to the same element shape)
+            byte_shape = (*t.shape[:-1], t.fmt.row_nbytes(t.shape[-1]))
+            w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes,
+                              raw_dtype=GGMLQuantizationType(t.fmt.gguf_type))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

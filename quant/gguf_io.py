@@ -9,8 +9,8 @@ import numpy as np
 
 from .container import ContainerWriter
 from .errors import GGUFError, QuantError
-from .formats import BY_GGUF_TYPE, F32, GROUP
-from .quantize import BLOCK_BYTES, interleave
+from .formats import BY_GGUF_TYPE, F32, FORMATS, GROUP
+from .quantize import interleave
 
 SUPPORTED_ARCHS = ("llama",)
 _TOKENIZER_KEYS = {
@@ -223,7 +223,7 @@ def _tensor_plan(reader, path: Path, size: int):
         if fmt is None:
             raise GGUFError(
                 f"{path}: tensor {t.name} has type {t.tensor_type.name}, which lmcli cannot import "
-                "(supported: F32, F16, Q4_0, Q4_1, Q8_0)"
+                f"(supported: {', '.join(f.name.upper() for f in FORMATS.values())})"
             )
         dims = [int(d) for d in t.shape]  # GGUF order: ne0 (row length) first
         while len(dims) > 1 and dims[-1] == 1:
@@ -243,7 +243,7 @@ def _tensor_plan(reader, path: Path, size: int):
             n_expert = dims[2] if len(dims) == 3 else 1
             if n_in % GROUP:
                 raise GGUFError(f"{path}: tensor {t.name} row length {n_in} is not a multiple of {GROUP}")
-            row = n_in // GROUP * BLOCK_BYTES[fmt.name] if fmt.quantized else n_in * (4 if fmt is F32 else 2)
+            row = fmt.row_nbytes(n_in)
             if int(t.n_bytes) != n_expert * n_out * row:
                 raise GGUFError(f"{path}: tensor {t.name} holds {t.n_bytes} bytes, its shape needs {n_expert * n_out * row}")
             shape = (n_expert, n_out, n_in) if len(dims) == 3 else (n_out, n_in)

@@ -636,7 +636,8 @@ def matmul_rows(w, x, out):
 def embed_rows(codes, scales, kind, ids, out):
     """Dequantize rows `ids` of an interleaved matrix into out (len(ids), n_in).
 
-    kind: 0 f32, 1 f16, 2 q4_0, 3 q4_1, 8 q8_0 (GGUF type ids). For f16/f32 `codes` is passed as uint8 bytes.
+    kind: quant.formats.Format.kind (0 f32, 1 f16, 2 q4_0, 3 q4_1, 8 q8_0: GGUF type ids). For f16/f32 `codes` is
+    passed as uint8 bytes.
     """
     n_in = out.shape[1]
     n_groups = n_in // GROUP
@@ -747,9 +748,8 @@ def silu_mul(g, u, out):
 # --- routed experts ---------------------------------------------------------------------------------
 # Expert matrices are addressed inside one flat view of the container (buf8/buf16/buf32 are uint8, uint16
 # and float32 views of the same bytes) by per-expert byte offsets of their codes and scales, so that one
-# parallel call covers every selected expert's tiles: Python never loops over experts.
-
-KIND = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
+# parallel call covers every selected expert's tiles: Python never loops over experts. `kind` is the weight
+# format's id (quant.formats.Format.kind: its GGUF type id).
 
 
 @njit(cache=True, inline="always")

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import F16, F32, GROUP, Q4_0, Q4_1, Q8_0, TILE, Format
+from collections.abc import Callable
+from dataclasses import dataclass
 
-BLOCK_BYTES = {Q4_0.name: 18, Q4_1.name: 20, Q8_0.name: 34}
+from .formats import GROUP, TILE, Format
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A format's numpy reference (formats.Format.codec): GGUF row-major data <-> float32, and its codes <->
+    the tile layout. encode(x (..., n)) -> data (..., n // GROUP * block_bytes bytes, or n elements of a float
+    format); decode(data, n) -> float32 (..., n); tile/untile: see interleave (None for float formats, whose
+    elements are transposed, not packed)."""
+
+    encode: Callable[[np.ndarray], np.ndarray]
+    decode: Callable[[np.ndarray, int], np.ndarray]
+    tile: Callable[[np.ndarray], np.ndarray] | None = None
+    untile: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
@@ -31,59 +45,84 @@ def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1)
 
 
+def _rows_of_blocks(out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Blocks (N, block_bytes) of rows of `shape` -> (..., n // GROUP * block_bytes)."""
+    return out.reshape(*shape[:-1], shape[-1] // GROUP * out.shape[1])
+
+
+def _encode_q4_0(x: np.ndarray) -> np.ndarray:
+    # quantize_row_q4_0_ref: d = max / -8 where max is the signed value of largest magnitude.
+    b = _blocks(x)
+    imax = np.abs(b).argmax(axis=1)[:, None]
+    mx = np.take_along_axis(b, imax, axis=1)
+    d = mx / np.float32(-8)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+    q = np.trunc(b * inv + np.float32(8.5)).astype(np.float32)
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    return _rows_of_blocks(np.concatenate([d.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1), x.shape)
+
+
+def _encode_q4_1(x: np.ndarray) -> np.ndarray:
+    # quantize_row_q4_1_ref: d = (max - min) / 15, m = min.
+    b = _blocks(x)
+    lo = b.min(axis=1, keepdims=True)
+    hi = b.max(axis=1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+    q = np.trunc((b - lo) * inv + np.float32(0.5)).astype(np.float32)
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    out = np.concatenate(
+        [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1
+    )
+    return _rows_of_blocks(out, x.shape)
+
+
+def _encode_q8_0(x: np.ndarray) -> np.ndarray:
+    # quantize_row_q8_0_ref: d = amax / 127, q = roundf(x / d) (half away from zero).
+    b = _blocks(x)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+    v = b * inv
+    a = np.abs(v)
+    fl = np.floor(a)  # roundf without the float error of floor(a + 0.5)
+    q = (np.sign(v) * (fl + np.floor(np.float32(2) * (a - fl)))).astype(np.int8)
+    return _rows_of_blocks(np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1), x.shape)
+
+
+def _block_rows(raw: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(..., n_blocks * block_bytes) bytes -> (blocks (N, block_bytes), d (N, 1) float32)."""
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, block_bytes)
+    return b, b[:, 0:2].copy().view(np.float16).astype(np.float32)
+
+
+def _decode_q4_0(raw: np.ndarray, n: int) -> np.ndarray:
+    b, d = _block_rows(raw, 18)
+    return (d * (_unpack_nibbles(b[:, 2:]).astype(np.float32) - 8)).reshape(*raw.shape[:-1], n)
+
+
+def _decode_q4_1(raw: np.ndarray, n: int) -> np.ndarray:
+    b, d = _block_rows(raw, 20)
+    m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (d * _unpack_nibbles(b[:, 4:]).astype(np.float32) + m).reshape(*raw.shape[:-1], n)
+
+
+def _decode_q8_0(raw: np.ndarray, n: int) -> np.ndarray:
+    b, d = _block_rows(raw, 34)
+    return (d * b[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(*raw.shape[:-1], n)
+
+
 def quantize_blocks(x: np.ndarray, fmt: Format) -> np.ndarray:
     """Quantize rows of x (..., n) into GGUF block bytes (..., n // 32 * block_bytes), as llama.cpp's reference."""
-    shape = x.shape
-    b = _blocks(x)
-    if fmt is Q4_0:
-        # quantize_row_q4_0_ref: d = max / -8 where max is the signed value of largest magnitude.
-        imax = np.abs(b).argmax(axis=1)[:, None]
-        mx = np.take_along_axis(b, imax, axis=1)
-        d = mx / np.float32(-8)
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
-        q = np.trunc(b * inv + np.float32(8.5)).astype(np.float32)
-        q = np.clip(q, 0, 15).astype(np.uint8)
-        out = np.concatenate([d.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1)
-    elif fmt is Q4_1:
-        # quantize_row_q4_1_ref: d = (max - min) / 15, m = min.
-        lo = b.min(axis=1, keepdims=True)
-        hi = b.max(axis=1, keepdims=True)
-        d = (hi - lo) / np.float32(15)
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
-        q = np.trunc((b - lo) * inv + np.float32(0.5)).astype(np.float32)
-        q = np.clip(q, 0, 15).astype(np.uint8)
-        out = np.concatenate(
-            [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1
-        )
-    elif fmt is Q8_0:
-        # quantize_row_q8_0_ref: d = amax / 127, q = roundf(x / d) (half away from zero).
-        d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
-        v = b * inv
-        a = np.abs(v)
-        fl = np.floor(a)  # roundf without the float error of floor(a + 0.5)
-        q = (np.sign(v) * (fl + np.floor(np.float32(2) * (a - fl)))).astype(np.int8)
-        out = np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
-    else:
+    if not fmt.quantized:
         raise ValueError(f"{fmt.name} is not a block format")
-    return out.reshape(*shape[:-1], shape[-1] // GROUP * BLOCK_BYTES[fmt.name])
+    return fmt.codec.encode(x)
 
 
 def dequantize_blocks(raw: np.ndarray, fmt: Format, n: int) -> np.ndarray:
     """GGUF block bytes (..., n // 32 * block_bytes) -> float32 (..., n)."""
-    lead = raw.shape[:-1]
-    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, BLOCK_BYTES[fmt.name])
-    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
-    if fmt is Q4_0:
-        w = d * (_unpack_nibbles(b[:, 2:]).astype(np.float32) - 8)
-    elif fmt is Q4_1:
-        m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
-        w = d * _unpack_nibbles(b[:, 4:]).astype(np.float32) + m
-    elif fmt is Q8_0:
-        w = d * b[:, 2:].copy().view(np.int8).astype(np.float32)
-    else:
+    if not fmt.quantized:
         raise ValueError(f"{fmt.name} is not a block format")
-    return w.reshape(*lead, n)
+    return fmt.codec.decode(raw, n)
 
 
 # --- interleaved layout -------------------------------------------------------------------------
@@ -107,16 +146,15 @@ def interleave(raw: np.ndarray, fmt: Format, n_out: int, n_in: int) -> tuple[np.
     """
     n_tiles = (n_out + TILE - 1) // TILE
     n_groups = n_in // GROUP
-    if fmt is F16 or fmt is F32:
-        dt = np.uint16 if fmt is F16 else np.float32
-        a = _pad_rows(np.ascontiguousarray(raw).view(dt).reshape(n_out, n_in), n_tiles)
+    if not fmt.quantized:
+        a = _pad_rows(np.ascontiguousarray(raw).view(fmt.code_dtype).reshape(n_out, n_in), n_tiles)
         codes = np.ascontiguousarray(a.reshape(n_tiles, TILE, n_in).transpose(0, 2, 1))
         return codes, np.zeros((0, 1, 1, TILE), np.uint16)  # no scales; 4-D so kernels type uniformly
-    bb = BLOCK_BYTES[fmt.name]
+    bb = fmt.block_bytes
     b = _pad_rows(np.ascontiguousarray(raw, dtype=np.uint8).reshape(n_out, n_groups, bb), n_tiles)
     b = b.reshape(n_tiles, TILE, n_groups, bb)
     hdr = 2 * fmt.scale_count
-    codes = (_q8_tile if fmt is Q8_0 else _q4_tile)(b[..., hdr:])  # (n_tiles, n_groups, code_bytes, TILE)
+    codes = fmt.codec.tile(b[..., hdr:])  # (n_tiles, n_groups, code_bytes, TILE)
     sc = np.ascontiguousarray(b[..., :hdr]).view(np.uint16)  # (n_tiles, TILE, n_groups, scale_count)
     scales = np.ascontiguousarray(sc.transpose(0, 2, 3, 1))  # (n_tiles, n_groups, scale_count, TILE)
     return codes, scales
@@ -180,10 +218,10 @@ def _q8_rows(codes: np.ndarray) -> np.ndarray:
 def deinterleave(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int, n_in: int) -> np.ndarray:
     """Inverse of interleave: back to row-major GGUF data (bytes for block formats)."""
     n_tiles = codes.shape[0]
-    if fmt is F16 or fmt is F32:
+    if not fmt.quantized:
         a = codes.transpose(0, 2, 1).reshape(n_tiles * TILE, n_in)[:n_out]
         return np.ascontiguousarray(a)
-    c = (_q8_rows if fmt is Q8_0 else _q4_rows)(codes)  # (n_tiles, TILE, n_groups, code_bytes)
+    c = fmt.codec.untile(codes)  # (n_tiles, TILE, n_groups, code_bytes)
     s = scales.transpose(0, 3, 1, 2).copy().view(np.uint8)  # (n_tiles, TILE, n_groups, 2 * scale_count)
     b = np.concatenate([s, c], axis=-1).reshape(n_tiles * TILE, -1)[:n_out]
     return np.ascontiguousarray(b)
@@ -191,21 +229,22 @@ def deinterleave(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int,
 
 def dequantize_interleaved(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int, n_in: int) -> np.ndarray:
     """Reference dequantization of an interleaved matrix -> float32 (n_out, n_in)."""
-    raw = deinterleave(codes, scales, fmt, n_out, n_in)
-    if fmt is F32:
-        return raw.astype(np.float32)
-    if fmt is F16:
-        return raw.view(np.float16).astype(np.float32)
-    return dequantize_blocks(raw, fmt, n_in)
+    return fmt.codec.decode(deinterleave(codes, scales, fmt, n_out, n_in), n_in)
 
 
 def quantize_matrix(w: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
     """float matrix (n_out, n_in) -> interleaved (codes, scales) in fmt."""
     n_out, n_in = w.shape
-    if fmt is F32:
-        raw = np.ascontiguousarray(w, dtype=np.float32)
-    elif fmt is F16:
-        raw = np.ascontiguousarray(w, dtype=np.float32).astype(np.float16).view(np.uint16)
-    else:
-        raw = quantize_blocks(w, fmt)
-    return interleave(raw, fmt, n_out, n_in)
+    return interleave(fmt.codec.encode(w), fmt, n_out, n_in)
+
+
+# --- the codec of each format (formats.Format.codec_name) ----------------------------------------------
+
+
+F32_CODEC = Codec(encode=lambda x: np.ascontiguousarray(x, dtype=np.float32),
+                  decode=lambda raw, n: raw.astype(np.float32))
+F16_CODEC = Codec(encode=lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16),
+                  decode=lambda raw, n: raw.view(np.float16).astype(np.float32))
+Q4_0_CODEC = Codec(_encode_q4_0, _decode_q4_0, _q4_tile, _q4_rows)
+Q4_1_CODEC = Codec(_encode_q4_1, _decode_q4_1, _q4_tile, _q4_rows)
+Q8_0_CODEC = Codec(_encode_q8_0, _decode_q8_0, _q8_tile, _q8_rows)

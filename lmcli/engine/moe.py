@@ -124,7 +124,7 @@ def _experts(b8, b16, b32, offs, kind, ex, sel, tok_ptr, tok_idx, a, hb, y) -> N
     xq, xd, xs = a.quantized()
     (gc, gs), (uc, us), (dc, ds) = offs["gate"], offs["up"], offs["down"]
     # prefill (an expert with several tokens) of integer formats takes the kernels that reuse unpacked codes
-    batched = a.x.shape[0] > 1 and ex.fmt in ("q4_0", "q4_1", "q8_0")
+    batched = a.x.shape[0] > 1 and ex.fmt.expert_rows
     a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])  # this call's assignments
     if batched:
         kernels.moe_gate_up_rows(b8, b16, kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
@@ -158,7 +158,7 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
     sel, tok_ptr, tok_idx, order = kernels.group_by_expert(ids, ff.experts.n_expert)
     wsort = wts.reshape(-1)[order]
     ex = ff.experts
-    kind = kernels.KIND[ex.fmt]
+    kind = ex.fmt.kind
     hb = np.empty((len(flat_e), ex.n_ff), np.float32)
     y = np.empty((len(flat_e), ex.n_embd), np.float32)
     if cache is None:

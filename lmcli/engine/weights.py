@@ -9,7 +9,7 @@ import numpy as np
 from quant import kernels
 from quant.container import Container
 from quant.errors import ContainerError
-from quant.formats import TILE, matrix_parts
+from quant.formats import TILE, Format, matrix_parts
 
 from ..errors import ModelFileError
 from .config import ModelConfig
@@ -38,18 +38,17 @@ class Act:
 class Linear:
     """One (n_out, n_in) matrix in the interleaved layout; `y = lin(act)` computes act.x @ W.T (+ bias)."""
 
-    def __init__(self, name: str, fmt_name: str, codes: np.ndarray, scales: np.ndarray, n_out: int, n_in: int,
+    def __init__(self, name: str, fmt: Format, codes: np.ndarray, scales: np.ndarray, n_out: int, n_in: int,
                  bias: np.ndarray | None = None):
-        self.name, self.fmt, self.codes, self.scales = name, fmt_name, codes, scales
+        self.name, self.fmt, self.codes, self.scales = name, fmt, codes, scales
         self.n_out, self.n_in = n_out, n_in
         self.bias = bias  # (n_out,) or None
         self.nbytes = codes.nbytes + scales.nbytes
         # a router (8-64 float rows, padded to a 64-row tile in the file): a compact float32 copy, so a token reads
         # its rows (64 KiB, L2-resident) instead of one strided 512 KiB tile on one thread (20 us per layer)
         self.rows_f32 = None
-        if fmt_name in ("f32", "f16") and n_out < TILE:
-            t = codes[0, :, :n_out]
-            self.rows_f32 = np.ascontiguousarray((t.view(np.float16) if fmt_name == "f16" else t).T, dtype=np.float32)
+        if not fmt.quantized and n_out < TILE:
+            self.rows_f32 = np.ascontiguousarray(fmt.codec.decode(codes[0, :, :n_out], n_out).T, dtype=np.float32)
 
     def __call__(self, act: Act, out: np.ndarray | None = None) -> np.ndarray:
         T = act.x.shape[0]
@@ -57,14 +56,10 @@ class Linear:
             out = np.empty((T, self.n_out), np.float32)
         if self.rows_f32 is not None:
             kernels.matmul_rows(self.rows_f32, act.x, out)
-        elif self.fmt in ("q4_0", "q4_1"):
-            kernels.matmul_q4(self.codes, self.scales, *act.quantized(), out)
-        elif self.fmt == "q8_0":
-            kernels.matmul_q8(self.codes, self.scales, *act.quantized(), out)
-        elif self.fmt == "f16":
-            kernels.matmul_f16(self.codes, act.x, out)
+        elif self.fmt.int_act:
+            self.fmt.matmul(self.codes, self.scales, *act.quantized(), out)
         else:
-            kernels.matmul_f32(self.codes, act.x, out)
+            self.fmt.matmul(self.codes, act.x, out)
         if self.bias is not None:
             out += self.bias
         return out
@@ -73,7 +68,7 @@ class Linear:
         """Dequantized rows (embedding lookup) -> (len(ids), n_in) float32."""
         out = np.empty((len(ids), self.n_in), np.float32)
         codes = self.codes.reshape(-1).view(np.uint8)
-        kernels.embed_rows(codes, self.scales, kernels.KIND[self.fmt], np.ascontiguousarray(ids, dtype=np.int64), out)
+        kernels.embed_rows(codes, self.scales, self.fmt.kind, np.ascontiguousarray(ids, dtype=np.int64), out)
         return out
 
 
@@ -81,7 +76,7 @@ class Linear:
 class Experts:
     """A layer's routed experts: gate/up/down of every expert inside one bundle per expert (byte offsets)."""
 
-    fmt: str
+    fmt: Format
     n_expert: int
     n_ff: int
     n_embd: int
@@ -167,7 +162,7 @@ class _Loader:
         self.used.add(name)
         codes, scales = self.c.matrix(name)
         b = self.vec(bias, n_out) if bias is not None else None
-        return Linear(name, t.fmt.name, codes, scales, n_out, n_in, b)
+        return Linear(name, t.fmt, codes, scales, n_out, n_in, b)
 
     def vec(self, name: str, n: int) -> np.ndarray:
         t = self.c.tensors.get(name)
@@ -189,7 +184,7 @@ class _Loader:
                                      f"{None if t is None else t.shape}, config needs {shape}")
             infos[k] = t
             self.used.add(name)
-        fmts = {t.fmt.name for t in infos.values()}
+        fmts = {t.fmt for t in infos.values()}
         strides = {t.stride for t in infos.values()}
         if len(fmts) != 1 or len(strides) != 1:
             raise ModelFileError(f"{self.c.path}: {prefix} expert tensors differ in format or bundle stride")
@@ -200,7 +195,7 @@ class _Loader:
             n_out, n_in = t.shape[1:]
             cb, _ = matrix_parts(t.fmt, n_out, n_in)
             co = t.offset + np.arange(E, dtype=np.int64) * stride
-            if fmt in ("f16", "f32") and co[0] % 4:
+            if not fmt.quantized and co[0] % 4:  # the float expert kernels read 16/32-bit views
                 raise ModelFileError(f"{self.c.path}: {k} experts are misaligned")
             offsets[k] = (co, co + cb)
         base = min(t.offset for t in infos.values())
