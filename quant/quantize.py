@@ -8,10 +8,10 @@ Block byte layouts follow ggml-common.h:
 
 from __future__ import annotations
 
-import numpy as np
-
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from .formats import GROUP, TILE, Format
 

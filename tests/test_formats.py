@@ -9,8 +9,7 @@ from gguf import quants as gq
 
 from quant import kernels
 from quant.formats import BY_GGUF_TYPE, FORMATS, GROUP, TILE, matrix_parts
-from quant.quantize import (Codec, dequantize_blocks, dequantize_interleaved, interleave, quantize_blocks,
-                            quantize_matrix)
+from quant.quantize import Codec, dequantize_blocks, dequantize_interleaved, quantize_blocks, quantize_matrix
 
 ALL = list(FORMATS.values())
 BLOCK = [f for f in ALL if f.quantized]
@@ -92,7 +91,8 @@ def test_format_has_its_codec_and_kernels(fmt):
     wd = dequantize_interleaved(codes, scales, fmt, n_out, n_in)
 
     x = rng.standard_normal((T, n_in)).astype(np.float32)
-    xq, xd, xs = np.empty((T, n_in), np.int16), np.empty((T, n_in // 32), np.float32), np.empty((T, n_in // 32), np.int32)
+    xq, xd = np.empty((T, n_in), np.int16), np.empty((T, n_in // GROUP), np.float32)
+    xs = np.empty((T, n_in // GROUP), np.int32)
     kernels.quantize_act(x, xq, xd, xs)
     out = np.full((T, n_out), np.nan, np.float32)
     if fmt.int_act:
