@@ -241,10 +241,24 @@ def quantize_matrix(w: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]
 # --- the codec of each format (formats.Format.codec_name) ----------------------------------------------
 
 
-F32_CODEC = Codec(encode=lambda x: np.ascontiguousarray(x, dtype=np.float32),
-                  decode=lambda raw, n: raw.astype(np.float32))
-F16_CODEC = Codec(encode=lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16),
-                  decode=lambda raw, n: raw.view(np.float16).astype(np.float32))
+def _encode_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _decode_f32(raw: np.ndarray, n: int) -> np.ndarray:
+    return raw.astype(np.float32)
+
+
+def _encode_f16(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)  # fp16 bits
+
+
+def _decode_f16(raw: np.ndarray, n: int) -> np.ndarray:
+    return raw.view(np.float16).astype(np.float32)
+
+
+F32_CODEC = Codec(_encode_f32, _decode_f32)
+F16_CODEC = Codec(_encode_f16, _decode_f16)
 Q4_0_CODEC = Codec(_encode_q4_0, _decode_q4_0, _q4_tile, _q4_rows)
 Q4_1_CODEC = Codec(_encode_q4_1, _decode_q4_1, _q4_tile, _q4_rows)
 Q8_0_CODEC = Codec(_encode_q8_0, _decode_q8_0, _q8_tile, _q8_rows)
