@@ -11,8 +11,8 @@ import numpy as np
 
 from quant.container import Container
 from quant.errors import ContainerError
+from quant.schema import ModelConfig, SchemaError
 
-from .engine.config import ModelConfig
 from .engine.expert_cache import DEFAULT_POLICY
 from .engine.model import Transformer
 from .errors import ModelFileError, UsageError
@@ -61,7 +61,10 @@ class Model:
             raise ModelFileError(str(e)) from None
         md = self.container.metadata
         self.metadata = md
-        self.config = ModelConfig.from_dict(md.get("config"))
+        try:
+            self.config = ModelConfig.from_dict(md.get("config"))
+        except SchemaError as e:
+            raise ModelFileError(str(e)) from None
         n_ctx = n_ctx if n_ctx is not None else _env_int("LMCLI_CTX_SIZE")
         if n_ctx is None:
             n_ctx = min(DEFAULT_CTX, self.config.n_ctx_train)

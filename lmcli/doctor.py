@@ -231,18 +231,19 @@ def registry_params(notes: str) -> tuple[float, float]:
 def container_costs(path: Path) -> dict:
     """Sizes from a container's header and tensor index (nothing of the weights is read)."""
     from quant.container import Container
-    from quant.errors import ContainerError
-
-    from .engine.config import ModelConfig
+    from quant.errors import QuantError
+    from quant.schema import ModelConfig, TensorSize
 
     try:
         c = Container(path)
-    except ContainerError as e:
+    except QuantError as e:
         raise ModelFileError(str(e)) from None
     try:
         cfg = ModelConfig.from_dict(c.metadata.get("config"))
-        tensors = [(t.name, t.nbytes, t.n_expert, t.shape, t.stride) for t in c.tensors.values()]
+        tensors = [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in c.tensors.values()]
         return _costs(cfg, tensors, c.file_size)
+    except QuantError as e:
+        raise ModelFileError(str(e)) from None
     finally:
         c.close()
 
@@ -253,8 +254,7 @@ def gguf_costs(path: Path) -> dict:
 
     from quant.errors import QuantError
     from quant.gguf_io import read_config
-
-    from .engine.config import ModelConfig
+    from quant.schema import ModelConfig, TensorSize
 
     try:
         r = GGUFReader(str(path), "r")
@@ -270,49 +270,21 @@ def gguf_costs(path: Path) -> dict:
     for t in r.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         n_exp = shape[0] if len(shape) == 3 else 0
-        tensors.append((t.name, int(t.n_bytes) // max(n_exp, 1), n_exp, shape, None))
+        tensors.append(TensorSize(t.name, shape, int(t.n_bytes) // max(n_exp, 1), n_exp))
     return _costs(cfg, tensors, path.stat().st_size)
 
 
 def _costs(cfg, tensors, file_size: int) -> dict:
-    """Bytes read per token: every dense tensor (the token embedding only its one row, unless the head
-    shares it), and n_expert_used of each expert tensor's n_expert matrices. Also the layers with routed
-    experts and the bytes of one expert's bundle (what one expert cache miss reads): a container's expert
-    stride, or for a GGUF file the bundle its import will lay out (gate, up and down, 64-byte aligned
-    inside, the bundle page-aligned)."""
-    from quant.formats import align_up
+    """plan's view of quant.schema.token_costs: bytes read per token, dense and expert bytes, the layers with
+    routed experts and the bytes of one expert's bundle (what one expert cache miss reads)."""
+    from quant.schema import token_costs
 
-    tied = not any(name == "output.weight" for name, *_ in tensors)
-    dense_tok = dense_total = expert_tok = expert_total = 0
-    bundle: dict[int, int] = {}  # layer -> bytes of one expert's bundle
-    for name, nbytes, n_exp, shape, stride in tensors:
-        if n_exp:
-            expert_tok += nbytes * cfg.n_expert_used
-            expert_total += nbytes * n_exp
-            m = re.match(r"blk\.(\d+)\.", name)
-            layer = int(m.group(1)) if m else -1
-            if stride is not None:  # the container's stride: a layer's gate, up and down share it
-                bundle[layer] = max(bundle.get(layer, 0), stride)
-            else:
-                bundle[layer] = bundle.get(layer, 0) + align_up(nbytes, 64)
-            continue
-        dense_total += nbytes
-        dense_tok += nbytes // shape[0] if name == "token_embd.weight" and not tied else nbytes
+    t = token_costs(cfg, tensors)
     return {"arch": cfg.arch, "n_layer": cfg.n_layer, "n_expert": cfg.n_expert, "n_expert_used": cfg.n_expert_used,
-            "file_bytes": file_size, "dense_bytes": dense_total, "expert_bytes": expert_total,
-            "dense_bytes_per_token": dense_tok, "expert_bytes_per_token": expert_tok,
-            "bytes_per_token": dense_tok + expert_tok, "kv_bytes_per_token": _kv_bytes_per_token(cfg),
-            "n_ctx": _default_ctx(cfg.n_ctx_train), "moe_layers": sorted(bundle),
-            "bundle_bytes": max((align_up(b) for b in bundle.values()), default=0)}
-
-
-def _kv_bytes_per_token(cfg) -> int:
-    # float32 keys and values per layer (engine/cache.py); MLA caches decompressed per-head keys and values
-    if cfg.kv_lora_rank:
-        per = cfg.n_head * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
-    else:
-        per = cfg.n_head_kv * 2 * cfg.head_dim
-    return cfg.n_layer * per * 4
+            "file_bytes": file_size, "dense_bytes": t.dense_bytes, "expert_bytes": t.expert_bytes,
+            "dense_bytes_per_token": t.dense_bytes_per_token, "expert_bytes_per_token": t.expert_bytes_per_token,
+            "bytes_per_token": t.bytes_per_token, "kv_bytes_per_token": t.kv_bytes_per_token,
+            "n_ctx": _default_ctx(cfg.n_ctx_train), "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes}
 
 
 def _default_ctx(n_ctx_train: int) -> int:

@@ -8,7 +8,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from typing import Callable, Iterator
 from quant.container import MAGIC, Container
 from quant.container import VERSION as CONTAINER_VERSION
 from quant.errors import ContainerError, QuantError
+from quant.schema import ModelConfig, SchemaError, TensorSize, token_costs
 
 from .errors import ModelFileError, ModelNotFound, StoreError
 from .registry import NAME_RE, load_registry
@@ -412,41 +412,33 @@ def show_info(name_or_path: str) -> dict:
         md, tensors, file_size = c.metadata, list(c.tensors.values()), c.file_size
     finally:
         c.close()
-    cfg = md.get("config") or {}
-    k = int(cfg.get("n_expert_used") or 0)
-    tied = "output.weight" not in {t.name for t in tensors}
-    total = active = per_token = 0
+    try:
+        cfg = ModelConfig.from_dict(md.get("config"))
+    except SchemaError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    costs = token_costs(cfg, [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in tensors])
     formats: dict[str, set[str]] = {}
     for t in tensors:
-        n = math.prod(t.shape)
-        total += n
         formats.setdefault(_tensor_class(t.name, t.n_expert, len(t.shape)), set()).add(t.fmt.name)
-        if t.n_expert:  # the router picks k of n_expert bundles per token and layer
-            active += n // t.n_expert * min(k, t.n_expert)
-            per_token += t.nbytes * min(k, t.n_expert)
-        else:
-            active += n
-            # A token reads one row of the embedding, unless the output projection reuses it (tied).
-            per_token += t.nbytes if t.name != "token_embd.weight" or tied else t.nbytes // t.shape[0]
     man = None
     if path.name == CONTAINER and path.parent.parent == models_dir():
         man = read_manifest(path.parent.name)
     return {
         "name": path.parent.name if man is not None else None,
         "path": str(path),
-        "architecture": cfg.get("arch"),
-        "parameters": {"total": total, "active": active},
-        "experts": {"n_expert": int(cfg.get("n_expert") or 0), "n_expert_used": k,
-                    "n_expert_shared": int(cfg.get("n_expert_shared") or 0)},
-        "layers": cfg.get("n_layer"),
-        "n_embd": cfg.get("n_embd"),
-        "vocab_size": cfg.get("vocab_size"),
+        "architecture": cfg.arch,
+        "parameters": {"total": costs.params_total, "active": costs.params_active},
+        "experts": {"n_expert": cfg.n_expert, "n_expert_used": cfg.n_expert_used,
+                    "n_expert_shared": cfg.n_expert_shared},
+        "layers": cfg.n_layer,
+        "n_embd": cfg.n_embd,
+        "vocab_size": cfg.vocab_size,
         "quant": (md.get("quant") or {}).get("type") or _main_format(tensors),
         "formats": {cls: sorted(f) for cls, f in sorted(formats.items())},
         "tensors": len(tensors),
         "file_size": file_size,
-        "bytes_per_token": per_token,
-        "context_length": cfg.get("n_ctx_train"),
+        "bytes_per_token": costs.bytes_per_token,
+        "context_length": cfg.n_ctx_train,
         "chat_template": md.get("chat_template"),
         "source": md.get("source"),
         "manifest": man,

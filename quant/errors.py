@@ -15,3 +15,11 @@ class GGUFError(QuantError):
 
 class ConvertError(QuantError):
     """A model directory cannot be converted."""
+
+
+class SchemaError(QuantError):
+    """A model config is incomplete, out of range or inconsistent; detail names the field, the message says where."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"model config: {detail}")
+        self.detail = detail

@@ -11,6 +11,7 @@ from .container import ContainerWriter
 from .errors import GGUFError, QuantError
 from .formats import BY_GGUF_TYPE, F32, FORMATS, GROUP
 from .quantize import interleave
+from .schema import ModelConfig, SchemaError, expected_tensors
 
 SUPPORTED_ARCHS = ("llama",)
 _TOKENIZER_KEYS = {
@@ -251,6 +252,24 @@ def _tensor_plan(reader, path: Path, size: int):
     return plan
 
 
+def _check_schema(cfg: dict, shapes: dict[str, tuple], path: Path) -> ModelConfig:
+    """The config checked against the schema, and the file's tensors against the schema's list for it."""
+    try:
+        mc = ModelConfig.from_dict(cfg)
+    except SchemaError as e:
+        raise GGUFError(f"{path}: {e}") from None
+    want = dict(expected_tensors(mc))
+    for name, shape in want.items():
+        if name not in shapes:
+            raise GGUFError(f"{path}: missing tensor {name}")
+        if shapes[name] != shape:
+            raise GGUFError(f"{path}: tensor {name} has shape {list(shapes[name])}, the config needs {list(shape)}")
+    extra = sorted(set(shapes) - set(want))
+    if extra:
+        raise GGUFError(f"{path}: tensors a {mc.arch} model does not have: {', '.join(extra[:4])}")
+    return mc
+
+
 def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
                 source: dict | None = None) -> Path:
     """Repack a GGUF file into a container at dst (written atomically). Returns dst."""
@@ -269,11 +288,12 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
             raise GGUFError(f"{path}: missing tensor {need}")
     cfg["vocab_size"] = len(tok["tokens"])
     cfg["tied_embeddings"] = "output.weight" not in names
+    cfg = _check_schema(cfg, {p[0]: p[2] for p in plan}, path)
     formats = {}
     for name, fmt, shape, _t, _src in plan:
         formats[fmt.name] = formats.get(fmt.name, 0) + 1
     metadata = {
-        "config": cfg,
+        "config": cfg.as_dict(),
         "tokenizer": tok,
         "chat_template": _field(reader, "tokenizer.chat_template"),
         "quant": {"scheme": _field(reader, "general.file_type"), "formats": formats, "source_format": "gguf"},

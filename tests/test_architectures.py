@@ -132,10 +132,22 @@ def test_rope_scaling_and_sliding_window_match_transformers(arch, overrides, tmp
     assert _rel(m.logits(ids), ref) < TIGHT
 
 
-def test_unsupported_rope_scaling_is_refused_at_load(tmp_path):
+def test_unsupported_rope_scaling_is_refused_at_conversion_and_at_load(tmp_path):
+    import lmcli
     from lmcli.errors import ModelFileError
+    from quant.container import Container, ContainerWriter
+    from quant.errors import ConvertError
 
     d = tiny_models.build("llama", tmp_path / "hf", overrides={"rope_parameters": {
         "rope_type": "dynamic", "rope_theta": 50000.0, "factor": 2.0}})
-    with pytest.raises(ModelFileError, match="dynamic"):
+    with pytest.raises(ConvertError, match="dynamic"):  # refused before anything is written
         _lmcli(d, "f16", tmp_path)
+    assert not (tmp_path / "m-f16.lmc").exists()
+    # a container written elsewhere (an older or newer lmcli) that names it is refused when loaded
+    good = _lmcli(tiny_models.build("llama", tmp_path / "ok"), "f16", tmp_path)
+    cfg = dict(Container(good.path).metadata["config"], rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with ContainerWriter(tmp_path / "bad.lmc") as w:
+        w.begin({"config": cfg})
+        w.finish()
+    with pytest.raises(ModelFileError, match="dynamic"):
+        lmcli.load(str(tmp_path / "bad.lmc"), n_ctx=64)

@@ -186,7 +186,7 @@ def expected_config(c) -> dict:
 def test_config_equals_the_transformers_config(converted, arch):
     from transformers import AutoConfig
 
-    from lmcli.engine.config import ModelConfig
+    from quant.schema import ModelConfig
 
     src, out, _ = converted(arch, "q4_0")
     cfg = ModelConfig.from_dict(Container(out).metadata["config"])

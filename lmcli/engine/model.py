@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from quant.container import Container
+from quant.schema import ModelConfig
 
 from ..errors import ContextOverflow, UsageError
 from . import ops
 from .cache import KVCache
-from .config import ModelConfig
 from .expert_cache import DEFAULT_POLICY
 from .moe import RouterSpec, RoutingStats, moe_ffn
 from .weights import Act, Attention, FFN, Weights, load_weights
@@ -39,8 +39,7 @@ class Transformer:
         # weights in RAM (huge pages) when the file fits, as llama.cpp does; mapped when asked (--mmap), when an
         # expert cache is asked for, or when the file is too large (then the expert cache takes over)
         avail = self._avail_at_load
-        n_kv, dk, dv = self._kv_dims_of(cfg)
-        self._kv_bytes = cfg.n_layer * n_kv * max_ctx * (dk + dv) * 4  # float32 K and V at full context
+        self._kv_bytes = cfg.kv_bytes_per_token * max_ctx  # K and V at full context
         if use_mmap is False:
             if expert_cache_mib:
                 raise UsageError("the expert cache reads from the file mapping: drop use_mmap=False")
@@ -63,19 +62,10 @@ class Transformer:
         self.router = RouterSpec(cfg.router, top_k, cfg.norm_topk_prob, cfg.routed_scaling_factor,
                                  cfg.n_group, cfg.topk_group)
         self.stats = RoutingStats(cfg.n_layer, cfg.n_expert)
-        self._kv_dims = self._kv_dims_of(cfg)
-        dk = self._kv_dims[1]
-        self.attn_scale = np.float32(cfg.attention_multiplier or 1.0 / np.sqrt(dk))
+        self.attn_scale = np.float32(cfg.attention_multiplier or 1.0 / np.sqrt(cfg.kv_dims[1]))
         self.expert_cache = self._make_cache(expert_cache_mib, top_k, cache_policy, prefetch)
         moe = [i for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None]
         self._next_moe = {a: (b, self.weights.layers[b].ffn) for a, b in zip(moe, moe[1:])}
-
-    @staticmethod
-    def _kv_dims_of(cfg: ModelConfig) -> tuple[int, int, int]:
-        """(KV heads, key dim, value dim) per layer; MLA caches the decompressed per-head K and V."""
-        if cfg.kv_lora_rank:
-            return cfg.n_head, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
-        return cfg.n_head_kv, cfg.head_dim, cfg.head_dim
 
     def _make_cache(self, mib: int | None, top_k: int, policy: str, prefetch: bool):
         """An expert cache when asked for (mib > 0), or automatically when the file is larger than what the
@@ -101,7 +91,7 @@ class Transformer:
         return ExpertCache(str(self.container.path), layers, budget, top_k, policy, prefetch)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
-        n_kv, dk, dv = self._kv_dims
+        n_kv, dk, dv = self.cfg.kv_dims
         return KVCache(self.cfg.n_layer, n_kv, min(n_ctx or self.max_ctx, self.max_ctx), dk, dv)
 
     def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:

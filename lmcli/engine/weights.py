@@ -10,9 +10,9 @@ from quant import kernels
 from quant.container import Container
 from quant.errors import ContainerError
 from quant.formats import TILE, Format, matrix_parts
+from quant.schema import ModelConfig, expected_tensors
 
 from ..errors import ModelFileError
-from .config import ModelConfig
 
 
 class Act:
@@ -146,44 +146,37 @@ class Weights:
 
 
 class _Loader:
-    def __init__(self, c: Container):
+    """Maps the container's tensors by name; every shape is the schema's (quant.schema.expected_tensors)."""
+
+    def __init__(self, c: Container, cfg: ModelConfig):
         self.c = c
+        self.want = dict(expected_tensors(cfg))
         self.used: set[str] = set()
 
-    def has(self, name: str) -> bool:
-        return name in self.c.tensors
-
-    def lin(self, name: str, n_out: int, n_in: int, bias: str | None = None) -> Linear:
+    def _info(self, name: str):
+        shape = self.want[name]  # a KeyError here is an engine bug: it asked for a tensor the schema lacks
         t = self.c.tensors.get(name)
         if t is None:
             raise ModelFileError(f"{self.c.path}: tensor {name} is missing")
-        if t.shape != (n_out, n_in):
-            raise ModelFileError(f"{self.c.path}: tensor {name} has shape {t.shape}, config needs {(n_out, n_in)}")
+        if t.shape != shape:
+            raise ModelFileError(f"{self.c.path}: tensor {name} has shape {t.shape}, config needs {shape}")
         self.used.add(name)
+        return t
+
+    def lin(self, name: str, bias: str | None = None) -> Linear:
+        t = self._info(name)
+        n_out, n_in = t.shape
         codes, scales = self.c.matrix(name)
-        b = self.vec(bias, n_out) if bias is not None else None
+        b = self.vec(bias) if bias is not None else None
         return Linear(name, t.fmt, codes, scales, n_out, n_in, b)
 
-    def vec(self, name: str, n: int) -> np.ndarray:
-        t = self.c.tensors.get(name)
-        if t is None or t.shape != (n,):
-            got = None if t is None else t.shape
-            raise ModelFileError(f"{self.c.path}: tensor {name} is missing or has shape {got}, config needs ({n},)")
-        self.used.add(name)
+    def vec(self, name: str) -> np.ndarray:
+        self._info(name)
         return self.c.vector(name)
 
-    def experts(self, prefix: str, cfg: ModelConfig) -> Experts:
-        E, F, D = cfg.n_expert, cfg.n_ff_exp, cfg.n_embd
-        want = {"gate": (E, F, D), "up": (E, F, D), "down": (E, D, F)}
-        infos = {}
-        for k, shape in want.items():
-            name = f"{prefix}ffn_{k}_exps.weight"
-            t = self.c.tensors.get(name)
-            if t is None or t.shape != shape:
-                raise ModelFileError(f"{self.c.path}: tensor {name} is missing or has shape "
-                                     f"{None if t is None else t.shape}, config needs {shape}")
-            infos[k] = t
-            self.used.add(name)
+    def experts(self, prefix: str) -> Experts:
+        infos = {k: self._info(f"{prefix}ffn_{k}_exps.weight") for k in ("gate", "up", "down")}
+        E, F, D = infos["gate"].shape
         fmts = {t.fmt for t in infos.values()}
         strides = {t.stride for t in infos.values()}
         if len(fmts) != 1 or len(strides) != 1:
@@ -204,63 +197,57 @@ class _Loader:
 
 
 def load_weights(c: Container, cfg: ModelConfig) -> Weights:
-    """Map every tensor the config needs, checking each shape against the config and that none is left over."""
-    L = _Loader(c)
+    """Map every tensor the schema lists for this config, each shape checked, and none left over on either side."""
+    L = _Loader(c, cfg)
     c.advise("random")  # before any page is touched (a router's compact copy is made here): no readahead into experts
-    E, D = cfg.n_embd, cfg.head_dim
-    H, KV = cfg.n_head, cfg.n_head_kv
     try:
         layers = []
         for i in range(cfg.n_layer):
             p = f"blk.{i}."
             at = Attention()
             if cfg.kv_lora_rank:
-                qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
                 if cfg.q_lora_rank:
-                    at.wq_a = L.lin(p + "attn_q_a.weight", cfg.q_lora_rank, E)
-                    at.q_a_norm = L.vec(p + "attn_q_a_norm.weight", cfg.q_lora_rank)
-                    at.wq_b = L.lin(p + "attn_q_b.weight", H * qk, cfg.q_lora_rank)
+                    at.wq_a = L.lin(p + "attn_q_a.weight")
+                    at.q_a_norm = L.vec(p + "attn_q_a_norm.weight")
+                    at.wq_b = L.lin(p + "attn_q_b.weight")
                 else:
-                    at.wq = L.lin(p + "attn_q.weight", H * qk, E)
-                at.wkv_a = L.lin(p + "attn_kv_a_mqa.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim, E)
-                at.kv_a_norm = L.vec(p + "attn_kv_a_norm.weight", cfg.kv_lora_rank)
-                at.wkv_b = L.lin(p + "attn_kv_b.weight", H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
-                at.wo = L.lin(p + "attn_output.weight", E, H * cfg.v_head_dim)
+                    at.wq = L.lin(p + "attn_q.weight")
+                at.wkv_a = L.lin(p + "attn_kv_a_mqa.weight")
+                at.kv_a_norm = L.vec(p + "attn_kv_a_norm.weight")
+                at.wkv_b = L.lin(p + "attn_kv_b.weight")
             else:
                 bias = (lambda n: p + f"attn_{n}.bias") if cfg.attn_bias else (lambda n: None)
-                at.wq = L.lin(p + "attn_q.weight", H * D, E, bias("q"))
-                at.wk = L.lin(p + "attn_k.weight", KV * D, E, bias("k"))
-                at.wv = L.lin(p + "attn_v.weight", KV * D, E, bias("v"))
-                at.wo = L.lin(p + "attn_output.weight", E, H * D)
-                if cfg.qk_norm == "head":
-                    at.q_norm = L.vec(p + "attn_q_norm.weight", D)
-                    at.k_norm = L.vec(p + "attn_k_norm.weight", D)
-                elif cfg.qk_norm == "full":
-                    at.q_norm = L.vec(p + "attn_q_norm.weight", H * D)
-                    at.k_norm = L.vec(p + "attn_k_norm.weight", KV * D)
+                at.wq = L.lin(p + "attn_q.weight", bias("q"))
+                at.wk = L.lin(p + "attn_k.weight", bias("k"))
+                at.wv = L.lin(p + "attn_v.weight", bias("v"))
+                if cfg.qk_norm != "none":
+                    at.q_norm = L.vec(p + "attn_q_norm.weight")
+                    at.k_norm = L.vec(p + "attn_k_norm.weight")
+            at.wo = L.lin(p + "attn_output.weight")
             ff = FFN()
             if cfg.layer_is_moe(i):
-                ff.router = L.lin(p + "ffn_gate_inp.weight", cfg.n_expert, E)
+                ff.router = L.lin(p + "ffn_gate_inp.weight")
                 if cfg.router_bias:
-                    ff.router_bias = L.vec(p + "exp_probs_b.bias", cfg.n_expert)
-                ff.experts = L.experts(p, cfg)
+                    ff.router_bias = L.vec(p + "exp_probs_b.bias")
+                ff.experts = L.experts(p)
                 if cfg.n_expert_shared:
-                    S = cfg.n_ff_shexp
-                    ff.sh_gate = L.lin(p + "ffn_gate_shexp.weight", S, E)
-                    ff.sh_up = L.lin(p + "ffn_up_shexp.weight", S, E)
-                    ff.sh_down = L.lin(p + "ffn_down_shexp.weight", E, S)
+                    ff.sh_gate = L.lin(p + "ffn_gate_shexp.weight")
+                    ff.sh_up = L.lin(p + "ffn_up_shexp.weight")
+                    ff.sh_down = L.lin(p + "ffn_down_shexp.weight")
                     if cfg.shared_expert_gate:
-                        ff.sh_gate_inp = L.vec(p + "ffn_gate_inp_shexp.weight", E)
+                        ff.sh_gate_inp = L.vec(p + "ffn_gate_inp_shexp.weight")
             else:
-                ff.gate = L.lin(p + "ffn_gate.weight", cfg.n_ff, E)
-                ff.up = L.lin(p + "ffn_up.weight", cfg.n_ff, E)
-                ff.down = L.lin(p + "ffn_down.weight", E, cfg.n_ff)
-            layers.append(LayerWeights(L.vec(p + "attn_norm.weight", E), at, L.vec(p + "ffn_norm.weight", E), ff))
-        tok = L.lin("token_embd.weight", cfg.vocab_size, E)
-        out = tok if cfg.tied_embeddings else L.lin("output.weight", cfg.vocab_size, E)
-        w = Weights(tok, layers, L.vec("output_norm.weight", E), out)
+                ff.gate = L.lin(p + "ffn_gate.weight")
+                ff.up = L.lin(p + "ffn_up.weight")
+                ff.down = L.lin(p + "ffn_down.weight")
+            layers.append(LayerWeights(L.vec(p + "attn_norm.weight"), at, L.vec(p + "ffn_norm.weight"), ff))
+        tok = L.lin("token_embd.weight")
+        out = tok if cfg.tied_embeddings else L.lin("output.weight")
+        w = Weights(tok, layers, L.vec("output_norm.weight"), out)
     except ContainerError as e:
         raise ModelFileError(str(e)) from None
+    unmapped = set(L.want) - L.used
+    assert not unmapped, f"the engine does not map {sorted(unmapped)[:4]}, which the schema lists"
     extra = sorted(set(c.tensors) - L.used)
     if extra:
         raise ModelFileError(f"{c.path}: tensors the config does not use: {', '.join(extra[:4])}",

@@ -1,0 +1,176 @@
+"""Hugging Face tensor names -> the container's (llama.cpp's names, quant/schema.py's list): which source tensor,
+or which rows of it, fills which container tensor, and at which precision."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConvertError
+from .formats import F32, GROUP, Q8_0, Format
+from .safetensors_io import TensorTable
+from .schema import ModelConfig, expected_tensors
+
+_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+_LAYER = {  # suffix after "model.layers.N." -> name after "blk.N." (llama.cpp's, gguf.constants)
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn_kv_b.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",  # Mixtral
+    "block_sparse_moe.router.layer.weight": "ffn_gate_inp.weight",  # Granite as saved
+    "block_sparse_moe.router.weight": "ffn_gate_inp.weight",  # Granite as held in memory
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# One expert's matrix: Mixtral's w1 (gate), w3 (up), w2 (down); the others' gate_proj, up_proj, down_proj.
+_EXPERT_RE = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+_EXPERT_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+# All experts in one 3-D tensor: transformers 5's in-memory gate_up_proj (n_expert, 2 * n_ff_exp, n_embd), first
+# half gate (MixtralExperts: .chunk(2, dim=-1)), and down_proj (n_expert, n_embd, n_ff_exp); GraniteMoe saves
+# them as input_linear / output_linear (conversion_mapping renames them to gate_up_proj / down_proj).
+_FUSED = {
+    "mlp.experts.gate_up_proj": "gate_up", "block_sparse_moe.experts.gate_up_proj": "gate_up",
+    "block_sparse_moe.input_linear.weight": "gate_up",
+    "mlp.experts.down_proj": "down", "block_sparse_moe.experts.down_proj": "down",
+    "block_sparse_moe.output_linear.weight": "down",
+}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [row0, row0 + n_rows) of a source tensor viewed as 2-D (-1, row_len)."""
+
+    src: str
+    row0: int
+    n_rows: int
+    row_len: int
+
+
+@dataclass(frozen=True)
+class Out:
+    """One container tensor: its name, shape, format, and where its data comes from (one piece per expert)."""
+
+    name: str
+    shape: tuple[int, ...]  # (n,) vector, (n_out, n_in) matrix, (n_expert, n_out, n_in) expert matrices
+    fmt: Format
+    pieces: tuple[Piece, ...]
+
+
+def _assignments(name: str, shape: tuple[int, ...], cfg: ModelConfig, ignore_layers: range):
+    """Where one source tensor goes: a list of (container name, expert or None, piece); None if unknown;
+    [] if deliberately dropped."""
+    if not 1 <= len(shape) <= 3:
+        return None
+    whole = Piece(name, 0, shape[0] if len(shape) == 2 else 1, shape[-1])
+    if len(shape) == 3 and not name.endswith(tuple(_FUSED)):
+        return None  # only the fused expert tensors are 3-D
+    if name in _GLOBAL:
+        target = _GLOBAL[name]
+        if target == "output.weight" and cfg.tied_embeddings:
+            return []  # tied: HF ignores a stored lm_head too
+        return [(target, None, whole)]
+    m = _LAYER_RE.fullmatch(name)
+    if m is None:
+        return None
+    i, rest = int(m.group(1)), m.group(2)
+    if rest.endswith("rotary_emb.inv_freq") or i in ignore_layers:
+        return []  # a recomputed buffer; DeepSeek-V3's multi-token-prediction layers (not used for decoding)
+    if i >= cfg.n_layer:
+        return None
+    if rest in _LAYER:
+        return [(f"blk.{i}.{_LAYER[rest]}", None, whole)]
+    m = _EXPERT_RE.fullmatch(rest)
+    if m is not None:
+        return [(f"blk.{i}.ffn_{_EXPERT_PART[m.group(2)]}_exps.weight", int(m.group(1)), whole)]
+    kind = _FUSED.get(rest)
+    if kind is None or len(shape) != 3:
+        return None
+    n_expert, n_rows, n_in = shape
+    if kind == "down":
+        return [(f"blk.{i}.ffn_down_exps.weight", e, Piece(name, e * n_rows, n_rows, n_in)) for e in range(n_expert)]
+    if n_rows % 2:
+        raise ConvertError(f"tensor {name} {list(shape)}: gate_up rows must be an even count (gate, then up)")
+    half = n_rows // 2
+    return [(f"blk.{i}.ffn_{part}_exps.weight", e, Piece(name, e * n_rows + k * half, half, n_in))
+            for e in range(n_expert) for k, part in enumerate(("gate", "up"))]
+
+
+def tensor_format(name: str, shape: tuple[int, ...], qtype: Format) -> Format:
+    """The precision policy (as llama.cpp and mlx-lm): vectors and routers F32; embeddings and output at least
+    8-bit; everything else qtype."""
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
+        return F32
+    if name in ("token_embd.weight", "output.weight") and qtype.bits < 8:
+        return Q8_0
+    return qtype
+
+
+def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict) -> list[Out]:
+    """Match every source tensor to a container tensor and check every name and shape (nanoGPT's habit):
+    an unknown or unexpected source tensor, a missing one, or a shape mismatch is an error."""
+    mtp = int(hf_cfg.get("num_nextn_predict_layers") or 0) if cfg.arch == "deepseek_v3" else 0
+    ignore = range(cfg.n_layer, cfg.n_layer + mtp)
+    want = dict(expected_tensors(cfg))
+    given: dict[str, dict] = {}
+    for name in src.names():
+        shape = src.shape(name)
+        found = _assignments(name, shape, cfg, ignore)
+        if found is None:
+            raise ConvertError(f"tensor {name} {list(shape)} is not part of a {cfg.arch} model lmcli knows")
+        for target, expert, piece in found:
+            if target not in want:
+                raise ConvertError(f"tensor {name} (-> {target}) does not belong in this model's config")
+            slot = given.setdefault(target, {})
+            if expert in slot:
+                raise ConvertError(f"{target}{'' if expert is None else f' expert {expert}'} is given twice "
+                                   f"({slot[expert].src} and {name})")
+            slot[expert] = piece
+    plan = []
+    for target, shape in want.items():
+        slot = given.get(target)
+        if not slot:
+            raise ConvertError(f"no source tensor for {target}")
+        if len(shape) == 3:
+            if sorted(slot, key=lambda e: -1 if e is None else e) != list(range(shape[0])):
+                have = sorted(e for e in slot if e is not None)
+                raise ConvertError(f"{target}: experts {have[:8]}{'...' if len(have) > 8 else ''} given, "
+                                   f"{shape[0]} expected")
+            pieces = tuple(slot[e] for e in range(shape[0]))
+            n_out, n_in = shape[1:]
+        else:
+            pieces = (slot[None],)
+            n_out, n_in = (1, shape[0]) if len(shape) == 1 else shape
+        for p in pieces:
+            if (p.n_rows, p.row_len) != (n_out, n_in) or (len(shape) == 2 and src.shape(p.src) != shape):
+                raise ConvertError(f"tensor {p.src} has shape {list(src.shape(p.src))}; {target} needs "
+                                   f"{list(shape)}")
+        if len(shape) > 1 and shape[-1] % GROUP:
+            raise ConvertError(f"{target}: row length {shape[-1]} is not a multiple of {GROUP}")
+        plan.append(Out(target, shape, tensor_format(target, shape, qtype), pieces))
+    return plan
