@@ -14,55 +14,8 @@ import numpy as np
 from .container import Container
 from .errors import GGUFError
 from .formats import F16, F32, FORMATS, Format
+from .gguf_archs import FOR_EXPORT, GGUFArch
 from .quantize import deinterleave, dequantize_blocks
-
-# Block-format weights leave exactly as stored (deinterleave gives back GGUF's row-major blocks), so an imported
-# GGUF exports to the same tensor bytes and llama.cpp runs the very weights lmcli runs. What llama.cpp fixes per
-# architecture (rope pairing, routing, required tensors) was read in the llama.cpp that llama-cpp-python 0.3.36
-# vendors: src/llama-model.cpp (llama_model_rope_type, load_hparams), src/models/*.cpp (each architecture's
-# loader and graph), src/llama-graph.cpp (build_moe_ffn) and conversion/*.py (what its converter writes).
-
-# lmcli / Hugging Face model_type -> llama.cpp architecture (gguf.MODEL_ARCH_NAMES). llama.cpp's converter
-# (conversion/llama.py) writes Mistral and Mixtral as "llama", Mixtral with merged expert tensors;
-# llama.cpp's own names map to themselves so that GGUF-origin containers go back unchanged.
-ARCHS = {
-    "llama": "llama",
-    "mistral": "llama",
-    "mixtral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "qwen2_moe": "qwen2moe",
-    "qwen2moe": "qwen2moe",
-    "qwen3_moe": "qwen3moe",
-    "qwen3moe": "qwen3moe",
-    "olmoe": "olmoe",
-    "granitemoe": "granitemoe",
-    "dots1": "dots1",
-    "deepseek_v3": "deepseek2",
-    "deepseek2": "deepseek2",
-}
-
-# llama_model_rope_type(): these rotate adjacent pairs (LLAMA_ROPE_TYPE_NORM); qwen2, qwen3, qwen2moe,
-# qwen3moe, olmoe and dots1 rotate halves (LLAMA_ROPE_TYPE_NEOX), as Hugging Face does.
-NORM_ROPE = frozenset({"llama", "granitemoe", "deepseek2"})
-
-# Loaders that create output.weight as required (no fallback to token_embd for tied embeddings).
-NEEDS_OUTPUT = frozenset({"qwen2moe", "olmoe", "dots1"})
-
-# Loaders without grouped-query attention: dots1 sizes K and V by n_head, olmoe sizes attn_k_norm by n_embd.
-# A GQA model goes to them with each KV head repeated for its query heads: whole rows copied (lossless),
-# and an RMS norm over repeated heads has the same mean square, so the result is the same model.
-KV_AS_MHA = frozenset({"dots1", "olmoe"})
-
-# Routing that llama.cpp hard-codes in the architecture's graph (build_moe_ffn arguments) and does not read
-# from the file; a config that differs would run as a different model, so it is refused.
-FIXED_ROUTING = {
-    "llama": {"router": "softmax", "norm_topk_prob": True, "routed_scaling_factor": 1.0, "router_bias": False},
-    "granitemoe": {"router": "softmax", "norm_topk_prob": True, "routed_scaling_factor": 1.0, "router_bias": False},
-    "qwen3moe": {"router": "softmax", "norm_topk_prob": True, "routed_scaling_factor": 1.0, "router_bias": False},
-    "qwen2moe": {"router": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "router_bias": False},
-    "olmoe": {"router": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "router_bias": False},
-}
 
 # GGUF token types (llama_token_type).
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
@@ -99,9 +52,9 @@ def export_gguf(container_path: str | os.PathLike, out_path: str | os.PathLike, 
         cfg = c.metadata.get("config")
         if not isinstance(cfg, dict):
             raise GGUFError(f"{src}: the container has no model config")
-        arch = _arch(cfg)
-        tensors = _plan_tensors(c, cfg, arch)
-        _write(out, arch, lambda w: _add_metadata(w, c, cfg, arch), tensors)
+        ga = _arch(cfg)
+        tensors = _plan_tensors(c, cfg, ga)
+        _write(out, ga.name, lambda w: _add_metadata(w, c, cfg, ga), tensors)
     finally:
         c.close()
     return out
@@ -110,36 +63,38 @@ def export_gguf(container_path: str | os.PathLike, out_path: str | os.PathLike, 
 # --- architecture and metadata ----------------------------------------------------------------
 
 
-def _arch(cfg: dict) -> str:
+def _arch(cfg: dict) -> GGUFArch:
     name = cfg.get("arch")
-    if name not in ARCHS:
-        raise GGUFError(f"architecture {name!r} cannot be exported to GGUF (exportable: {', '.join(sorted(ARCHS))})")
-    arch = ARCHS[name]
+    if name not in FOR_EXPORT:
+        raise GGUFError(f"architecture {name!r} cannot be exported to GGUF "
+                        f"(exportable: {', '.join(sorted(FOR_EXPORT))})")
+    ga = FOR_EXPORT[name]
+    arch = ga.name
     n_expert = int(cfg.get("n_expert", 0))
-    if n_expert and arch in FIXED_ROUTING:
-        for key, want in FIXED_ROUTING[arch].items():
+    if n_expert and ga.fixed_routing:
+        for key, want in ga.fixed_routing:
             have = cfg.get(key, want)
             if have != want:
                 raise GGUFError(
                     f"{name} with {key} = {have!r} cannot be exported: llama.cpp's {arch} graph always uses "
                     f"{key} = {want!r}"
                 )
-    if n_expert and arch not in ("dots1", "deepseek2") and int(cfg.get("n_group", 1)) > 1:
+    if n_expert and not ga.deepseek_moe and int(cfg.get("n_group", 1)) > 1:
         if int(cfg.get("topk_group", 1)) < int(cfg["n_group"]):
             raise GGUFError(f"{name} with group-limited routing cannot be exported as llama.cpp's {arch}")
-    if n_expert and arch not in ("dots1", "deepseek2") and int(cfg.get("first_k_dense", 0)):
+    if n_expert and not ga.deepseek_moe and int(cfg.get("first_k_dense", 0)):
         raise GGUFError(f"{name} with leading dense layers cannot be exported: llama.cpp's {arch} has none")
-    if arch == "deepseek2" and not cfg.get("kv_lora_rank"):
+    if ga.mla and not cfg.get("kv_lora_rank"):
         raise GGUFError(f"{name} without multi-head latent attention cannot be exported as deepseek2")
     scaling = cfg.get("rope_scaling")
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if scaling and (kind not in ("linear", "yarn", "llama3") or (kind == "llama3" and arch != "llama")):
+    if scaling and (kind not in ("linear", "yarn", "llama3") or (kind == "llama3" and not ga.llama3_rope)):
         raise GGUFError(f"{name} with {kind!r} rope scaling cannot be exported as llama.cpp's {arch}")
-    return arch
+    return ga
 
 
-def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
-    """Every key llama.cpp's loader reads for `arch` (llama_model_*::load_arch_hparams and load_hparams)."""
+def _add_metadata(w, c: Container, cfg: dict, ga: GGUFArch) -> None:
+    """Every key llama.cpp's loader reads for the architecture (llama_model_*::load_arch_hparams, load_hparams)."""
     from gguf import ExpertGatingFuncType
 
     meta = c.metadata
@@ -154,13 +109,12 @@ def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
     w.add_block_count(int(cfg["n_layer"]))
     w.add_context_length(int(cfg.get("n_ctx_train", 2048)))
     w.add_embedding_length(n_embd)
-    # llama (Mixtral), olmoe and granitemoe size their expert matrices by feed_forward_length.
-    w.add_feed_forward_length(n_ff_exp if n_expert and arch in ("llama", "olmoe", "granitemoe") else n_ff)
+    w.add_feed_forward_length(n_ff_exp if n_expert and ga.ff_is_expert else n_ff)
     w.add_head_count(n_head)
     w.add_layer_norm_rms_eps(float(cfg["norm_eps"]))
     w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     w.add_vocab_size(c.info("token_embd.weight").shape[0])
-    if arch == "deepseek2":
+    if ga.mla:
         # MLA as llama.cpp's converter writes it (conversion/deepseek.py): one shared latent "KV head" of
         # kv_lora_rank + rope dims; the per-head sizes go in the *_mla keys.
         kv_lora, rope = int(cfg["kv_lora_rank"]), int(cfg["qk_rope_head_dim"])
@@ -173,16 +127,16 @@ def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
         w.add_value_length_mla(int(cfg["v_head_dim"]))
         w.add_rope_dimension_count(rope)
     else:
-        w.add_head_count_kv(n_head if arch in KV_AS_MHA else int(cfg.get("n_head_kv", n_head)))
+        w.add_head_count_kv(n_head if ga.kv_as_mha else int(cfg.get("n_head_kv", n_head)))
         w.add_rope_dimension_count(int(cfg.get("rope_dim") or head_dim))
         if head_dim != n_embd // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
-    _add_rope_scaling(w, cfg, arch)
+    _add_rope_scaling(w, cfg, ga)
     if n_expert:
         w.add_expert_count(n_expert)
         w.add_expert_used_count(int(cfg["n_expert_used"]))
-        if arch not in ("llama", "olmoe", "granitemoe"):
+        if not ga.ff_is_expert:
             w.add_expert_feed_forward_length(n_ff_exp)
         n_group, topk_group = int(cfg.get("n_group", 1)), int(cfg.get("topk_group", 1))
         # build_moe_ffn groups whenever the count is > 1, and load_hparams asserts used < count:
@@ -190,19 +144,19 @@ def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
         if n_group > 1 and topk_group < n_group:
             w.add_expert_group_count(n_group)
             w.add_expert_group_used_count(topk_group)
-        if cfg.get("n_ff_shexp") and arch in ("qwen2moe", "granitemoe"):
+        if cfg.get("n_ff_shexp") and ga.shexp_length:
             w.add_expert_shared_feed_forward_length(int(cfg["n_ff_shexp"]))
-        if arch in ("dots1", "deepseek2"):
+        if ga.deepseek_moe:
             n_shared = int(cfg.get("n_expert_shared", 0))
             if n_shared and int(cfg.get("n_ff_shexp", 0)) != n_ff_exp * n_shared:
-                raise GGUFError(f"{arch}: llama.cpp sizes shared experts as n_expert_shared * n_ff_exp")
+                raise GGUFError(f"{ga.name}: llama.cpp sizes shared experts as n_expert_shared * n_ff_exp")
             w.add_expert_shared_count(n_shared)
             w.add_leading_dense_block_count(int(cfg.get("first_k_dense", 0)))
             w.add_expert_weights_scale(float(cfg.get("routed_scaling_factor", 1.0)))
             w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", True)))
             sigmoid = cfg.get("router", "softmax") == "sigmoid"
             w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if sigmoid else ExpertGatingFuncType.SOFTMAX)
-    if arch == "granitemoe":
+    if ga.granite:
         # Granite's multipliers under llama.cpp's *_scale names (conversion/granite.py); logit_scale is required.
         w.add_embedding_scale(float(cfg.get("embedding_multiplier", 1.0)))
         w.add_residual_scale(float(cfg.get("residual_multiplier", 1.0)))
@@ -221,7 +175,7 @@ def _add_metadata(w, c: Container, cfg: dict, arch: str) -> None:
         w.add_chat_template(template)
 
 
-def _add_rope_scaling(w, cfg: dict, arch: str) -> None:
+def _add_rope_scaling(w, cfg: dict, ga: GGUFArch) -> None:
     """RoPE scaling keys as llama.cpp's converter writes them (conversion/base.py set_gguf_parameters);
     llama3 scaling travels as the rope_freqs tensor instead (see _llama3_rope_freqs)."""
     from gguf import RopeScalingType
@@ -240,7 +194,7 @@ def _add_rope_scaling(w, cfg: dict, arch: str) -> None:
                          ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
             if p.get(key) is not None:
                 add(float(p[key]))
-        if arch == "deepseek2" and p.get("mscale_all_dim"):
+        if ga.mla and p.get("mscale_all_dim"):
             # conversion/deepseek.py writes 0.1 * mscale_all_dim; llama.cpp divides the 0.1 back out.
             w.add_rope_scaling_yarn_log_mul(0.1 * float(p["mscale_all_dim"]))
         elif p.get("attention_factor", p.get("attn_factor")) is not None:
@@ -375,21 +329,21 @@ def _pre_name(pre) -> str:
 # --- tensors ---------------------------------------------------------------------------------
 
 
-def _plan_tensors(c: Container, cfg: dict, arch: str) -> list[_Tensor]:
-    perm = _rope_permutations(cfg, arch)
-    for suffix, repeat in _kv_repeats(cfg, arch).items():  # rows of the permuted tensor, repeated per head
+def _plan_tensors(c: Container, cfg: dict, ga: GGUFArch) -> list[_Tensor]:
+    perm = _rope_permutations(cfg, ga)
+    for suffix, repeat in _kv_repeats(cfg, ga).items():  # rows of the permuted tensor, repeated per head
         perm[suffix] = perm[suffix][repeat] if suffix in perm else repeat
     out: list[_Tensor] = []
     for t in c.tensors.values():
         name = t.name
-        if arch == "deepseek2" and name.endswith(".attn_kv_b.weight"):
+        if ga.mla and name.endswith(".attn_kv_b.weight"):
             out.extend(_split_kv_b(c, t, cfg))
             continue
         rows = next((p for suffix, p in perm.items() if name.endswith(suffix)), None)
         if name.endswith(".exp_probs_b.weight"):
             name = name[: -len("weight")] + "bias"  # llama.cpp loads the router bias as exp_probs_b.bias
         out.append(_tensor(c, t.name, name, rows))
-    if arch in NEEDS_OUTPUT and "output.weight" not in c.tensors:
+    if ga.needs_output and "output.weight" not in c.tensors:
         out.append(_tensor(c, "token_embd.weight", "output.weight", None))  # tied embeddings, stored twice
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3" and "rope_freqs.weight" not in c.tensors:
@@ -429,7 +383,7 @@ def _nbytes(fmt: Format, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1])) * fmt.row_nbytes(shape[-1])
 
 
-def _rope_permutations(cfg: dict, arch: str) -> dict[str, np.ndarray]:
+def _rope_permutations(cfg: dict, ga: GGUFArch) -> dict[str, np.ndarray]:
     """Row orders that turn the container's Q/K rope rows into the pairing llama.cpp's architecture rotates.
 
     Hugging Face rows rotate halves (i, i + rope/2), as llama.cpp's NEOX; llama.cpp's NORM architectures
@@ -437,10 +391,10 @@ def _rope_permutations(cfg: dict, arch: str) -> dict[str, np.ndarray]:
     LlamaModel.permute). GGUF-origin containers (rope_interleaved true) already hold pairs. A whole-row
     permutation keeps block-format rows intact, so it is lossless.
     """
-    pairs_wanted, pairs_held = arch in NORM_ROPE, bool(cfg.get("rope_interleaved", False))
+    pairs_wanted, pairs_held = ga.rope_pairs, bool(cfg.get("rope_interleaved", False))
     if pairs_wanted == pairs_held:
         return {}
-    if arch == "deepseek2" or cfg.get("kv_lora_rank"):
+    if ga.mla or cfg.get("kv_lora_rank"):
         nope, rope, kv_lora = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["kv_lora_rank"])
         q = _pair_rows(int(cfg["n_head"]), nope + rope, nope, rope)  # each head's rows: nope, then rope
         kv_a = _pair_rows(1, kv_lora + rope, kv_lora, rope)  # the latent, then the shared rope key
@@ -460,10 +414,10 @@ def _rope_permutations(cfg: dict, arch: str) -> dict[str, np.ndarray]:
     return perms
 
 
-def _kv_repeats(cfg: dict, arch: str) -> dict[str, np.ndarray]:
-    """Row orders that repeat each KV head for its group of query heads (see KV_AS_MHA)."""
+def _kv_repeats(cfg: dict, ga: GGUFArch) -> dict[str, np.ndarray]:
+    """Row orders that repeat each KV head for its group of query heads (see GGUFArch.kv_as_mha)."""
     n_head, n_head_kv = int(cfg["n_head"]), int(cfg.get("n_head_kv", cfg["n_head"]))
-    if arch not in KV_AS_MHA or n_head_kv == n_head:
+    if not ga.kv_as_mha or n_head_kv == n_head:
         return {}
     head_dim = int(cfg.get("head_dim") or int(cfg["n_embd"]) // n_head)
     src_head = np.arange(n_head) // (n_head // n_head_kv)

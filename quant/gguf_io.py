@@ -10,10 +10,10 @@ import numpy as np
 from .container import ContainerWriter
 from .errors import GGUFError, QuantError
 from .formats import BY_GGUF_TYPE, F32, FORMATS, GROUP
+from .gguf_archs import BY_NAME
 from .quantize import interleave
 from .schema import ModelConfig, SchemaError, expected_tensors
 
-SUPPORTED_ARCHS = ("llama",)
 _TOKENIZER_KEYS = {
     "tokenizer.ggml.model": "model",
     "tokenizer.ggml.pre": "pre",
@@ -58,29 +58,15 @@ def _open(path: Path):
         raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-# llama.cpp architectures lmcli imports -> (lmcli arch, rope rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM),
-# default for renormalising top-k weights when the file has no expert_weights_norm key; llama.cpp's
-# llm_build_* functions pass norm_w per architecture).
-_ARCHS = {
-    "llama": ("llama", True, True),  # Mixtral is stored as llama with expert tensors
-    "qwen2": ("qwen2", False, True),
-    "qwen3": ("qwen3", False, True),
-    "qwen2moe": ("qwen2_moe", False, False),
-    "qwen3moe": ("qwen3_moe", False, True),
-    "olmoe": ("olmoe", False, False),
-    "granitemoe": ("granitemoe", True, True),
-    "deepseek2": ("deepseek_v3", True, True),
-    "dots1": ("dots1", False, True),
-}
-SUPPORTED_ARCHS = tuple(_ARCHS)
+SUPPORTED_ARCHS = tuple(BY_NAME)
 
 
 def read_config(reader, path: Path) -> dict:
     """Model config from GGUF metadata (llama.cpp's keys) -> lmcli's ModelConfig keys."""
     arch = _field(reader, "general.architecture")
-    if arch not in _ARCHS:
+    if arch not in BY_NAME:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    name, rope_pairs, norm_default = _ARCHS[arch]
+    ga = BY_NAME[arch]
 
     def get(key, default=None):
         return _field(reader, f"{arch}.{key}", default)
@@ -104,7 +90,7 @@ def read_config(reader, path: Path) -> dict:
     if isinstance(n_ff, list):
         n_ff = max(n_ff)
     cfg = {
-        "arch": name,
+        "arch": ga.model_type,
         "n_layer": int(req("block_count")),
         "n_embd": n_embd,
         "n_ff": int(n_ff) or 1,
@@ -115,7 +101,7 @@ def read_config(reader, path: Path) -> dict:
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "rope_dim": int(get("rope.dimension_count", head_dim)),
         # llama.cpp's converter permutes Q/K rows for LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs.
-        "rope_interleaved": rope_pairs,
+        "rope_interleaved": ga.rope_pairs,
         "norm_eps": float(req("attention.layer_norm_rms_epsilon")),
     }
     n_expert = int(get("expert_count", 0))
@@ -128,8 +114,8 @@ def read_config(reader, path: Path) -> dict:
             "n_ff_exp": int(get("expert_feed_forward_length", cfg["n_ff"])),
             "n_expert_shared": int(get("expert_shared_count", 0)),
             "first_k_dense": int(get("leading_dense_block_count", 0)),
-            "router": "sigmoid" if gating == 2 or (gating == 0 and arch == "dots1") else "softmax",
-            "norm_topk_prob": bool(get("expert_weights_norm", norm_default)),
+            "router": "sigmoid" if gating == 2 or (gating == 0 and ga.sigmoid_default) else "softmax",
+            "norm_topk_prob": bool(get("expert_weights_norm", ga.norm_topk)),
             "routed_scaling_factor": float(get("expert_weights_scale", 1.0) or 1.0),
             "n_group": int(get("expert_group_count", 1) or 1),
             "topk_group": int(get("expert_group_used_count", 1) or 1),
@@ -140,14 +126,14 @@ def read_config(reader, path: Path) -> dict:
             cfg["n_expert_shared"] = cfg["n_expert_shared"] or 1
         elif cfg["n_expert_shared"]:
             cfg["n_ff_shexp"] = cfg["n_ff_exp"] * cfg["n_expert_shared"]
-    if arch == "granitemoe":
+    if ga.granite:
         cfg.update({
             "embedding_multiplier": float(get("embedding_scale", 1.0)),
             "residual_multiplier": float(get("residual_scale", 1.0)),
             "attention_multiplier": float(get("attention.scale", 0.0)),
             "logits_scaling": float(get("logit_scale", 1.0)),
         })
-    if arch == "deepseek2":
+    if ga.mla:
         rope = int(req("rope.dimension_count"))
         cfg.update({
             "q_lora_rank": int(get("attention.q_lora_rank", 0)),

@@ -122,3 +122,13 @@ def test_the_engine_maps_exactly_the_schema(tmp_path):
     c.tensors["blk.0.mystery.weight"] = c.tensors["output_norm.weight"]
     with pytest.raises(ModelFileError, match="does not use: blk.0.mystery.weight"):
         load_weights(c, cfg)
+
+
+def test_every_architecture_has_one_row_per_external_format():
+    """A variant of an architecture is one row in hf_config.ARCHS and one in gguf_archs.ARCHS: every Hugging Face
+    model_type lmcli converts is exportable to GGUF, and every llama.cpp architecture it imports is one it converts."""
+    from quant import gguf_archs, hf_config
+
+    assert set(hf_config.ARCHS) <= set(gguf_archs.FOR_EXPORT)
+    assert {a.model_type for a in gguf_archs.ARCHS} <= set(hf_config.ARCHS)
+    assert len({a.name for a in gguf_archs.ARCHS}) == len(gguf_archs.ARCHS)
