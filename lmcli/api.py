@@ -10,12 +10,11 @@ from typing import Iterator
 import numpy as np
 
 from quant.container import Container
-from quant.errors import ContainerError
-from quant.schema import ModelConfig, SchemaError
+from quant.schema import ModelConfig
 
 from .engine.expert_cache import DEFAULT_POLICY
 from .engine.model import Transformer
-from .errors import ModelFileError, UsageError
+from .errors import UsageError, model_file_errors
 from .generate import Event, generate_events
 from .sampling import Sampler, SamplerParams
 
@@ -55,16 +54,11 @@ class Model:
 
         t0 = time.perf_counter()
         self.path = Path(path)
-        try:
+        with model_file_errors():
             self.container = Container(self.path)
-        except ContainerError as e:
-            raise ModelFileError(str(e)) from None
+            self.config = ModelConfig.from_dict(self.container.metadata.get("config"))
         md = self.container.metadata
         self.metadata = md
-        try:
-            self.config = ModelConfig.from_dict(md.get("config"))
-        except SchemaError as e:
-            raise ModelFileError(str(e)) from None
         n_ctx = n_ctx if n_ctx is not None else _env_int("LMCLI_CTX_SIZE")
         if n_ctx is None:
             n_ctx = min(DEFAULT_CTX, self.config.n_ctx_train)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFileError, ModelNotFound, UsageError
+from .errors import ModelFileError, ModelNotFound, UsageError, model_file_errors
 
 DISK_GBPS = 1.7  # whole-bundle expert reads from disk, measured here at 1.5-2.0 GB/s (DESIGN.md)
 REGISTRY_BITS_PER_WEIGHT = 4.5  # Q4_0: 18 bytes per 32 weights
@@ -231,39 +231,34 @@ def registry_params(notes: str) -> tuple[float, float]:
 def container_costs(path: Path) -> dict:
     """Sizes from a container's header and tensor index (nothing of the weights is read)."""
     from quant.container import Container
-    from quant.errors import QuantError
     from quant.schema import ModelConfig, TensorSize
 
-    try:
+    with model_file_errors():
         c = Container(path)
-    except QuantError as e:
-        raise ModelFileError(str(e)) from None
-    try:
-        cfg = ModelConfig.from_dict(c.metadata.get("config"))
-        tensors = [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in c.tensors.values()]
-        return _costs(cfg, tensors, c.file_size)
-    except QuantError as e:
-        raise ModelFileError(str(e)) from None
-    finally:
-        c.close()
+        try:
+            cfg = ModelConfig.from_dict(c.metadata.get("config"))
+            tensors = [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in c.tensors.values()]
+            return _costs(cfg, tensors, c.file_size)
+        finally:
+            c.close()
 
 
 def gguf_costs(path: Path) -> dict:
     """Sizes from a GGUF file's header (a packaged or given .gguf not yet imported: no import just to plan)."""
     from gguf import GGUFReader
 
-    from quant.errors import QuantError
     from quant.gguf_io import read_config
     from quant.schema import ModelConfig, TensorSize
 
     try:
-        r = GGUFReader(str(path), "r")
-        d = read_config(r, path)
-        emb = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
-        d.setdefault("vocab_size", int(emb.shape[-1]) if emb is not None else 1)  # set by import from the vocabulary
-        cfg = ModelConfig.from_dict(d)
-    except QuantError as e:
-        raise ModelFileError(str(e)) from None
+        with model_file_errors():
+            r = GGUFReader(str(path), "r")
+            d = read_config(r, path)
+            emb = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
+            d.setdefault("vocab_size", int(emb.shape[-1]) if emb is not None else 1)  # import sets it from the vocabulary
+            cfg = ModelConfig.from_dict(d)
+    except ModelFileError:
+        raise
     except Exception as e:  # the reader raises assorted errors on a malformed file
         raise ModelFileError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     tensors = []

@@ -1,5 +1,7 @@
 """Typed errors: the library raises them, only the CLI prints them."""
 
+from contextlib import contextmanager
+
 
 class LmcliError(Exception):
     """An error with a message for the user and an optional hint."""
@@ -25,6 +27,18 @@ class ModelNotFound(LmcliError):
 
 class ModelFileError(LmcliError):
     """A model file is malformed, truncated or of an unsupported kind."""
+
+
+@contextmanager
+def model_file_errors():
+    """The one place quant's typed errors (a malformed container, GGUF file, checkpoint or config) become lmcli's:
+    `with model_file_errors(): ...` around every call into quant/ that reads or writes a model file."""
+    from quant.errors import QuantError
+
+    try:
+        yield
+    except QuantError as e:
+        raise ModelFileError(str(e)) from None
 
 
 class UsageError(LmcliError):

@@ -205,16 +205,15 @@ def _translated(fn: Callable[[], Path], s: Spec) -> Path:
     import httpx2
     from huggingface_hub import errors as hf
 
-    from quant.errors import QuantError
+    from .errors import model_file_errors
 
     where = f"{s.repo}@{s.revision}"
     resume = "run the same command again to resume"
     try:
-        return fn()
+        with model_file_errors():
+            return fn()
     except LmcliError:
         raise
-    except QuantError as e:
-        raise ModelFileError(str(e)) from None
     except hf.GatedRepoError:
         raise HubError(f"{s.repo} is gated: its files need an accepted license and a token",
                        hint="accept the terms on the repo's Hub page, then set HF_TOKEN to a token with "

@@ -18,10 +18,9 @@ from typing import Callable, Iterator
 
 from quant.container import MAGIC, Container
 from quant.container import VERSION as CONTAINER_VERSION
-from quant.errors import ContainerError, QuantError
-from quant.schema import ModelConfig, SchemaError, TensorSize, token_costs
+from quant.schema import ModelConfig, TensorSize, token_costs
 
-from .errors import ModelFileError, ModelNotFound, StoreError
+from .errors import ModelFileError, ModelNotFound, StoreError, model_file_errors
 from .registry import NAME_RE, load_registry
 
 CONTAINER = "model.lmc"
@@ -256,11 +255,12 @@ def import_gguf_file(src: Path, name: str, *, force: bool = False, source: dict 
     d.mkdir(parents=True, exist_ok=True)
     st = src.stat()
     try:
-        out = import_gguf(src, d / CONTAINER, overwrite=True, source=source)
-    except QuantError as e:
+        with model_file_errors():
+            out = import_gguf(src, d / CONTAINER, overwrite=True, source=source)
+    except ModelFileError:
         if created:
             d.rmdir()  # the writer already removed its temp file: leave no trace
-        raise ModelFileError(str(e)) from None
+        raise
     manifest = {
         "source": {"kind": "gguf", "file": src.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                    "sha256": _sha256(src), **(source or {})},
@@ -404,18 +404,13 @@ def show_info(name_or_path: str) -> dict:
     """What `lmcli show --json` prints: architecture, parameters (total, active), experts and top-k, formats per
     tensor class, file size, bytes read per token, context length, chat template, source."""
     path = resolve(name_or_path)
-    try:
+    with model_file_errors():
         c = Container(path)
-    except ContainerError as e:
-        raise ModelFileError(str(e)) from None
-    try:
-        md, tensors, file_size = c.metadata, list(c.tensors.values()), c.file_size
-    finally:
-        c.close()
-    try:
+        try:
+            md, tensors, file_size = c.metadata, list(c.tensors.values()), c.file_size
+        finally:
+            c.close()
         cfg = ModelConfig.from_dict(md.get("config"))
-    except SchemaError as e:
-        raise ModelFileError(f"{path}: {e}") from None
     costs = token_costs(cfg, [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in tensors])
     formats: dict[str, set[str]] = {}
     for t in tensors:

@@ -22,7 +22,10 @@ from .formats import ALIGN, align_up
 
 ROUTERS = ("softmax", "sigmoid")  # score function; selection and weighting are the other fields
 QK_NORMS = ("none", "head", "full")  # none; RMSNorm per head (Qwen3); RMSNorm over all heads (OLMoE)
-ROPE_SCALINGS = ("linear", "llama3")
+ROPE_SCALINGS = {  # supported kinds and the parameters each needs (transformers' ROPE_INIT_FUNCTIONS)
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 KV_BYTES = 4  # the KV cache holds float32 keys and values (lmcli/engine/cache.py)
 
 
@@ -85,10 +88,10 @@ class ModelConfig:
         missing = [f.name for f in fields(cls) if f.name not in kw and f.default is MISSING]
         if missing:
             raise SchemaError(f"lacks {', '.join(missing)}")
-        try:
-            cfg = cls(**kw)
-        except TypeError as e:
-            raise SchemaError(f"bad field ({e})") from None
+        for f in fields(cls):
+            if f.name in kw:
+                kw[f.name] = _typed(f.name, f.type, kw[f.name])
+        cfg = cls(**kw)
         cfg.validate()
         return cfg
 
@@ -104,10 +107,11 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < (1 << 24):
                 bad(f"{name} = {v!r} is out of range")
 
-        for name in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "vocab_size"):
+        for name in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "vocab_size", "n_ctx_train"):
             count(name)
         for name in ("n_expert", "n_expert_used", "n_ff_exp", "n_expert_shared", "n_ff_shexp", "first_k_dense",
-                     "rope_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                     "rope_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "sliding_window", "n_group", "topk_group"):
             count(name, 0)
         if self.n_head % self.n_head_kv:
             bad(f"{self.n_head} attention heads are not a multiple of {self.n_head_kv} KV heads")
@@ -130,8 +134,10 @@ class ModelConfig:
                 if isinstance(self.rope_scaling, dict) else None
             if kind not in ROPE_SCALINGS:
                 bad(f"RoPE scaling {kind!r} is not supported yet (supported: {', '.join(ROPE_SCALINGS)})")
-        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
-            bad(f"bad sliding_window {self.sliding_window!r}")
+            for key in ROPE_SCALINGS[kind]:
+                x = self.rope_scaling.get(key)
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
+                    bad(f"{kind} RoPE scaling needs a positive {key}, got {_short(x)}")
         if self.first_k_dense > self.n_layer:
             bad("first_k_dense exceeds n_layer")
 
@@ -157,6 +163,32 @@ class ModelConfig:
     def kv_bytes_per_token(self) -> int:
         n_kv, dk, dv = self.kv_dims
         return self.n_layer * n_kv * (dk + dv) * KV_BYTES
+
+
+def _typed(name: str, kind: str, v):
+    """v as the field's type, strictly: a bool is not a number, a number not a bool; floats are finite and become
+    float (an int where a float belongs would give the kernels a second specialisation to compile)."""
+    if kind == "int" and isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if kind == "float" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    if kind == "bool" and isinstance(v, bool):
+        return v
+    if kind == "str" and isinstance(v, str):
+        return v
+    if kind == "dict | None" and (v is None or (isinstance(v, dict) and all(
+            isinstance(k, str) and (isinstance(x, (str, bool, int, type(None)))
+                                    or (isinstance(x, float) and math.isfinite(x)))
+            for k, x in v.items()))):
+        return v
+    want = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+            "dict | None": "null or an object of numbers, strings and booleans"}[kind]
+    raise SchemaError(f"{name} = {_short(v)} is not {want}")
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def expected_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -249,3 +249,20 @@ def test_show_list_cp_rm_round_trip(lmcli_home):
     names = [m["name"] for m in json.loads(lmcli("list", "--json", home=lmcli_home).stdout)]
     assert "smol-copy" not in names
     assert_clean_failure(lmcli("rm", "../etc", home=lmcli_home))
+
+
+def test_wrong_types_in_a_container_config_are_one_clear_line(lmcli_home, tmp_path):
+    """Issue 19 (7): a container whose config holds wrong types (written by hand or another tool) is refused by the
+    schema, naming the field, in every command that reads it; never a TypeError or a Numba error."""
+    from quant.container import Container, ContainerWriter
+
+    md = Container(lmcli_home / "models" / "smollm2" / "model.lmc").metadata
+    for field, value in [("rope_theta", {}), ("rope_interleaved", []), ("n_layer", True), ("norm_eps", "1e-5")]:
+        bad = tmp_path / f"{field}.lmc"
+        with ContainerWriter(bad) as w:
+            w.begin({**md, "config": {**md["config"], field: value}})
+            w.finish()
+        for args in (["run", str(bad), "hi"], ["show", str(bad)]):
+            r = lmcli(*args, home=lmcli_home)
+            assert_clean_failure(r)
+            assert f"model config: {field} = " in r.stderr, r.stderr

@@ -82,6 +82,19 @@ def test_kv_bytes_per_token_are_what_the_transformers_cache_holds(built):
     ("router", "relu", "unknown router 'relu'"),
     ("rope_scaling", {"rope_type": "dynamic"}, "RoPE scaling 'dynamic'"),
     ("n_group", 3, "n_group 3 / topk_group"),
+    # types as strictly as sizes (issue 19): a bool is not a number, a number not a bool, no nesting
+    ("rope_theta", {}, r"rope_theta = \{\} is not a finite number"),
+    ("norm_eps", float("nan"), "norm_eps = nan is not a finite number"),
+    ("norm_eps", True, "norm_eps = True is not a finite number"),
+    ("rope_interleaved", [], r"rope_interleaved = \[\] is not true or false"),
+    ("tied_embeddings", 1, "tied_embeddings = 1 is not true or false"),
+    ("n_embd", 64.0, "n_embd = 64.0 is not an integer"),
+    ("arch", 5, "arch = 5 is not a string"),
+    ("rope_scaling", {"rope_type": "linear", "factor": {"a": [1] * 100}}, "rope_scaling = .* is not null or an"),
+    ("rope_scaling", {"rope_type": "linear"}, "linear RoPE scaling needs a positive factor, got None"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "needs a positive low_freq_factor"),
+    ("sliding_window", -1, "sliding_window = -1 is out of range"),
+    ("n_ctx_train", 0, "n_ctx_train = 0 is out of range"),
 ])
 def test_a_bad_config_is_one_schema_error_naming_the_field(field, value, match):
     base = dict(arch="mixtral", n_layer=2, n_embd=64, n_ff=64, n_head=4, n_head_kv=2, head_dim=16, vocab_size=10,
@@ -92,6 +105,12 @@ def test_a_bad_config_is_one_schema_error_naming_the_field(field, value, match):
     assert str(e.value).startswith("model config: ") and "\n" not in str(e.value)
     with pytest.raises(SchemaError, match="lacks n_embd"):
         ModelConfig.from_dict({k: v for k, v in base.items() if k != "n_embd"})
+
+
+def test_numbers_are_stored_as_their_field_type():
+    cfg = ModelConfig.from_dict(dict(arch="llama", n_layer=1, n_embd=64, n_ff=64, n_head=4, n_head_kv=4, head_dim=16,
+                                     vocab_size=10, norm_eps=1, rope_theta=10000, routed_scaling_factor=2))
+    assert type(cfg.norm_eps) is float and type(cfg.rope_theta) is float and type(cfg.routed_scaling_factor) is float
 
 
 def test_converters_refuse_what_the_schema_refuses_before_writing(tmp_path):

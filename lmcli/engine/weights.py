@@ -8,11 +8,10 @@ import numpy as np
 
 from quant import kernels
 from quant.container import Container
-from quant.errors import ContainerError
 from quant.formats import TILE, Format, matrix_parts
 from quant.schema import ModelConfig, expected_tensors
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, model_file_errors
 
 
 class Act:
@@ -200,7 +199,7 @@ def load_weights(c: Container, cfg: ModelConfig) -> Weights:
     """Map every tensor the schema lists for this config, each shape checked, and none left over on either side."""
     L = _Loader(c, cfg)
     c.advise("random")  # before any page is touched (a router's compact copy is made here): no readahead into experts
-    try:
+    with model_file_errors():
         layers = []
         for i in range(cfg.n_layer):
             p = f"blk.{i}."
@@ -244,8 +243,6 @@ def load_weights(c: Container, cfg: ModelConfig) -> Weights:
         tok = L.lin("token_embd.weight")
         out = tok if cfg.tied_embeddings else L.lin("output.weight")
         w = Weights(tok, layers, L.vec("output_norm.weight"), out)
-    except ContainerError as e:
-        raise ModelFileError(str(e)) from None
     unmapped = set(L.want) - L.used
     assert not unmapped, f"the engine does not map {sorted(unmapped)[:4]}, which the schema lists"
     extra = sorted(set(c.tensors) - L.used)
