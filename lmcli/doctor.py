@@ -245,14 +245,12 @@ def container_costs(path: Path) -> dict:
 
 def gguf_costs(path: Path) -> dict:
     """Sizes from a GGUF file's header (a packaged or given .gguf not yet imported: no import just to plan)."""
-    from gguf import GGUFReader
-
-    from quant.gguf_io import read_config
+    from quant.gguf_io import open_gguf, read_config
     from quant.schema import ModelConfig, TensorSize
 
     try:
         with model_file_errors():
-            r = GGUFReader(str(path), "r")
+            r = open_gguf(path)
             d = read_config(r, path)
             emb = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
             d.setdefault("vocab_size", int(emb.shape[-1]) if emb is not None else 1)  # import sets it from the vocabulary

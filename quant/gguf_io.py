@@ -11,6 +11,7 @@ from .container import ContainerWriter
 from .errors import GGUFError, QuantError
 from .formats import BY_GGUF_TYPE, F32, FORMATS, GROUP
 from .gguf_archs import BY_NAME
+from .gguf_header import check_header
 from .quantize import interleave
 from .schema import ModelConfig, SchemaError, expected_tensors
 
@@ -45,11 +46,12 @@ def _field(reader, key, default=None):
     return v
 
 
-def _open(path: Path):
+def open_gguf(path: Path):
     from gguf import GGUFReader
 
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
+    check_header(path)  # every count and length bounded by the file before the reader walks them
     try:
         return GGUFReader(str(path), "r")
     except QuantError:
@@ -235,7 +237,23 @@ def _tensor_plan(reader, path: Path, size: int):
                 raise GGUFError(f"{path}: tensor {t.name} holds {t.n_bytes} bytes, its shape needs {n_expert * n_out * row}")
             shape = (n_expert, n_out, n_in) if len(dims) == 3 else (n_out, n_in)
             plan.append((t.name, fmt, shape, t, fmt))
+    _check_extents(reader, path)
     return plan
+
+
+def _check_extents(reader, path: Path) -> None:
+    """Tensor data as llama.cpp requires it: each extent aligned and none overlapping another."""
+    align = int(getattr(reader, "alignment", 32))
+    base = int(reader.data_offset)
+    prev = None
+    for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
+        start, end = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
+        if (start - base) % align:
+            raise GGUFError(f"{path}: tensor {t.name} data at offset {start - base} is not {align}-byte aligned")
+        if prev is not None and start < prev[1]:
+            raise GGUFError(f"{path}: tensor {t.name} data [{start}, {end}) overlaps tensor {prev[0]} "
+                            f"[{prev[2]}, {prev[1]})")
+        prev = (t.name, end, start)
 
 
 def _check_schema(cfg: dict, shapes: dict[str, tuple], path: Path) -> ModelConfig:
@@ -260,7 +278,7 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
                 source: dict | None = None) -> Path:
     """Repack a GGUF file into a container at dst (written atomically). Returns dst."""
     path = Path(src)
-    reader = _open(path)
+    reader = open_gguf(path)
     size = path.stat().st_size
     cfg = read_config(reader, path)
     tok = read_tokenizer(reader)

@@ -79,3 +79,56 @@ def test_not_a_gguf_is_refused(tmp_path):
     src.write_bytes(b"hello world" * 100)
     with pytest.raises(GGUFError):
         import_gguf(src, tmp_path / "out.lmc")
+
+
+# --- hostile headers (issue 19): every count and length bounded by the file, extents disjoint ----------------------
+
+
+def _patched(src, dst, key: bytes, offset_after_key: int, new: bytes):
+    """A copy of src with `new` written at a field offset_after_key bytes after the length-prefixed `key`."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + offset_after_key
+    data[at:at + len(new)] = new
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _import_in_a_subprocess(path, tmp_path):
+    """import_gguf in a child with a deadline: an unbounded loop fails the test instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from quant.gguf_io import import_gguf; from quant.errors import GGUFError\n"
+            "try:\n    import_gguf(sys.argv[1], sys.argv[2])\nexcept GGUFError as e:\n    print(e); sys.exit(3)")
+    r = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out.lmc")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert not (tmp_path / "out.lmc").exists()
+    return r.stdout.strip()
+
+
+def test_an_array_count_of_2_64_minus_1_is_refused_at_once(smol_gguf, tmp_path):
+    # tokenizer.ggml.token_type: value type (u32), item type (u32), then the count (u64)
+    bad = _patched(smol_gguf, tmp_path / "count.gguf", b"tokenizer.ggml.token_type", 8, b"\xff" * 8)
+    assert "18446744073709551615" in _import_in_a_subprocess(bad, tmp_path)
+
+
+def test_a_string_longer_than_the_file_is_refused(smol_gguf, tmp_path):
+    # general.architecture's value: value type (u32), then the string's length (u64)
+    bad = _patched(smol_gguf, tmp_path / "len.gguf", b"general.architecture", 4, (1 << 40).to_bytes(8, "little"))
+    assert "left in the file" in _import_in_a_subprocess(bad, tmp_path)
+
+
+def test_overlapping_tensors_are_refused(smol_gguf, tmp_path):
+    """A tensor whose type field says F32 instead of its real type covers its neighbours' bytes: llama.cpp refuses
+    the file, and so does lmcli (it used to import it and fail at run time with a ZeroDivisionError)."""
+    r = GGUFReader(str(smol_gguf))
+    inner = sorted(r.tensors, key=lambda t: int(t.data_offset))[len(r.tensors) // 2:]  # 7x its size stays inside
+    t = next(t for t in inner if t.tensor_type in (QT.Q4_1, QT.Q8_0) and len(t.shape) == 2)
+    # tensor info: name, n_dims (u32), dims (u64 each), type (u32)
+    bad = _patched(smol_gguf, tmp_path / "overlap.gguf", t.name.encode(), 4 + 8 * len(t.shape),
+                   int(QT.F32).to_bytes(4, "little"))
+    msg = _import_in_a_subprocess(bad, tmp_path)
+    assert f"tensor {t.name}" in msg and "overlaps" in msg, msg
