@@ -42,7 +42,10 @@ def _convert_rows(src: TensorSource, p: Piece, fmt: Format,
         w = src.read_rows(p.src, p.row0 + r, p.row0 + r + n)  # (n, n_in)
         if not np.isfinite(w).all():
             raise ConvertError(f"tensor {p.src} has non-finite values")
-        c, s = quantize_matrix(w, fmt)
+        try:
+            c, s = quantize_matrix(w, fmt)
+        except ConvertError as e:
+            raise ConvertError(f"tensor {p.src}: {e}") from None
         if measure and fmt is not F32:
             sq += float(np.sum(np.square(dequantize_interleaved(c, s, fmt, n, p.row_len) - w, dtype=np.float64)))
         codes.append(c)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ConvertError
 from .formats import GROUP, TILE, Format
 
 
@@ -233,9 +234,16 @@ def dequantize_interleaved(codes: np.ndarray, scales: np.ndarray, fmt: Format, n
 
 
 def quantize_matrix(w: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
-    """float matrix (n_out, n_in) -> interleaved (codes, scales) in fmt."""
+    """float matrix (n_out, n_in) -> interleaved (codes, scales) in fmt. A value beyond what the format's 16-bit
+    scales (or, for f16, values) hold is a ConvertError, never an infinite scale written silently."""
     n_out, n_in = w.shape
-    return interleave(fmt.codec.encode(w), fmt, n_out, n_in)
+    codes, scales = interleave(fmt.codec.encode(w), fmt, n_out, n_in)
+    halves = scales if fmt.quantized else codes if fmt.bits == 16 else None
+    if halves is not None and halves.size and not np.isfinite(halves.view(np.float16)).all():
+        what = "scales" if fmt.quantized else "values"
+        raise ConvertError(f"values up to {float(np.max(np.abs(w))):.4g} overflow {fmt.name}'s 16-bit {what} "
+                           "(a larger scale or a wider type is needed: try --type q8_0)")
+    return codes, scales
 
 
 # --- the codec of each format (formats.Format.codec_name) ----------------------------------------------

@@ -472,6 +472,14 @@ def _nan_in_last_tensor(d):  # found after the header is written: the temporary 
     save_file(t, d / "model.safetensors")
 
 
+def _huge_weight(d):  # finite, but beyond the fp16 scale of q4_0 (max / 8 > 65504): an infinite scale before
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.weight"][1, 2] = 6e5
+    save_file(t, d / "model.safetensors")
+
+
 BAD_INPUTS = {
     "truncated_shard": (_truncate, "truncated"),
     "header_length_2_40": (_huge_header, "header length 1099511627776"),
@@ -486,6 +494,8 @@ BAD_INPUTS = {
     "unknown_tensor_name": (_unknown_tensor, "model.layers.0.mlp.mystery.weight"),
     "tensor_in_two_shards": (_duplicate_across_shards, "model.norm.weight appears in both"),
     "non_finite_weight": (_nan_in_last_tensor, "non-finite"),
+    "weight_beyond_the_fp16_scale": (_huge_weight, "model.layers.0.mlp.up_proj.weight: values up to 6e.05 overflow "
+                                                   "q4_0's 16-bit scales"),
 }
 
 
@@ -500,6 +510,18 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(models, tmp_path, case)
         convert_hf(d, out_dir / "m.lmc", "q4_0")
     assert "\n" not in str(e.value)
     assert list(out_dir.iterdir()) == []
+
+
+def test_f16_refuses_a_value_beyond_half_precision_and_q8_0_holds_it(models, tmp_path):
+    d = _copy(models("llama"), tmp_path / "src" / "m")
+    _huge_weight(d)
+    with pytest.raises(ConvertError, match="overflow f16's 16-bit values"):
+        convert_hf(d, tmp_path / "f16.lmc", "f16")
+    assert not (tmp_path / "f16.lmc").exists()
+    convert_hf(d, tmp_path / "q8.lmc", "q8_0")
+    c = Container(tmp_path / "q8.lmc")
+    w = dequantize_interleaved(*c.matrix("blk.0.ffn_up.weight"), c.info("blk.0.ffn_up.weight").fmt, 64, 64)
+    assert abs(w[1, 2] - 6e5) < 6e5 / 127
 
 
 def test_existing_output_is_kept_unless_overwrite(models, tmp_path):
