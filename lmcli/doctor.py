@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFileError, ModelNotFound, UsageError, model_file_errors
+from .errors import ModelFileError, UsageError, model_file_errors
 
 DISK_GBPS = 1.7  # whole-bundle expert reads from disk, measured here at 1.5-2.0 GB/s (DESIGN.md)
 REGISTRY_BITS_PER_WEIGHT = 4.5  # Q4_0: 18 bytes per 32 weights
@@ -287,41 +287,6 @@ def _default_ctx(n_ctx_train: int) -> int:
     return int(env) if env and env.isdigit() else min(DEFAULT_CTX, n_ctx_train)
 
 
-def _locate(model: str) -> tuple[str, object]:
-    """("container", path) | ("gguf", path) | ("registry", Entry), importing nothing."""
-    from quant.container import MAGIC
-
-    from .registry import NAME_RE, load_registry
-    from .store import CONTAINER, MANIFEST, models_dir, packaged_file
-
-    if not model:
-        raise ModelNotFound("no model given")
-    p = Path(model).expanduser()
-    if os.sep in model or model.endswith((".gguf", ".lmc")) or p.exists():
-        if p.is_dir() and (p / CONTAINER).is_file():
-            return "container", p / CONTAINER
-        if not p.is_file():
-            raise ModelNotFound(f"{model}: no such file")
-        with open(p, "rb") as f:
-            head = f.read(len(MAGIC))
-        if head == MAGIC:
-            return "container", p
-        if head[:4] == b"GGUF":
-            return "gguf", p
-        raise ModelFileError(f"{model} is neither a GGUF file nor an lmcli container")
-    reg = load_registry()
-    if NAME_RE.match(model) and ".." not in model:
-        d = models_dir() / model
-        if (d / MANIFEST).is_file() and (d / CONTAINER).is_file():
-            return "container", d / CONTAINER
-        entry = reg.get(model)
-        if entry is not None and entry.packaged:
-            return "gguf", packaged_file(entry.packaged)
-        if entry is not None:
-            return "registry", entry
-    raise ModelNotFound(f"unknown model {model!r}", hint=f"known names: {', '.join(sorted(reg))}; or give a path")
-
-
 def _registry_costs(entry) -> dict:
     total, active = registry_params(entry.notes)
     bpw = REGISTRY_BITS_PER_WEIGHT / 8
@@ -416,14 +381,19 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None)
     through the expert cache instead of assuming uniform routing."""
     from .engine.expert_cache import DEFAULT_POLICY, POLICIES
 
+    from .store import locate, resolve
+
     budget, budget_from = _memory_budget(memory)
-    kind, where = _locate(model)
+    loc = locate(model)
+    kind = "registry" if loc.kind == "partial" else loc.kind
     if kind == "container":
-        c, source = container_costs(where), "container header"
+        c, source = container_costs(loc.path), "container header"
     elif kind == "gguf":
-        c, source = gguf_costs(where), "GGUF header (not imported yet)"
+        c, source = gguf_costs(loc.path), "GGUF header (not imported yet)"
+    elif loc.entry is not None:
+        c, source = _registry_costs(loc.entry), f"registry notes ({loc.entry.notes}); not downloaded"
     else:
-        c, source = _registry_costs(where), f"registry notes ({where.notes}); not downloaded"
+        resolve(model)  # an unfinished pull of an unlisted repo: resolve's error says how to resume it
     steps, n_tokens = read_trace(Path(trace), c, model) if trace is not None else (None, None)
     kv = c["kv_bytes_per_token"] * c["n_ctx"] if c["kv_bytes_per_token"] is not None else 0
     need = c["file_bytes"] + kv
@@ -484,7 +454,7 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None)
     return {
         "model": model,
         "source": source,
-        "path": None if kind == "registry" else str(where),
+        "path": None if kind == "registry" else str(loc.path),
         **{k: c[k] for k in ("arch", "n_layer", "n_expert", "n_expert_used", "file_bytes", "bytes_per_token",
                              "dense_bytes_per_token", "expert_bytes_per_token")},
         "n_ctx": c["n_ctx"],

@@ -170,7 +170,7 @@ def _pull(s: Spec, *, keep_source: bool, force: bool, ui) -> Path:
 
     d = store.model_dir(s.name)
     if constants.is_offline_mode():
-        if (d / store.MANIFEST).is_file() and (d / store.CONTAINER).is_file() and not force:
+        if store.in_store(s.name) and not force:
             return d / store.CONTAINER
         raise HubError(f"HF_HUB_OFFLINE is set and {s.name!r} is not in the store",
                        hint="unset HF_HUB_OFFLINE to download it")
@@ -198,6 +198,15 @@ def _pull(s: Spec, *, keep_source: bool, force: bool, ui) -> Path:
         except BaseException:
             _forget_if_empty(d, staging, state)
             raise
+
+
+def resume_command(name: str) -> str:
+    """The command that resumes an interrupted pull of `name`, from the pull's own state (this module's format)."""
+    try:
+        spec = json.loads((store.model_dir(name) / store.PARTIAL / "state.json").read_text(encoding="utf-8"))["spec"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return f"lmcli pull {name}"
+    return f"lmcli pull {spec}" + ("" if spec == name else f" --name {name}")
 
 
 def _translated(fn: Callable[[], Path], s: Spec) -> Path:

@@ -9,7 +9,7 @@ from importlib import resources
 
 from .errors import LmcliError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would admit a final newline
 _FIELDS = {"repo", "revision", "arch", "quant", "notes", "packaged", "defaults"}
 SAMPLING_KEYS = {"temp": float, "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float}
 

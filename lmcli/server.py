@@ -489,7 +489,7 @@ def store_models() -> list[dict]:
 def _target(requested: str | None, default: Target | None) -> Target:
     """The model a request names: the default, a store entry or a packaged registry model; else 404."""
     from .registry import load_registry
-    from .store import CONTAINER, MANIFEST, models_dir
+    from .store import CONTAINER, in_store, models_dir
 
     if not requested:
         if default is None:
@@ -499,9 +499,8 @@ def _target(requested: str | None, default: Target | None) -> Target:
         return default
     if not _is_name(requested):
         raise _not_found(None)
-    d = models_dir() / requested
-    if (d / MANIFEST).is_file() and (d / CONTAINER).is_file():
-        return Target(requested, str(d / CONTAINER))
+    if in_store(requested):
+        return Target(requested, str(models_dir() / requested / CONTAINER))
     entry = load_registry().get(requested)
     if entry is not None and entry.packaged:
         return Target(requested, requested)  # lmcli.load imports the packaged GGUF on first use

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Iterator
@@ -79,10 +80,9 @@ def list_models() -> list[dict]:
     if not d.is_dir():
         return out
     for p in sorted(d.iterdir()):
-        m = p / MANIFEST
-        if NAME_RE.match(p.name) and p.is_dir() and m.is_file() and (p / CONTAINER).is_file():
+        if in_store(p.name):
             try:
-                man = json.loads(m.read_text(encoding="utf-8"))
+                man = json.loads((p / MANIFEST).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(man, dict):
@@ -322,50 +322,77 @@ def packaged_file(spec: str) -> Path:
     return p
 
 
-def resolve(name_or_path: str) -> Path:
-    """A model name, a store entry, a registry name, a container file or a .gguf file -> container path."""
+def in_store(name: str) -> bool:
+    """Whether `name` is a complete model in the store: a manifest beside its container (an unfinished pull or
+    import has neither, or only the container)."""
+    if not (NAME_RE.fullmatch(name) and ".." not in name):
+        return False
+    d = models_dir() / name
+    return (d / MANIFEST).is_file() and (d / CONTAINER).is_file()
+
+
+@dataclass(frozen=True)
+class Located:
+    """What a model name or path refers to, found without importing, downloading or writing anything."""
+
+    kind: str  # "container" (runnable as is), "gguf" (imported on first run), "registry" (not pulled), "partial"
+    path: Path | None  # the container or GGUF file
+    name: str | None = None  # the store name (a GGUF path: the name its import takes)
+    entry: object = None  # the registry entry, for registry names
+    source: dict | None = None  # what an import records of where the file came from
+
+
+def locate(name_or_path: str) -> Located:
+    """A path (container, a directory holding one, GGUF), a store name, or a registry name (packaged or not yet
+    pulled) -> what it is. Reads file headers and the store's manifests only: no side effect."""
     if not name_or_path:
         raise ModelNotFound("no model given")
     p = Path(name_or_path).expanduser()
-    looks_like_path = os.sep in name_or_path or name_or_path.endswith((".gguf", ".lmc")) or p.exists()
-    if looks_like_path:
+    if os.sep in name_or_path or name_or_path.endswith((".gguf", ".lmc")) or p.exists():
         if p.is_dir() and (p / CONTAINER).is_file():
-            return p / CONTAINER
+            return Located("container", p / CONTAINER)
         if not p.is_file():
             raise ModelNotFound(f"{name_or_path}: no such file")
         if _is_container(p):
-            return p
+            return Located("container", p)
         with open(p, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
-            return cached_import(p, _gguf_store_name(p))
+            return Located("gguf", p, _gguf_store_name(p))
         raise ModelFileError(f"{name_or_path} is neither a GGUF file nor an lmcli container")
-    if NAME_RE.match(name_or_path) and ".." not in name_or_path:
+    reg = load_registry()
+    if NAME_RE.fullmatch(name_or_path) and ".." not in name_or_path:
         d = models_dir() / name_or_path
-        reg = load_registry()
         entry = reg.get(name_or_path)
         stale_packaged = entry is not None and entry.packaged and not _current(d / CONTAINER)
-        if (d / MANIFEST).is_file() and (d / CONTAINER).is_file() and not stale_packaged:
-            return d / CONTAINER
+        if in_store(name_or_path) and not stale_packaged:
+            return Located("container", d / CONTAINER, name_or_path)
         if entry is not None and entry.packaged:
-            return cached_import(packaged_file(entry.packaged), name_or_path,
-                                  source={"registry": entry.name, "repo": entry.repo})
+            return Located("gguf", packaged_file(entry.packaged), name_or_path, entry,
+                           {"registry": entry.name, "repo": entry.repo})
         if (d / PARTIAL).is_dir():
-            raise ModelNotFound(f"model {name_or_path!r} is not complete: its download was interrupted",
-                                hint=f"run `{_resume_command(d, name_or_path)}` to resume it")
+            return Located("partial", None, name_or_path, entry)
         if entry is not None:
-            raise ModelNotFound(f"model {name_or_path!r} ({entry.repo}) is not in the store",
-                                hint=f"run `lmcli pull {name_or_path}` to download it")
-    known = sorted(load_registry())
-    raise ModelNotFound(f"unknown model {name_or_path!r}", hint=f"known names: {', '.join(known)}; or give a .gguf path")
+            return Located("registry", None, name_or_path, entry)
+    raise ModelNotFound(f"unknown model {name_or_path!r}", hint=f"known names: {', '.join(sorted(reg))}; "
+                                                                 "or give a .gguf path")
 
 
-def _resume_command(d: Path, name: str) -> str:
-    try:
-        spec = json.loads((d / PARTIAL / "state.json").read_text(encoding="utf-8"))["spec"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        return f"lmcli pull {name}"
-    return f"lmcli pull {spec}" + ("" if spec == name else f" --name {name}")
+def resolve(name_or_path: str) -> Path:
+    """A model name or path -> the container to run: a GGUF file is imported into the store on first use (and
+    reused while unchanged); a registry name must have been pulled."""
+    loc = locate(name_or_path)
+    if loc.kind == "container":
+        return loc.path
+    if loc.kind == "gguf":
+        return cached_import(loc.path, loc.name, source=loc.source)
+    if loc.kind == "partial":
+        from .hub import resume_command
+
+        raise ModelNotFound(f"model {loc.name!r} is not complete: its download was interrupted",
+                            hint=f"run `{resume_command(loc.name)}` to resume it")
+    raise ModelNotFound(f"model {loc.name!r} ({loc.entry.repo}) is not in the store",
+                        hint=f"run `lmcli pull {loc.name}` to download it")
 
 
 # --- show ---------------------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""The one resolver: locate() says what a name or path refers to without writing anything; resolve() is locate
+plus the import a GGUF needs; plan, run, show and the server agree on what a name means."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lmcli.errors import ModelNotFound, StoreError
+from lmcli.store import in_store, locate, models_dir, resolve, validate_name
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "home"
+    monkeypatch.setenv("LMCLI_HOME", str(h))
+    return h
+
+
+def _files(d):
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else []
+
+
+def test_locate_writes_nothing_and_resolve_imports_once(home, smol_gguf, tmp_path):
+    loc = locate("smollm2")
+    assert (loc.kind, loc.path, loc.name) == ("gguf", smol_gguf, "smollm2")
+    copy = tmp_path / "My Model.Q4_1.gguf"
+    shutil.copy(smol_gguf, copy)
+    loc = locate(str(copy))
+    assert (loc.kind, loc.path, loc.name) == ("gguf", copy, "My-Model.Q4_1")
+    assert locate("olmoe").kind == "registry" and locate("olmoe").entry.name == "olmoe"
+    assert _files(home) == []  # nothing imported, nothing created
+    assert not in_store("smollm2")
+    path = resolve("smollm2")
+    assert in_store("smollm2") and path == models_dir() / "smollm2" / "model.lmc"
+    assert locate("smollm2") == type(loc)("container", path, "smollm2")
+    assert locate(str(path.parent)).path == path and locate(str(path)).path == path
+    before = path.stat().st_mtime_ns
+    assert resolve("smollm2") == path and path.stat().st_mtime_ns == before  # reused, not imported again
+
+
+def test_an_interrupted_pull_is_named_with_the_command_that_resumes_it(home):
+    partial = home / "models" / "olmoe" / ".partial"
+    partial.mkdir(parents=True)
+    (partial / "state.json").write_text(json.dumps({"spec": "allenai/OLMoE-1B-7B-0924-Instruct"}))
+    assert locate("olmoe").kind == "partial"
+    with pytest.raises(ModelNotFound, match="interrupted") as e:
+        resolve("olmoe")
+    assert e.value.hint == "run `lmcli pull allenai/OLMoE-1B-7B-0924-Instruct --name olmoe` to resume it"
+    from lmcli.doctor import plan
+
+    assert plan("olmoe", memory="16G")["source"].startswith("registry notes")  # plan still plans it
+
+
+@pytest.mark.parametrize("name", ["smollm2\n", "a/b", "..x", "x" * 65, ""])
+def test_names_are_whole_matches(home, name):
+    """Issue 19 (8): a name ending in a newline matched `$` and was stored under a name rm could not find."""
+    assert not in_store(name)
+    with pytest.raises(StoreError, match="invalid model name"):
+        validate_name(name)
+    with pytest.raises((ModelNotFound, StoreError)):
+        resolve(name)
