@@ -2,19 +2,70 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import click
 import typer
 
 from .errors import LmcliError, UsageError
 
+if TYPE_CHECKING:
+    from .engine.options import EngineOptions
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixture-of-Experts language models locally on your CPU from 4-bit weights.")
+
+# The engine flags, declared once: flag parameter -> (type, option, EngineOptions field, value -> field value)
+ENGINE_FLAGS = {
+    "threads": (Optional[int], typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores"),
+                "threads", None),
+    "ctx_size": (Optional[int], typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096"),
+                 "n_ctx", None),
+    "moe_topk": (Optional[int], typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
+                 "moe_topk", None),
+    "expert_cache_mib": (Optional[int], typer.Option(None, "--expert-cache-mib",
+                                                     help="expert cache size (default: automatic when the model "
+                                                          "does not fit in memory; 0: off)"),
+                         "expert_cache_mib", None),
+    "use_mmap": (bool, typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
+                                    "them into RAM (starts faster, decodes slower)"),
+                 "use_mmap", lambda v: v or None),  # absent: the engine decides (None), not "never map"
+}
+
+
+def engine_flags(*names: str):
+    """Offer the engine flags `names` (default: all) on a command, which receives them as one EngineOptions in
+    its `engine` parameter."""
+    names = names or tuple(ENGINE_FLAGS)
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=ENGINE_FLAGS[n][1],
+                                   annotation=ENGINE_FLAGS[n][0]) for n in names]
+
+        @functools.wraps(fn)
+        def command(**kw):
+            from .engine.options import EngineOptions
+
+            fields = {}
+            for n in names:
+                _, _, field, conv = ENGINE_FLAGS[n]
+                v = kw.pop(n)
+                fields[field] = conv(v) if conv else v
+            return fn(**kw, engine=EngineOptions(**fields))
+
+        command.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "engine"]
+                                            + extra)
+        command.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k not in ("engine", "return")},
+                                   **{n: ENGINE_FLAGS[n][0] for n in names}}
+        return command
+    return decorate
 
 
 def _sampling(model: str, **flags):
@@ -37,6 +88,7 @@ def _read_prompt(prompt: Optional[str]) -> str:
 
 
 @app.command()
+@engine_flags()
 def run(
     model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
     prompt: Optional[str] = typer.Argument(None, help="the prompt; '-' or absent reads stdin"),
@@ -51,51 +103,43 @@ def run(
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
     raw: bool = typer.Option(False, "--raw", help="no chat template: the prompt is the raw text"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="never stop at end-of-text tokens"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores"),
-    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, ids, usage and timings"),
     stream_json: bool = typer.Option(False, "--stream-json", help="one JSON line per text piece, then a summary line"),
     each_line: bool = typer.Option(False, "--each-line", help="answer each stdin line as its own prompt, in order"),
-    moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
     routing_trace: Optional[Path] = typer.Option(None, "--routing-trace", help="write one JSON line per (token, layer)"),
-    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib",
-                                                   help="expert cache size (default: automatic when the model "
-                                                        "does not fit in memory; 0: off)"),
-    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
-                                  "them into RAM (starts faster, decodes slower)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="timings on stderr"),
+    engine: EngineOptions = None,
 ):
     """Generate a reply to PROMPT and print it."""
+    from dataclasses import replace
+
     from .api import load
 
     params = _sampling(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                        seed=seed)
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
-    if ctx_size is not None and ctx_size < 1:
-        raise UsageError(f"--ctx-size must be at least 1, got {ctx_size}")
+    if engine.threads is not None and engine.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {engine.threads}")
+    if engine.n_ctx is not None and engine.n_ctx < 1:
+        raise UsageError(f"--ctx-size must be at least 1, got {engine.n_ctx}")
     if as_json and stream_json:
         raise UsageError("--json and --stream-json exclude each other")
     if each_line and prompt not in (None, "-"):
         raise UsageError("--each-line reads prompts from stdin; drop the PROMPT argument")
     prompts = _read_lines() if each_line else [_read_prompt(prompt)]
-    m = load(model, n_ctx=ctx_size, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib,
-             use_mmap=use_mmap or None)
+    m = load(model, replace(engine, routing_trace=routing_trace is not None))
     if raw and system is not None:
         raise UsageError("--system needs the chat template (drop --raw)")
-    stats = m.transformer.stats
-    if routing_trace is not None:
-        if routing_trace.exists() and routing_trace.is_dir():
-            raise UsageError(f"--routing-trace {routing_trace} is a directory")
-        stats.trace = []
+    if routing_trace is not None and routing_trace.exists() and routing_trace.is_dir():
+        raise UsageError(f"--routing-trace {routing_trace} is a directory")
     mode = "json" if as_json else "stream-json" if stream_json else "text"
+    trace: list = []
     for text in prompts:
-        _answer(m, model, text, mode=mode, raw=raw, system=system, max_tokens=max_tokens, stop=stop, params=params,
-                ignore_eos=ignore_eos, verbose=verbose)
+        trace += _answer(m, model, text, mode=mode, raw=raw, system=system, max_tokens=max_tokens, stop=stop,
+                         params=params, ignore_eos=ignore_eos, verbose=verbose)
     if routing_trace is not None:
-        _write_trace(routing_trace, stats.trace)
+        _write_trace(routing_trace, trace)
 
 
 def _read_lines() -> list[str]:
@@ -105,10 +149,9 @@ def _read_lines() -> list[str]:
 
 
 def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_tokens: int, stop, params, ignore_eos,
-            verbose: bool) -> None:
-    """Generate one reply and print it as text, one JSON object, or a stream of JSON lines."""
-    stats = m.transformer.stats
-    stats.hist[:] = 0
+            verbose: bool) -> list:
+    """Generate one reply and print it as text, one JSON object, or a stream of JSON lines; returns its routing
+    trace (empty unless the model traces routing)."""
     if raw:
         ids = m.tokenize(text)
     else:
@@ -129,13 +172,7 @@ def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_token
         elif mode == "stream-json" and ev.text:
             sys.stdout.write(json.dumps({"text": ev.text, "token": ev.token}, ensure_ascii=False) + "\n")
             sys.stdout.flush()
-    tm = final.timings
-    tm.load_s = m.load_s
-    summary = {"model": model, "finish_reason": final.finish_reason, **tm.as_dict(), "load_s": round(m.load_s, 6),
-               "routing_histogram": stats.hist.tolist() if m.config.is_moe else []}
-    ec = m.transformer.expert_cache
-    if ec is not None:
-        summary["expert_cache"] = {"slots": ec.n_slots, "slot_bytes": ec.slot_size, **ec.stats.as_dict()}
+    summary = final.stats.summary(model, m.load_s)
     if mode == "json":
         obj = {"model": model, "text": "".join(pieces), "tokens": final.tokens, **summary}
         sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -145,10 +182,10 @@ def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_token
         sys.stdout.write("\n")
     sys.stdout.flush()
     if verbose:
-        sys.stderr.write(
-            f"prompt: {tm.prompt_tokens} tokens, {tm.prefill_tps:.1f} tokens/s | "
-            f"generation: {tm.completion_tokens} tokens, {tm.decode_tps:.1f} tokens/s | "
-            f"load {m.load_s:.2f} s | finish: {final.finish_reason}\n")
+        prompt_speed, gen_speed = final.timings.speeds()
+        sys.stderr.write(f"prompt: {prompt_speed} | generation: {gen_speed} | load {m.load_s:.2f} s | "
+                         f"finish: {final.finish_reason}\n")
+    return final.stats.trace
 
 
 def _write_trace(path: Path, trace: list) -> None:
@@ -164,6 +201,7 @@ def _write_trace(path: Path, trace: list) -> None:
 
 
 @app.command()
+@engine_flags()
 def chat(
     model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
@@ -174,13 +212,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, "-s", "--seed"),
     max_tokens: int = typer.Option(-1, "-n", "--max-tokens", help="per reply; -1: until end of text"),
     repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="[default: 1.0]"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size"),
-    moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
-    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib",
-                                                   help="expert cache size (default: automatic; 0: off)"),
-    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
-                                  "them into RAM (starts faster, decodes slower)"),
+    engine: EngineOptions = None,
 ):
     """Chat with a model in the terminal (/help lists the commands)."""
     from .repl import run_chat
@@ -189,13 +221,13 @@ def chat(
                        seed=seed)
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
-    code = run_chat(model, system=system, sampling=params, max_tokens=max_tokens, n_ctx=ctx_size, threads=threads,
-                    moe_topk=moe_topk, expert_cache_mib=expert_cache_mib, use_mmap=use_mmap or None)
+    code = run_chat(model, system=system, sampling=params, max_tokens=max_tokens, engine=engine)
     if code:
         raise typer.Exit(code)
 
 
 @app.command()
+@engine_flags()
 def serve(
     model: Optional[str] = typer.Argument(None, help="default model (requests may name another)"),
     host: str = typer.Option("127.0.0.1", "--host"),
@@ -203,15 +235,14 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMCLI_API_KEY",
                                           help="required as a Bearer token; needed for a non-loopback host"),
     cors_origin: Optional[str] = typer.Option(None, "--cors-origin", help="allow this browser origin"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size"),
+    engine: EngineOptions = None,
 ):
     """Serve the OpenAI API (chat completions, completions, models) on a local port."""
     from .server import serve as _serve
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {port}")
-    _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, n_ctx=ctx_size, threads=threads)
+    _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, options=engine)
 
 
 @app.command()
@@ -263,16 +294,15 @@ def _print_report(r: dict, as_json: bool) -> None:
 
 
 @app.command()
+@engine_flags("moe_topk", "expert_cache_mib", "use_mmap")  # the thread count is swept; the context fits the run
 def bench(
     model: str = typer.Argument(..., help="model name or path"),
     prompt_tokens: int = typer.Option(128, "-p", help="prompt length for prefill"),
     gen_tokens: int = typer.Option(64, "-n", help="tokens to decode"),
     threads: str = typer.Option("1,2", "-t", "--threads", help="comma-separated thread counts to sweep"),
     reps: int = typer.Option(3, "-r", "--reps", help="repetitions (medians are reported)"),
-    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib"),
-    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
-                                  "them into RAM (starts faster, decodes slower)"),
     as_json: bool = typer.Option(False, "--json"),
+    engine: EngineOptions = None,
 ):
     """Measure prefill and decode tokens/s against the machine's read bandwidth, per phase and thread count."""
     from .bench import format_bench, run_bench
@@ -283,8 +313,7 @@ def bench(
         raise UsageError(f"--threads must be comma-separated integers, got {threads!r}") from None
     if not ths or min(ths) < 1 or prompt_tokens < 1 or gen_tokens < 1 or reps < 1:
         raise UsageError("-p, -n, -r and every --threads value must be at least 1")
-    r = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=ths, reps=reps,
-                  expert_cache_mib=expert_cache_mib, use_mmap=use_mmap or None)
+    r = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=ths, reps=reps, engine=engine)
     typer.echo(json.dumps(r) if as_json else format_bench(r))
 
 
