@@ -316,11 +316,10 @@ def test_a_trace_the_engine_wrote_is_read_by_plan(empty_home, moe_path, tmp_path
     from lmcli.api import load
     from lmcli.cli import _write_trace
 
-    m = load(str(moe_path))
-    m.transformer.stats.trace = []
-    list(m.generate(m.tokenize("hello there"), max_tokens=4, temp=0.0, ignore_eos=True))
+    m = load(str(moe_path), routing_trace=True)
+    final = list(m.generate(m.tokenize("hello there"), max_tokens=4, temp=0.0, ignore_eos=True))[-1]
     path = tmp_path / "engine.jsonl"
-    _write_trace(path, m.transformer.stats.trace)
+    _write_trace(path, final.stats.trace)
     dense, stride, kv = header_sizes(moe_path)
     r = plan(str(moe_path), memory=str(kv + dense + 8 * stride), trace=path)
     assert r["routing"] == "trace" and r["trace_tokens"] >= 5
