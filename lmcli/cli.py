@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import click
 import typer
@@ -21,51 +21,60 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixture-of-Experts language models locally on your CPU from 4-bit weights.")
 
-# The engine flags, declared once: flag parameter -> (type, option, EngineOptions field, value -> field value)
-ENGINE_FLAGS = {
-    "threads": (Optional[int], typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores"),
-                "threads", None),
-    "ctx_size": (Optional[int], typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096"),
-                 "n_ctx", None),
-    "moe_topk": (Optional[int], typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
-                 "moe_topk", None),
+# Flags declared once, in groups: parameter -> (type, option). A command offers a group (flag_group) and receives
+# it as one value.
+ENGINE_FLAGS = {  # -> EngineOptions; the parameters are its fields
+    "threads": (Optional[int], typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores")),
+    "n_ctx": (Optional[int], typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096")),
+    "moe_topk": (Optional[int], typer.Option(None, "--moe-topk", help="experts per token (MoE models)")),
     "expert_cache_mib": (Optional[int], typer.Option(None, "--expert-cache-mib",
                                                      help="expert cache size (default: automatic when the model "
-                                                          "does not fit in memory; 0: off)"),
-                         "expert_cache_mib", None),
+                                                          "does not fit in memory; 0: off)")),
     "use_mmap": (bool, typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
-                                    "them into RAM (starts faster, decodes slower)"),
-                 "use_mmap", lambda v: v or None),  # absent: the engine decides (None), not "never map"
+                                    "them into RAM (starts faster, decodes slower)")),
+}
+SAMPLING_FLAGS = {  # -> {parameter: value or None (not given)}, which _sampling puts over the registry's defaults
+    "temp": (Optional[float], typer.Option(None, "--temp", help="temperature; 0 is greedy [default: 0.8]")),
+    "top_k": (Optional[int], typer.Option(None, "--top-k", help="[default: 40]")),
+    "top_p": (Optional[float], typer.Option(None, "--top-p", help="[default: 0.95]")),
+    "min_p": (Optional[float], typer.Option(None, "--min-p", help="[default: 0.05]")),
+    "seed": (Optional[int], typer.Option(None, "-s", "--seed")),
+    "repeat_penalty": (Optional[float], typer.Option(None, "--repeat-penalty", help="[default: 1.0]")),
 }
 
 
-def engine_flags(*names: str):
-    """Offer the engine flags `names` (default: all) on a command, which receives them as one EngineOptions in
-    its `engine` parameter."""
-    names = names or tuple(ENGINE_FLAGS)
+def flag_group(param: str, group: dict, build: Callable[..., Any], *names: str):
+    """Offer the flags `names` of group (default: all of them) on a command, in the place of its parameter
+    `param`, which receives build(**their values) instead."""
+    names = names or tuple(group)
 
     def decorate(fn):
         sig = inspect.signature(fn)
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=ENGINE_FLAGS[n][1],
-                                   annotation=ENGINE_FLAGS[n][0]) for n in names]
+        params = []
+        for p in sig.parameters.values():
+            params += [p.replace(name=n, default=group[n][1], annotation=group[n][0]) for n in names] \
+                if p.name == param else [p]
 
         @functools.wraps(fn)
         def command(**kw):
-            from .engine.options import EngineOptions
+            value = build(**{n: kw.pop(n) for n in names})
+            return fn(**kw, **{param: value})
 
-            fields = {}
-            for n in names:
-                _, _, field, conv = ENGINE_FLAGS[n]
-                v = kw.pop(n)
-                fields[field] = conv(v) if conv else v
-            return fn(**kw, engine=EngineOptions(**fields))
-
-        command.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "engine"]
-                                            + extra)
-        command.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k not in ("engine", "return")},
-                                   **{n: ENGINE_FLAGS[n][0] for n in names}}
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k not in (param, "return")},
+                                   **{n: group[n][0] for n in names}}
         return command
     return decorate
+
+
+def _engine_options(use_mmap: bool = False, **fields) -> EngineOptions:
+    from .engine.options import EngineOptions
+
+    return EngineOptions(use_mmap=use_mmap or None, **fields)  # no --mmap: the engine decides, not "never map"
+
+
+def engine_flags(*names: str):
+    return flag_group("engine", ENGINE_FLAGS, _engine_options, *names)
 
 
 def _sampling(model: str, **flags):
@@ -88,35 +97,30 @@ def _read_prompt(prompt: Optional[str]) -> str:
 
 
 @app.command()
+@flag_group("sampling", SAMPLING_FLAGS, dict)
 @engine_flags()
 def run(
     model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
     prompt: Optional[str] = typer.Argument(None, help="the prompt; '-' or absent reads stdin"),
-    temp: Optional[float] = typer.Option(None, "--temp", help="temperature; 0 is greedy [default: 0.8]"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="[default: 40]"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="[default: 0.95]"),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="[default: 0.05]"),
-    seed: Optional[int] = typer.Option(None, "-s", "--seed"),
+    sampling: dict = None,
     max_tokens: int = typer.Option(-1, "-n", "--max-tokens", help="-1: until end of text or a full context"),
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="[default: 1.0]"),
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
     raw: bool = typer.Option(False, "--raw", help="no chat template: the prompt is the raw text"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="never stop at end-of-text tokens"),
+    engine: EngineOptions = None,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, ids, usage and timings"),
     stream_json: bool = typer.Option(False, "--stream-json", help="one JSON line per text piece, then a summary line"),
     each_line: bool = typer.Option(False, "--each-line", help="answer each stdin line as its own prompt, in order"),
     routing_trace: Optional[Path] = typer.Option(None, "--routing-trace", help="write one JSON line per (token, layer)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="timings on stderr"),
-    engine: EngineOptions = None,
 ):
     """Generate a reply to PROMPT and print it."""
     from dataclasses import replace
 
     from .api import load
 
-    params = _sampling(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                       seed=seed)
+    params = _sampling(model, **sampling)
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
     if engine.threads is not None and engine.threads < 1:
@@ -201,24 +205,19 @@ def _write_trace(path: Path, trace: list) -> None:
 
 
 @app.command()
+@flag_group("sampling", SAMPLING_FLAGS, dict)
 @engine_flags()
 def chat(
     model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
-    temp: Optional[float] = typer.Option(None, "--temp", help="temperature; 0 is greedy [default: 0.8]"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="[default: 40]"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="[default: 0.95]"),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="[default: 0.05]"),
-    seed: Optional[int] = typer.Option(None, "-s", "--seed"),
+    sampling: dict = None,
     max_tokens: int = typer.Option(-1, "-n", "--max-tokens", help="per reply; -1: until end of text"),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="[default: 1.0]"),
     engine: EngineOptions = None,
 ):
     """Chat with a model in the terminal (/help lists the commands)."""
     from .repl import run_chat
 
-    params = _sampling(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                       seed=seed)
+    params = _sampling(model, **sampling)
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
     code = run_chat(model, system=system, sampling=params, max_tokens=max_tokens, engine=engine)
@@ -301,8 +300,8 @@ def bench(
     gen_tokens: int = typer.Option(64, "-n", help="tokens to decode"),
     threads: str = typer.Option("1,2", "-t", "--threads", help="comma-separated thread counts to sweep"),
     reps: int = typer.Option(3, "-r", "--reps", help="repetitions (medians are reported)"),
-    as_json: bool = typer.Option(False, "--json"),
     engine: EngineOptions = None,
+    as_json: bool = typer.Option(False, "--json"),
 ):
     """Measure prefill and decode tokens/s against the machine's read bandwidth, per phase and thread count."""
     from .bench import format_bench, run_bench
