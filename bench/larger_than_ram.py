@@ -45,8 +45,8 @@ def worker(kind: str, path: str, n_decode: int, threads: int) -> dict:
         for _ in range(n_decode):
             tok = int(tr.forward([tok], cache)[-1].argmax())
         dt = time.perf_counter() - t0
-        ec = tr.expert_cache
-        extra = {"hit_rate": ec.stats.as_dict()["hit_rate"] if ec else None}
+        ec = tr.expert_cache_stats()
+        extra = {"hit_rate": ec["hit_rate"] if ec else None}
     else:
         import llama_cpp
         import numpy as np

@@ -77,12 +77,12 @@ def run(a):
         logits = tr.forward(prompt, cache)
         pre = a.prefill / (time.perf_counter() - t)
         tok = int(logits[-1].argmax())
-        b0 = tr.stats.expert_bytes
+        c0 = tr.counters()
         t = time.perf_counter()
         for _ in range(a.decode):
             tok = int(tr.forward([tok], cache)[-1].argmax())
         dec = a.decode / (time.perf_counter() - t)
-        return pre, dec, (tr.stats.expert_bytes - b0) / a.decode
+        return pre, dec, (tr.counters() - c0).expert_bytes / a.decode
 
     run_lmcli()
     bench_llama(llm, prompt[:16], 4)

@@ -4,38 +4,28 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from quant.container import Container
 from quant.schema import ModelConfig
 
-from .engine.expert_cache import DEFAULT_POLICY
 from .engine.model import Transformer
+from .engine.options import EngineOptions
 from .errors import UsageError, model_file_errors
-from .generate import Event, generate_events
+from .generate import Generation
 from .sampling import Sampler, SamplerParams
 
-DEFAULT_CTX = 4096
-
-
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        raise UsageError(f"{name} must be an integer, got {v!r}") from None
+from .memory import DEFAULT_CTX, context_size, env_int  # noqa: F401 (DEFAULT_CTX: the API's documented default)
 
 
 def set_threads(threads: int | None) -> int:
     """Set the kernels' thread count (default: LMCLI_THREADS, else every core Numba sees)."""
     import numba
 
-    n = threads if threads is not None else _env_int("LMCLI_THREADS")
+    n = threads if threads is not None else env_int("LMCLI_THREADS")
     if n is None:
         n = numba.config.NUMBA_NUM_THREADS
     if not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
@@ -45,13 +35,16 @@ def set_threads(threads: int | None) -> int:
 
 
 class Model:
-    """A loaded model: config, tokenizer, chat template and the engine over the container."""
+    """A loaded model: config, tokenizer, chat template and the engine over the container.
 
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
-                 moe_topk: int | None = None, expert_cache_mib: int | None = None,
-                 cache_policy: str = DEFAULT_POLICY, prefetch: bool = False, use_mmap: bool | None = None):
+    options: how to run it (EngineOptions); keywords set single fields over it (n_ctx=..., threads=...).
+    self.options holds what was chosen, the context and thread count resolved.
+    """
+
+    def __init__(self, path: str | os.PathLike, options: EngineOptions | None = None, **engine):
         from .tokenizer import Tokenizer
 
+        opts = EngineOptions.of(options, **engine)
         t0 = time.perf_counter()
         self.path = Path(path)
         with model_file_errors():
@@ -59,18 +52,12 @@ class Model:
             self.config = ModelConfig.from_dict(self.container.metadata.get("config"))
         md = self.container.metadata
         self.metadata = md
-        n_ctx = n_ctx if n_ctx is not None else _env_int("LMCLI_CTX_SIZE")
-        if n_ctx is None:
-            n_ctx = min(DEFAULT_CTX, self.config.n_ctx_train)
-        if not isinstance(n_ctx, int) or not 1 <= n_ctx <= 1 << 20:
-            raise UsageError(f"--ctx-size must be between 1 and {1 << 20}, got {n_ctx}")
-        self.n_ctx = n_ctx
-        self.threads = set_threads(threads)
+        self.n_ctx = n_ctx = context_size(opts.n_ctx, self.config.n_ctx_train)
+        self.threads = set_threads(opts.threads)
+        self.options = replace(opts, n_ctx=n_ctx, threads=self.threads)
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
         self.chat_template: str | None = md.get("chat_template")
-        self.transformer = Transformer(self.container, self.config, n_ctx, moe_topk=moe_topk,
-                                       expert_cache_mib=expert_cache_mib, cache_policy=cache_policy, prefetch=prefetch,
-                                       use_mmap=use_mmap)
+        self.transformer = Transformer(self.container, self.config, self.options)
         self.load_s = time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
@@ -116,8 +103,9 @@ class Model:
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
                  sampler: SamplerParams | None = None, cache=None, ignore_eos: bool = False,
-                 **sampling) -> Iterator[Event]:
-        """Yield events for a completion of prompt (text is tokenized raw; pass chat_ids() for chat)."""
+                 **sampling) -> Generation:
+        """Events for a completion of prompt (text is tokenized raw; pass chat_ids() for chat); the last carries
+        the run's statistics (Generation.stats() gives them also for a run stopped early)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise UsageError("the prompt is empty")
@@ -130,19 +118,21 @@ class Model:
             raise ContextOverflow(f"the prompt has {len(ids)} tokens; the context holds {cache.n_ctx - cache.n_past}",
                                   hint="raise --ctx-size or shorten the prompt")
         params = sampler if sampler is not None else SamplerParams(**sampling)
-        return generate_events(self, cache, ids, Sampler(params), max_tokens=max_tokens, stop=stop,
-                               ignore_eos=ignore_eos)
+        return Generation(self.transformer, self.tokenizer, Sampler(params), cache, ids, max_tokens=max_tokens,
+                          stop=stop, ignore_eos=ignore_eos)
 
 
-def load(name_or_path: str, *, n_ctx: int | None = None, threads: int | None = None,
-         moe_topk: int | None = None, **engine) -> Model:
+def load(name_or_path: str, options: EngineOptions | None = None, **engine) -> Model:
     """Resolve a name (store, registry, packaged) or a path (.gguf imports on first use) and load it.
 
-    engine: expert_cache_mib (None: automatic, 0: off), cache_policy ("cyclic", the default, "lru" or "lfu":
+    options: an EngineOptions; engine: any of its fields as keywords over it: n_ctx, threads, moe_topk,
+    expert_cache_mib (None: automatic, 0: off), cache_policy ("cyclic", the default, "lru" or "lfu":
     lmcli.engine.expert_cache.Policy), prefetch (default False; True reads the next layer's predicted experts
     ahead, which lost to demand reads in every capped run of bench/larger_than_ram.py), use_mmap (None: read
-    the weights into RAM when the file fits in memory, else map it; True: always map; False: always read).
+    the weights into RAM when the file fits in memory, else map it; True: always map; False: always read),
+    routing_trace (record every routing decision; each generation's final event carries its own).
     """
     from .store import resolve
 
-    return Model(resolve(str(name_or_path)), n_ctx=n_ctx, threads=threads, moe_topk=moe_topk, **engine)
+    opts = EngineOptions.of(options, **engine)  # an unknown keyword fails before the model is located
+    return Model(resolve(str(name_or_path)), opts)

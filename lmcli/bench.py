@@ -17,42 +17,44 @@ def measure_read_bandwidth(threads: int, mib: int = 512, reps: int = 3) -> float
     return statistics.median(measure_bandwidth(mib << 20, seconds=0.0, threads=threads) for _ in range(reps))
 
 
+# the engine's phases (Transformer.instrument) as the report names them
+PHASE_NAMES = {"matmul": "matrix kernels", "attention": "attention", "routing": "routing", "experts": "expert kernels"}
+
+
+class PhaseTimer:
+    """An instrument for the engine (Transformer.instrument): wall time summed per phase, by report name."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            name = PHASE_NAMES.get(phase, phase)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+
 @contextmanager
-def phase_timer(acc: dict):
-    """Time the engine's phases by wrapping its kernels' entry points for the duration (bench only)."""
-    from quant import kernels
-
-    from .engine import moe, ops, weights
-
-    def wrap(obj, name, phase):
-        fn = getattr(obj, name)
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                acc[phase] = acc.get(phase, 0.0) + time.perf_counter() - t
-
-        setattr(obj, name, timed)
-        return obj, name, fn
-
-    saved = [wrap(weights.Linear, "__call__", "matrix kernels"), wrap(ops, "attention", "attention"),
-             wrap(moe, "route", "routing"), wrap(kernels, "moe_gate_up", "expert kernels"),
-             wrap(kernels, "moe_down", "expert kernels")]
+def instrumented(transformer, timer: PhaseTimer):
+    """The transformer's phases timed by timer for the duration."""
+    transformer.instrument = timer
     try:
-        yield acc
+        yield timer
     finally:
-        for obj, name, fn in saved:
-            setattr(obj, name, fn)
+        transformer.instrument = None
 
 
 def run_bench(model_name: str, *, prompt_tokens: int = 128, gen_tokens: int = 64, threads=(1, 2), reps: int = 3,
-              **load_kw) -> dict:
+              engine=None) -> dict:
+    """engine: EngineOptions for the model (its context and thread count are the bench's own)."""
     from .api import load, set_threads
+    from .engine.options import EngineOptions
     from .sampling import Sampler, SamplerParams
 
-    m = load(model_name, n_ctx=prompt_tokens + gen_tokens + 8, **load_kw)
+    m = load(model_name, EngineOptions.of(engine, n_ctx=prompt_tokens + gen_tokens + 8))
     tr = m.transformer
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, m.config.vocab_size, prompt_tokens)]
@@ -69,7 +71,7 @@ def run_bench(model_name: str, *, prompt_tokens: int = 128, gen_tokens: int = 64
             t = time.perf_counter()
             logits = tr.forward(prompt, cache)[-1]
             p_s = time.perf_counter() - t
-            b0 = tr.stats.expert_bytes
+            c0 = tr.counters()
             s_t = 0.0
             t = time.perf_counter()
             for _ in range(gen_tokens):
@@ -81,18 +83,18 @@ def run_bench(model_name: str, *, prompt_tokens: int = 128, gen_tokens: int = 64
             if r:
                 pre.append(prompt_tokens / p_s)
                 dec.append(gen_tokens / d_s)
-                ebytes.append((tr.stats.expert_bytes - b0) / gen_tokens)
+                ebytes.append((tr.counters() - c0).expert_bytes / gen_tokens)
                 samp.append(s_t / gen_tokens)
         per_tok = dense + statistics.median(ebytes)
-        acc: dict = {}
         cache = tr.new_cache()
         tr.forward(prompt[:8], cache)
-        with phase_timer(acc):
+        with instrumented(tr, PhaseTimer()) as timer:
             t = time.perf_counter()
             tok = 0
             for _ in range(gen_tokens):
                 tok = int(np.argmax(tr.forward([tok], cache)[-1]))
             total = time.perf_counter() - t
+        acc = timer.seconds
         phases = {k: round(v / gen_tokens * 1e3, 4) for k, v in acc.items()}
         phases["sampling"] = round(statistics.median(samp) * 1e3, 4)
         phases["python and other"] = round(max(total / gen_tokens * 1e3 - sum(acc.values()) / gen_tokens * 1e3, 0), 4)

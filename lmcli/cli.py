@@ -2,19 +2,79 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import click
 import typer
 
 from .errors import LmcliError, UsageError
 
+if TYPE_CHECKING:
+    from .engine.options import EngineOptions
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixture-of-Experts language models locally on your CPU from 4-bit weights.")
+
+# Flags declared once, in groups: parameter -> (type, option). A command offers a group (flag_group) and receives
+# it as one value.
+ENGINE_FLAGS = {  # -> EngineOptions; the parameters are its fields
+    "threads": (Optional[int], typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores")),
+    "n_ctx": (Optional[int], typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096")),
+    "moe_topk": (Optional[int], typer.Option(None, "--moe-topk", help="experts per token (MoE models)")),
+    "expert_cache_mib": (Optional[int], typer.Option(None, "--expert-cache-mib",
+                                                     help="expert cache size (default: automatic when the model "
+                                                          "does not fit in memory; 0: off)")),
+    "use_mmap": (bool, typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
+                                    "them into RAM (starts faster, decodes slower)")),
+}
+SAMPLING_FLAGS = {  # -> {parameter: value or None (not given)}, which _sampling puts over the registry's defaults
+    "temp": (Optional[float], typer.Option(None, "--temp", help="temperature; 0 is greedy [default: 0.8]")),
+    "top_k": (Optional[int], typer.Option(None, "--top-k", help="[default: 40]")),
+    "top_p": (Optional[float], typer.Option(None, "--top-p", help="[default: 0.95]")),
+    "min_p": (Optional[float], typer.Option(None, "--min-p", help="[default: 0.05]")),
+    "seed": (Optional[int], typer.Option(None, "-s", "--seed")),
+    "repeat_penalty": (Optional[float], typer.Option(None, "--repeat-penalty", help="[default: 1.0]")),
+}
+
+
+def flag_group(param: str, group: dict, build: Callable[..., Any], *names: str):
+    """Offer the flags `names` of group (default: all of them) on a command, in the place of its parameter
+    `param`, which receives build(**their values) instead."""
+    names = names or tuple(group)
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        params = []
+        for p in sig.parameters.values():
+            params += [p.replace(name=n, default=group[n][1], annotation=group[n][0]) for n in names] \
+                if p.name == param else [p]
+
+        @functools.wraps(fn)
+        def command(**kw):
+            value = build(**{n: kw.pop(n) for n in names})
+            return fn(**kw, **{param: value})
+
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k not in (param, "return")},
+                                   **{n: group[n][0] for n in names}}
+        return command
+    return decorate
+
+
+def _engine_options(use_mmap: bool = False, **fields) -> EngineOptions:
+    from .engine.options import EngineOptions
+
+    return EngineOptions(use_mmap=use_mmap or None, **fields)  # no --mmap: the engine decides, not "never map"
+
+
+def engine_flags(*names: str):
+    return flag_group("engine", ENGINE_FLAGS, _engine_options, *names)
 
 
 def _sampling(model: str, **flags):
@@ -37,65 +97,53 @@ def _read_prompt(prompt: Optional[str]) -> str:
 
 
 @app.command()
+@flag_group("sampling", SAMPLING_FLAGS, dict)
+@engine_flags()
 def run(
     model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
     prompt: Optional[str] = typer.Argument(None, help="the prompt; '-' or absent reads stdin"),
-    temp: Optional[float] = typer.Option(None, "--temp", help="temperature; 0 is greedy [default: 0.8]"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="[default: 40]"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="[default: 0.95]"),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="[default: 0.05]"),
-    seed: Optional[int] = typer.Option(None, "-s", "--seed"),
+    sampling: dict = None,
     max_tokens: int = typer.Option(-1, "-n", "--max-tokens", help="-1: until end of text or a full context"),
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="[default: 1.0]"),
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
     raw: bool = typer.Option(False, "--raw", help="no chat template: the prompt is the raw text"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="never stop at end-of-text tokens"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores"),
-    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096"),
+    engine: EngineOptions = None,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, ids, usage and timings"),
     stream_json: bool = typer.Option(False, "--stream-json", help="one JSON line per text piece, then a summary line"),
     each_line: bool = typer.Option(False, "--each-line", help="answer each stdin line as its own prompt, in order"),
-    moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
     routing_trace: Optional[Path] = typer.Option(None, "--routing-trace", help="write one JSON line per (token, layer)"),
-    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib",
-                                                   help="expert cache size (default: automatic when the model "
-                                                        "does not fit in memory; 0: off)"),
-    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
-                                  "them into RAM (starts faster, decodes slower)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="timings on stderr"),
 ):
     """Generate a reply to PROMPT and print it."""
+    from dataclasses import replace
+
     from .api import load
 
-    params = _sampling(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                       seed=seed)
+    params = _sampling(model, **sampling)
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
-    if ctx_size is not None and ctx_size < 1:
-        raise UsageError(f"--ctx-size must be at least 1, got {ctx_size}")
+    if engine.threads is not None and engine.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {engine.threads}")
+    if engine.n_ctx is not None and engine.n_ctx < 1:
+        raise UsageError(f"--ctx-size must be at least 1, got {engine.n_ctx}")
     if as_json and stream_json:
         raise UsageError("--json and --stream-json exclude each other")
     if each_line and prompt not in (None, "-"):
         raise UsageError("--each-line reads prompts from stdin; drop the PROMPT argument")
     prompts = _read_lines() if each_line else [_read_prompt(prompt)]
-    m = load(model, n_ctx=ctx_size, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib,
-             use_mmap=use_mmap or None)
+    m = load(model, replace(engine, routing_trace=routing_trace is not None))
     if raw and system is not None:
         raise UsageError("--system needs the chat template (drop --raw)")
-    stats = m.transformer.stats
-    if routing_trace is not None:
-        if routing_trace.exists() and routing_trace.is_dir():
-            raise UsageError(f"--routing-trace {routing_trace} is a directory")
-        stats.trace = []
+    if routing_trace is not None and routing_trace.exists() and routing_trace.is_dir():
+        raise UsageError(f"--routing-trace {routing_trace} is a directory")
     mode = "json" if as_json else "stream-json" if stream_json else "text"
+    trace: list = []
     for text in prompts:
-        _answer(m, model, text, mode=mode, raw=raw, system=system, max_tokens=max_tokens, stop=stop, params=params,
-                ignore_eos=ignore_eos, verbose=verbose)
+        trace += _answer(m, model, text, mode=mode, raw=raw, system=system, max_tokens=max_tokens, stop=stop,
+                         params=params, ignore_eos=ignore_eos, verbose=verbose)
     if routing_trace is not None:
-        _write_trace(routing_trace, stats.trace)
+        _write_trace(routing_trace, trace)
 
 
 def _read_lines() -> list[str]:
@@ -105,10 +153,9 @@ def _read_lines() -> list[str]:
 
 
 def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_tokens: int, stop, params, ignore_eos,
-            verbose: bool) -> None:
-    """Generate one reply and print it as text, one JSON object, or a stream of JSON lines."""
-    stats = m.transformer.stats
-    stats.hist[:] = 0
+            verbose: bool) -> list:
+    """Generate one reply and print it as text, one JSON object, or a stream of JSON lines; returns its routing
+    trace (empty unless the model traces routing)."""
     if raw:
         ids = m.tokenize(text)
     else:
@@ -129,13 +176,7 @@ def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_token
         elif mode == "stream-json" and ev.text:
             sys.stdout.write(json.dumps({"text": ev.text, "token": ev.token}, ensure_ascii=False) + "\n")
             sys.stdout.flush()
-    tm = final.timings
-    tm.load_s = m.load_s
-    summary = {"model": model, "finish_reason": final.finish_reason, **tm.as_dict(), "load_s": round(m.load_s, 6),
-               "routing_histogram": stats.hist.tolist() if m.config.is_moe else []}
-    ec = m.transformer.expert_cache
-    if ec is not None:
-        summary["expert_cache"] = {"slots": ec.n_slots, "slot_bytes": ec.slot_size, **ec.stats.as_dict()}
+    summary = final.stats.summary(model, m.load_s)
     if mode == "json":
         obj = {"model": model, "text": "".join(pieces), "tokens": final.tokens, **summary}
         sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -145,10 +186,10 @@ def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_token
         sys.stdout.write("\n")
     sys.stdout.flush()
     if verbose:
-        sys.stderr.write(
-            f"prompt: {tm.prompt_tokens} tokens, {tm.prefill_tps:.1f} tokens/s | "
-            f"generation: {tm.completion_tokens} tokens, {tm.decode_tps:.1f} tokens/s | "
-            f"load {m.load_s:.2f} s | finish: {final.finish_reason}\n")
+        prompt_speed, gen_speed = final.timings.speeds()
+        sys.stderr.write(f"prompt: {prompt_speed} | generation: {gen_speed} | load {m.load_s:.2f} s | "
+                         f"finish: {final.finish_reason}\n")
+    return final.stats.trace
 
 
 def _write_trace(path: Path, trace: list) -> None:
@@ -164,38 +205,28 @@ def _write_trace(path: Path, trace: list) -> None:
 
 
 @app.command()
+@flag_group("sampling", SAMPLING_FLAGS, dict)
+@engine_flags()
 def chat(
     model: str = typer.Argument(..., help="model name, store entry, .gguf or .lmc path"),
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
-    temp: Optional[float] = typer.Option(None, "--temp", help="temperature; 0 is greedy [default: 0.8]"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="[default: 40]"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="[default: 0.95]"),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="[default: 0.05]"),
-    seed: Optional[int] = typer.Option(None, "-s", "--seed"),
+    sampling: dict = None,
     max_tokens: int = typer.Option(-1, "-n", "--max-tokens", help="per reply; -1: until end of text"),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="[default: 1.0]"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size"),
-    moe_topk: Optional[int] = typer.Option(None, "--moe-topk", help="experts per token (MoE models)"),
-    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib",
-                                                   help="expert cache size (default: automatic; 0: off)"),
-    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
-                                  "them into RAM (starts faster, decodes slower)"),
+    engine: EngineOptions = None,
 ):
     """Chat with a model in the terminal (/help lists the commands)."""
     from .repl import run_chat
 
-    params = _sampling(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                       seed=seed)
+    params = _sampling(model, **sampling)
     if max_tokens < -1:
         raise UsageError(f"--max-tokens must be -1 or more, got {max_tokens}")
-    code = run_chat(model, system=system, sampling=params, max_tokens=max_tokens, n_ctx=ctx_size, threads=threads,
-                    moe_topk=moe_topk, expert_cache_mib=expert_cache_mib, use_mmap=use_mmap or None)
+    code = run_chat(model, system=system, sampling=params, max_tokens=max_tokens, engine=engine)
     if code:
         raise typer.Exit(code)
 
 
 @app.command()
+@engine_flags()
 def serve(
     model: Optional[str] = typer.Argument(None, help="default model (requests may name another)"),
     host: str = typer.Option("127.0.0.1", "--host"),
@@ -203,15 +234,14 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMCLI_API_KEY",
                                           help="required as a Bearer token; needed for a non-loopback host"),
     cors_origin: Optional[str] = typer.Option(None, "--cors-origin", help="allow this browser origin"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size"),
+    engine: EngineOptions = None,
 ):
     """Serve the OpenAI API (chat completions, completions, models) on a local port."""
     from .server import serve as _serve
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {port}")
-    _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, n_ctx=ctx_size, threads=threads)
+    _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, options=engine)
 
 
 @app.command()
@@ -240,6 +270,7 @@ def doctor(as_json: bool = typer.Option(False, "--json")):
 
 
 @app.command()
+@engine_flags("n_ctx", "expert_cache_mib", "use_mmap")  # what run would be given: plan says what run will do
 def plan(
     model: str = typer.Argument(..., help="model name (a registry name works before download) or path"),
     memory: Optional[str] = typer.Option(None, "--memory", help="memory budget, e.g. 8G (default: available)"),
@@ -247,11 +278,12 @@ def plan(
                                                               "replay it through the expert cache instead of "
                                                               "assuming uniform routing"),
     as_json: bool = typer.Option(False, "--json"),
+    engine: EngineOptions = None,
 ):
-    """Expected size, bytes read per token, fit in RAM and decode tokens/s, without loading the model."""
+    """Expected size, bytes read per token, where run keeps the weights, and decode tokens/s, without loading it."""
     from .doctor import plan as _plan
 
-    _print_report(_plan(model, memory=memory, trace=trace), as_json)
+    _print_report(_plan(model, memory=memory, trace=trace, options=engine), as_json)
 
 
 def _print_report(r: dict, as_json: bool) -> None:
@@ -263,15 +295,14 @@ def _print_report(r: dict, as_json: bool) -> None:
 
 
 @app.command()
+@engine_flags("moe_topk", "expert_cache_mib", "use_mmap")  # the thread count is swept; the context fits the run
 def bench(
     model: str = typer.Argument(..., help="model name or path"),
     prompt_tokens: int = typer.Option(128, "-p", help="prompt length for prefill"),
     gen_tokens: int = typer.Option(64, "-n", help="tokens to decode"),
     threads: str = typer.Option("1,2", "-t", "--threads", help="comma-separated thread counts to sweep"),
     reps: int = typer.Option(3, "-r", "--reps", help="repetitions (medians are reported)"),
-    expert_cache_mib: Optional[int] = typer.Option(None, "--expert-cache-mib"),
-    use_mmap: bool = typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
-                                  "them into RAM (starts faster, decodes slower)"),
+    engine: EngineOptions = None,
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Measure prefill and decode tokens/s against the machine's read bandwidth, per phase and thread count."""
@@ -283,8 +314,7 @@ def bench(
         raise UsageError(f"--threads must be comma-separated integers, got {threads!r}") from None
     if not ths or min(ths) < 1 or prompt_tokens < 1 or gen_tokens < 1 or reps < 1:
         raise UsageError("-p, -n, -r and every --threads value must be at least 1")
-    r = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=ths, reps=reps,
-                  expert_cache_mib=expert_cache_mib, use_mmap=use_mmap or None)
+    r = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=ths, reps=reps, engine=engine)
     typer.echo(json.dumps(r) if as_json else format_bench(r))
 
 
@@ -315,9 +345,8 @@ def quantize(
 ):
     """Convert a Hugging Face checkpoint to a 4-bit container, streaming one tensor at a time."""
     from quant.convert import convert_hf
-    from quant.errors import QuantError
 
-    from .errors import ModelFileError
+    from .errors import model_file_errors
 
     if out.suffix == ".gguf":
         raise UsageError("the container is not a GGUF file; name it .lmc (use `lmcli export` for GGUF)")
@@ -331,9 +360,8 @@ def quantize(
         bar = progress_bar(f"quantizing {src.name}")
         progress = bar.update
     try:
-        summary = convert_hf(src, out, qtype, overwrite=force, progress=progress)
-    except QuantError as e:
-        raise ModelFileError(str(e)) from None
+        with model_file_errors():
+            summary = convert_hf(src, out, qtype, overwrite=force, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -351,18 +379,15 @@ def export(
     force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
 ):
     """Export a model as a GGUF file that llama.cpp and ollama run."""
-    from quant.errors import QuantError
     from quant.gguf_export import export_gguf
 
-    from .errors import ModelFileError
+    from .errors import model_file_errors
     from .store import resolve
 
     if out.exists() and not force:
         raise UsageError(f"{out} exists", hint="pass --force to replace it")
-    try:
+    with model_file_errors():
         path = export_gguf(resolve(model), out, overwrite=force)
-    except QuantError as e:
-        raise ModelFileError(str(e)) from None
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

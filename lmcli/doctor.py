@@ -8,18 +8,19 @@ import platform
 import re
 import shutil
 import time
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ModelFileError, UsageError, model_file_errors
+from .memory import available, cgroup_memory_limit, context_size, meminfo, residency
 
 DISK_GBPS = 1.7  # whole-bundle expert reads from disk, measured here at 1.5-2.0 GB/s (DESIGN.md)
 REGISTRY_BITS_PER_WEIGHT = 4.5  # Q4_0: 18 bytes per 32 weights
 BANDWIDTH_BYTES = 256 << 20
 BANDWIDTH_SECONDS = 0.3
-_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number near 2**63
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -41,41 +42,6 @@ def cpu_info(text: str) -> dict:
             "avx2": "avx2" in flags,
             "avx512": "avx512f" in flags,
             "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
-
-
-def meminfo(text: str) -> tuple[int | None, int | None]:
-    """(MemTotal, MemAvailable) in bytes from /proc/meminfo text."""
-    vals = {}
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        parts = val.split()
-        if parts and parts[0].isdigit():
-            vals[key.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    return vals.get("MemTotal"), vals.get("MemAvailable")
-
-
-def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
-    """The cgroup memory limit in bytes (v2 memory.max, else v1 memory.limit_in_bytes), None without one."""
-    candidates = []
-    try:
-        for line in proc_cgroup.read_text().splitlines():
-            hid, _, rest = line.partition(":")
-            ctrls, _, rel = rest.partition(":")
-            if hid == "0" and ctrls == "":
-                candidates.append(root / rel.lstrip("/") / "memory.max")
-    except OSError:
-        pass
-    candidates += [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
-    for p in candidates:
-        try:
-            v = p.read_text().strip()
-        except OSError:
-            continue
-        if v == "max":
-            return None
-        if v.isdigit():
-            return int(v) if int(v) < _NO_LIMIT else None
-    return None
 
 
 def _read(path: str) -> str:
@@ -199,15 +165,13 @@ def parse_size(text: str) -> int:
 
 
 def _memory_budget(memory: str | None) -> tuple[int, str]:
+    """--memory, else what the engine will measure when it loads the model (lmcli.memory.available)."""
     if memory is not None:
         return parse_size(memory), "--memory"
-    _, avail = meminfo(_read("/proc/meminfo"))
-    limit = cgroup_memory_limit()
-    if limit is not None and (avail is None or limit < avail):
-        return limit, "cgroup memory limit"
-    if avail is None:
+    avail = available()
+    if not avail:
         raise UsageError("cannot read the available memory on this system", hint="pass --memory, e.g. --memory 8G")
-    return avail, "available RAM"
+    return avail, "available memory (RAM, within the cgroup limit)"
 
 
 def _parse_count(num: str, unit: str) -> float:
@@ -231,13 +195,13 @@ def registry_params(notes: str) -> tuple[float, float]:
 def container_costs(path: Path) -> dict:
     """Sizes from a container's header and tensor index (nothing of the weights is read)."""
     from quant.container import Container
-    from quant.schema import ModelConfig, TensorSize
+    from quant.schema import ModelConfig
 
     with model_file_errors():
         c = Container(path)
         try:
             cfg = ModelConfig.from_dict(c.metadata.get("config"))
-            tensors = [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in c.tensors.values()]
+            tensors = c.tensor_sizes()
             return _costs(cfg, tensors, c.file_size)
         finally:
             c.close()
@@ -277,14 +241,7 @@ def _costs(cfg, tensors, file_size: int) -> dict:
             "file_bytes": file_size, "dense_bytes": t.dense_bytes, "expert_bytes": t.expert_bytes,
             "dense_bytes_per_token": t.dense_bytes_per_token, "expert_bytes_per_token": t.expert_bytes_per_token,
             "bytes_per_token": t.bytes_per_token, "kv_bytes_per_token": t.kv_bytes_per_token,
-            "n_ctx": _default_ctx(cfg.n_ctx_train), "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes}
-
-
-def _default_ctx(n_ctx_train: int) -> int:
-    from .api import DEFAULT_CTX
-
-    env = os.environ.get("LMCLI_CTX_SIZE")
-    return int(env) if env and env.isdigit() else min(DEFAULT_CTX, n_ctx_train)
+            "n_ctx": context_size(None, cfg.n_ctx_train), "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes}
 
 
 def _registry_costs(entry) -> dict:
@@ -375,10 +332,11 @@ def _replay(trace: list, capacity: int) -> dict:
     return {**{k: replay_hits(trace, capacity, k) for k in POLICIES}, "belady": belady_hits(trace, capacity)}
 
 
-def plan(model: str, memory: str | None = None, trace: Path | str | None = None) -> dict:
-    """File size, bytes read per token, fit in memory and expected decode tokens/s, without loading the model.
-    With `trace` (a file from `lmcli run --routing-trace`), expert reads come from replaying that routing
-    through the expert cache instead of assuming uniform routing."""
+def plan(model: str, memory: str | None = None, trace: Path | str | None = None, options=None) -> dict:
+    """File size, bytes read per token, where `lmcli run` will keep the weights (the engine's own rule, for the
+    memory given or measured now) and expected decode tokens/s, without loading the model. options: the
+    EngineOptions run would get (context size, expert cache size, mmap). With `trace` (a file from `lmcli run --routing-trace`), expert
+    reads come from replaying that routing through the expert cache instead of assuming uniform routing."""
     from .engine.expert_cache import DEFAULT_POLICY, POLICIES
 
     from .store import locate, resolve
@@ -394,14 +352,29 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None)
         c, source = _registry_costs(loc.entry), f"registry notes ({loc.entry.notes}); not downloaded"
     else:
         resolve(model)  # an unfinished pull of an unlisted repo: resolve's error says how to resume it
+    expert_cache_mib, use_mmap = getattr(options, "expert_cache_mib", None), getattr(options, "use_mmap", None)
+    if getattr(options, "n_ctx", None) is not None and c["n_ctx"] is not None:
+        c["n_ctx"] = context_size(options.n_ctx, 1 << 20)
     steps, n_tokens = read_trace(Path(trace), c, model) if trace is not None else (None, None)
     kv = c["kv_bytes_per_token"] * c["n_ctx"] if c["kv_bytes_per_token"] is not None else 0
     need = c["file_bytes"] + kv
-    fits = need <= budget
+    # what `lmcli run` decides on a machine with `budget` available: the engine's own rule (lmcli.memory)
+    decision = residency(file_bytes=c["file_bytes"], kv_bytes=kv, dense_bytes=c["dense_bytes"] or 0, avail=budget,
+                         is_moe=bool(c["n_expert"]), use_mmap=use_mmap, expert_cache_mib=expert_cache_mib)
     n_bundles = len(c["moe_layers"]) * c["n_expert"] if c["moe_layers"] else 0
     capacity = None
-    if c["bundle_bytes"]:  # the expert bundles the budget holds once the KV cache and the dense weights are in
-        capacity = n_bundles if fits else min(n_bundles, max(budget - kv - c["dense_bytes"], 0) // c["bundle_bytes"])
+    if decision.expert_cache_bytes is not None and c["bundle_bytes"]:
+        capacity = min(n_bundles, decision.expert_cache_bytes // c["bundle_bytes"])
+        fits = capacity >= n_bundles
+        room = c["dense_bytes"] + capacity * c["bundle_bytes"]  # the dense weights stay resident beside the cache
+        if capacity < (c["n_expert_used"] or 0):  # ExpertCache refuses a cache smaller than one token's experts
+            decision = replace(decision, why=f"{decision.why}; its {capacity} bundles are fewer than one token's "
+                                             f"{c['n_expert_used']} experts: run refuses (raise --expert-cache-mib)")
+    else:
+        fits = decision.resident or need <= budget  # read into RAM, or mapped and held by the page cache
+        room = max(budget - kv, 0)
+        if c["bundle_bytes"]:
+            capacity = n_bundles if fits else min(n_bundles, max(room - c["dense_bytes"], 0) // c["bundle_bytes"])
     bw = measure_bandwidth()
     assumptions = ["decode is memory-bound: tokens/s = read bandwidth / bytes read per token"]
     if kind == "registry":
@@ -421,7 +394,7 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None)
             assumptions.append("the model fits in memory: every expert stays resident once read, whatever the "
                                "routing, so the trace changes nothing")
     else:
-        miss, share = _miss_bytes_per_token(c, budget - kv)
+        miss, share = _miss_bytes_per_token(c, room)
         hit_rate = share
         assumptions.append(f"the weights that do not fit in memory are read from disk at {DISK_GBPS} GB/s "
                            "(whole expert bundles; not measured on this disk)")
@@ -432,7 +405,7 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None)
         else:
             hits = _replay(steps, capacity)
             accesses = sum(len(e) for _, e in steps)
-            dense_share = min(1.0, max(budget - kv, 0) / c["dense_bytes"]) if c["dense_bytes"] else 1.0
+            dense_share = min(1.0, room / c["dense_bytes"]) if c["dense_bytes"] else 1.0
             dense_miss = c["dense_bytes_per_token"] * (1 - dense_share)
 
             def cost(h: int) -> tuple[int, float]:  # (disk bytes per token, tokens/s) with h hits over the trace
@@ -462,6 +435,9 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None)
         "memory_budget_bytes": budget,
         "memory_budget_from": budget_from,
         "fits_in_memory": fits,
+        "weights": decision.describe(),
+        "weights_why": decision.why,
+        "expert_cache_bytes": decision.expert_cache_bytes,
         "resident_expert_share": round(share, 4),
         "routing": "uniform" if steps is None else "trace",
         "trace": None if trace is None else str(trace),

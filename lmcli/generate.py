@@ -1,4 +1,6 @@
-"""Generation, layered as mlx-lm does: a token loop, then a stream of typed events (text, timings, finish)."""
+"""Generation, layered as mlx-lm does: a token loop, then a stream of typed events (text, then the finish with
+the run's statistics). Its collaborators (transformer, tokenizer, sampler, KV cache) are handed in, as in
+llama2.c's generate()."""
 
 from __future__ import annotations
 
@@ -13,15 +15,16 @@ from .sampling import Sampler
 
 @dataclass
 class Timings:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    load_s: float = 0.0
-    decode_steps: int = 0  # single-token forward passes
-    expert_bytes_prefill: int = 0  # bytes of routed-expert bundles the kernels read
-    expert_bytes_decode: int = 0
-    disk_bytes_decode: int = 0  # bytes the expert cache read from the file during decode
+    """Token counts, times and bytes of one generation, prompt (prefill) and completion (decode) apart."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int  # single-token forward passes
+    expert_bytes_prefill: int  # bytes of routed-expert bundles the kernels read
+    expert_bytes_decode: int
+    disk_bytes_decode: int  # bytes the expert cache read from the file during decode
 
     @property
     def expert_bytes_per_token(self) -> float:
@@ -36,6 +39,11 @@ class Timings:
         # The first completion token comes from the prefill's logits; decode time covers the rest.
         n = self.completion_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def speeds(self) -> tuple[str, str]:
+        """"N tokens, X tokens/s" for the prompt and for the completion, as `run -v` and chat print them."""
+        return (f"{self.prompt_tokens} tokens, {self.prefill_tps:.1f} tokens/s",
+                f"{self.completion_tokens} tokens, {self.decode_tps:.1f} tokens/s")
 
     def as_dict(self) -> dict:
         return {
@@ -52,14 +60,48 @@ class Timings:
 
 
 @dataclass
+class RunStats:
+    """What one generation did, built once for every face: timings, routing, the expert cache."""
+
+    finish_reason: str  # "stop", "length", or "interrupted" for a run cut short
+    timings: Timings
+    hist_prefill: np.ndarray | None  # (n_layer, n_expert) tokens routed per expert for the prompt; None: dense
+    hist_decode: np.ndarray | None  # the same while decoding
+    expert_cache: dict | None  # the expert cache's size and counters since load; None without one
+    trace: list  # the run's routing decisions when tracing is on (Transformer.trace_routing)
+
+    @property
+    def hist(self) -> np.ndarray | None:
+        """Tokens routed per (layer, expert) over the whole run."""
+        return None if self.hist_prefill is None else self.hist_prefill + self.hist_decode
+
+    def usage(self) -> dict:
+        """Token counts as the OpenAI API reports them."""
+        p, c = self.timings.prompt_tokens, self.timings.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def summary(self, model: str, load_s: float) -> dict:
+        """The end-of-generation summary (`run --json`): finish, token counts and timings, routing, expert cache."""
+        out = {"model": model, "finish_reason": self.finish_reason, **self.timings.as_dict(),
+               "load_s": round(load_s, 6), "routing_histogram": self.hist.tolist() if self.hist is not None else []}
+        if self.expert_cache is not None:
+            out["expert_cache"] = self.expert_cache
+        return out
+
+
+@dataclass
 class Event:
     """One step of a generation: a token and its text piece, or the final event with finish_reason."""
 
     token: int | None
     text: str
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" (max tokens or context)
-    timings: Timings | None = None
+    stats: RunStats | None = None  # on the final event: what the run did
     tokens: list[int] = field(default_factory=list)  # on the final event: every generated token id
+
+    @property
+    def timings(self) -> Timings | None:
+        return self.stats.timings if self.stats is not None else None
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -73,64 +115,86 @@ def _held_back(text: str, stops: list[str]) -> int:
     return n
 
 
-def generate_events(model, cache, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int,
-                    stop: list[str] | None = None, ignore_eos: bool = False) -> Iterator[Event]:
-    """Prefill prompt_ids into cache, then sample until EOS, a stop string, max_tokens or a full context.
+class Generation:
+    """One completion of prompt_ids into cache: iterate for Events until EOS, a stop string, max_tokens or a full
+    context. The final event carries the run's statistics; stats() gives them for a run cut short as well.
 
     ignore_eos masks the end-of-text tokens out of sampling (llama.cpp's --ignore-eos).
     """
-    stops = [s for s in (stop or []) if s]
-    tm = Timings(prompt_tokens=len(prompt_ids))
-    stats = model.transformer.stats
-    b0 = stats.expert_bytes
-    t0 = time.perf_counter()
-    logits = model.transformer.forward(prompt_ids, cache)[-1]
-    tm.prefill_s = time.perf_counter() - t0
-    b1 = stats.expert_bytes
-    tm.expert_bytes_prefill = b1 - b0
-    ec = model.transformer.expert_cache
-    d1 = ec.stats.bytes_read if ec is not None else 0
-    history = list(prompt_ids)
-    out_ids: list[int] = []
-    dec = model.tokenizer.stream()
-    text = ""  # generated text not yet emitted
-    finish = "length"
-    stopped_by_string = False
-    t1 = time.perf_counter()
-    eos = np.fromiter(model.tokenizer.eos_ids, dtype=np.int64)
-    while len(out_ids) < max_tokens:
-        if ignore_eos and eos.size:
-            logits = logits.copy()
-            logits[eos] = -np.inf
-        tok = sampler(logits, history)
-        if tok in model.tokenizer.eos_ids:
-            finish = "stop"
-            break
-        out_ids.append(tok)
-        history.append(tok)
-        tm.completion_tokens = len(out_ids)
-        text += dec.push(tok)
-        hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if hit >= 0:
-            if hit:
-                yield Event(tok, text[:hit])
-            text = ""
-            finish = "stop"
-            stopped_by_string = True
-            break
-        keep = _held_back(text, stops)
-        piece, text = text[: len(text) - keep], text[len(text) - keep:]
-        yield Event(tok, piece)
-        if len(out_ids) >= max_tokens or cache.n_past >= cache.n_ctx:
-            break
-        logits = model.transformer.forward([tok], cache)[-1]
-        tm.decode_steps += 1
-    tm.decode_s = time.perf_counter() - t1
-    tm.expert_bytes_decode = stats.expert_bytes - b1
-    tm.disk_bytes_decode = (ec.stats.bytes_read - d1) if ec is not None else 0
-    if not stopped_by_string:
-        text += dec.flush()
-    if text:
-        yield Event(None, text)
-    tm.completion_tokens = len(out_ids)
-    yield Event(None, "", finish, tm, out_ids)
+
+    def __init__(self, transformer, tokenizer, sampler: Sampler, cache, prompt_ids: list[int], *, max_tokens: int,
+                 stop: list[str] | None = None, ignore_eos: bool = False):
+        self.transformer, self.prompt_tokens = transformer, len(prompt_ids)
+        self.out_ids: list[int] = []
+        self.decode_steps = 0  # single-token forward passes
+        self._marks: list = []  # (time, engine counters) at the start, after the prompt, at the end
+        self._events = self._run(tokenizer, sampler, cache, list(prompt_ids), max_tokens,
+                                 [s for s in (stop or []) if s], ignore_eos)
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
+    def _mark(self) -> None:
+        self._marks.append((time.perf_counter(), self.transformer.counters()))
+
+    def stats(self, finish_reason: str = "interrupted") -> RunStats:
+        """The run's figures: final once the last event is out, else up to now."""
+        tr = self.transformer
+        now = (time.perf_counter(), tr.counters())
+        (t0, c0), (t1, c1), (t2, c2) = (self._marks + [now] * 3)[:3]  # a mark not reached yet is now
+        pre, dec = c1 - c0, c2 - c1
+        tm = Timings(prompt_tokens=self.prompt_tokens, completion_tokens=len(self.out_ids), prefill_s=t1 - t0,
+                     decode_s=t2 - t1, decode_steps=self.decode_steps, expert_bytes_prefill=pre.expert_bytes,
+                     expert_bytes_decode=dec.expert_bytes, disk_bytes_decode=dec.disk_bytes)
+        moe = tr.cfg.is_moe
+        return RunStats(finish_reason, tm, pre.hist if moe else None, dec.hist if moe else None,
+                        tr.expert_cache_stats(), tr.routing_trace(c0.traced)[: c2.traced - c0.traced])
+
+    def _run(self, tokenizer, sampler, cache, history, max_tokens, stops, ignore_eos) -> Iterator[Event]:
+        tr, out_ids = self.transformer, self.out_ids
+        self._mark()
+        logits = tr.forward(history, cache)[-1]
+        self._mark()
+        dec = tokenizer.stream()
+        text = ""  # generated text not yet emitted
+        finish = "length"
+        stopped_by_string = False
+        eos = np.fromiter(tokenizer.eos_ids, dtype=np.int64)
+        while len(out_ids) < max_tokens:
+            if ignore_eos and eos.size:
+                logits = logits.copy()
+                logits[eos] = -np.inf
+            tok = sampler(logits, history)
+            if tok in tokenizer.eos_ids:
+                finish = "stop"
+                break
+            out_ids.append(tok)
+            history.append(tok)
+            text += dec.push(tok)
+            hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                if hit:
+                    yield Event(tok, text[:hit])
+                text = ""
+                finish = "stop"
+                stopped_by_string = True
+                break
+            keep = _held_back(text, stops)
+            piece, text = text[: len(text) - keep], text[len(text) - keep:]
+            yield Event(tok, piece)
+            if len(out_ids) >= max_tokens or cache.n_past >= cache.n_ctx:
+                break
+            logits = tr.forward([tok], cache)[-1]
+            self.decode_steps += 1
+        self._mark()
+        if not stopped_by_string:
+            text += dec.flush()
+        if text:
+            yield Event(None, text)
+        yield Event(None, "", finish, self.stats(finish), list(out_ids))

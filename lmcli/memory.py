@@ -119,7 +119,7 @@ class Residency:
             return "read into RAM"
         if self.expert_cache_bytes is None:
             return "mapped from the file"
-        return f"mapped, with an expert cache of {self.expert_cache_bytes >> 20} MiB"
+        return f"mapped, with an expert cache of {self.expert_cache_bytes / (1 << 20):.1f} MiB"
 
 
 def residency(*, file_bytes: int, kv_bytes: int, dense_bytes: int, avail: int, is_moe: bool,
@@ -144,7 +144,7 @@ def residency(*, file_bytes: int, kv_bytes: int, dense_bytes: int, avail: int, i
     if not is_moe or expert_cache_mib == 0:
         return Residency(False, None, "mapped: the page cache serves the reads")
     if expert_cache_mib:
-        return Residency(False, expert_cache_mib << 20, "expert cache size asked for")
+        return Residency(False, int(expert_cache_mib * (1 << 20)), "expert cache size asked for")
     if not avail or file_bytes <= FIT_SHARE * avail:
         return Residency(False, None, "mapped: the file fits beside the rest, the page cache is the cheapest cache")
     budget = max(avail - dense_bytes - max(HEADROOM, avail // 8, kv_bytes), 0)

@@ -7,16 +7,18 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from .errors import ContextOverflow, LmcliError, UsageError
-from .generate import Event, Timings
+from .generate import Event, RunStats
 from .sampling import SamplerParams
+
+if TYPE_CHECKING:
+    from .engine.options import EngineOptions
 
 PROMPT = ">>> "
 CONTINUE = "... "
@@ -55,14 +57,12 @@ _SAVED_SETTINGS = ("temp", "top_k", "top_p", "min_p", "repeat_penalty", "seed", 
 
 @dataclass
 class Reply:
-    """What the last reply cost: tokens fed and reused, timings, finish reason, routing per layer."""
+    """What the last reply cost: tokens reused, and the run's statistics (timings, finish, routing per layer)."""
 
     text: str
     reused_tokens: int  # conversation prefix whose keys and values were already in the cache
-    timings: Timings
-    finish: str  # "stop" | "length" | "interrupted"
+    stats: RunStats  # finish_reason "stop" | "length" | "interrupted"
     context_full: bool
-    hist: np.ndarray | None  # (n_layer, n_expert) tokens routed per expert while decoding; None: dense model
 
 
 # --- the conversation (no terminal I/O) --------------------------------------------------------
@@ -130,20 +130,14 @@ class Conversation:
         reuse = min(common, len(ids) - 1)  # feed at least one token: its logits start the reply
         self.cache.truncate(reuse)
         fed = ids[reuse:]
-        stats = m.transformer.stats
-        stats.reset()
         limit = self.n_ctx if self.max_tokens == -1 else self.max_tokens
         seen: list[int] = []
         pieces: list[str] = []
         final: Event | None = None
-        t0 = time.perf_counter()
-        t1 = None
-        hist0 = bytes0 = None
+        gen = None
         try:
-            for ev in m.generate(fed, max_tokens=limit, sampler=self.sampling, cache=self.cache):
-                if t1 is None:  # prefill done, nothing decoded yet
-                    t1 = time.perf_counter()
-                    hist0, bytes0 = stats.hist.copy(), stats.expert_bytes
+            gen = m.generate(fed, max_tokens=limit, sampler=self.sampling, cache=self.cache)
+            for ev in gen:
                 if ev.finish_reason is not None:
                     final = ev
                     break
@@ -159,20 +153,10 @@ class Conversation:
                     self.turns.pop()
             else:
                 self.turns.append({"role": "assistant", "content": text})
-            if final is not None:
-                tm = final.timings
-            else:  # interrupted: the same figures, measured here
-                t2 = time.perf_counter()
-                tm = Timings(prompt_tokens=len(fed), completion_tokens=len(seen),
-                             prefill_s=(t1 or t2) - t0, decode_s=t2 - (t1 or t2),
-                             decode_steps=max(len(seen) - 1, 0),
-                             expert_bytes_prefill=bytes0 if bytes0 is not None else stats.expert_bytes,
-                             expert_bytes_decode=stats.expert_bytes - bytes0 if bytes0 is not None else 0)
-            hist = None
-            if m.config.is_moe:
-                hist = stats.hist - hist0 if hist0 is not None else np.zeros_like(stats.hist)
-            self.last = Reply(text, reuse, tm, final.finish_reason if final is not None else "interrupted",
-                              self.cache.n_past >= self.n_ctx, hist)
+            if gen is not None:  # the final event's figures, or (interrupted) those up to now
+                gen.close()
+                self.last = Reply(text, reuse, final.stats if final is not None else gen.stats(),
+                                  self.cache.n_past >= self.n_ctx)
 
     def undo(self) -> int:
         """Remove the last exchange (a trailing reply and the message it answers); returns messages removed."""
@@ -439,16 +423,15 @@ class ChatUI:
         r = self.conv.last
         if r is None:
             return
-        t = r.timings
-        line = (f"{t.completion_tokens} tokens, {t.decode_tps:.1f} tokens/s · "
-                f"prompt: {t.prompt_tokens} tokens, {t.prefill_tps:.1f} tokens/s")
+        prompt_speed, gen_speed = r.stats.timings.speeds()
+        line = f"{gen_speed} · prompt: {prompt_speed}"
         if interrupted and not r.text:
             line += " · stopped before the reply began: the message is taken back"
         elif interrupted:
             line += " · stopped: the partial reply is kept (/undo drops it, /regen redoes it)"
         elif r.context_full:
             line += f" · the context of {self.conv.n_ctx} tokens is full: the next turn drops the oldest messages"
-        elif r.finish == "length":
+        elif r.stats.finish_reason == "length":
             line += f" · cut at max-tokens {self.conv.max_tokens}"
         self.note(line)
 
@@ -502,18 +485,19 @@ class ChatUI:
         if r is None:
             self.note("(no reply yet)")
             return
-        t = r.timings
+        t = r.stats.timings
         experts = (f"{t.expert_bytes_per_token / 1e6:.2f} MB read per generated token, "
-                   f"{t.expert_bytes_prefill / 1e6:.2f} MB for the prompt" if r.hist is not None else "dense model")
-        self.out(f"last reply: {t.completion_tokens} tokens, finish: {r.finish}\n"
+                   f"{t.expert_bytes_prefill / 1e6:.2f} MB for the prompt" if r.stats.hist is not None
+                   else "dense model")
+        self.out(f"last reply: {t.completion_tokens} tokens, finish: {r.stats.finish_reason}\n"
                  f"prompt: {t.prompt_tokens} tokens processed, {r.reused_tokens} reused from the cache, "
                  f"{t.prefill_tps:.1f} tokens/s\n"
-                 f"generation: {t.completion_tokens} tokens, {t.decode_tps:.1f} tokens/s\n"
+                 f"generation: {t.speeds()[1]}\n"
                  f"experts: {experts}")
-        ec = self.conv.model.transformer.expert_cache
-        if ec is not None:  # a model larger than memory: what the expert cache did since the session began
-            c = ec.stats.as_dict()
-            self.out(f"expert cache: {ec.n_slots} bundles of {ec.slot_size / 1e6:.1f} MB, hit rate {c['hit_rate']:.0%}, "
+        c = r.stats.expert_cache
+        if c is not None:  # a model larger than memory: what the expert cache did since the session began
+            self.out(f"expert cache: {c['slots']} bundles of {c['slot_bytes'] / 1e6:.1f} MB, "
+                     f"hit rate {c['hit_rate']:.0%}, "
                      f"{c['bytes_read'] / 1e6:.1f} MB read from disk, {c['io_wait_s']:.2f} s waiting on reads, "
                      f"{c['prefetch_used']}/{c['prefetched']} prefetched bundles used")
 
@@ -541,14 +525,10 @@ class ChatUI:
         self.note(f"(saved {len(self.conv.turns)} messages to {path})")
 
     def cmd_load(self, arg: str):
-        if not arg:
-            raise UsageError("/load needs a file name")
-        path = Path(arg).expanduser()
+        path, text = _read_file(arg, "/load", "cannot load {path}: not JSON ({e})")
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise UsageError(f"cannot read {path}: {e.strerror}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
             raise UsageError(f"cannot load {path}: not JSON ({e})") from None
         try:
             self.conv.load_json(obj)
@@ -559,15 +539,7 @@ class ChatUI:
         self.note(f"(loaded {len(self.conv.turns)} messages from {path}{other})")
 
     def cmd_read(self, arg: str):
-        if not arg:
-            raise UsageError("/read needs a file name")
-        path = Path(arg).expanduser()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"cannot read {path}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"{path} is not UTF-8 text") from None
+        path, text = _read_file(arg, "/read", "{path} is not UTF-8 text")
         text = text.rstrip("\r\n")  # a file's final newline ends the file, not the message
         if not text.strip():
             raise UsageError(f"{path} is empty")
@@ -582,20 +554,35 @@ class ChatUI:
             self.out("dense model: every token runs the same feed-forward weights; no experts to show")
             return
         r = conv.last
-        if r is None or r.hist is None:
+        hist = r.stats.hist_decode if r is not None else None
+        if hist is None:
             self.note("(no reply yet)")
             return
-        n_tok = r.timings.decode_steps
-        if not r.hist.any():
+        n_tok = r.stats.timings.decode_steps
+        if not hist.any():
             self.note("(the last reply had no decode steps to count)")
             return
         self.out(f"routing of the last reply: {n_tok} generated tokens x {conv.model.transformer.router.top_k} "
                  f"experts per layer (bar: share of each expert 0..{cfg.n_expert - 1}; top 3 with shares)")
-        for li, row in enumerate(r.hist):
+        for li, row in enumerate(hist):
             if not cfg.layer_is_moe(li):
                 self.out(f"layer {li:>3}  dense")
                 continue
             self.out(f"layer {li:>3}  {histogram_line(row)}")
+
+
+def _read_file(arg: str, command: str, not_text: str) -> tuple[Path, str]:
+    """(path, text) of the file a command names; UsageError when none is named, it cannot be read, or it is not
+    UTF-8 (not_text, with {path} and {e})."""
+    if not arg:
+        raise UsageError(f"{command} needs a file name")
+    path = Path(arg).expanduser()
+    try:
+        return path, path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(not_text.format(path=path, e=e)) from None
 
 
 def histogram_line(row: np.ndarray, top: int = 3, max_bar: int = 64) -> str:
@@ -612,9 +599,8 @@ def histogram_line(row: np.ndarray, top: int = 3, max_bar: int = 64) -> str:
     return bar + ", ".join(f"{int(e)}: {100 * row[e] / total:.0f}%" for e in best if row[e])
 
 
-def run_chat(model: str, *, system: str | None, sampling: SamplerParams, max_tokens: int, n_ctx: int | None,
-             threads: int | None, moe_topk: int | None, expert_cache_mib: int | None = None,
-             use_mmap: bool | None = None) -> int:
+def run_chat(model: str, *, system: str | None, sampling: SamplerParams, max_tokens: int,
+             engine: EngineOptions | None = None) -> int:
     """Load model (its errors are raised before the REPL starts), then chat until /bye, Ctrl+D or Ctrl+C twice."""
     from rich.console import Console
 
@@ -622,8 +608,7 @@ def run_chat(model: str, *, system: str | None, sampling: SamplerParams, max_tok
 
     _check_max_tokens(max_tokens)
     sampling = _checked_params(sampling)
-    m = load(model, n_ctx=n_ctx, threads=threads, moe_topk=moe_topk, expert_cache_mib=expert_cache_mib,
-             use_mmap=use_mmap)
+    m = load(model, engine)
     conv = Conversation(m, model, system=system, sampling=sampling, max_tokens=max_tokens)
     console = Console(highlight=False, emoji=False, markup=False)
     ui = ChatUI(conv, console, line_reader())

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,6 +32,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import ContextOverflow, LmcliError, ModelNotFound, TemplateError, UsageError
+
+if TYPE_CHECKING:
+    from .engine.options import EngineOptions
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 ROLES = ("system", "user", "assistant", "tool")  # "developer" (OpenAI's newer name) is read as "system"
@@ -217,11 +220,6 @@ def parse_request(body: dict, kind: str) -> GenRequest:
 
 # --- responses in OpenAI's shape ------------------------------------------------------------------
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
     """A whole (non-streamed) chat.completion or text_completion object."""
     if kind == "chat":
@@ -307,9 +305,9 @@ class Job:
 class Engine:
     """The single worker thread: Numba's thread count is per thread and the engine is not thread-safe."""
 
-    def __init__(self, stats: Stats, *, queue_size: int, n_ctx: int | None, threads: int | None,
+    def __init__(self, stats: Stats, *, queue_size: int, options: EngineOptions | None,
                  load: Callable[..., Any], log: Callable[[str], None]):
-        self.stats, self.queue_size, self.n_ctx, self.threads = stats, queue_size, n_ctx, threads
+        self.stats, self.queue_size, self.options = stats, queue_size, options
         self._load, self._log = load, log
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -375,13 +373,13 @@ class Engine:
         if self.model_id != target.id:
             self.model, self.model_id = None, None  # one model in memory: release the old mapping first
             t0 = time.perf_counter()
-            self.model = self._load(target.spec, n_ctx=self.n_ctx, threads=self.threads)
+            self.model = self._load(target.spec, self.options)
             self.model_id = target.id
             self._log(f"lmcli: loaded {target.id} in {time.perf_counter() - t0:.1f} s (context {self.model.n_ctx})")
         return self.model
 
     def run(self, job: Job) -> None:
-        """Generate for job, emitting ("start", n_prompt), ("text", piece)..., ("end", finish, n_prompt, n_out)."""
+        """Generate for job, emitting ("start", n_prompt), ("text", piece)..., ("end", finish, usage)."""
         st = job.stat
         try:
             if job.cancel.is_set():
@@ -413,7 +411,7 @@ class Engine:
                         self.stats.tokens += ev.timings.completion_tokens - st.tokens
                         st.tokens = ev.timings.completion_tokens
                         st.finish_reason = ev.finish_reason
-                        job.emit(("end", ev.finish_reason, len(ids), st.tokens))
+                        job.emit(("end", ev.finish_reason, ev.stats.usage()))
                         break
                     if ev.token is not None:
                         st.tokens += 1
@@ -704,9 +702,9 @@ class Api:
                 if item[0] == "text":
                     pieces.append(item[1])
                 elif item[0] == "end":
-                    _, finish, n_prompt, n_out = item
+                    _, finish, use = item
                     return JSONResponse(completion_body(kind, st.id, created, target.id, "".join(pieces), finish,
-                                                        usage(n_prompt, n_out)))
+                                                        use))
         except _Gone:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         finally:
@@ -726,10 +724,10 @@ class Api:
                 if item[0] == "text":
                     yield sse(chunk(delta={"content": item[1]}, text=item[1]))
                 elif item[0] == "end":
-                    _, finish, n_prompt, n_out = item
+                    _, finish, use = item
                     yield sse(chunk(delta={}, finish=finish))
                     if inc:
-                        yield sse(chunk_body(kind, st.id, created, mid, use=usage(n_prompt, n_out)))
+                        yield sse(chunk_body(kind, st.id, created, mid, use=use))
                     yield sse("[DONE]")
                     return
                 elif item[0] == "error":
@@ -811,14 +809,18 @@ def _check_options(api_key: str | None, cors_origin: str | None, max_body: int, 
 
 
 def create_app(default_model: str | None, *, api_key: str | None = None, cors_origin: str | None = None,
-               max_body: int = 1 << 20, queue_size: int = 8, n_ctx: int | None = None, threads: int | None = None,
-               log: Callable[[str], None] = print, host: str = "127.0.0.1") -> Starlette:
-    """The Starlette app; host is the address it is bound to (allowed in Host when not loopback, with a key)."""
+               max_body: int = 1 << 20, queue_size: int = 8, options: EngineOptions | None = None,
+               log: Callable[[str], None] = print, host: str = "127.0.0.1", **engine) -> Starlette:
+    """The Starlette app; host is the address it is bound to (allowed in Host when not loopback, with a key).
+
+    options: how to run the models (EngineOptions); engine: single fields over it (n_ctx=..., threads=...).
+    """
     from .api import load
+    from .engine.options import EngineOptions
 
     _check_options(api_key, cors_origin, max_body, queue_size)
     stats = Stats()
-    engine = Engine(stats, queue_size=queue_size, n_ctx=n_ctx, threads=threads, load=load, log=log)
+    engine = Engine(stats, queue_size=queue_size, options=EngineOptions.of(options, **engine), load=load, log=log)
     default = Target(model_id(default_model), default_model) if default_model else None
     api = Api(default, engine, stats, max_body)
     allowed: frozenset[str] | None = LOOPBACK_HOSTS
@@ -873,9 +875,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
-          cors_origin: str | None = None, *, max_body: int = 1 << 20, queue_size: int = 8, n_ctx: int | None = None,
-          threads: int | None = None, log: Callable[[str], None] = print) -> None:
-    """Serve the OpenAI API until interrupted; refuses a non-loopback address without an API key."""
+          cors_origin: str | None = None, *, max_body: int = 1 << 20, queue_size: int = 8,
+          options: EngineOptions | None = None, log: Callable[[str], None] = print, **engine) -> None:
+    """Serve the OpenAI API until interrupted; refuses a non-loopback address without an API key.
+
+    options, engine: how to run the models, as create_app takes them."""
     if not _is_loopback(host) and api_key is None:
         raise UsageError(f"refusing to listen on {host} without an API key: anyone who can reach it could use it",
                          hint="pass --api-key KEY (clients send Authorization: Bearer KEY), or use --host 127.0.0.1")
@@ -884,7 +888,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, 
     import uvicorn
 
     app = create_app(model, api_key=api_key, cors_origin=cors_origin, max_body=max_body, queue_size=queue_size,
-                     n_ctx=n_ctx, threads=threads, log=log, host=host)
+                     options=options, log=log, host=host, **engine)
     engine: Engine = app.state.engine
     if app.state.default is not None:
         engine.call(partial(engine.get_model, app.state.default))  # a bad model fails here, before listening

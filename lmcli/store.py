@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from quant.container import MAGIC, Container
 from quant.container import VERSION as CONTAINER_VERSION
-from quant.schema import ModelConfig, TensorSize, token_costs
+from quant.schema import ModelConfig, token_costs
 
 from .errors import ModelFileError, ModelNotFound, StoreError, model_file_errors
 from .registry import NAME_RE, load_registry
@@ -438,7 +438,7 @@ def show_info(name_or_path: str) -> dict:
         finally:
             c.close()
         cfg = ModelConfig.from_dict(md.get("config"))
-    costs = token_costs(cfg, [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in tensors])
+    costs = token_costs(cfg, c.tensor_sizes())
     formats: dict[str, set[str]] = {}
     for t in tensors:
         formats.setdefault(_tensor_class(t.name, t.n_expert, len(t.shape)), set()).add(t.fmt.name)

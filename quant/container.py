@@ -182,6 +182,12 @@ class Container:
         n = max(1, t.n_expert)
         return self._buf[t.offset : t.offset + (n - 1) * t.stride + t.nbytes]
 
+    def tensor_sizes(self) -> list:
+        """Each tensor as quant.schema.token_costs reads it (one matrix's bytes, the expert count and stride)."""
+        from .schema import TensorSize
+
+        return [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in self.tensors.values()]
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]

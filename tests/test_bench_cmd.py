@@ -28,6 +28,7 @@ def test_bench_json_on_a_moe_model(tmp_path):
     assert x["bytes_per_token"] == m.transformer.weights.nbytes_dense + 2 * 2 * ex.bundle_nbytes
     assert 0 < x["roofline_fraction"] < 2
     assert {"matrix kernels", "attention", "routing", "expert kernels", "sampling"} <= set(x["decode_ms_per_phase"])
+    assert all(x["decode_ms_per_phase"][k] > 0 for k in ("matrix kernels", "attention", "routing", "expert kernels"))
 
 
 def test_bench_rejects_bad_thread_lists(tmp_path):

@@ -30,14 +30,19 @@ def policy_replay():
     return mod
 
 
-def test_the_default_policy_is_what_the_engine_uses_unless_told():
-    from lmcli.api import Model
+def test_the_default_policy_is_what_the_engine_uses_unless_told(tmp_path):
+    import lmcli
+    from lmcli.engine.options import EngineOptions
+    from quant.synthetic import write_synthetic_moe
 
     assert DEFAULT_POLICY in POLICIES
-    # lmcli.load and the CLI build the engine through Model, which hands cache_policy on to Transformer
-    assert inspect.signature(Model.__init__).parameters["cache_policy"].default == DEFAULT_POLICY
-    assert "cache_policy=cache_policy" in inspect.getsource(Model.__init__)
+    # lmcli.load and the CLI build the engine from one EngineOptions, which hands cache_policy on to the cache
+    assert EngineOptions().cache_policy == DEFAULT_POLICY
     assert inspect.signature(ExpertCache.__init__).parameters["policy"].default == DEFAULT_POLICY
+    p = tmp_path / "m.lmc"
+    write_synthetic_moe(p, n_layer=2, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    m = lmcli.load(str(p), expert_cache_mib=3)
+    assert m.options.cache_policy == DEFAULT_POLICY and m.transformer.expert_cache.policy.kind == DEFAULT_POLICY
 
 
 def test_a_capacity_below_one_steps_experts_is_refused():

@@ -313,3 +313,28 @@ def test_stats_shows_the_expert_cache_when_one_is_in_use(lmcli_home, moe_path):
     assert m, out
     assert int(m.group(1)) >= 2 and float(m.group(3)) > 0
     assert chat.bye() == 0
+
+
+def test_a_reply_stopped_early_keeps_the_figures_of_what_ran(smol_container):
+    import lmcli
+    from lmcli.repl import Conversation
+    from lmcli.sampling import SamplerParams
+
+    m = lmcli.load(str(smol_container), n_ctx=256)
+    conv = Conversation(m, "smollm2", system=None, sampling=SamplerParams(temp=0.0), max_tokens=50)
+    conv.say("Tell me a long story about a dragon.")
+    ids, _ = conv.fit()
+    stream = conv.stream(ids)
+    pieces = [next(stream).text for _ in range(3)]
+    stream.close()  # what Ctrl+C during a reply does
+    st = conv.last.stats
+    assert st.finish_reason == "interrupted" and st.timings.prompt_tokens == len(ids)
+    assert st.timings.completion_tokens == 3 and st.timings.decode_steps == 2 and st.timings.prefill_s > 0
+    assert conv.turns[-1] == {"role": "assistant", "content": "".join(pieces)}
+    assert st.hist is None  # a dense model
+    # the next turn reuses the cache and reports only itself
+    conv.say("Shorter, please.")
+    ids2, _ = conv.fit()
+    list(conv.stream(ids2))
+    assert conv.last.stats.finish_reason in ("stop", "length") and conv.last.reused_tokens > len(ids)
+    assert conv.last.stats.timings.prompt_tokens == len(ids2) - conv.last.reused_tokens

@@ -222,6 +222,25 @@ def test_usage_errors_exit_2_and_unknown_flags_are_one_line(lmcli_home):
     assert_clean_failure(r, code=2)
 
 
+def test_run_chat_serve_and_bench_offer_the_same_engine_flags(lmcli_home):
+    flags = ("--moe-topk", "--expert-cache-mib", "--mmap")
+    for cmd in ("run", "chat", "serve", "bench"):
+        r = lmcli(cmd, "--help", home=lmcli_home, env={"COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr
+        want = flags + (("--threads", "--ctx-size") if cmd != "bench" else ())  # bench sweeps threads itself
+        assert all(f in r.stdout for f in want), (cmd, r.stdout)
+    # serve applies them: a dense model refuses --moe-topk before the server listens (on a port that is taken,
+    # so that a server that did not refuse fails too instead of serving)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = lmcli("serve", "smollm2", "--moe-topk", "2", "--port", str(taken.getsockname()[1]), home=lmcli_home)
+    assert_clean_failure(r, code=2)
+    assert "--moe-topk applies to Mixture-of-Experts models" in r.stderr
+
+
 def test_ctrl_c_exits_130(lmcli_home):
     import signal
     import time

@@ -316,11 +316,10 @@ def test_a_trace_the_engine_wrote_is_read_by_plan(empty_home, moe_path, tmp_path
     from lmcli.api import load
     from lmcli.cli import _write_trace
 
-    m = load(str(moe_path))
-    m.transformer.stats.trace = []
-    list(m.generate(m.tokenize("hello there"), max_tokens=4, temp=0.0, ignore_eos=True))
+    m = load(str(moe_path), routing_trace=True)
+    final = list(m.generate(m.tokenize("hello there"), max_tokens=4, temp=0.0, ignore_eos=True))[-1]
     path = tmp_path / "engine.jsonl"
-    _write_trace(path, m.transformer.stats.trace)
+    _write_trace(path, final.stats.trace)
     dense, stride, kv = header_sizes(moe_path)
     r = plan(str(moe_path), memory=str(kv + dense + 8 * stride), trace=path)
     assert r["routing"] == "trace" and r["trace_tokens"] >= 5
@@ -362,3 +361,64 @@ def test_plan_trace_on_the_command_line_prints_json(tmp_path, moe_path):
     obj = json.loads(r.stdout)
     assert obj["routing"] == "trace" and obj["trace_tokens"] == 30
     assert set(obj["policy_hit_rates"]) == set(POLICIES)
+
+
+@pytest.mark.parametrize("mib,n_ctx,verdict", [(1024, 64, "read into RAM"), (7.2, 64, "read into RAM"),
+                                               (10, 4096, "mapped from the file"), (4.0, 64, "expert cache"),
+                                               (2.5, 64, "expert cache"), (1.0, 64, "refused")])
+def test_plan_says_what_run_decides_for_each_memory_size(moe_path, monkeypatch, mib, n_ctx, verdict):
+    """One rule (lmcli.memory.residency): for the same available memory, plan's verdict on where the weights live
+    and how large the expert cache is equals what loading the model does. HEADROOM is lowered so that a model of a
+    few MB crosses every branch: read into RAM, mapped, mapped with an expert cache of a few bundles, refused."""
+    import lmcli.engine.model as engine_model
+    import lmcli.memory as memory
+    from lmcli.api import load
+    from lmcli.engine.expert_cache import MemoryBudgetError
+    from lmcli.engine.options import EngineOptions
+
+    monkeypatch.setattr(memory, "HEADROOM", 0)
+    avail = int(mib * (1 << 20))
+    monkeypatch.setattr(engine_model, "available", lambda: avail)
+    opts = EngineOptions(n_ctx=n_ctx)
+    p = plan(str(moe_path), memory=str(avail), options=opts)
+    assert verdict in p["weights"] or verdict == "refused"
+    try:
+        tr = load(str(moe_path), opts).transformer
+    except MemoryBudgetError:
+        assert verdict == "refused"
+        assert "run refuses" in p["weights_why"] and p["expert_cache_bundles"] < p["n_expert_used"]
+        return
+    assert verdict != "refused" and "run refuses" not in p["weights_why"]
+    assert tr.container.resident == (p["weights"] == "read into RAM")
+    cache = tr.expert_cache
+    assert (cache is None) == (p["expert_cache_bytes"] is None)
+    if cache is not None:
+        assert cache.n_slots == p["expert_cache_bundles"] and cache.slot_size == p["expert_bundle_bytes"]
+        assert p["fits_in_memory"] == (cache.n_slots >= 16)
+    elif tr.container.resident:
+        assert p["fits_in_memory"] and p["disk_bytes_per_token"] == 0
+
+
+def test_the_memory_cgroup_of_this_process_gives_limit_and_usage(tmp_path):
+    from lmcli.memory import cgroup_memory
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:cpu:/a\n4:memory:/lmcli/run1\n0::/\n")
+    own = tmp_path / "memory" / "lmcli" / "run1"
+    own.mkdir(parents=True)
+    (own / "memory.limit_in_bytes").write_text("1073741824\n")
+    (own / "memory.usage_in_bytes").write_text("268435456\n")
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # the root: no limit
+    assert cgroup_memory(tmp_path, proc) == (1 << 30, 1 << 28)  # its own cgroup first, as the engine reads it
+
+
+def test_a_bad_lmcli_ctx_size_is_refused_by_plan_as_by_run(empty_home, moe_path, monkeypatch):
+    """One context rule (lmcli.memory.context_size): plan used to ignore a bad LMCLI_CTX_SIZE that run refuses."""
+    from lmcli.api import load
+
+    monkeypatch.setenv("LMCLI_CTX_SIZE", "lots")
+    for call in (lambda: plan(str(moe_path), memory="1G"), lambda: load(str(moe_path))):
+        with pytest.raises(UsageError, match="LMCLI_CTX_SIZE must be an integer, got 'lots'"):
+            call()
+    monkeypatch.setenv("LMCLI_CTX_SIZE", "256")
+    assert plan(str(moe_path), memory="1G")["n_ctx"] == 256 == load(str(moe_path)).n_ctx

@@ -48,15 +48,18 @@ def test_the_live_cache_counts_the_same_hits_as_the_offline_replay(tmp_path, kin
 
     p = tmp_path / "m.lmc"
     write_synthetic_moe(p, n_layer=3, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
-    m = lmcli.load(str(p), expert_cache_mib=3, prefetch=False, cache_policy=kind)
+    m = lmcli.load(str(p), expert_cache_mib=3, prefetch=False, cache_policy=kind, routing_trace=True)
     assert m.transformer.expert_cache.policy.kind == kind
     ec = m.transformer.expert_cache
-    m.transformer.stats.trace = []
-    list(m.generate(m.tokenize("the quick brown fox"), max_tokens=12, temp=0.0, ignore_eos=True))
+    final = list(m.generate(m.tokenize("the quick brown fox"), max_tokens=12, temp=0.0, ignore_eos=True))[-1]
     # per forward call and layer, the distinct experts the cache fetched, in order
-    trace = [(layer, sorted(set(ids.reshape(-1).tolist()))) for _, layer, ids, _ in m.transformer.stats.trace]
-    assert int(ec.stats.hits.sum()) == replay_hits(trace, ec.n_slots, kind)
+    trace = [(layer, sorted(set(ids.reshape(-1).tolist()))) for _, layer, ids, _ in final.stats.trace]
+    hits = int(ec.stats.hits.sum())
+    assert hits == replay_hits(trace, ec.n_slots, kind)
     assert int(ec.stats.hits.sum() + ec.stats.misses.sum()) == sum(len(e) for _, e in trace)
+    # the final event reports the same cache (the whole run: the cache was new)
+    assert final.stats.expert_cache["slots"] == ec.n_slots
+    assert final.stats.expert_cache["hit_rate"] == round(hits / sum(len(e) for _, e in trace), 4)
 
 
 def test_prefetched_experts_the_router_did_not_confirm_stay_evictable(tmp_path):

@@ -85,6 +85,64 @@ def test_instrumented_bytes_equal_the_routed_bundles(zero_router_model):
     assert tm.expert_bytes_per_token == 2 * 2 * ex.bundle_nbytes  # 2 layers x 2 experts, each bundle once
     hist = m.transformer.stats.hist
     assert hist[:, 2:].sum() == 0 and (hist[:, :2] > 0).all()
+    # the final event's routing: every token of the prompt, then of every decode step, in experts 0 and 1 only
+    st, n_prompt = events[-1].stats, len(m.tokenize("hello"))
+    assert (st.hist_prefill[:, :2] == n_prompt).all() and (st.hist_decode[:, :2] == 4).all()
+    assert st.hist[:, 2:].sum() == 0 and np.array_equal(st.hist, hist)  # the model's first run: all of it
+    assert st.usage() == {"prompt_tokens": n_prompt, "completion_tokens": 5, "total_tokens": n_prompt + 5}
+    assert st.trace == [] and st.expert_cache is None  # not traced; no expert cache on a file that fits
+
+
+def test_a_run_cut_short_reports_its_figures_so_far(zero_router_model):
+    import lmcli
+
+    m = lmcli.load(str(zero_router_model), n_ctx=64, routing_trace=True)
+    ids = m.tokenize("hello")
+    gen = m.generate(ids, max_tokens=10, temp=0.0, ignore_eos=True)
+    toks = [next(gen).token for _ in range(3)]  # the prompt's logits give the first; two decode steps the rest
+    gen.close()
+    st = gen.stats()
+    assert st.finish_reason == "interrupted" and st.timings.completion_tokens == 3 and st.timings.decode_steps == 2
+    assert (st.hist_prefill[:, :2] == len(ids)).all() and (st.hist_decode[:, :2] == 2).all()
+    # one trace entry per forward call and MoE layer, at the position of the call's first token
+    n = len(ids)
+    assert [(pos, layer) for pos, layer, _, _ in st.trace] == [(0, 0), (0, 1), (n, 0), (n, 1), (n + 1, 0),
+                                                              (n + 1, 1)]
+    assert all(set(e.reshape(-1).tolist()) == {0, 1} for _, _, e, _ in st.trace)
+    # the next run counts from zero, and repeats the same tokens
+    final = list(m.generate(ids, max_tokens=3, temp=0.0, ignore_eos=True))[-1]
+    assert final.tokens == toks and final.stats.finish_reason == "length"
+    assert len(final.stats.trace) == 6 and (final.stats.hist_decode[:, :2] == 2).all()
+
+
+def test_the_instrument_sees_each_phase_unnested_and_changes_nothing(zero_router_model):
+    import contextlib
+
+    import lmcli
+
+    m = lmcli.load(str(zero_router_model), n_ctx=64)
+    ids = list(range(1, 12))
+    a = m.logits(ids)
+    seen, depth = [], [0]
+
+    @contextlib.contextmanager
+    def instrument(phase):
+        seen.append(phase)
+        depth[0] += 1
+        assert depth[0] == 1, "phases nest"
+        yield
+        depth[0] -= 1
+
+    m.transformer.instrument = instrument
+    b = m.logits(ids)
+    m.transformer.instrument = None
+    assert np.array_equal(a, b)
+    n_layer = m.config.n_layer
+    assert seen.count("attention") == seen.count("routing") == seen.count("experts") == n_layer
+    assert set(seen) == {"matmul", "attention", "routing", "experts"}
+    n_seen = len(seen)
+    m.logits(ids)
+    assert len(seen) == n_seen  # unset: not called again
 
 
 def test_moe_topk_changes_the_experts_read(zero_router_model):

@@ -7,47 +7,61 @@ Python walks the layers; every per-row loop is a Numba kernel (quant.kernels for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
 import numpy as np
 
 from quant.container import Container
-from quant.schema import ModelConfig
+from quant.schema import ModelConfig, token_costs
 
 from ..errors import ContextOverflow, UsageError
+from ..memory import available, residency
 from . import ops
 from .cache import KVCache
-from .expert_cache import DEFAULT_POLICY
-from .moe import RouterSpec, RoutingStats, moe_ffn
+from .moe import RouterSpec, RoutingStats, moe_ffn, untimed
+from .options import EngineOptions
 from .weights import Act, Attention, FFN, Weights, load_weights
 
 PREFILL_CHUNK = 256  # tokens per batched pass: bounds activation memory for long prompts
 
 
-HEADROOM = 256 << 20  # bytes kept free beside the dense weights and the expert cache (at least; 1/8 of avail)
+@dataclass(frozen=True)
+class Counters:
+    """The engine's running totals since load; what one run did is the difference of two."""
+
+    hist: np.ndarray  # (n_layer, n_expert) tokens routed per expert
+    expert_bytes: int  # bytes of routed-expert bundles the kernels read
+    disk_bytes: int  # bytes the expert cache read from the file
+    traced: int  # routing trace entries recorded
+
+    def __sub__(self, o: Counters) -> Counters:
+        return Counters(self.hist - o.hist, self.expert_bytes - o.expert_bytes, self.disk_bytes - o.disk_bytes,
+                        self.traced - o.traced)
 
 
 class Transformer:
-    """A decoder-only transformer over the container's weights (read into RAM, or mapped)."""
+    """A decoder-only transformer over the container's weights (read into RAM, or mapped).
 
-    def __init__(self, container: Container, cfg: ModelConfig, max_ctx: int, moe_topk: int | None = None,
-                 expert_cache_mib: int | None = None, cache_policy: str = DEFAULT_POLICY, prefetch: bool = False,
-                 use_mmap: bool | None = None):
-        from .expert_cache import memory_available
+    instrument: None, or a function phase -> context manager that the forward pass enters around each phase
+    ("matmul": dense matrices, "attention", "routing", "experts": routed-expert kernels); `lmcli bench` times
+    them so. The phases do not nest.
+    """
 
+    def __init__(self, container: Container, cfg: ModelConfig, opts: EngineOptions):
+        """opts.n_ctx is the context to allocate for (lmcli.api.Model resolves a None to its default)."""
         self.container = container
         self.cfg = cfg
-        self._avail_at_load = memory_available()  # before the dense weights are read in (they count in a cgroup)
-        # weights in RAM (huge pages) when the file fits, as llama.cpp does; mapped when asked (--mmap), when an
-        # expert cache is asked for, or when the file is too large (then the expert cache takes over)
-        avail = self._avail_at_load
+        self.options = opts
+        self.instrument: Callable[[str], ContextManager] | None = None
+        max_ctx, moe_topk, expert_cache_mib, use_mmap = opts.n_ctx, opts.moe_topk, opts.expert_cache_mib, opts.use_mmap
         self._kv_bytes = cfg.kv_bytes_per_token * max_ctx  # K and V at full context
-        if use_mmap is False:
-            if expert_cache_mib:
-                raise UsageError("the expert cache reads from the file mapping: drop use_mmap=False")
-            if avail and container.file_size + self._kv_bytes > avail:
-                raise UsageError(f"the model file ({container.file_size >> 20} MiB) and its KV cache do not fit in "
-                                 f"the {avail >> 20} MiB available", hint="keep the file mapped (the default)")
-        if use_mmap is False or (use_mmap is None and not expert_cache_mib and avail
-                                 and container.file_size + self._kv_bytes <= 0.6 * avail):
+        # measured before the dense weights are read in (they count in a cgroup); lmcli plan applies the same rule
+        self.residency = residency(file_bytes=container.file_size, kv_bytes=self._kv_bytes,
+                                   dense_bytes=token_costs(cfg, container.tensor_sizes()).dense_bytes,
+                                   avail=available(), is_moe=cfg.is_moe, use_mmap=use_mmap,
+                                   expert_cache_mib=expert_cache_mib)
+        if self.residency.resident:
             container.load_resident()
         self.weights: Weights = load_weights(container, cfg)
         self.max_ctx = max_ctx
@@ -61,34 +75,46 @@ class Transformer:
             top_k = moe_topk
         self.router = RouterSpec(cfg.router, top_k, cfg.norm_topk_prob, cfg.routed_scaling_factor,
                                  cfg.n_group, cfg.topk_group)
-        self.stats = RoutingStats(cfg.n_layer, cfg.n_expert)
+        self.stats = RoutingStats(cfg.n_layer, cfg.n_expert)  # the engine's own: read counters() instead
+        self.trace_routing(opts.routing_trace)
         self.attn_scale = np.float32(cfg.attention_multiplier or 1.0 / np.sqrt(cfg.kv_dims[1]))
-        self.expert_cache = self._make_cache(expert_cache_mib, top_k, cache_policy, prefetch)
+        self.expert_cache = self._make_cache(top_k, opts.cache_policy, opts.prefetch)
         moe = [i for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None]
         self._next_moe = {a: (b, self.weights.layers[b].ffn) for a, b in zip(moe, moe[1:])}
 
-    def _make_cache(self, mib: int | None, top_k: int, policy: str, prefetch: bool):
-        """An expert cache when asked for (mib > 0), or automatically when the file is larger than what the
-        process may use comfortably (60% of available memory, cgroup limit included); mib == 0 turns it off."""
+    def _make_cache(self, top_k: int, policy: str, prefetch: bool):
+        """The expert cache residency() decided on, over the mapping's MoE layers; None without one."""
         from .expert_cache import ExpertCache
 
         layers = {i: L.ffn.experts for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None}
-        if not layers or mib == 0 or self.container.resident:
+        if not layers or self.residency.expert_cache_bytes is None:
             return None
-        if mib is None:
-            avail = self._avail_at_load
-            if not avail or self.container.file_size <= 0.6 * avail:
-                return None  # it fits: the page cache over the mapping is the cheapest cache
-            # the dense weights stay resident (page cache over the mapping); the rest, less a margin for
-            # activations and the allocator that also holds the full-context KV cache (its pages are taken as
-            # the context fills; the runtime is already counted in avail), holds expert bundles
-            budget = avail - self.weights.nbytes_dense - max(HEADROOM, avail // 8, self._kv_bytes)
-            budget = max(budget, 0)
-        else:
-            if mib < 0:
-                raise UsageError(f"--expert-cache-mib must be 0 or more, got {mib}")
-            budget = mib << 20
-        return ExpertCache(str(self.container.path), layers, budget, top_k, policy, prefetch)
+        return ExpertCache(str(self.container.path), layers, self.residency.expert_cache_bytes, top_k, policy,
+                           prefetch)
+
+    # --- what the engine did (generation reads these; faces read the generation's events) ----------
+
+    def trace_routing(self, on: bool = True) -> None:
+        """Record (or stop recording) every routing decision: (first position, layer, expert ids (T, k),
+        weights (T, k)) per forward chunk and MoE layer; routing_trace(since) returns them."""
+        self.stats.trace = [] if on else None
+
+    def routing_trace(self, since: int = 0) -> list:
+        return list(self.stats.trace[since:]) if self.stats.trace is not None else []
+
+    def counters(self) -> Counters:
+        ec, st = self.expert_cache, self.stats
+        return Counters(st.hist.copy(), st.expert_bytes, ec.stats.bytes_read if ec is not None else 0,
+                        len(st.trace) if st.trace is not None else 0)
+
+    def expert_cache_stats(self) -> dict | None:
+        """The expert cache's size and counters since load (hit rate, bytes read, ...); None without one."""
+        ec = self.expert_cache
+        if ec is None:
+            return None
+        return {"slots": ec.n_slots, "slot_bytes": ec.slot_size, **ec.stats.as_dict()}
+
+    # --- the forward pass ------------------------------------------------------------------------
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         n_kv, dk, dv = self.cfg.kv_dims
@@ -119,7 +145,8 @@ class Transformer:
         w = self.weights
         x = np.empty_like(h)
         ops.rmsnorm(h, w.output_norm, self.cfg.norm_eps, x)
-        logits = w.output(Act(x))
+        with (self.instrument or untimed)("matmul"):
+            logits = w.output(Act(x))
         if self.cfg.logits_scaling != 1.0:
             logits /= np.float32(self.cfg.logits_scaling)  # Granite divides logits by logits_scaling
         return logits
@@ -145,7 +172,8 @@ class Transformer:
             ops.add_inplace(x, o)
             ops.rmsnorm(x, L.ffn_norm, cfg.norm_eps, hbuf)
             if L.ffn.experts is not None:
-                f = moe_ffn(L.ffn, hbuf, self.router, w, self.stats, li, self.expert_cache, self._next_moe.get(li))
+                f = moe_ffn(L.ffn, hbuf, self.router, w, self.stats, li, self.expert_cache, self._next_moe.get(li),
+                            self.instrument or untimed)
             else:
                 f = self._dense(L.ffn, hbuf)
             if rm != 1.0:
@@ -155,10 +183,11 @@ class Transformer:
         return x
 
     def _dense(self, ff: FFN, h: np.ndarray) -> np.ndarray:
-        a = Act(h)
-        g = ff.gate(a)
-        ops.silu_mul(g, ff.up(a), g)
-        return ff.down(Act(g))
+        with (self.instrument or untimed)("matmul"):
+            a = Act(h)
+            g = ff.gate(a)
+            ops.silu_mul(g, ff.up(a), g)
+            return ff.down(Act(g))
 
     def _rope(self, x: np.ndarray, pos0: int) -> None:
         ops.rope(x, pos0, self.cos, self.sin, self.cfg.n_rot, self.cfg.rope_interleaved)
@@ -167,7 +196,8 @@ class Transformer:
         cfg = self.cfg
         T, H, KV, D = h.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
         a = Act(h)
-        q, k, v = at.wq(a), at.wk(a), at.wv(a)
+        with (self.instrument or untimed)("matmul"):
+            q, k, v = at.wq(a), at.wk(a), at.wv(a)
         if cfg.qk_norm == "full":  # OLMoE: RMSNorm over all heads' q (and k) before the split
             ops.rmsnorm(q, at.q_norm, cfg.norm_eps, q)
             ops.rmsnorm(k, at.k_norm, cfg.norm_eps, k)
@@ -187,18 +217,21 @@ class Transformer:
         T, H = h.shape[0], cfg.n_head
         nope, rope, dv, rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         a = Act(h)
-        if at.wq_a is not None:
-            qa = at.wq_a(a)
-            ops.rmsnorm(qa, at.q_a_norm, cfg.norm_eps, qa)
-            q = at.wq_b(Act(qa))
-        else:
-            q = at.wq(a)
+        phase = self.instrument or untimed
+        with phase("matmul"):
+            if at.wq_a is not None:
+                qa = at.wq_a(a)
+                ops.rmsnorm(qa, at.q_a_norm, cfg.norm_eps, qa)
+                q = at.wq_b(Act(qa))
+            else:
+                q = at.wq(a)
+            kva = at.wkv_a(a)  # (T, rank + rope)
         q = q.reshape(T, H, nope + rope)
-        kva = at.wkv_a(a)  # (T, rank + rope)
         ckv = np.ascontiguousarray(kva[:, :rank])
         ops.rmsnorm(ckv, at.kv_a_norm, cfg.norm_eps, ckv)
         kpe = np.ascontiguousarray(kva[:, rank:]).reshape(T, 1, rope)
-        kv = at.wkv_b(Act(ckv)).reshape(T, H, nope + dv)
+        with phase("matmul"):
+            kv = at.wkv_b(Act(ckv)).reshape(T, H, nope + dv)
         qpe = np.ascontiguousarray(q[:, :, nope:])
         self._rope(qpe, pos0)
         self._rope(kpe, pos0)
@@ -215,5 +248,8 @@ class Transformer:
         kc[:, pos0 : pos0 + T] = k.transpose(1, 0, 2)
         vc[:, pos0 : pos0 + T] = v.transpose(1, 0, 2)
         att = np.empty((T, H, vc.shape[2]), np.float32)
-        ops.attention(q, kc, vc, pos0, self.attn_scale, self.cfg.sliding_window, att)
-        return at.wo(Act(att.reshape(T, -1)))
+        phase = self.instrument or untimed
+        with phase("attention"):
+            ops.attention(q, kc, vc, pos0, self.attn_scale, self.cfg.sliding_window, att)
+        with phase("matmul"):
+            return at.wo(Act(att.reshape(T, -1)))

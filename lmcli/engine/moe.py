@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,17 +144,29 @@ def _experts(b8, b16, b32, offs, kind, ex, sel, tok_ptr, tok_idx, a, hb, y) -> N
                          y[a0:a1])
 
 
+_NO_PHASE = nullcontext()
+
+
+def untimed(phase: str):
+    """The instrument when none is set: enters nothing."""
+    return _NO_PHASE
+
+
 def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | None, layer: int,
-            cache=None, next_moe: tuple[int, FFN] | None = None) -> np.ndarray:
+            cache=None, next_moe: tuple[int, FFN] | None = None, phase=untimed) -> np.ndarray:
     """Routed experts (+ shared experts) for h (T, n_embd): tokens grouped by expert, so each selected
     expert's bundle is read once per batch; two parallel kernel calls cover every selected expert.
 
     cache: an ExpertCache (models larger than RAM): the selected bundles are fetched into it and the kernels
     read them there; the next MoE layer's router, run on this layer's input, predicts what to prefetch.
+    phase: the engine's instrument (Transformer.instrument), entered around matmuls, routing and expert kernels.
     """
     T = h.shape[0]
     a = Act(h)
-    ids, wts = route(ff.router(a), spec, ff.router_bias)
+    with phase("matmul"):
+        logits = ff.router(a)
+    with phase("routing"):
+        ids, wts = route(logits, spec, ff.router_bias)
     flat_e = ids.reshape(-1)
     sel, tok_ptr, tok_idx, order = kernels.group_by_expert(ids, ff.experts.n_expert)
     wsort = wts.reshape(-1)[order]
@@ -162,24 +175,30 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
     hb = np.empty((len(flat_e), ex.n_ff), np.float32)
     y = np.empty((len(flat_e), ex.n_embd), np.float32)
     if cache is None:
-        _experts(w.buf8, w.buf16, w.buf32, ex.offsets, kind, ex, sel, tok_ptr, tok_idx, a, hb, y)
+        with phase("experts"):
+            _experts(w.buf8, w.buf16, w.buf32, ex.offsets, kind, ex, sel, tok_ptr, tok_idx, a, hb, y)
     else:
         for i0 in range(0, len(sel), cache.max_batch):  # as many experts at a time as the cache holds
             sub = sel[i0 : i0 + cache.max_batch]
             slots = cache.fetch(layer, sub)
             if i0 == 0 and next_moe is not None:  # the reads for the next layer overlap this layer's compute
                 nl, nff = next_moe
-                pred, _ = route(nff.router(a), spec, nff.router_bias)
+                with phase("matmul"):
+                    logits = nff.router(a)
+                with phase("routing"):
+                    pred, _ = route(logits, spec, nff.router_bias)
                 cache.prefetch(nl, np.unique(pred))
             offs = cache.offsets(layer, sub, slots, ex.n_expert)
-            _experts(cache.buf8, cache.buf16, cache.buf32, offs, kind, ex, sub, tok_ptr[i0 : i0 + len(sub) + 1],
-                     tok_idx, a, hb, y)
+            with phase("experts"):
+                _experts(cache.buf8, cache.buf16, cache.buf32, offs, kind, ex, sub, tok_ptr[i0 : i0 + len(sub) + 1],
+                         tok_idx, a, hb, y)
     out = np.zeros((T, ex.n_embd), np.float32)
     kernels.combine_experts(y, tok_idx, wsort, out)
     if ff.sh_gate is not None:
-        g = ff.sh_gate(a)
-        ops.silu_mul(g, ff.sh_up(a), g)
-        sh = ff.sh_down(Act(g))
+        with phase("matmul"):
+            g = ff.sh_gate(a)
+            ops.silu_mul(g, ff.sh_up(a), g)
+            sh = ff.sh_down(Act(g))
         if ff.sh_gate_inp is not None:
             sh *= (1.0 / (1.0 + np.exp(-(h @ ff.sh_gate_inp))))[:, None]
         out += sh
