@@ -255,9 +255,10 @@ def pull(
 ):
     """Download a model from the Hugging Face Hub and convert it shard by shard into the store."""
     from .hub import pull as _pull
+    from .pull_ui import PullProgress
 
     path = _pull(spec, name=name, revision=revision, qtype=qtype, keep_source=keep_source, force=force,
-                 progress=sys.stderr.isatty())
+                 ui=PullProgress() if sys.stderr.isatty() else None)
     typer.echo(f"pulled {spec} -> {path}")
 
 

@@ -132,14 +132,14 @@ def _store_name(given: str | None, default: str) -> str:
 
 
 def pull(spec: str, *, name: str | None = None, revision: str | None = None, qtype: str | None = None,
-         keep_source: bool = False, force: bool = False, progress: bool = False) -> Path:
+         keep_source: bool = False, force: bool = False, ui=None) -> Path:
     """Download `spec` from the Hub and convert (or import) it into the store -> the container's path.
 
-    progress: show Rich progress on stderr (the CLI passes whether stderr is a terminal). Ctrl+C leaves the
-    store as it was, with the pull resumable.
+    ui: where progress goes, as the caller chooses (the CLI: lmcli.pull_ui.PullProgress on a terminal); None
+    shows nothing. Ctrl+C leaves the store as it was, with the pull resumable.
     """
     s = parse_spec(spec, name=name, revision=revision, qtype=qtype)
-    ui = _ui(progress)
+    ui = ui if ui is not None else _Quiet()
     try:
         with _quiet_hub():
             return _translated(lambda: _packaged(s, force) or _pull(s, keep_source=keep_source, force=force, ui=ui), s)
@@ -650,11 +650,3 @@ class _Quiet:
 
     def close(self) -> None:
         pass
-
-
-def _ui(progress: bool):
-    if not progress:
-        return _Quiet()
-    from .pull_ui import PullProgress
-
-    return PullProgress()

@@ -547,3 +547,18 @@ def test_spec_parsing():
                 dict(spec="a/b", qtype="q3"), dict(spec="hf.co/a/b")]:
         with pytest.raises(UsageError):
             parse_spec(bad.pop("spec"), **bad)
+
+
+def test_on_a_terminal_the_cli_hands_its_progress_display_to_the_pull(hub, tmp_path, reference):
+    """The CLI chooses the display (Rich progress on a terminal) and passes it in, as quantize passes its bar."""
+    import pexpect
+
+    home = tmp_path / "home"
+    c = pexpect.spawn(sys.executable, ["-m", "lmcli.cli", "pull", REPO], env=env_for(hub, home), encoding="utf-8",
+                      timeout=120, dimensions=(40, 160))
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0, c.before
+    assert "pulled" in c.before and "Traceback" not in c.before
+    (stored,) = [d / "model.lmc" for d in (home / "models").iterdir() if (d / "model.lmc").is_file()]
+    assert_same_model(stored, reference)
