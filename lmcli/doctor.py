@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -13,6 +12,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+
+from quant import jsonio
 
 from .errors import ModelFileError, UsageError, model_file_errors
 from .memory import available, cgroup_memory_limit, context_size, meminfo, residency
@@ -298,7 +299,7 @@ def read_trace(path: Path, c: dict, model: str) -> tuple[list, int]:
             continue
         where = f"--trace {path}, line {no}"
         try:
-            obj = json.loads(raw)
+            obj = jsonio.loads(raw)
         except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError on bytes that are not UTF-8
             raise UsageError(f"{where} is not JSON ({getattr(e, 'msg', e)})") from None
         experts = obj.get("experts") if isinstance(obj, dict) else None

@@ -53,3 +53,7 @@ class ContextOverflow(LmcliError):
 
 class StoreError(LmcliError):
     """The model store cannot be read or written."""
+
+
+class BadName(UsageError, StoreError):
+    """A store name that cannot be one (a usage error: exit code 2, like any bad argument)."""

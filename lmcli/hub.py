@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from quant import jsonio
 from quant.convert import QTYPES
 
 from . import store
@@ -156,13 +157,9 @@ def _packaged(s: Spec, force: bool) -> Path | None:
     except ModelNotFound:
         return None
     source = {"registry": s.registry, "repo": s.repo}
-    with store.lock_model(s.name) as d:
-        try:
-            if force:
-                return store.import_gguf_file(src, s.name, force=True, source=source)
-            return store.cached_import(src, s.name, source=source)
-        finally:
-            store.remove_if_empty(d)
+    if force:
+        return store.import_gguf_file(src, s.name, force=True, source=source)
+    return store.cached_import(src, s.name, source=source)  # both take the model's lock
 
 
 def _pull(s: Spec, *, keep_source: bool, force: bool, ui) -> Path:
@@ -203,7 +200,7 @@ def _pull(s: Spec, *, keep_source: bool, force: bool, ui) -> Path:
 def resume_command(name: str) -> str:
     """The command that resumes an interrupted pull of `name`, from the pull's own state (this module's format)."""
     try:
-        spec = json.loads((store.model_dir(name) / store.PARTIAL / "state.json").read_text(encoding="utf-8"))["spec"]
+        spec = jsonio.loads((store.model_dir(name) / store.PARTIAL / "state.json").read_text(encoding="utf-8"))["spec"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return f"lmcli pull {name}"
     return f"lmcli pull {spec}" + ("" if spec == name else f" --name {name}")
@@ -283,7 +280,7 @@ def _repo_info(s: Spec) -> tuple[str, dict[str, Remote]]:
 def _load_state(staging: Path, ident: dict, s: Spec) -> dict:
     """The unfinished pull's checkpoint if it is of this very source; else a fresh one (and a clean staging)."""
     try:
-        state = json.loads((staging / "state.json").read_text(encoding="utf-8"))
+        state = jsonio.loads((staging / "state.json").read_text(encoding="utf-8"))
         if state.get("version") == STATE_VERSION and state.get("ident") == ident:
             return state
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
@@ -369,10 +366,12 @@ def _fetch(s: Spec, commit: str, remote: Remote, src: Path, state: dict, staging
 def _read_range(url: str, start: int, stop: int) -> bytes:
     """Bytes [start, stop) of a remote file by an HTTP Range request; a server that ignores Range is read up to
     stop and the connection dropped."""
+    from huggingface_hub import constants
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     headers = {**build_hf_headers(), "Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
-    with get_session().stream("GET", url, headers=headers) as r:
+    # the downloads' own timeout (HF_HUB_DOWNLOAD_TIMEOUT): a stalled server is an error, not a wait forever
+    with get_session().stream("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
         if r.status_code >= 400:
             r.read()
         hf_raise_for_status(r)
@@ -393,7 +392,7 @@ def _headers(s: Spec, commit: str, shards: list[Remote], staging: Path) -> dict:
 
     cache_path = staging / "headers.json"
     try:
-        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        cache = jsonio.loads(cache_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         cache = {}
 
@@ -437,7 +436,7 @@ def _shards(files: dict[str, Remote], src: Path) -> tuple[list[Remote], dict[str
     weight_map = None
     if INDEX in files:
         try:
-            weight_map = json.loads((src / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            weight_map = jsonio.loads((src / INDEX).read_text(encoding="utf-8"))["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise ModelFileError(f"{INDEX} is not valid JSON with a weight_map") from None
         if (not isinstance(weight_map, dict) or not weight_map

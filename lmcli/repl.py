@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
+from quant import jsonio
+
 from .errors import ContextOverflow, LmcliError, UsageError
 from .generate import Event, RunStats
 from .sampling import SamplerParams
@@ -527,7 +529,7 @@ class ChatUI:
     def cmd_load(self, arg: str):
         path, text = _read_file(arg, "/load", "cannot load {path}: not JSON ({e})")
         try:
-            obj = json.loads(text)
+            obj = jsonio.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"cannot load {path}: not JSON ({e})") from None
         try:

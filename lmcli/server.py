@@ -31,6 +31,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from quant import jsonio
+
 from .errors import ContextOverflow, LmcliError, ModelNotFound, TemplateError, UsageError
 
 if TYPE_CHECKING:
@@ -601,7 +603,7 @@ async def read_json(request: Request, max_body: int) -> dict:
         if len(buf) > max_body:
             raise too_big
     try:
-        body = json.loads(bytes(buf))
+        body = jsonio.loads(bytes(buf))
     except (ValueError, RecursionError):
         raise _bad("the request body is not valid JSON") from None
     if not isinstance(body, dict):

@@ -17,11 +17,12 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Iterator
 
-from quant.container import MAGIC, Container
+from quant import jsonio
+from quant.container import MAGIC, Container, remove_stale_temps
 from quant.container import VERSION as CONTAINER_VERSION
 from quant.schema import ModelConfig, token_costs
 
-from .errors import ModelFileError, ModelNotFound, StoreError, model_file_errors
+from .errors import BadName, ModelFileError, ModelNotFound, StoreError, model_file_errors
 from .registry import NAME_RE, load_registry
 
 CONTAINER = "model.lmc"
@@ -40,7 +41,7 @@ def models_dir() -> Path:
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise StoreError(f"invalid model name {name!r}",
+        raise BadName(f"invalid model name {name!r}",
                          hint="use letters, digits, '.', '_' and '-' (no path separators, no '..')")
     return name
 
@@ -82,7 +83,7 @@ def list_models() -> list[dict]:
     for p in sorted(d.iterdir()):
         if in_store(p.name):
             try:
-                man = json.loads((p / MANIFEST).read_text(encoding="utf-8"))
+                man = jsonio.loads((p / MANIFEST).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(man, dict):
@@ -97,7 +98,7 @@ def now() -> str:
 def read_manifest(name: str) -> dict | None:
     """A store entry's manifest, or None if it has no (readable) manifest."""
     try:
-        man = json.loads((model_dir(name) / MANIFEST).read_text(encoding="utf-8"))
+        man = jsonio.loads((model_dir(name) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return man if isinstance(man, dict) else None
@@ -135,6 +136,9 @@ def lock_model(name: str, *, on_wait: Callable[[], None] | None = None, create: 
         if current:
             break
         os.close(fd)
+    for where in (d, d / PARTIAL):  # the lock is ours: what a killed writer left beside its files goes now
+        if where.is_dir():
+            remove_stale_temps(where)
     try:
         yield d
     finally:
@@ -208,7 +212,7 @@ def copy_model(src: str, dst: str, *, force: bool = False) -> Path:
         if (d / MANIFEST).exists() and not force:
             raise StoreError(f"model {dst!r} already exists in the store", hint="pass --force to replace it")
         try:
-            man = json.loads((path.parent / MANIFEST).read_text(encoding="utf-8")) if path.name == CONTAINER else None
+            man = jsonio.loads((path.parent / MANIFEST).read_text(encoding="utf-8")) if path.name == CONTAINER else None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             man = None
         if not isinstance(man, dict):
@@ -245,31 +249,32 @@ def _sha256(path: Path) -> str:
 
 
 def import_gguf_file(src: Path, name: str, *, force: bool = False, source: dict | None = None) -> Path:
-    """Import a GGUF into the store as `name`; the manifest is written last, atomically."""
+    """Import a GGUF into the store as `name`, under the model's lock: the container is written beside, then
+    published (renamed into place, the manifest last); a failure (a bad file, a full disk) leaves the store as it
+    was."""
+    with lock_model(name) as d:
+        return _import_locked(src, name, d, force, source)
+
+
+def _import_locked(src: Path, name: str, d: Path, force: bool, source: dict | None) -> Path:
     from quant.gguf_io import import_gguf
 
-    d = model_dir(name)
     if (d / MANIFEST).exists() and not force:
         raise StoreError(f"model {name!r} already exists in the store", hint="pass --force to replace it")
-    created = not d.exists()
-    d.mkdir(parents=True, exist_ok=True)
-    st = src.stat()
+    tmp = d / f".{CONTAINER}.{os.getpid()}.tmp"
     try:
+        st = src.stat()
         with model_file_errors():
-            out = import_gguf(src, d / CONTAINER, overwrite=True, source=source)
-    except ModelFileError:
-        if created:
-            d.rmdir()  # the writer already removed its temp file: leave no trace
-        raise
-    manifest = {
-        "source": {"kind": "gguf", "file": src.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                   "sha256": _sha256(src), **(source or {})},
-        "container": CONTAINER,
-        "size": out.stat().st_size,
-        "created": now(),
-    }
-    write_json_atomic(d / MANIFEST, manifest)
-    return out
+            import_gguf(src, tmp, overwrite=True, source=source)
+        manifest = {"source": {"kind": "gguf", "file": src.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                               "sha256": _sha256(src), **(source or {})}, "created": now()}
+        return publish(name, tmp, manifest)
+    except OSError as e:
+        raise disk_error(e, d) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        if not (d / MANIFEST).exists():
+            remove_if_empty(d)
 
 
 def _is_container(p: Path) -> bool:
@@ -296,17 +301,18 @@ def _gguf_store_name(p: Path) -> str:
 
 
 def cached_import(src: Path, name: str, source: dict | None = None) -> Path:
-    """Import src once; reuse the stored container while src's size and mtime are unchanged."""
-    d = model_dir(name)
-    try:
-        man = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
-        st = src.stat()
-        s = man.get("source", {})
-        if s.get("size") == st.st_size and s.get("mtime_ns") == st.st_mtime_ns and _current(d / CONTAINER):
-            return d / CONTAINER
-    except (OSError, json.JSONDecodeError, AttributeError):
-        pass
-    return import_gguf_file(src, name, force=True, source=source)
+    """Import src once; reuse the stored container while src's size and mtime are unchanged (checked and
+    imported under the model's lock: two first runs import once)."""
+    with lock_model(name) as d:
+        try:
+            man = jsonio.loads((d / MANIFEST).read_text(encoding="utf-8"))
+            st = src.stat()
+            s = man.get("source", {})
+            if s.get("size") == st.st_size and s.get("mtime_ns") == st.st_mtime_ns and _current(d / CONTAINER):
+                return d / CONTAINER
+        except (OSError, json.JSONDecodeError, AttributeError):
+            pass
+        return _import_locked(src, name, d, True, source)
 
 
 def packaged_file(spec: str) -> Path:
@@ -353,6 +359,9 @@ def locate(name_or_path: str) -> Located:
             return Located("container", p / CONTAINER)
         if not p.is_file():
             raise ModelNotFound(f"{name_or_path}: no such file")
+        if PARTIAL in p.resolve().parts or p.name.endswith(".part"):  # pre-sized: valid header, zero weights
+            raise ModelFileError(f"{name_or_path} is an unfinished pull's file, not a model",
+                                 hint="run the same `lmcli pull` again to finish it")
         if _is_container(p):
             return Located("container", p)
         with open(p, "rb") as f:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from lmcli.errors import TemplateError
 
@@ -25,8 +27,47 @@ CHATML_TEMPLATE = (
 )
 
 
+# A template is code from a model file: it renders within a time and a size budget (a nested loop of ranges
+# could run for hours, a repeated string fill memory), checked at every loop step, call, lookup and operator.
+TIME_BUDGET_S = 2.0
+MIN_OUTPUT_CHARS = 1 << 20  # the prompt may be this long, or 4x the conversation's text if that is more
+_BUDGET: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar("template_budget",
+                                                                            default=(float("inf"), 1 << 62))
+
+
 class _Raised(jinja2.TemplateError):
     """The template called raise_exception()."""
+
+
+class _OverBudget(jinja2.TemplateError):
+    """The template ran too long or built too much text."""
+
+
+def _tick() -> None:
+    if time.monotonic() > _BUDGET.get()[0]:
+        raise _OverBudget(f"it ran longer than {TIME_BUDGET_S:g} s")
+
+
+def _sized(value: Any) -> Any:
+    """value, unless it is text or a list longer than the output budget."""
+    if isinstance(value, (str, list, tuple)) and len(value) > _BUDGET.get()[1]:
+        raise _OverBudget(f"it built a value of {len(value)} items, more than the {_BUDGET.get()[1]} allowed")
+    return value
+
+
+class _Range:
+    """range() for templates: Jinja's safe_range, with the budget checked at every step of a loop over it."""
+
+    def __init__(self, *args: int):
+        self._r = safe_range(*args)
+
+    def __iter__(self):
+        for i in self._r:
+            _tick()
+            yield i
+
+    def __len__(self) -> int:
+        return len(self._r)
 
 
 def render_chat(
@@ -52,15 +93,28 @@ def render_chat(
         raise TemplateError(f"chat template has a syntax error on line {exc.lineno}: {exc.message}") from None
     except Exception as exc:
         raise TemplateError(f"chat template cannot be compiled: {_describe(exc)}") from None
+    limit = max(MIN_OUTPUT_CHARS, 4 * sum(len(m["content"]) for m in chat))
+    token = _BUDGET.set((time.monotonic() + TIME_BUDGET_S, limit))
     try:
-        return compiled.render(
+        parts, n = [], 0
+        for part in compiled.generate(
             messages=chat,
             tools=None,
             documents=None,
             add_generation_prompt=bool(add_generation_prompt),
             bos_token=str(bos_token),
             eos_token=str(eos_token),
-        )
+        ):
+            n += len(part)
+            if n > limit:
+                raise _OverBudget(f"its output passed {limit} characters")
+            _tick()
+            parts.append(part)
+        return "".join(parts)
+    except _OverBudget as exc:
+        raise TemplateError(f"chat template stopped: {exc.message}",
+                            hint="the model file's chat template may be malicious; pass a template of your own") \
+            from None
     except _Raised as exc:
         raise TemplateError(f"chat template refused the conversation: {exc.message}") from None
     except SecurityError as exc:
@@ -68,8 +122,12 @@ def render_chat(
             f"chat template tried an unsafe operation and was stopped: {exc}",
             hint="the model file's chat template may be malicious; pass a template of your own",
         ) from None
+    except RecursionError:
+        raise TemplateError("chat template failed: it recursed too deeply") from None
     except Exception as exc:  # the template is code from a model file; any failure is its error
         raise TemplateError(f"chat template failed: {_describe(exc)}") from None
+    finally:
+        _BUDGET.reset(token)
 
 
 def _describe(exc: BaseException) -> str:
@@ -148,7 +206,7 @@ class _Namespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name: str, value: Any) -> None:
         _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
+        jinja2.utils.Namespace.__setitem__(self, name, _sized(value))
 
     @staticmethod
     def _check(name: Any) -> None:
@@ -160,8 +218,33 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, failing at any unsafe attribute access rather than rendering it as
     an empty Undefined, so a template that probes for an escape is reported, not half-rendered."""
 
+    intercepted_binops = frozenset({"*", "**", "+"})
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
+
+    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _tick()
+        return _sized(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _tick()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _tick()
+        if operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)) \
+                and abs(right) * max(abs(int(left)).bit_length(), 1) > 1 << 16:  # a result of over 65536 bits
+            raise _OverBudget(f"it raised {left} to the power {right}")
+        if operator == "*":  # "x" * n: the size is known before the string is built
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _BUDGET.get()[1]:
+                raise _OverBudget(f"it repeated a value {n} times, more than the {_BUDGET.get()[1]} items allowed")
+        return _sized(super().call_binop(context, operator, left, right))
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -172,4 +255,5 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _Dict()
     env.globals["namespace"] = _Namespace
+    env.globals["range"] = _Range
     return env

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jsonio
 from .errors import ContainerError
 from .formats import ALIGN, F32, FORMATS, GROUP, TILE, Format, align_up, matrix_parts
 
@@ -97,7 +98,7 @@ class Container:
             if hlen > MAX_HEADER or _PREFIX.size + hlen > size:
                 raise ContainerError(f"{self.path} is truncated or declares a header of {hlen} bytes")
             try:
-                header = json.loads(f.read(hlen).decode("utf-8"))
+                header = jsonio.loads(f.read(hlen).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise ContainerError(f"{self.path} has a corrupt header") from None
             self.file_size = size
@@ -282,6 +283,32 @@ def matrix_views(buf: np.ndarray, off: int, fmt: Format, n_out: int, n_in: int) 
     return codes, scales
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path, prefix: str = "") -> int:
+    """Remove the temporary files (".<name>.<pid>.tmp", as every writer here names them) that a process killed
+    before its rename left in directory, those of `prefix` only when given; a live process's are kept.
+    Returns how many were removed."""
+    n = 0
+    for p in directory.glob(f".{prefix}*.tmp"):
+        pid = p.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
 class ContainerWriter:
     """Writes a container in three steps, refusing calls out of order:
     plan every tensor -> begin(metadata) writes the header -> write each tensor in plan order -> finish().
@@ -299,6 +326,8 @@ class ContainerWriter:
         self._next = 0
         self._f = None
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if self.path.parent.is_dir():
+            remove_stale_temps(self.path.parent, self.path.name + ".")  # a killed earlier write of this file
 
     def plan(self, name: str, fmt: Format, shape: tuple[int, ...]) -> None:
         self._require("plan")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jsonio
 from .container import Container
 from .errors import GGUFError
 from .formats import F16, F32, FORMATS, Format
@@ -268,7 +269,7 @@ def _add_ids(w, tok: dict) -> None:
 def _add_hf_tokenizer(w, tok: dict, n_vocab: int) -> None:
     """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" vocabulary (as convert_hf_to_gguf's _set_vocab_gpt2)."""
     try:
-        j = json.loads(tok["json"])
+        j = jsonio.loads(tok["json"])
     except (TypeError, json.JSONDecodeError) as e:
         raise GGUFError(f"the container's tokenizer.json is unreadable ({e})") from None
     model = j.get("model") or {}

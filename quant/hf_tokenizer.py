@@ -3,10 +3,10 @@ into the container's metadata (GGUF's tokenizer keys); nothing of the repo's Pyt
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
+from . import jsonio
 from .errors import ConvertError
 
 # GGUF token types (llama.cpp's llama_token_type), as convert_hf_to_gguf.py writes them.
@@ -19,7 +19,7 @@ def read_json(path: Path, required: bool = False) -> dict:
             raise ConvertError(f"{path.parent.name} has no {path.name}")
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = jsonio.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConvertError(f"{path.name} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -89,7 +89,7 @@ def _hf_tokenizer(directory: Path, tc: dict, gen: dict, cfg: dict) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
         backend = tokenizers.Tokenizer.from_str(text)
-        tok_json = json.loads(text)
+        tok_json = jsonio.loads(text)
     except Exception as e:  # OSError, bad UTF-8 or JSON; the Rust library raises plain Exception
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConvertError(f"tokenizer.json cannot be read ({why})") from None

@@ -11,7 +11,6 @@ Nothing is unpickled and no torch is needed: tensors are read through mmap and w
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jsonio
 from .errors import ConvertError
 
 MAX_HEADER = 100 << 20  # the safetensors library's own cap
@@ -95,7 +95,7 @@ def parse_header(raw: bytes, name: str, size: int) -> tuple[list[TensorEntry], d
     if not raw.startswith(b"{"):
         raise ConvertError(f"{name}: header is not a JSON object")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = jsonio.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise ConvertError(f"{name}: corrupt header ({e})") from None
     if not isinstance(header, dict):
@@ -163,7 +163,7 @@ def read_index(directory: Path) -> dict[str, str] | None:
     if not index.is_file():
         return None
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        weight_map = jsonio.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         raise ConvertError(f"{INDEX_FILE} is not valid JSON with a weight_map") from None
     if not isinstance(weight_map, dict) or not weight_map:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +48,7 @@ class Faults:
     corrupt: set[str] = field(default_factory=set)  # files served with one byte flipped (same size)
     hold: dict[str, threading.Event] = field(default_factory=dict)  # file -> set by the test to let it go
     arrived: dict[str, threading.Event] = field(default_factory=dict)  # set when a held file's GET arrives
+    stall_range: set[str] = field(default_factory=set)  # files whose Range GETs send nothing for 30 s
 
 
 def git_oid(data: bytes) -> str:
@@ -202,6 +204,9 @@ def _handler(hub: FakeHub):
             rng = self.headers.get("Range")
             whole = not head and rng is None  # a download, not a header probe or a resume
             if not head and name in f.failing:
+                return self._error(503, None, "Service Unavailable")
+            if rng is not None and not head and name in f.stall_range:
+                time.sleep(30)  # a stalled connection: the client must give up on its own
                 return self._error(503, None, "Service Unavailable")
             if whole and name in f.hold:
                 f.arrived[name].set()

@@ -285,3 +285,45 @@ def test_wrong_types_in_a_container_config_are_one_clear_line(lmcli_home, tmp_pa
             r = lmcli(*args, home=lmcli_home)
             assert_clean_failure(r)
             assert f"model config: {field} = " in r.stderr, r.stderr
+
+
+def test_a_container_header_nested_100000_deep_is_one_clear_line(lmcli_home, tmp_path):
+    """Issue 19 (6): json.loads' RecursionError used to surface as `internal error: RecursionError`."""
+    src = (lmcli_home / "models" / "smollm2" / "model.lmc").read_bytes()
+    header = b'{"metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    bad = tmp_path / "deep.lmc"
+    bad.write_bytes(src[:16] + len(header).to_bytes(8, "little") + header)
+    for args in (["run", str(bad), "hi"], ["show", str(bad)], ["plan", str(bad)]):
+        r = lmcli(*args, home=lmcli_home)
+        assert_clean_failure(r)
+        assert "corrupt header" in r.stderr
+
+
+def test_two_imports_under_one_name_make_one_model_and_one_clear_refusal(lmcli_home, tmp_path, smol_gguf):
+    """Issue 19 (9): import took no store lock; two at once replaced each other silently without --force."""
+    home = tmp_path / "home"
+    env = dict(os.environ, LMCLI_HOME=str(home))
+    procs = [subprocess.Popen([sys.executable, "-m", "lmcli.cli", "import", str(smol_gguf), "twin"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [rc for rc, _ in results] == [0, 1], results
+    assert "already exists" in results[1][1] and results[1][1].count("\n") == 1
+    assert sorted(p.name for p in (home / "models" / "twin").iterdir()) == [".lock", "manifest.json", "model.lmc"]
+
+
+def test_a_full_disk_during_import_is_one_line_and_leaves_nothing(small_disk, smol_gguf):
+    """Issue 19 (10): a full disk during import gave `internal error: OSError` and left an empty directory."""
+    home = small_disk(8 << 20) / "home"  # the container needs about 100 MB
+    for args in (["import", str(smol_gguf), "small"], ["run", "smollm2", "hi"]):
+        r = lmcli(*args, home=home)
+        assert_clean_failure(r)
+        assert "disk holding" in r.stderr and "is full" in r.stderr, r.stderr
+        assert not (home / "models").exists() or list((home / "models").iterdir()) == []
+
+
+def test_an_invalid_store_name_is_a_usage_error(lmcli_home, smol_gguf):
+    """Issue 19: bad names exited 1; like every bad argument they exit 2, with one line."""
+    for args in (["import", str(smol_gguf), "a/b"], ["cp", "smollm2", "..x"], ["rm", "bad name"]):
+        r = lmcli(*args, home=lmcli_home)
+        assert_clean_failure(r, code=2)
+        assert "invalid model name" in r.stderr

@@ -480,6 +480,20 @@ def _huge_weight(d):  # finite, but beyond the fp16 scale of q4_0 (max / 8 > 655
     save_file(t, d / "model.safetensors")
 
 
+_DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested 100,000 levels deep (issue 19, item 6)
+
+
+def _deep_config(d):
+    cfg = (d / "config.json").read_text()
+    (d / "config.json").write_text(cfg.rstrip()[:-1] + ', "deep": ' + _DEEP + "}")
+
+
+def _deep_safetensors_header(d):
+    header = ('{"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}, "x": ' + _DEEP
+              + "}").encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(256))
+
+
 BAD_INPUTS = {
     "truncated_shard": (_truncate, "truncated"),
     "header_length_2_40": (_huge_header, "header length 1099511627776"),
@@ -494,6 +508,8 @@ BAD_INPUTS = {
     "unknown_tensor_name": (_unknown_tensor, "model.layers.0.mlp.mystery.weight"),
     "tensor_in_two_shards": (_duplicate_across_shards, "model.norm.weight appears in both"),
     "non_finite_weight": (_nan_in_last_tensor, "non-finite"),
+    "config_nested_100000_deep": (_deep_config, "config.json is not valid JSON .nested too deeply"),
+    "safetensors_header_nested_100000_deep": (_deep_safetensors_header, "nested too deeply"),
     "weight_beyond_the_fp16_scale": (_huge_weight, "model.layers.0.mlp.up_proj.weight: values up to 6e.05 overflow "
                                                    "q4_0's 16-bit scales"),
 }

@@ -147,7 +147,8 @@ def env_for(hub: FakeHub, home: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "LMCLI_"))}
     env.update(LMCLI_HOME=str(home), HF_ENDPOINT=hub.url, HF_HOME=str(home.parent / "hf-home"),
                HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="10",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    env.update(extra)  # a test's settings over the defaults above
     return env
 
 
@@ -309,6 +310,24 @@ def test_a_failed_download_leaves_no_model_and_the_next_pull_resumes(hub, tmp_pa
     assert_same_model(home / "models" / "tiny-moe" / "model.lmc", reference)
 
 
+def test_a_hub_that_stalls_on_a_header_range_request_is_an_error_not_a_hang(hub, tmp_path, shards, reference,
+                                                                            monkeypatch):
+    """Issue 19 (5): the first Range request of a shard (its safetensors header) had no timeout."""
+    import time
+
+    home = tmp_path / "home"
+    hub.faults.stall_range.add(shards[0].name)
+    t = time.monotonic()
+    r = pull(hub, home, REPO, env={"HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+    assert time.monotonic() - t < 25  # the server holds the connection for 30 s
+    assert_clean_failure(r, "cannot reach the Hub")
+    assert_not_runnable(home, "tiny-moe", monkeypatch)
+    hub.faults = Faults()
+    r = pull(hub, home, REPO)
+    assert r.returncode == 0, r.stderr
+    assert_same_model(home / "models" / "tiny-moe" / "model.lmc", reference)
+
+
 def test_corrupted_bytes_are_refused_and_nothing_is_published(hub, tmp_path, shards, reference, monkeypatch):
     home, victim = tmp_path / "home", shards[5]
     hub.faults.corrupt.add(victim.name)
@@ -392,25 +411,6 @@ def test_two_pulls_at_once_make_one_good_model(hub, tmp_path, shards, reference)
 
 
 # --- disk -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size) -> a tmpfs of that many bytes (needs root; skipped otherwise)."""
-    mounts = []
-
-    def mount(size: int) -> Path:
-        d = tmp_path / f"disk{len(mounts)}"
-        d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here")
-        mounts.append(d)
-        return d
-
-    yield mount
-    for d in mounts:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def test_a_disk_too_small_is_refused_before_any_shard_is_downloaded(hub, small_disk, shards):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from lmcli.errors import ModelNotFound, StoreError
+from lmcli.errors import ModelFileError, ModelNotFound, StoreError
 from lmcli.store import in_store, locate, models_dir, resolve, validate_name
 
 
@@ -62,3 +62,40 @@ def test_names_are_whole_matches(home, name):
         validate_name(name)
     with pytest.raises((ModelNotFound, StoreError)):
         resolve(name)
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_store_command(home, smol_gguf, tmp_path):
+    """Issue 19 (11): kill -9 left hidden temporaries nothing removed. Dead writers' go; a live process's stay."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    d = home / "models" / "smollm2"
+    (d / ".partial").mkdir(parents=True)
+    stale = [d / f".model.lmc.{dead}.tmp", d / f".manifest.json.{dead}.tmp", d / ".partial" / f".x.{dead}.tmp"]
+    live = d / f".model.lmc.{os.getppid()}.tmp"
+    for p in (*stale, live):
+        p.write_bytes(b"x" * 1000)
+    resolve("smollm2")  # imports under the model's lock
+    assert not any(p.exists() for p in stale) and live.exists()
+    # beside a quantize or export target outside the store: the next write of that file cleans up
+    from quant.container import ContainerWriter
+
+    left = tmp_path / f".out.lmc.{dead}.tmp"
+    left.write_bytes(b"x")
+    with ContainerWriter(tmp_path / "out.lmc") as w:
+        w.begin({})
+        w.finish()
+    assert not left.exists() and (tmp_path / "out.lmc").exists()
+
+
+def test_an_unfinished_pulls_file_is_refused_by_path(home, smol_container):
+    partial = home / "models" / "m" / ".partial"
+    partial.mkdir(parents=True)
+    part = partial / "model.lmc.part"
+    shutil.copy(smol_container, part)  # a pre-sized container has a valid header and zero weights
+    for p in (part, shutil.copy(smol_container, partial / "x.lmc")):
+        with pytest.raises(ModelFileError, match="unfinished pull"):
+            locate(str(p))

@@ -156,3 +156,36 @@ def test_extra_message_fields_reach_the_template():
     chat = [{"role": "tool", "content": "42", "name": "calc", "meta": {"ok": True, "ids": (1, 2)}}]
     rendered = render_chat("{{ messages[0].name }} {{ messages[0].meta | tojson }}", chat)
     assert rendered == 'calc {"ok": true, "ids": [1, 2]}'
+
+
+# --- a time and size budget (issue 19, item 1): a template is code from a model file -------------------------------
+
+HOSTILE = {
+    "nested_loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x",
+    "three_levels": "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}"
+                    "{% endfor %}{% endfor %}{% endfor %}x",
+    "200_MB_output": "{% for i in range(100000) %}{{ 'x' * 2000 }}{% endfor %}",
+    "one_huge_string": "{{ 'x' * 200000000 }}",
+    "doubling": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+                "{{ ns.s|length }}",
+    "huge_power": "{{ 10 ** 100000000 }}",
+    "chained_power": "{{ ((10 ** 1000) ** 1000) ** 1000 }}",
+    "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_template_stops_within_its_budget(case):
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(TemplateError, match="chat template") as e:
+        render_chat(HOSTILE[case], [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t < 10
+    assert "\n" not in str(e.value)
+
+
+def test_the_budget_leaves_long_conversations_alone():
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 2000} for i in range(200)]
+    text = render_chat(None, history)  # 2 MB of conversation, more than the minimum budget
+    assert len(text) > 2_000_000 and text.count("<|im_start|>") == 201
