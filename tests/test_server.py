@@ -189,6 +189,37 @@ def test_a_model_named_in_the_request_is_loaded_from_the_store_in_place_of_the_l
         alias.rmdir()
 
 
+def test_a_model_with_a_hostile_template_cannot_hold_the_worker(busy, lmcli_home):
+    """Issue 19 (1): a template that loops for minutes used to wedge the only worker for good. It is stopped by its
+    budget within seconds, answered as an error, and the next client is served."""
+    import shutil
+    import struct
+
+    src, bad = lmcli_home / "models" / "smollm2", lmcli_home / "models" / "hostile"
+    bad.mkdir()
+    try:
+        shutil.copy(src / "manifest.json", bad / "manifest.json")
+        raw = bytearray((src / "model.lmc").read_bytes())
+        hlen = struct.unpack_from("<Q", raw, 16)[0]
+        header = json.loads(raw[24:24 + hlen])
+        header["metadata"]["chat_template"] = ("{% for i in range(100000) %}{% for j in range(100000) %}"
+                                               "{% endfor %}{% endfor %}x")
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        assert len(new) <= hlen
+        raw[24:24 + hlen] = new + b" " * (hlen - len(new))  # same length: the tensors stay where they are
+        (bad / "model.lmc").write_bytes(bytes(raw))
+        url, _ = busy
+        t = time.monotonic()
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "hostile", "messages": QUESTION}, timeout=60)
+        assert time.monotonic() - t < 20 and r.status_code in (400, 422, 500), r.text
+        assert "chat template" in r.json()["error"]["message"]
+        body = {"messages": QUESTION, "temperature": 0, "max_tokens": 8}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+    finally:
+        shutil.rmtree(bad)
+
+
 # --- the queue and disconnects -----------------------------------------------------------------------
 
 def test_concurrent_requests_are_queued_and_all_answered(client):
