@@ -371,6 +371,10 @@ def quantize(
     else:
         typer.echo(f"wrote {out} ({summary['output_bytes'] / 1e6:.1f} MB from {summary['input_bytes'] / 1e6:.1f} MB "
                    f"in {summary['seconds']:.1f} s)")
+        kept = summary["fallback"]
+        if kept:
+            names = ", ".join(sorted(kept)[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+            typer.echo(f"{len(kept)} matrices kept at f16, their rows not whole {qtype} blocks: {names}")
 
 
 @app.command()

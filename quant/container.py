@@ -59,8 +59,8 @@ def expected_nbytes(fmt: Format, shape: tuple[int, ...]) -> int:
             raise ContainerError(f"vector tensors are stored as f32, not {fmt.name}")
         return 4 * shape[0]
     n_out, n_in = shape[-2], shape[-1]
-    if n_in % GROUP:
-        raise ContainerError(f"matrix row length {n_in} is not a multiple of {GROUP}")
+    if n_in % fmt.row_multiple:
+        raise ContainerError(f"matrix row length {n_in} is not a multiple of {fmt.row_multiple} ({fmt.name})")
     codes, scales = matrix_parts(fmt, n_out, n_in)
     return codes + scales
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .container import Container, ContainerWriter
 from .errors import ContainerError, ConvertError
-from .formats import F32, FORMATS, GROUP, TILE, Format
+from .formats import F16, F32, FORMATS, GROUP, TILE, Format
 from .hf_config import read_config
 from .hf_tensors import Out, Piece, tensor_format, plan_tensors
 from .hf_tokenizer import read_json, read_chat_template, read_tokenizer
@@ -92,7 +92,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         except OSError as e:
             raise ConvertError(f"cannot write {out}: {e.strerror or e}") from None
     return {"tensors": len(plan), "input_bytes": total_bytes, "output_bytes": out.stat().st_size,
-            "seconds": time.perf_counter() - t0, "rms_error": rms}
+            "seconds": time.perf_counter() - t0, "rms_error": rms, "fallback": metadata["quant"]["fallback"]}
 
 
 def _metadata(directory: Path, hf_cfg: dict, cfg: ModelConfig, source: dict) -> dict:
@@ -117,6 +117,8 @@ def _quant_info(plan: list[Out], qtype: str) -> dict:
         "policy": {"vectors": "f32", "ffn_gate_inp": "f32", "token_embd": embd_fmt, "output": embd_fmt,
                    "other": qtype},
         "formats": formats,
+        # matrices whose rows are not whole blocks of qtype, kept at F16 (hf_tensors.tensor_format)
+        "fallback": {o.name: o.fmt.name for o in plan if len(o.shape) > 1 and o.fmt is F16 and fmt is not F16},
         "source_format": "hf",
     }
 

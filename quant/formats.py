@@ -58,6 +58,11 @@ class Format:
             return (n_tiles, n_in, TILE)
         return (n_tiles, n_in // GROUP, self.code_bytes // _ITEMSIZE[self.code_dtype], TILE)
 
+    @property
+    def row_multiple(self) -> int:
+        """Row lengths this format stores: any for float formats, whole GROUPs for block formats."""
+        return GROUP if self.quantized else 1
+
     def row_nbytes(self, n_in: int) -> int:
         """Bytes of one row of n_in weights in GGUF's row-major data."""
         return n_in // self.block_size * self.block_bytes
@@ -92,11 +97,12 @@ def align_up(n: int, a: int = ALIGN) -> int:
 def matrix_parts(fmt: Format, n_out: int, n_in: int) -> tuple[int, int]:
     """Bytes of (codes, scales) of one (n_out, n_in) matrix in the interleaved layout.
 
-    Rows are padded to a multiple of TILE (padding rows are zero); n_in must be a multiple of GROUP.
+    Rows are padded to a multiple of TILE (padding rows are zero); n_in must be a multiple of fmt.row_multiple.
     """
     n_tiles = (n_out + TILE - 1) // TILE
     n_groups = n_in // GROUP
-    codes = n_tiles * n_groups * fmt.code_bytes * TILE
+    per_row = n_groups * fmt.code_bytes if fmt.quantized else n_in * _ITEMSIZE[fmt.code_dtype]
+    codes = n_tiles * per_row * TILE
     scales = n_tiles * n_groups * fmt.scale_count * TILE * 2
     return codes, scales
 

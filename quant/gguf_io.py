@@ -9,7 +9,7 @@ import numpy as np
 
 from .container import ContainerWriter
 from .errors import GGUFError, QuantError
-from .formats import BY_GGUF_TYPE, F32, FORMATS, GROUP
+from .formats import BY_GGUF_TYPE, F32, FORMATS
 from .gguf_archs import BY_NAME
 from .gguf_header import check_header
 from .quantize import interleave
@@ -205,15 +205,17 @@ def read_tokenizer(reader) -> dict:
 
 def _tensor_plan(reader, path: Path, size: int):
     """Validate every tensor (type, shape, byte range) before anything is written; yield (name, fmt, shape, t)."""
+    census: dict[str, int] = {}  # every type lmcli cannot import, counted: one refusal names them all
+    for t in reader.tensors:
+        if int(t.tensor_type) not in BY_GGUF_TYPE:
+            census[t.tensor_type.name] = census.get(t.tensor_type.name, 0) + 1
+    if census:
+        found = ", ".join(f"{k} x{n}" for k, n in sorted(census.items(), key=lambda kv: -kv[1]))
+        raise GGUFError(f"{path}: tensor types lmcli cannot import yet: {found} "
+                        f"(supported: {', '.join(f.name.upper() for f in FORMATS.values())})")
     plan = []
     for t in reader.tensors:
-        ttype = int(t.tensor_type)
-        fmt = BY_GGUF_TYPE.get(ttype)
-        if fmt is None:
-            raise GGUFError(
-                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which lmcli cannot import "
-                f"(supported: {', '.join(f.name.upper() for f in FORMATS.values())})"
-            )
+        fmt = BY_GGUF_TYPE[int(t.tensor_type)]
         dims = [int(d) for d in t.shape]  # GGUF order: ne0 (row length) first
         while len(dims) > 1 and dims[-1] == 1:
             dims.pop()
@@ -230,8 +232,8 @@ def _tensor_plan(reader, path: Path, size: int):
         else:
             n_in, n_out = dims[0], dims[1]
             n_expert = dims[2] if len(dims) == 3 else 1
-            if n_in % GROUP:
-                raise GGUFError(f"{path}: tensor {t.name} row length {n_in} is not a multiple of {GROUP}")
+            if n_in % fmt.row_multiple:
+                raise GGUFError(f"{path}: tensor {t.name} row length {n_in} is not a multiple of {fmt.row_multiple}")
             row = fmt.row_nbytes(n_in)
             if int(t.n_bytes) != n_expert * n_out * row:
                 raise GGUFError(f"{path}: tensor {t.name} holds {t.n_bytes} bytes, its shape needs {n_expert * n_out * row}")

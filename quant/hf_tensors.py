@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import ConvertError
-from .formats import F32, GROUP, Q8_0, Format
+from .formats import F16, F32, GROUP, Q8_0, Format
 from .safetensors_io import TensorTable
 from .schema import ModelConfig, expected_tensors
 
@@ -123,12 +123,12 @@ def _assignments(name: str, shape: tuple[int, ...], cfg: ModelConfig, ignore_lay
 
 def tensor_format(name: str, shape: tuple[int, ...], qtype: Format) -> Format:
     """The precision policy (as llama.cpp and mlx-lm): vectors and routers F32; embeddings and output at least
-    8-bit; everything else qtype."""
+    8-bit; everything else qtype; a matrix whose rows a block format cannot hold (a length that is not a whole
+    number of blocks) falls back to F16, which holds any (llama.cpp falls back per tensor the same way)."""
     if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
         return F32
-    if name in ("token_embd.weight", "output.weight") and qtype.bits < 8:
-        return Q8_0
-    return qtype
+    fmt = Q8_0 if name in ("token_embd.weight", "output.weight") and qtype.bits < 8 else qtype
+    return fmt if shape[-1] % fmt.row_multiple == 0 else F16
 
 
 def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict) -> list[Out]:
@@ -170,7 +170,8 @@ def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict
             if (p.n_rows, p.row_len) != (n_out, n_in) or (len(shape) == 2 and src.shape(p.src) != shape):
                 raise ConvertError(f"tensor {p.src} has shape {list(src.shape(p.src))}; {target} needs "
                                    f"{list(shape)}")
-        if len(shape) > 1 and shape[-1] % GROUP:
-            raise ConvertError(f"{target}: row length {shape[-1]} is not a multiple of {GROUP}")
+        if len(shape) == 3 and shape[-1] % qtype.row_multiple:  # the expert kernels take one format per layer
+            raise ConvertError(f"{target}: row length {shape[-1]} is not a multiple of {GROUP} (experts of "
+                               f"{qtype.name} need whole blocks; convert with --type f16)")
         plan.append(Out(target, shape, tensor_format(target, shape, qtype), pieces))
     return plan

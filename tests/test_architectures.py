@@ -44,7 +44,8 @@ def rounded_reference(model_dir, qtype):
         for name, p in ref.named_parameters():
             if p.ndim < 2 or name.endswith(_ROUTERS):
                 continue  # norms, biases, routers stay float32
-            p.copy_(_round(p, emb if ("embed_tokens" in name or "lm_head" in name) else main))
+            fmt = emb if ("embed_tokens" in name or "lm_head" in name) else main
+            p.copy_(_round(p, fmt if p.shape[-1] % 32 == 0 else F16))  # rows not whole blocks stay f16
     return ref
 
 
@@ -151,3 +152,34 @@ def test_unsupported_rope_scaling_is_refused_at_conversion_and_at_load(tmp_path)
         w.finish()
     with pytest.raises(ModelFileError, match="dynamic"):
         lmcli.load(str(tmp_path / "bad.lmc"), n_ctx=64)
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
+def test_a_head_dim_whose_rows_are_not_whole_blocks_converts_with_an_f16_fallback(qtype, tmp_path):
+    """Issue 17: a tiny Qwen3 with 6 heads of 24 has attn_output rows of 144 weights, not whole 32-weight blocks;
+    that matrix is kept at f16 (and reported), the rest at qtype, and the logits match transformers on the same
+    rounded weights."""
+    from quant.container import Container
+
+    d = tiny_models.build("qwen3", tmp_path / "hf", overrides={"head_dim": 24, "num_attention_heads": 6,
+                                                                "num_key_value_heads": 2})
+    from quant.convert import convert_hf
+
+    summary = convert_hf(d, tmp_path / "m.lmc", qtype)
+    c = Container(tmp_path / "m.lmc")
+    assert c.info("blk.0.attn_output.weight").shape == (64, 144)
+    assert c.info("blk.0.attn_output.weight").fmt is F16
+    want = {} if qtype == "f16" else {f"blk.{i}.attn_output.weight": "f16" for i in range(2)}
+    assert summary["fallback"] == want == c.metadata["quant"]["fallback"]
+    import lmcli
+
+    m = lmcli.load(str(tmp_path / "m.lmc"), n_ctx=256)
+    ids = _ids(m)
+    ref = _ref_logits(rounded_reference(d, qtype), ids)
+    assert _rel(m.logits(ids), ref) < TIGHT
+    # the f16 matrix of any row length goes to GGUF and back unchanged (llama.cpp's F16 holds any row length)
+    from quant.gguf_export import export_gguf
+    from quant.gguf_io import import_gguf
+
+    back = Container(import_gguf(export_gguf(tmp_path / "m.lmc", tmp_path / "m.gguf"), tmp_path / "back.lmc"))
+    assert np.array_equal(back.raw("blk.1.attn_output.weight"), c.raw("blk.1.attn_output.weight"))

@@ -550,8 +550,21 @@ def test_existing_output_is_kept_unless_overwrite(models, tmp_path):
     assert Container(out).metadata["source"]["model_type"] == "llama"
 
 
-def test_matrix_rows_that_are_not_a_multiple_of_32_are_refused(tmp_path):
+def test_matrix_rows_that_are_not_whole_blocks_fall_back_to_f16_and_experts_say_how(tmp_path):
+    """Issue 17: `quantize` refused any row length not a multiple of 32, even at f16. A dense matrix now falls
+    back to f16 per tensor (reported by the CLI); expert matrices, which share one format per layer, are refused
+    at q4_0 with what to do, and convert at f16."""
     d = tiny_models.build("llama", tmp_path / "m", overrides={"intermediate_size": 48})
-    with pytest.raises(ConvertError, match="blk.0.ffn_down.weight: row length 48 is not a multiple of 32"):
-        convert_hf(d, tmp_path / "o.lmc", "q4_0")
-    assert not (tmp_path / "o.lmc").exists()
+    r = subprocess.run([sys.executable, "-m", "lmcli.cli", "quantize", str(d), str(tmp_path / "o.lmc"), "--type",
+                        "q4_0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ("2 matrices kept at f16, their rows not whole q4_0 blocks: blk.0.ffn_down.weight, "
+            "blk.1.ffn_down.weight") in r.stdout
+    c = Container(tmp_path / "o.lmc")
+    assert c.info("blk.0.ffn_down.weight").fmt is F16 and c.info("blk.0.ffn_up.weight").fmt.name == "q4_0"
+    moe = tiny_models.build("mixtral", tmp_path / "moe", overrides={"intermediate_size": 48})
+    with pytest.raises(ConvertError, match="blk.0.ffn_down_exps.weight: row length 48 is not a multiple of 32 "
+                                           r"\(experts of q4_0 need whole blocks; convert with --type f16\)"):
+        convert_hf(moe, tmp_path / "moe.lmc", "q4_0")
+    assert not (tmp_path / "moe.lmc").exists()
+    assert convert_hf(moe, tmp_path / "moe.lmc", "f16")["fallback"] == {}

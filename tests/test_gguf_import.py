@@ -132,3 +132,14 @@ def test_overlapping_tensors_are_refused(smol_gguf, tmp_path):
                    int(QT.F32).to_bytes(4, "little"))
     msg = _import_in_a_subprocess(bad, tmp_path)
     assert f"tensor {t.name}" in msg and "overlaps" in msg, msg
+
+
+def test_every_unsupported_tensor_type_is_named_with_its_count_at_once(tmp_path):
+    """Issue 17: a Q4_K_M file was refused naming only its first tensor; the refusal is a census of the header."""
+    src = tmp_path / "mix.gguf"
+    q4k = np.zeros((64, 144), np.uint8)  # 64 rows of one Q4_K super-block
+    q6k = np.zeros((64, 210), np.uint8)  # 64 rows of one Q6_K super-block
+    _tiny_gguf(src, [("a.weight", q4k, QT.Q4_K), ("b.weight", q6k, QT.Q6_K), ("c.weight", q6k, QT.Q6_K),
+                     ("d.weight", np.zeros(64, np.float32), None)])
+    with pytest.raises(GGUFError, match=r"tensor types lmcli cannot import yet: Q6_K x2, Q4_K x1 \(supported: "):
+        import_gguf(src, tmp_path / "out.lmc")
