@@ -217,20 +217,28 @@ def copy_model(src: str, dst: str, *, force: bool = False) -> Path:
             man = None
         if not isinstance(man, dict):
             man = {"source": {"kind": "file", "file": str(path.resolve())}}
-        tmp = d / f".{CONTAINER}.{os.getpid()}.tmp"
-        try:
-            tmp.unlink(missing_ok=True)
+        with _staged(d) as tmp:
             try:
                 os.link(path, tmp)
             except OSError:
                 shutil.copyfile(path, tmp)
             return publish(dst, tmp, {**man, "copied_from": src, "created": now()})
-        except OSError as e:
-            raise disk_error(e, d) from None
-        finally:
-            tmp.unlink(missing_ok=True)
-            if not (d / MANIFEST).exists():
-                remove_if_empty(d)
+
+
+@contextlib.contextmanager
+def _staged(d: Path) -> Iterator[Path]:
+    """A temporary file beside the model's container for its new one (publish renames it into place); a failed
+    write is one line (a full disk says so) and leaves nothing behind. The caller holds lock_model."""
+    tmp = d / f".{CONTAINER}.{os.getpid()}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        yield tmp
+    except OSError as e:
+        raise disk_error(e, d) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        if not (d / MANIFEST).exists():
+            remove_if_empty(d)
 
 
 def remove_if_empty(d: Path) -> None:
@@ -261,20 +269,13 @@ def _import_locked(src: Path, name: str, d: Path, force: bool, source: dict | No
 
     if (d / MANIFEST).exists() and not force:
         raise StoreError(f"model {name!r} already exists in the store", hint="pass --force to replace it")
-    tmp = d / f".{CONTAINER}.{os.getpid()}.tmp"
-    try:
+    with _staged(d) as tmp:
         st = src.stat()
         with model_file_errors():
             import_gguf(src, tmp, overwrite=True, source=source)
         manifest = {"source": {"kind": "gguf", "file": src.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                                "sha256": _sha256(src), **(source or {})}, "created": now()}
         return publish(name, tmp, manifest)
-    except OSError as e:
-        raise disk_error(e, d) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-        if not (d / MANIFEST).exists():
-            remove_if_empty(d)
 
 
 def _is_container(p: Path) -> bool:
