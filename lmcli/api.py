@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from quant.schema import ModelConfig
 
 from .engine.model import Transformer
 from .engine.options import EngineOptions
-from .errors import UsageError, model_file_errors
+from .errors import LmcliWarning, UsageError, model_file_errors
 from .generate import Generation
 from .sampling import Sampler, SamplerParams
 
@@ -53,6 +54,9 @@ class Model:
         md = self.container.metadata
         self.metadata = md
         self.n_ctx = n_ctx = context_size(opts.n_ctx, self.config.n_ctx_train)
+        if n_ctx > self.config.n_ctx_train:
+            warnings.warn(f"a context of {n_ctx} tokens is beyond the {self.config.n_ctx_train} this model was trained "
+                          "for: what it writes past that point may degrade", LmcliWarning, stacklevel=2)
         self.threads = set_threads(opts.threads)
         self.options = replace(opts, n_ctx=n_ctx, threads=self.threads)
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})

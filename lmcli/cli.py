@@ -7,19 +7,34 @@ import inspect
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import click
 import typer
 
-from .errors import LmcliError, UsageError
+from .errors import LmcliError, LmcliWarning, UsageError
 
 if TYPE_CHECKING:
     from .engine.options import EngineOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixture-of-Experts language models locally on your CPU from 4-bit weights.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"lmcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print lmcli's version and exit")):
+    pass
 
 # Flags declared once, in groups: parameter -> (type, option). A command offers a group (flag_group) and receives
 # it as one value.
@@ -321,18 +336,21 @@ def bench(
 
 @app.command("import")
 def import_cmd(
-    file: Path = typer.Argument(..., help="a .gguf file"),
+    file: Path = typer.Argument(..., help="a .gguf file, or a container (.lmc) that `lmcli quantize` wrote"),
     name: Optional[str] = typer.Argument(None, help="store name (default: the file name)"),
     force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
 ):
-    """Import a GGUF file into the model store (a lossless repack into lmcli's layout)."""
+    """Import a GGUF file (a lossless repack into lmcli's layout) or a container into the model store."""
     from .errors import ModelNotFound
-    from .store import _gguf_store_name, import_gguf_file
+    from .store import _gguf_store_name, copy_model, import_gguf_file, locate
 
     if not file.is_file():
         raise ModelNotFound(f"{file}: no such file")
     name = name or _gguf_store_name(file)
-    out = import_gguf_file(file, name, force=force)
+    if locate(str(file)).kind == "container":
+        out = copy_model(str(file), name, force=force)  # a hard link where the file system allows
+    else:
+        out = import_gguf_file(file, name, force=force)
     typer.echo(f"imported {file.name} as {name} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -469,7 +487,19 @@ def _click_exceptions():
             tuple(m.NoArgsIsHelpError for m in mods if hasattr(m, "NoArgsIsHelpError")))
 
 
+_show_warning = warnings.showwarning
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """lmcli's warnings (lmcli.errors.LmcliWarning) as one `note:` line on stderr; others as Python shows them."""
+    if issubclass(category, LmcliWarning):
+        sys.stderr.write(f"note: {message}\n")
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _note
     cmd = typer.main.get_command(app)
     click_errors, aborts, no_args = _click_exceptions()
     try:

@@ -13,6 +13,10 @@ class LmcliError(Exception):
         self.hint = hint
 
 
+class LmcliWarning(UserWarning):
+    """Something the user should know that is not an error (the CLI prints it as one `note:` line)."""
+
+
 class TokenizerError(LmcliError):
     """The tokenizer cannot be built or used."""
 

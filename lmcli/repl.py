@@ -468,7 +468,9 @@ class ChatUI:
         if what == "info":
             cfg = m.config
             experts = f"{cfg.n_expert} experts, {m.transformer.router.top_k} per token" if cfg.is_moe else "dense"
-            q = (m.metadata.get("quant") or {}).get("type", "?")
+            from .store import quantization
+
+            q = quantization(m.metadata, m.container.tensors.values()) or "?"
             self.out(f"model: {conv.name}\npath: {m.path}\narchitecture: {cfg.arch}, {cfg.n_layer} layers, "
                      f"n_embd {cfg.n_embd}, {experts}\nquantization: {q}\nfile: {m.container.file_size / 1e6:.1f} MB\n"
                      f"context: {conv.n_ctx} tokens\nthreads: {m.threads}\nloaded in {m.load_s:.2f} s")

@@ -358,6 +358,12 @@ def locate(name_or_path: str) -> Located:
     if os.sep in name_or_path or name_or_path.endswith((".gguf", ".lmc")) or p.exists():
         if p.is_dir() and (p / CONTAINER).is_file():
             return Located("container", p / CONTAINER)
+        if p.is_dir() and (p / "config.json").is_file():
+            raise ModelFileError(f"{name_or_path} is a Hugging Face checkpoint, not a converted model",
+                                 hint=f"convert it once: `lmcli quantize {name_or_path} model.lmc`, then run model.lmc")
+        pulled = _pulled_as(name_or_path) if not p.exists() else None
+        if pulled is not None:  # `lmcli pull org/repo` then `lmcli run org/repo`, as ollama users expect
+            return Located("container", models_dir() / pulled / CONTAINER, pulled)
         if not p.is_file():
             raise ModelNotFound(f"{name_or_path}: no such file")
         if PARTIAL in p.resolve().parts or p.name.endswith(".part"):  # pre-sized: valid header, zero weights
@@ -386,6 +392,16 @@ def locate(name_or_path: str) -> Located:
             return Located("registry", None, name_or_path, entry)
     raise ModelNotFound(f"unknown model {name_or_path!r}", hint=f"known names: {', '.join(sorted(reg))}; "
                                                                  "or give a .gguf path")
+
+
+def _pulled_as(spec: str) -> str | None:
+    """The store name of the model pulled from Hub repo `spec` (ORG/REPO, or hf.co/ORG/REPO[:TAG]), if any."""
+    repo = spec.removeprefix("https://").removeprefix("hf.co/").removeprefix("huggingface.co/").partition(":")[0]
+    if repo.count("/") != 1:
+        return None
+    found = [m["name"] for m in list_models() if isinstance(m.get("source"), dict)
+             and str(m["source"].get("repo", "")).lower() == repo.lower()]
+    return found[0] if len(found) == 1 else None
 
 
 def resolve(name_or_path: str) -> Path:
@@ -428,8 +444,14 @@ def _tensor_class(name: str, n_expert: int, ndim: int) -> str:
     return "other"
 
 
+def quantization(metadata: dict, tensors) -> str | None:
+    """What `show` and the REPL's /show info call the model's quantization: the type it was quantized to, else
+    (a GGUF import records only llama.cpp's file type) the format holding most of its matrix bytes."""
+    return (metadata.get("quant") or {}).get("type") or _main_format(tensors)
+
+
 def _main_format(tensors) -> str | None:
-    """The format holding most of a model's matrix bytes (a GGUF import records only llama.cpp's file type)."""
+    """The format holding most of a model's matrix bytes."""
     size: dict[str, int] = {}
     for t in tensors:
         if len(t.shape) > 1:
@@ -465,7 +487,7 @@ def show_info(name_or_path: str) -> dict:
         "layers": cfg.n_layer,
         "n_embd": cfg.n_embd,
         "vocab_size": cfg.vocab_size,
-        "quant": (md.get("quant") or {}).get("type") or _main_format(tensors),
+        "quant": quantization(md, tensors),
         "formats": {cls: sorted(f) for cls, f in sorted(formats.items())},
         "tensors": len(tensors),
         "file_size": file_size,

@@ -108,6 +108,13 @@ def test_a_question_gets_an_answer_streamed_with_a_footer(lmcli_home):
     assert chat.bye() == 0
 
 
+def test_show_info_names_the_quantization_of_an_imported_gguf(lmcli_home):
+    """Issue 18: `/show info` said `quantization: ?` for smollm2 (a GGUF import records llama.cpp's file type)."""
+    chat = Chat("smollm2", home=lmcli_home)
+    assert "quantization: q4_1\n" in chat.send("/show info")
+    assert chat.bye() == 0
+
+
 def test_read_sends_a_file_as_the_next_message(lmcli_home, tmp_path):
     q = tmp_path / "question.txt"
     q.write_text("What is the capital of France?\n", encoding="utf-8")

@@ -327,3 +327,25 @@ def test_an_invalid_store_name_is_a_usage_error(lmcli_home, smol_gguf):
         r = lmcli(*args, home=lmcli_home)
         assert_clean_failure(r, code=2)
         assert "invalid model name" in r.stderr
+
+
+def test_first_hour_names_and_notes(lmcli_home, tmp_path):
+    """Issue 18 (4): --version; a Hugging Face checkpoint given to run says what it is and how to convert it; a
+    container written by quantize imports under a name; a context beyond the training one is run with a note."""
+    from lmcli import __version__
+
+    r = lmcli("--version", home=lmcli_home)
+    assert r.returncode == 0 and r.stdout == f"lmcli {__version__}\n"
+    hf = tmp_path / "hf-checkpoint"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    r = lmcli("run", str(hf), "hi", home=lmcli_home)
+    assert_clean_failure(r)
+    assert "is a Hugging Face checkpoint" in r.stderr and f"lmcli quantize {hf} model.lmc" in r.stderr
+    home = tmp_path / "home"
+    r = lmcli("import", str(lmcli_home / "models" / "smollm2" / "model.lmc"), "mine", home=home)
+    assert r.returncode == 0, r.stderr
+    r = lmcli("run", "mine", "What is the capital of France?", "--temp", "0", "-n", "12", "-c", "9000", home=home)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+    assert r.stderr == "note: a context of 9000 tokens is beyond the 8192 this model was trained for: what it " \
+                       "writes past that point may degrade\n"

@@ -226,6 +226,17 @@ def test_pull_gives_the_model_lmcli_quantize_gives_with_equal_logits(pulled, ref
     assert np.array_equal(lmcli.load(str(path)).logits(ids), lmcli.load(str(reference)).logits(ids))
 
 
+def test_the_name_you_pull_is_the_name_you_run(pulled, hub):
+    """Issue 18 (3): `lmcli pull org/repo` then `lmcli run org/repo` (and show) found "no such file"."""
+    home, _, _ = pulled
+    r = subprocess.run([sys.executable, "-m", "lmcli.cli", "run", REPO, "hello", "--raw", "-n", "3", "--temp", "0"],
+                       env=env_for(hub, home), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = subprocess.run([sys.executable, "-m", "lmcli.cli", "show", f"hf.co/{REPO}", "--json"], env=env_for(hub, home),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["name"] == "tiny-moe", r.stderr
+
+
 def test_pull_fetches_only_the_needed_files_and_records_what_it_verified(pulled, hub, shards):
     home, r, log = pulled
     assert r.returncode == 0, r.stderr
