@@ -69,6 +69,14 @@ class _Range:
     def __len__(self) -> int:
         return len(self._r)
 
+    def __getitem__(self, i):
+        return self._r[i]
+
+    def __reversed__(self):
+        for i in reversed(self._r):
+            _tick()
+            yield i
+
 
 def render_chat(
     template: str | None,

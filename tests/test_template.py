@@ -189,3 +189,13 @@ def test_the_budget_leaves_long_conversations_alone():
     history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 2000} for i in range(200)]
     text = render_chat(None, history)  # 2 MB of conversation, more than the minimum budget
     assert len(text) > 2_000_000 and text.count("<|im_start|>") == 201
+
+
+def test_the_bounded_range_behaves_as_jinjas_own():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    t = ("{% for i in range(3)|reverse %}{{ i }}{% endfor %}|{{ range(5)[2] }}|{{ range(4)|length }}|"
+         "{% for i in range(2) %}{{ loop.length }}{{ loop.revindex }}{% endfor %}|{{ range(1, 10, 3)|list }}|"
+         "{{ range(6)|sum }}|{{ range(3)|join(',') }}")
+    want = ImmutableSandboxedEnvironment().from_string(t).render()
+    assert render_chat(t, [{"role": "user", "content": "x"}]) == want
