@@ -498,8 +498,21 @@ def _note(message, category, filename, lineno, file=None, line=None) -> None:
         _show_warning(message, category, filename, lineno, file, line)
 
 
+def _first_compile_note(args: list[str]) -> None:
+    """On a terminal, before a command that runs a model: say so when Numba has no compiled kernels cached yet
+    (the first run compiles them for this CPU, about a minute, silent otherwise)."""
+    if not (args[:1] and args[0] in ("run", "chat", "serve", "bench") and sys.stderr.isatty()):
+        return
+    from .doctor import numba_cache_dirs, numba_cache_files
+
+    if numba_cache_files(numba_cache_dirs()) == 0:
+        sys.stderr.write("compiling lmcli's kernels for this CPU: once, about a minute (later runs start at once)\n")
+        sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _note
+    _first_compile_note(list(sys.argv[1:] if argv is None else argv))
     cmd = typer.main.get_command(app)
     click_errors, aborts, no_args = _click_exceptions()
     try:

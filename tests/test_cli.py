@@ -349,3 +349,20 @@ def test_first_hour_names_and_notes(lmcli_home, tmp_path):
     assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
     assert r.stderr == "note: a context of 9000 tokens is beyond the 8192 this model was trained for: what it " \
                        "writes past that point may degrade\n"
+
+
+def test_the_first_run_on_a_terminal_says_it_is_compiling_within_a_second(lmcli_home, tmp_path):
+    """Issue 18 (2): the first run was silent for about a minute while Numba compiled."""
+    import time
+
+    import pexpect
+
+    env = dict(os.environ, LMCLI_HOME=str(lmcli_home), NUMBA_CACHE_DIR=str(tmp_path / "empty-cache"))
+    t = time.monotonic()
+    c = pexpect.spawn(sys.executable, ["-m", "lmcli.cli", "run", "smollm2", "hi", "-n", "1"], env=env,
+                      encoding="utf-8", timeout=30)
+    c.expect("compiling lmcli's kernels for this CPU")
+    assert time.monotonic() - t < 5  # the interpreter's own start included
+    c.terminate(force=True)
+    r = lmcli("run", "smollm2", "hi", "-n", "1", home=lmcli_home)  # not a terminal: nothing extra on stderr
+    assert r.returncode == 0 and r.stderr == ""
