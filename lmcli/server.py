@@ -220,6 +220,62 @@ def parse_request(body: dict, kind: str) -> GenRequest:
                       stream=stream, include_usage=include_usage, ignore_eos=_flag(body, "ignore_eos"))
 
 
+# --- the Ollama API: its bodies translated to the same requests, its answers NDJSON ------------------------
+
+_OLLAMA_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "seed": "seed", "repeat_penalty": "repeat_penalty", "num_predict": "max_tokens", "stop": "stop"}
+
+
+def ollama_request(body: dict, kind: str) -> GenRequest:
+    """An Ollama /api/chat (kind "chat") or /api/generate ("text") body as a GenRequest: its options become the
+    OpenAI fields they mean; streaming is Ollama's default. Unknown options are refused as the OpenAI side does."""
+    opts = body.get("options") or {}
+    if not isinstance(opts, dict):
+        raise _bad("options must be an object", "options")
+    unknown = sorted(set(opts) - set(_OLLAMA_OPTIONS) - {"num_ctx"})
+    if unknown:
+        raise _bad(f"option {unknown[0]!r} is not supported by this server", f"options.{unknown[0]}")
+    for name in ("format", "tools", "images"):
+        if body.get(name) not in (None, [], ""):
+            raise _bad(f"{name} is not supported by this server", name)
+    oa = {_OLLAMA_OPTIONS[k]: v for k, v in opts.items() if k in _OLLAMA_OPTIONS}
+    if oa.get("max_tokens") in (-1, -2):
+        oa.pop("max_tokens")  # Ollama's "until the context is full"
+    oa.update(model=body.get("model"), stream=body.get("stream", True))
+    if kind == "chat":
+        oa["messages"] = body.get("messages")
+    else:
+        prompt, system = body.get("prompt"), body.get("system")
+        if not isinstance(prompt, str) or not prompt:
+            raise _bad("prompt must be a non-empty string", "prompt")
+        if body.get("raw") not in (None, False, True) or (system is not None and not isinstance(system, str)):
+            raise _bad("raw must be true or false and system a string", "raw")
+        if body.get("raw"):
+            oa["prompt"] = prompt
+        else:  # Ollama's /api/generate applies the chat template unless raw
+            kind = "chat"
+            oa["messages"] = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": prompt}]
+    req = parse_request(oa, kind)
+    return req
+
+
+def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, finish: str | None = None,
+                use: dict | None = None, seconds: float = 0.0) -> dict:
+    """One NDJSON object of an Ollama answer: a piece of text, or (done) the last with the counts."""
+    obj = {"model": model, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")}
+    if shape == "chat":
+        obj["message"] = {"role": "assistant", "content": piece}
+    else:
+        obj["response"] = piece
+    obj["done"] = done
+    if done:
+        use = use or {}
+        obj.update(done_reason=finish, total_duration=int(seconds * 1e9),
+                   prompt_eval_count=use.get("prompt_tokens", 0), eval_count=use.get("completion_tokens", 0))
+    return obj
+
+
 # --- responses in OpenAI's shape ------------------------------------------------------------------
 
 def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
@@ -664,8 +720,32 @@ class Api:
     async def text(self, request: Request) -> Response:
         return await self._complete(request, "text")
 
-    async def _complete(self, request: Request, kind: str) -> Response:
-        req = parse_request(await read_json(request, self.max_body), kind)
+    async def ollama_chat(self, request: Request) -> Response:
+        return await self._complete(request, "chat", ollama="chat")
+
+    async def ollama_generate(self, request: Request) -> Response:
+        return await self._complete(request, "text", ollama="generate")
+
+    async def ollama_tags(self, request: Request) -> Response:
+        from .store import list_models
+
+        sizes = {m["name"]: m.get("size", 0) for m in list_models()}
+        rows = []
+        for m in self._models():
+            when = _dt.datetime.fromtimestamp(m["created"], _dt.timezone.utc).isoformat().replace("+00:00", "Z")
+            rows.append({"name": m["id"], "model": m["id"], "modified_at": when, "size": sizes.get(m["id"], 0),
+                         "digest": "", "details": {"format": "lmcli", "family": "", "parameter_size": "",
+                                                   "quantization_level": ""}})
+        return JSONResponse({"models": rows})
+
+    async def ollama_version(self, request: Request) -> Response:
+        from . import __version__
+
+        return JSONResponse({"version": __version__})
+
+    async def _complete(self, request: Request, kind: str, ollama: str | None = None) -> Response:
+        body = await read_json(request, self.max_body)
+        req = ollama_request(body, kind) if ollama else parse_request(body, kind)
         target = _target(req.model, self.default)
         st = self.stats.new(kind, target.id)
         request.scope["lmcli.stat"] = st
@@ -695,6 +775,8 @@ class Api:
             if req.stream:
                 streaming = True
                 watcher.cancel()  # from here StreamingResponse watches for the disconnect
+                if ollama:
+                    return EventStream(self._ndjson(q, job, ollama), cancel, media_type="application/x-ndjson")
                 return EventStream(self._events(q, job, created), cancel)
             pieces = []
             while True:
@@ -705,6 +787,9 @@ class Api:
                     pieces.append(item[1])
                 elif item[0] == "end":
                     _, finish, use = item
+                    if ollama:
+                        return JSONResponse(ollama_line(ollama, target.id, "".join(pieces), True, finish, use,
+                                                        time.time() - created))
                     return JSONResponse(completion_body(kind, st.id, created, target.id, "".join(pieces), finish,
                                                         use))
         except _Gone:
@@ -739,11 +824,32 @@ class Api:
             job.cancel.set()
 
 
-class EventStream(StreamingResponse):
-    """A text/event-stream response that cancels its generation however it ends (even before it starts)."""
+    async def _ndjson(self, q: asyncio.Queue, job: Job, shape: str):
+        """Ollama's streamed answer: one JSON object per line, the last with done and the counts."""
+        t0, mid = time.time(), job.target.id
+        try:
+            while True:
+                item = await q.get()
+                if item[0] == "text":
+                    yield (json.dumps(ollama_line(shape, mid, item[1]), ensure_ascii=False) + "\n").encode()
+                elif item[0] == "end":
+                    _, finish, use = item
+                    last = ollama_line(shape, mid, "", True, finish, use, time.time() - t0)
+                    yield (json.dumps(last, ensure_ascii=False) + "\n").encode()
+                    return
+                elif item[0] == "error":
+                    yield (json.dumps({"error": item[1].body()["error"]["message"]}) + "\n").encode()
+                    return
+        finally:
+            job.cancel.set()
 
-    def __init__(self, content, cancel: threading.Event):
-        super().__init__(content, media_type="text/event-stream",
+
+class EventStream(StreamingResponse):
+    """A streamed response (server-sent events, or Ollama's NDJSON) that cancels its generation however it ends
+    (even before it starts)."""
+
+    def __init__(self, content, cancel: threading.Event, media_type: str = "text/event-stream"):
+        super().__init__(content, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.cancel = cancel
 
@@ -841,6 +947,11 @@ def create_app(default_model: str | None, *, api_key: str | None = None, cors_or
         Route("/v1/models/{model:path}", _endpoint(api.model), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(api.chat), methods=["POST"]),
         Route("/v1/completions", _endpoint(api.text), methods=["POST"]),
+        # the Ollama API beside OpenAI's (Open WebUI and many plugins speak only this one)
+        Route("/api/chat", _endpoint(api.ollama_chat), methods=["POST"]),
+        Route("/api/generate", _endpoint(api.ollama_generate), methods=["POST"]),
+        Route("/api/tags", _endpoint(api.ollama_tags), methods=["GET"]),
+        Route("/api/version", _endpoint(api.ollama_version), methods=["GET"]),
     ]
 
     @contextlib.asynccontextmanager

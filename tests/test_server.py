@@ -410,3 +410,42 @@ def test_a_non_loopback_bind_without_a_key_is_refused_before_binding(monkeypatch
     with pytest.raises(UsageError) as e:
         serve("smollm2", host=host, port=11435)
     assert "--api-key" in e.value.hint
+
+
+# --- the Ollama API (issue 21), driven by the ollama package's own client ------------------------------------------
+
+
+def test_ollama_clients_chat_generate_stream_and_list(busy, ref):
+    import ollama
+
+    url, _ = busy
+    client = ollama.Client(host=url, timeout=120)
+    names = [m.model for m in client.list().models]
+    assert "smollm2" in names
+    r = client.chat(model="smollm2", messages=QUESTION, stream=False, options={"temperature": 0, "num_predict": 24})
+    want, final = _ref_generate(ref, ref.chat_ids(QUESTION), 24)
+    assert r.message.role == "assistant" and r.message.content == want and "Paris" in want
+    assert r.done and r.eval_count == final.stats.usage()["completion_tokens"]
+    assert r.prompt_eval_count == len(ref.chat_ids(QUESTION))
+    parts = list(client.chat(model="smollm2", messages=QUESTION, stream=True,
+                             options={"temperature": 0, "num_predict": 24}))
+    assert "".join(p.message.content for p in parts) == want and parts[-1].done and not parts[0].done
+    g = client.generate(model="smollm2", prompt="The capital of France is", raw=True,
+                        options={"temperature": 0, "num_predict": 8})
+    want, _ = _ref_generate(ref, ref.tokenize("The capital of France is"), 8)
+    assert g.response == want and g.done
+    with pytest.raises(ollama.ResponseError):
+        client.chat(model="smollm2", messages=QUESTION, options={"mirostat": 2})
+    assert client.chat(model="smollm2", messages=QUESTION, stream=False,
+                       options={"temperature": 0, "num_predict": 4}).done_reason == "length"
+
+
+def test_ollama_streams_ndjson_by_default_as_ollama_does(busy):
+    url, _ = busy
+    r = httpx.post(f"{url}/api/generate", json={"model": "smollm2", "prompt": "Hi", "options": {"num_predict": 3}},
+                   timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(x) for x in r.text.strip().split("\n")]
+    assert [x["done"] for x in lines] == [False] * (len(lines) - 1) + [True] and len(lines) >= 2
+    assert lines[-1]["eval_count"] == 3 and lines[-1]["done_reason"] == "length" and "response" in lines[0]
+    assert httpx.get(f"{url}/api/version", timeout=10).json()["version"]
