@@ -242,7 +242,7 @@ def _costs(cfg, tensors, file_size: int) -> dict:
             "file_bytes": file_size, "dense_bytes": t.dense_bytes, "expert_bytes": t.expert_bytes,
             "dense_bytes_per_token": t.dense_bytes_per_token, "expert_bytes_per_token": t.expert_bytes_per_token,
             "bytes_per_token": t.bytes_per_token, "kv_bytes_per_token": t.kv_bytes_per_token,
-            "n_ctx": context_size(None, cfg.n_ctx_train), "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes}
+            "n_ctx_train": cfg.n_ctx_train, "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes}
 
 
 def _registry_costs(entry) -> dict:
@@ -253,7 +253,7 @@ def _registry_costs(entry) -> dict:
     return {"arch": entry.arch, "n_layer": None, "n_expert": n_expert, "n_expert_used": used,
             "file_bytes": int(total * bpw), "dense_bytes": None, "expert_bytes": None,
             "dense_bytes_per_token": None, "expert_bytes_per_token": None,
-            "bytes_per_token": int(active * bpw), "kv_bytes_per_token": None, "n_ctx": None,
+            "bytes_per_token": int(active * bpw), "kv_bytes_per_token": None, "n_ctx_train": None,
             "moe_layers": None, "bundle_bytes": None}
 
 
@@ -354,10 +354,10 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
     else:
         resolve(model)  # an unfinished pull of an unlisted repo: resolve's error says how to resume it
     expert_cache_mib, use_mmap = getattr(options, "expert_cache_mib", None), getattr(options, "use_mmap", None)
-    if getattr(options, "n_ctx", None) is not None and c["n_ctx"] is not None:
-        c["n_ctx"] = context_size(options.n_ctx, 1 << 20)
+    # the context run allocates (lmcli.memory.context_size, as lmcli.api.Model decides it)
+    n_ctx = context_size(getattr(options, "n_ctx", None), c["n_ctx_train"]) if c["n_ctx_train"] else None
     steps, n_tokens = read_trace(Path(trace), c, model) if trace is not None else (None, None)
-    kv = c["kv_bytes_per_token"] * c["n_ctx"] if c["kv_bytes_per_token"] is not None else 0
+    kv = c["kv_bytes_per_token"] * n_ctx if c["kv_bytes_per_token"] is not None else 0
     need = c["file_bytes"] + kv
     # what `lmcli run` decides on a machine with `budget` available: the engine's own rule (lmcli.memory)
     decision = residency(file_bytes=c["file_bytes"], kv_bytes=kv, dense_bytes=c["dense_bytes"] or 0, avail=budget,
@@ -431,7 +431,7 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
         "path": None if kind == "registry" else str(loc.path),
         **{k: c[k] for k in ("arch", "n_layer", "n_expert", "n_expert_used", "file_bytes", "bytes_per_token",
                              "dense_bytes_per_token", "expert_bytes_per_token")},
-        "n_ctx": c["n_ctx"],
+        "n_ctx": n_ctx,
         "kv_cache_bytes": kv if c["kv_bytes_per_token"] is not None else None,
         "memory_budget_bytes": budget,
         "memory_budget_from": budget_from,

@@ -256,8 +256,7 @@ def ollama_request(body: dict, kind: str) -> GenRequest:
             kind = "chat"
             oa["messages"] = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]
-    req = parse_request(oa, kind)
-    return req
+    return parse_request(oa, kind)
 
 
 def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, finish: str | None = None,
@@ -744,6 +743,7 @@ class Api:
         return JSONResponse({"version": __version__})
 
     async def _complete(self, request: Request, kind: str, ollama: str | None = None) -> Response:
+        arrived = time.time()  # Ollama's total_duration counts from here
         body = await read_json(request, self.max_body)
         req = ollama_request(body, kind) if ollama else parse_request(body, kind)
         target = _target(req.model, self.default)
@@ -776,7 +776,8 @@ class Api:
                 streaming = True
                 watcher.cancel()  # from here StreamingResponse watches for the disconnect
                 if ollama:
-                    return EventStream(self._ndjson(q, job, ollama), cancel, media_type="application/x-ndjson")
+                    return EventStream(self._ndjson(q, job, ollama, arrived), cancel,
+                                       media_type="application/x-ndjson")
                 return EventStream(self._events(q, job, created), cancel)
             pieces = []
             while True:
@@ -789,7 +790,7 @@ class Api:
                     _, finish, use = item
                     if ollama:
                         return JSONResponse(ollama_line(ollama, target.id, "".join(pieces), True, finish, use,
-                                                        time.time() - created))
+                                                        time.time() - arrived))
                     return JSONResponse(completion_body(kind, st.id, created, target.id, "".join(pieces), finish,
                                                         use))
         except _Gone:
@@ -824,9 +825,9 @@ class Api:
             job.cancel.set()
 
 
-    async def _ndjson(self, q: asyncio.Queue, job: Job, shape: str):
+    async def _ndjson(self, q: asyncio.Queue, job: Job, shape: str, arrived: float):
         """Ollama's streamed answer: one JSON object per line, the last with done and the counts."""
-        t0, mid = time.time(), job.target.id
+        mid = job.target.id
         try:
             while True:
                 item = await q.get()
@@ -834,7 +835,7 @@ class Api:
                     yield (json.dumps(ollama_line(shape, mid, item[1]), ensure_ascii=False) + "\n").encode()
                 elif item[0] == "end":
                     _, finish, use = item
-                    last = ollama_line(shape, mid, "", True, finish, use, time.time() - t0)
+                    last = ollama_line(shape, mid, "", True, finish, use, time.time() - arrived)
                     yield (json.dumps(last, ensure_ascii=False) + "\n").encode()
                     return
                 elif item[0] == "error":

@@ -55,9 +55,8 @@ class Transformer:
         self.options = opts
         self.instrument: Callable[[str], ContextManager] | None = None
         max_ctx, moe_topk, expert_cache_mib, use_mmap = opts.n_ctx, opts.moe_topk, opts.expert_cache_mib, opts.use_mmap
-        self._kv_bytes = cfg.kv_bytes_per_token * max_ctx  # K and V at full context
         # measured before the dense weights are read in (they count in a cgroup); lmcli plan applies the same rule
-        self.residency = residency(file_bytes=container.file_size, kv_bytes=self._kv_bytes,
+        self.residency = residency(file_bytes=container.file_size, kv_bytes=cfg.kv_bytes_per_token * max_ctx,
                                    dense_bytes=token_costs(cfg, container.tensor_sizes()).dense_bytes,
                                    avail=available(), is_moe=cfg.is_moe, use_mmap=use_mmap,
                                    expert_cache_mib=expert_cache_mib)
