@@ -282,7 +282,7 @@ def doctor(as_json: bool = typer.Option(False, "--json")):
     """CPU features, cores, memory, store disk space, Numba cache state and measured read bandwidth."""
     from .doctor import report
 
-    _print_report(report(), as_json)
+    _print_report(report(), as_json, "doctor")
 
 
 @app.command()
@@ -299,15 +299,17 @@ def plan(
     """Expected size, bytes read per token, where run keeps the weights, and decode tokens/s, without loading it."""
     from .doctor import plan as _plan
 
-    _print_report(_plan(model, memory=memory, trace=trace, options=engine), as_json)
+    _print_report(_plan(model, memory=memory, trace=trace, options=engine), as_json, "plan")
 
 
-def _print_report(r: dict, as_json: bool) -> None:
+def _print_report(r: dict, as_json: bool, kind: str) -> None:
+    """--json: the report as one JSON object for scripts; otherwise readable tables (lmcli.view)."""
     if as_json:
         typer.echo(json.dumps(r))
     else:
-        for k, v in r.items():
-            typer.echo(f"{k}: {v}")
+        from .view import print_report
+
+        print_report(r, kind)
 
 
 @app.command()
@@ -443,10 +445,8 @@ def show(model: str = typer.Argument(...), template: bool = typer.Option(False, 
     if template:
         typer.echo(info.get("chat_template") or "(no chat template: ChatML is used)")
         return
-    for k, v in info.items():
-        if k == "chat_template":
-            v = "(present; --template prints it)" if v else "(none: ChatML is used)"
-        typer.echo(f"{k}: {v}")
+    info["chat_template"] = "present (--template prints it)" if info.get("chat_template") else "none: ChatML is used"
+    _print_report(info, False, "show")
 
 
 @app.command()
