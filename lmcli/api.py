@@ -72,19 +72,24 @@ class Model:
     def detokenize(self, ids) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt text of a conversation; with OpenAI-style `tools`, as the model's template presents them (or
+        described in a system message when the template takes none; lmcli.tools)."""
         from .template import render_chat
+        from .tools import prepare
 
+        messages, tools = prepare(self.chat_template, messages, tools)
         tk = self.tokenizer
         bos = tk.token_text(tk.bos_id) if tk.bos_id is not None else ""
         eos_id = self.metadata.get("tokenizer", {}).get("eos_token_id")
         eos = tk.token_text(eos_id) if isinstance(eos_id, int) else ""
         return render_chat(self.chat_template, messages, bos_token=bos, eos_token=eos,
-                           add_generation_prompt=add_generation_prompt)
+                           add_generation_prompt=add_generation_prompt, tools=tools)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids for a conversation: the template renders BOS itself when the model wants it."""
-        text = self.apply_chat_template(messages)
+        text = self.apply_chat_template(messages, tools=tools)
         tk = self.tokenizer
         bos = tk.token_text(tk.bos_id) if tk.bos_id is not None else None
         add_bos = None if not (bos and text.startswith(bos)) else False

@@ -85,8 +85,10 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> str:
-    """The prompt text for `messages`, as the template (ChatML when None) lays it out.
+    """The prompt text for `messages` (and the OpenAI-style `tools` they may call), as the template (ChatML when
+    None) lays it out.
 
     Any error in the template, including an attempt to escape the sandbox, raises TemplateError.
     """
@@ -101,13 +103,13 @@ def render_chat(
         raise TemplateError(f"chat template has a syntax error on line {exc.lineno}: {exc.message}") from None
     except Exception as exc:
         raise TemplateError(f"chat template cannot be compiled: {_describe(exc)}") from None
-    limit = max(MIN_OUTPUT_CHARS, 4 * sum(len(m["content"]) for m in chat))
+    limit = max(MIN_OUTPUT_CHARS, 4 * (sum(len(m["content"]) for m in chat) + len(json.dumps(tools or []))))
     token = _BUDGET.set((time.monotonic() + TIME_BUDGET_S, limit))
     try:
         parts, n = [], 0
         for part in compiled.generate(
             messages=chat,
-            tools=None,
+            tools=_plain(tools, "tools") if tools else None,
             documents=None,
             add_generation_prompt=bool(add_generation_prompt),
             bos_token=str(bos_token),
