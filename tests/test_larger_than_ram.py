@@ -167,3 +167,29 @@ def test_a_model_2_5x_larger_than_its_memory_cgroup_generates_the_same_tokens(tm
     print(f"file {size >> 20} MiB, cap {limit >> 20} MiB, peak {peak >> 20} MiB, failcnt {failcnt}, "
           f"decode {got['decode_tokens_per_s']} tok/s, disk/token {got['disk_bytes_per_token'] >> 20} MiB, "
           f"hit rate {got['expert_cache']['hit_rate']}")
+
+
+@pytest.mark.parametrize("read_threads", ["1", "4"])
+def test_reads_in_flight_and_compute_as_they_land_give_the_resident_logits(tmp_path, monkeypatch, read_threads):
+    """A cache of a few bundles: every step misses, its reads run together and the experts are computed in runs
+    as they land; the logits equal those of the model held in RAM (prefill and decode)."""
+    import lmcli
+
+    monkeypatch.setenv("LMCLI_READ_THREADS", read_threads)
+    p = tmp_path / "m.lmc"
+    write_synthetic_moe(p, n_layer=3, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    ids = list(range(5, 45))
+
+    def decode(m):  # a prompt, then single-token steps (the decode kernels)
+        cache = m.new_cache()
+        m.transformer.forward(ids[:10], cache)
+        return np.stack([m.transformer.forward([t], cache)[-1] for t in ids[10:20]])
+
+    resident = lmcli.load(str(p))
+    ref, ref_steps = resident.logits(ids), decode(resident)
+    m = lmcli.load(str(p), expert_cache_mib=3, prefetch=False)
+    ec = m.transformer.expert_cache
+    assert ec is not None and ec.n_slots < 8 * 3  # far from all experts resident
+    np.testing.assert_allclose(m.logits(ids), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(decode(m), ref_steps, rtol=1e-5, atol=1e-5)
+    assert ec.stats.misses.sum() > 0 and not ec.pending  # every read waited for

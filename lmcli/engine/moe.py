@@ -180,7 +180,7 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
     else:
         for i0 in range(0, len(sel), cache.max_batch):  # as many experts at a time as the cache holds
             sub = sel[i0 : i0 + cache.max_batch]
-            slots = cache.fetch(layer, sub)
+            slots, landing = cache.fetch_start(layer, sub)  # the misses' reads all start now
             if i0 == 0 and next_moe is not None:  # the reads for the next layer overlap this layer's compute
                 nl, nff = next_moe
                 with phase("matmul"):
@@ -189,9 +189,18 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
                     pred, _ = route(logits, spec, nff.router_bias)
                 cache.prefetch(nl, np.unique(pred))
             offs = cache.offsets(layer, sub, slots, ex.n_expert)
-            with phase("experts"):
-                _experts(cache.buf8, cache.buf16, cache.buf32, offs, kind, ex, sub, tok_ptr[i0 : i0 + len(sub) + 1],
-                         tok_idx, a, hb, y)
+            # compute each run of experts that has landed while the later ones are still being read
+            j = 0
+            while j < len(sub):
+                cache.wait(landing, j)
+                k = j + 1
+                while k < len(sub) and cache.landed(landing, k):
+                    cache.wait(landing, k)
+                    k += 1
+                with phase("experts"):
+                    _experts(cache.buf8, cache.buf16, cache.buf32, offs, kind, ex, sub[j:k],
+                             tok_ptr[i0 + j : i0 + k + 1], tok_idx, a, hb, y)
+                j = k
     out = np.zeros((T, ex.n_embd), np.float32)
     kernels.combine_experts(y, tok_idx, wsort, out)
     if ff.sh_gate is not None:
