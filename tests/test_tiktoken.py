@@ -331,3 +331,33 @@ def test_a_corrupt_ranks_file_fails_quantize_with_one_line(kimi_model, tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") <= 2 and "tiktoken.model line 1: the token is not valid base64" in r.stderr
     assert not (tmp_path / "o.lmc").exists()
+
+
+def test_pull_fetches_the_ranks_file_and_the_class_source_as_text_and_converts_like_quantize(kimi_model, tmp_path):
+    """pull downloads tiktoken.model and the tokenizer class's source (read, never run), not the modeling code, and
+    the container's tokenizer is the one `quantize` writes from the same directory."""
+    from hub_server import FakeHub
+
+    from quant.container import Container
+    from quant.convert import convert_hf
+
+    hub = FakeHub().start()
+    try:
+        files = {p.name: p.read_bytes() for p in kimi_model.iterdir()}
+        hub.add_repo("org/kimi-tiny", {**files, "modeling_deepseek.py": b"raise SystemExit\n"})
+        home = tmp_path / "home"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "LMCLI_"))}
+        env.update(LMCLI_HOME=str(home), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"),
+                   HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        r = subprocess.run([sys.executable, "-m", "lmcli.cli", "pull", "org/kimi-tiny", "--type", "f16"], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        requested = {e["file"] for e in hub.log if e["file"]}
+    finally:
+        hub.stop()
+    assert {"tiktoken.model", "tokenization_kimi.py", "tokenizer_config.json"} <= requested
+    assert "modeling_deepseek.py" not in requested
+    convert_hf(kimi_model, tmp_path / "local.lmc", "f16")
+    pulled = Container(home / "models" / "kimi-tiny" / "model.lmc")
+    assert pulled.metadata["tokenizer"] == Container(tmp_path / "local.lmc").metadata["tokenizer"]
+    assert pulled.metadata["chat_template"] == KIMI_TEMPLATE
