@@ -27,8 +27,10 @@ tiktoken = pytest.importorskip("tiktoken")  # the test extras install it: the in
 # written out here as that file has it: the reference, independent of lmcli's own copy of the data.
 KIMI_PAT_PARTS = [
     r"""[\p{Han}]+""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",  # noqa: E501
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",  # noqa: E501
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
     r"""\p{N}{1,3}""",
     r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
     r"""\s*[\r\n]+""",
@@ -250,7 +252,8 @@ BAD_INPUTS = {
                       "rank 7 repeats line 8's"),
     "repeated token": (lambda d: _set_lines(d, [*_lines(d), _lines(d)[65].split()[0] + f" {len(_lines(d))}"]),
                        "repeats line 66's"),
-    "missing rank": (lambda d: _set_lines(d, _lines(d)[:300] + _lines(d)[301:]), "1499 tokens need ranks 0..1498, each once"),
+    "missing rank": (lambda d: _set_lines(d, _lines(d)[:300] + _lines(d)[301:]),
+                     "1499 tokens need ranks 0..1498, each once"),
     "rank beyond": (lambda d: _set_lines(d, [*_lines(d)[:-1], _lines(d)[-1].split()[0] + " 999999"]),
                     "rank 999999 is out of range"),
     "missing byte": (lambda d: _set_lines(d, [_without_byte_ff(ln) for ln in _lines(d)]), "byte 0xff is not a token"),
