@@ -207,4 +207,7 @@ def build_backend(directory: Path, tc: dict):
     backend.decoder = decoders.ByteLevel()
     # tiktoken matches every special token in text (Kimi encodes with allowed_special="all")
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    clash = next((s for k, s in enumerate(specials) if backend.token_to_id(s) != len(tokens) + k), None)
+    if clash is not None:  # the library would reuse the ordinary token's id; tiktoken keeps them apart
+        raise ConvertError(f"special token {clash!r} is also an ordinary token of {RANKS_FILE}: not supported")
     return backend

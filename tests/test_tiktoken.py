@@ -265,6 +265,9 @@ BAD_INPUTS = {
     "no family": (lambda d: _edit_config(d, auto_map=None), "auto_map names no tokenizer module"),
     "changed pattern": (lambda d: (d / "tokenization_kimi.py").write_text(_module_source().replace("{1,3}", "+")),
                         "tokenization_kimi.py differs from the known kimi tokenizer"),
+    "special text is a token": (lambda d: _set_lines(d, [*_lines(d)[:-1], base64.b64encode(b"[EOS]").decode()
+                                                        + " " + _lines(d)[-1].split()[1]]),
+                                "'[EOS]' is also an ordinary token"),
     "special id in the ranks": (lambda d: _edit_config(d, added_tokens_decoder={"5": {"content": "<x>"}}),
                                 "added token '5' is not a special id"),
 }
