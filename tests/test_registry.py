@@ -81,6 +81,25 @@ def test_plan_for_kimi_k2_before_download_counts_every_tensor(tmp_path, monkeypa
     assert not (tmp_path / "home" / "models").exists()  # nothing downloaded or written
 
 
+def test_lmcli_plan_kimi_k2_from_the_command_line_says_what_stays_in_ram(tmp_path):
+    """Issue 20: `lmcli plan kimi-k2 --memory 64G` before any download: disk size, dense bytes kept in RAM, bytes read
+    per token, expected tokens/s."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LMCLI_HOME=str(tmp_path / "home"))
+    r = subprocess.run([sys.executable, "-m", "lmcli.cli", "plan", "kimi-k2", "--memory", "64G", "--json"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    p = json.loads(r.stdout)
+    assert p["model"] == "kimi-k2" and p["memory_budget_bytes"] == 64 << 30
+    assert p["file_bytes"] > 500e9 and 0 < p["dense_bytes"] < 64 << 30
+    assert p["dense_bytes_per_token"] < p["bytes_per_token"] < 0.05 * p["file_bytes"]
+    assert 0 < p["expected_decode_tokens_per_s"] and p["weights"].startswith("mapped")
+    assert not (tmp_path / "home" / "models").exists()
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """A tiny deepseek_v3 checkpoint whose config.json says model_type kimi_k2 (as Kimi K2's does), converted."""
