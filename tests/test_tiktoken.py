@@ -14,14 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiktoken  # the test extras install it: the independent reference
 import tiny_models
 
 from quant.errors import ConvertError
 from quant.hf_tokenizer import read_chat_template, read_tokenizer
 
 from lmcli.tokenizer import Tokenizer
-
-tiktoken = pytest.importorskip("tiktoken")  # the test extras install it: the independent reference
 
 # pat_str of moonshotai/Kimi-K2-Instruct's tokenization_kimi.py (the same in Moonlight's tokenization_moonshot.py),
 # written out here as that file has it: the reference, independent of lmcli's own copy of the data.
@@ -377,8 +376,8 @@ def test_export_names_llama_cpps_kimi_pre_tokenizer_and_it_tokenizes_like_tiktok
     English, CJK, emoji, numbers, whitespace and special tokens. llama.cpp's kimi-k2 splitter (unicode.cpp, not the
     regex) departs from tiktoken on accented letters after a space and on combining marks (" é", "हि"), so
     the texts with those are left to the lmcli-vs-tiktoken tests above."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     import gguf
+    import llama_cpp
 
     from quant.convert import convert_hf
     from quant.gguf_export import export_gguf
