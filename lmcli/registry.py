@@ -45,8 +45,8 @@ def parse(text: str) -> dict[str, Entry]:
                                              or not isinstance(v, (int, float)) for k, v in dflt.items()):
             raise LmcliError(f"models.toml: entry {name!r} has bad sampling defaults (known: {sorted(SAMPLING_KEYS)})")
         cfg = d.get("config", {})
-        if not isinstance(cfg, dict) or "model_type" in cfg or any(
-                isinstance(v, (dict, list)) or not isinstance(v, (int, float, bool, str)) for v in cfg.values()):
+        if not isinstance(cfg, dict) or "model_type" in cfg or not all(
+                isinstance(v, (int, float, bool, str)) for v in cfg.values()):
             raise LmcliError(f"models.toml: entry {name!r}: config must be a table of config.json's plain values "
                              "(its model_type is the entry's arch)")
         if d.get("packaged") is not None and ":" not in d["packaged"]:

@@ -12,7 +12,8 @@ import tiny_models
 from lmcli.errors import LmcliError
 from lmcli.registry import Entry, load_registry, parse
 
-PINNED = {"deepseek-v3": ("deepseek-ai/DeepSeek-V3", "deepseek_v3"), "kimi-k2": ("moonshotai/Kimi-K2-Instruct", "kimi_k2")}
+PINNED = {"deepseek-v3": ("deepseek-ai/DeepSeek-V3", "deepseek_v3"),
+          "kimi-k2": ("moonshotai/Kimi-K2-Instruct", "kimi_k2")}
 
 
 def _params(c: dict) -> tuple[float, float]:
