@@ -245,7 +245,32 @@ def _costs(cfg, tensors, file_size: int) -> dict:
             "n_ctx_train": cfg.n_ctx_train, "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes}
 
 
+def registry_config_costs(entry) -> dict:
+    """Sizes from the config.json keys a registry entry lists: the tensors the converter writes for that config, in
+    the entry's quantization (quant.hf_tensors' policy), counted as a container's index counts them; the file's
+    size as the container lays them out (page-aligned tensors and expert bundles), its header left out."""
+    from quant.formats import ALIGN, FORMATS, align_up, matrix_nbytes, vector_nbytes
+    from quant.hf_config import read_config
+    from quant.hf_tensors import tensor_format
+    from quant.schema import TensorSize, expected_tensors
+
+    with model_file_errors():
+        cfg = read_config({**entry.config, "model_type": entry.arch})
+    tensors = []
+    for name, shape in expected_tensors(cfg):
+        if len(shape) == 1:
+            tensors.append(TensorSize(name, shape, vector_nbytes(shape[0])))
+        else:
+            n = matrix_nbytes(tensor_format(name, shape, FORMATS[entry.quant]), *shape[-2:])
+            tensors.append(TensorSize(name, shape, n, shape[0] if len(shape) == 3 else 0))
+    c = _costs(cfg, tensors, 0)
+    bundles = len(c["moe_layers"]) * cfg.n_expert * c["bundle_bytes"]
+    return {**c, "file_bytes": sum(align_up(t.nbytes, ALIGN) for t in tensors if not t.n_expert) + bundles}
+
+
 def _registry_costs(entry) -> dict:
+    if entry.config is not None:
+        return registry_config_costs(entry)
     total, active = registry_params(entry.notes)
     bpw = REGISTRY_BITS_PER_WEIGHT / 8
     m = re.search(r"(\d+) experts, top-(\d+)", entry.notes)
@@ -350,7 +375,9 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
     elif kind == "gguf":
         c, source = gguf_costs(loc.path), "GGUF header (not imported yet)"
     elif loc.entry is not None:
-        c, source = _registry_costs(loc.entry), f"registry notes ({loc.entry.notes}); not downloaded"
+        c = _registry_costs(loc.entry)
+        source = (f"registry config ({loc.entry.repo}, {loc.entry.quant}); not downloaded" if loc.entry.config
+                  else f"registry notes ({loc.entry.notes}); not downloaded")
     else:
         resolve(model)  # an unfinished pull of an unlisted repo: resolve's error says how to resume it
     expert_cache_mib, use_mmap = getattr(options, "expert_cache_mib", None), getattr(options, "use_mmap", None)
@@ -378,7 +405,10 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
             capacity = n_bundles if fits else min(n_bundles, max(room - c["dense_bytes"], 0) // c["bundle_bytes"])
     bw = measure_bandwidth()
     assumptions = ["decode is memory-bound: tokens/s = read bandwidth / bytes read per token"]
-    if kind == "registry":
+    if kind == "registry" and c["dense_bytes"] is not None:
+        assumptions.append(f"the tensors a {loc.entry.quant} conversion of the registry's config writes (the "
+                           "container's header, a few MB, not counted)")
+    elif kind == "registry":
         assumptions.append(f"{REGISTRY_BITS_PER_WEIGHT} bits per weight, active parameters read once per token; "
                            "KV cache not counted")
         if not fits:
@@ -429,8 +459,8 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
         "model": model,
         "source": source,
         "path": None if kind == "registry" else str(loc.path),
-        **{k: c[k] for k in ("arch", "n_layer", "n_expert", "n_expert_used", "file_bytes", "bytes_per_token",
-                             "dense_bytes_per_token", "expert_bytes_per_token")},
+        **{k: c[k] for k in ("arch", "n_layer", "n_expert", "n_expert_used", "file_bytes", "dense_bytes",
+                             "bytes_per_token", "dense_bytes_per_token", "expert_bytes_per_token")},
         "n_ctx": n_ctx,
         "kv_cache_bytes": kv if c["kv_bytes_per_token"] is not None else None,
         "memory_budget_bytes": budget,

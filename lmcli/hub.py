@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 from quant import jsonio
 from quant.convert import QTYPES
+from quant.hf_tiktoken import FAMILIES as TIKTOKEN_FAMILIES, RANKS_FILE
 
 from . import store
 from .errors import LmcliError, ModelFileError, ModelNotFound, StoreError, UsageError
@@ -422,10 +423,12 @@ def _hf_files(files: dict[str, Remote]) -> list[str]:
     names = [f for f in SMALL_FILES if f in files]
     if "tokenizer.json" in files:
         names.append("tokenizer.json")
+    elif RANKS_FILE in files:  # with the tokenizer class's source, read as text to check its pattern, never run
+        names += [RANKS_FILE] + [f"{m}.py" for m in TIKTOKEN_FAMILIES if f"{m}.py" in files]
     elif "tokenizer.model" in files:
         names += [f for f in ("tokenizer.model", "added_tokens.json") if f in files]
     else:
-        raise ModelFileError("the repo has no tokenizer (tokenizer.json or tokenizer.model)")
+        raise ModelFileError(f"the repo has no tokenizer (tokenizer.json, {RANKS_FILE} or tokenizer.model)")
     if INDEX in files:
         names.append(INDEX)
     return names

@@ -78,6 +78,10 @@ ARCHS: dict[str, Arch] = {
                         shared="deepseek", dense_layers="first_k", mla=True),
 }
 
+# model_types that name an architecture above under another name. Kimi K2 ships DeepseekV3ForCausalLM as "kimi_k2"
+# so that engines can tell it apart; its deployment guide's fallback is to rename it deepseek_v3.
+ALIASES = {"kimi_k2": "deepseek_v3"}
+
 _MISSING = object()
 
 
@@ -189,9 +193,10 @@ def _moe_layers(hf: _HF, arch: Arch, n_layer: int) -> int:
 def read_config(cfg: dict) -> ModelConfig:
     """lmcli's model config from a config.json dict, checked against the schema."""
     model_type = cfg.get("model_type")
+    model_type = ALIASES.get(model_type, model_type) if isinstance(model_type, str) else model_type
     arch = ARCHS.get(model_type)
     if arch is None:
-        raise ConvertError(f"model_type {model_type!r} is not supported (supported: {', '.join(ARCHS)})")
+        raise ConvertError(f"model_type {model_type!r} is not supported (supported: {', '.join([*ARCHS, *ALIASES])})")
     hf = _HF(cfg, arch)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConvertError(f"config.json: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")

@@ -1,5 +1,5 @@
-"""A Hugging Face model directory's tokenizer (tokenizer.json or tokenizer.model) and chat template, read as data
-into the container's metadata (GGUF's tokenizer keys); nothing of the repo's Python is run."""
+"""A Hugging Face model directory's tokenizer (tokenizer.json, tiktoken.model or tokenizer.model) and chat template,
+read as data into the container's metadata (GGUF's tokenizer keys); nothing of the repo's Python is run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Callable
 
 from . import jsonio
 from .errors import ConvertError
+from .hf_tiktoken import RANKS_FILE, build_backend
 
 # GGUF token types (llama.cpp's llama_token_type), as convert_hf_to_gguf.py writes them.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -93,11 +94,22 @@ def _hf_tokenizer(directory: Path, tc: dict, gen: dict, cfg: dict) -> dict:
     except Exception as e:  # OSError, bad UTF-8 or JSON; the Rust library raises plain Exception
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConvertError(f"tokenizer.json cannot be read ({why})") from None
-    n = backend.get_vocab_size(with_added_tokens=True)
-    bos, eos = _special_ids(backend.token_to_id, n, tc, gen, cfg)
     add_bos = tc.get("add_bos_token")
     if not isinstance(add_bos, bool):
         add_bos = _adds_bos(tok_json, _token_text(tc.get("bos_token")))
+    return _json_fields(backend, text, add_bos, tc, gen, cfg)
+
+
+def _tiktoken_tokenizer(directory: Path, tc: dict, gen: dict, cfg: dict) -> dict:
+    """tiktoken.model with its family's pattern and special tokens, stored as the tokenizer.json it equals."""
+    backend = build_backend(directory, tc)
+    add_bos = tc.get("add_bos_token")  # the tiktoken classes add no BOS when they encode
+    return _json_fields(backend, backend.to_str(), add_bos if isinstance(add_bos, bool) else False, tc, gen, cfg)
+
+
+def _json_fields(backend, text: str, add_bos: bool, tc: dict, gen: dict, cfg: dict) -> dict:
+    n = backend.get_vocab_size(with_added_tokens=True)
+    bos, eos = _special_ids(backend.token_to_id, n, tc, gen, cfg)
     return {"json": text, "bos_token_id": bos, "eos_token_id": eos, "add_bos_token": add_bos, "_n": n}
 
 
@@ -160,15 +172,17 @@ def _spm_tokenizer(directory: Path, tc: dict, gen: dict, cfg: dict, vocab_size: 
 
 def read_tokenizer(directory: Path, cfg: dict, vocab_size: int) -> dict:
     """Tokenizer metadata for lmcli.tokenizer.Tokenizer.from_metadata: tokenizer.json as text with its special
-    ids, or (SentencePiece only) GGUF-style fields."""
+    ids (a tiktoken ranks file becomes the tokenizer.json it equals), or (SentencePiece only) GGUF-style fields."""
     tc = read_json(directory / "tokenizer_config.json")
     gen = read_json(directory / "generation_config.json")
     if (directory / "tokenizer.json").is_file():
         tok = _hf_tokenizer(directory, tc, gen, cfg)
+    elif (directory / RANKS_FILE).is_file():
+        tok = _tiktoken_tokenizer(directory, tc, gen, cfg)
     elif (directory / "tokenizer.model").is_file():
         tok = _spm_tokenizer(directory, tc, gen, cfg, vocab_size)
     else:
-        raise ConvertError(f"{directory.name} has no tokenizer (tokenizer.json or tokenizer.model)")
+        raise ConvertError(f"{directory.name} has no tokenizer (tokenizer.json, {RANKS_FILE} or tokenizer.model)")
     n = tok.pop("_n")
     if n > vocab_size:
         raise ConvertError(f"the tokenizer has {n} tokens, more than the model's vocab_size {vocab_size}")

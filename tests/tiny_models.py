@@ -111,7 +111,8 @@ def config_kwargs(arch: str, overrides: dict | None = None) -> dict:
     if arch not in CONFIGS:
         raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
     kw = {**_COMMON, **CONFIGS[arch], **(overrides or {})}
-    kw.update(vocab_size=vocab_size(), bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=BOS_ID)
+    ids = dict(vocab_size=vocab_size(), bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=BOS_ID)
+    kw.update((k, v) for k, v in ids.items() if k not in (overrides or {}))  # a model with its own tokenizer
     return kw
 
 
