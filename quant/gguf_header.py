@@ -30,6 +30,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_DEPTH = 2  # arrays of arrays: deeper nesting is refused
 MAX_VALUE = 1 << 20  # a longer string value (none that lmcli reads) is stepped over, not fetched
 FIRST_FETCH = 1 << 16  # a remote header's first Range request; each further one doubles
+SLACK = 1 << 15  # how far a remote read may go past the least the rest of the header takes: fewer round trips
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,21 @@ class Header:
 
 
 class _Window:
-    """Bytes [start, start + len(buf)) of a file of `size` bytes; fetch(start, stop) brings others."""
+    """Bytes [start, start + len(buf)) of a file of `size` bytes; fetch(start, stop) brings others.
+
+    A fetch asks for twice the bytes of the one before (a long header, a large vocabulary, takes a few requests,
+    not one per string), but never more than SLACK past the least the rest of the header can hold (rest: the walk's
+    bound on the bytes still to come): a remote header is read with at most SLACK bytes of the weights after it.
+    """
 
     def __init__(self, size: int, buf=b"", fetch: Callable[[int, int], bytes] | None = None):
         self.size, self.buf, self.start, self.fetch, self.step = size, buf, 0, fetch, FIRST_FETCH
+        self.rest: Callable[[], int] = lambda: 0
 
     def get(self, p: int, n: int):
         if not (self.start <= p and p + n <= self.start + len(self.buf)):
-            stop = min(self.size, max(p + n, p + self.step))
-            self.step *= 2  # a long header (a large vocabulary) takes a few requests, not one per string
+            stop = min(self.size, p + n + min(self.step, self.rest() + SLACK))
+            self.step *= 2
             end = self.start + len(self.buf)
             if self.start <= p <= end:  # the walk goes on from the window's end: keep its tail, fetch the rest
                 self.buf = bytes(self.buf[p - self.start:]) + self.fetch(end, stop)
@@ -69,9 +76,17 @@ class _Window:
         return self.buf[p - self.start:p - self.start + n]
 
 
+# The least bytes one more key-value pair (key length, an empty key, value type, a 1-byte value), one more item of
+# an array of strings or of arrays (its length or its item type and count), one more tensor info (name length, an
+# empty name, n_dims, one dimension, type, offset) can take: bounds on what is left of a header.
+_MIN_KV, _MIN_TENSOR = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8
+
+
 class _Walk:
     def __init__(self, window: _Window, where):
         self.win, self.pos, self.size, self.where = window, 0, window.size, where
+        self.after = self.after_item = 0  # least bytes after the current key or tensor, after the array's item
+        window.rest = lambda: self.after + self.after_item
 
     def fail(self, what: str):
         raise GGUFError(f"{self.where}: {what} (header byte {self.pos})")
@@ -119,8 +134,11 @@ class _Walk:
             if size is not None:
                 self.take(count * size)
                 return None
-            for _ in range(count):
+            for i in range(count):
+                if depth == 0:
+                    self.after_item = (count - 1 - i) * (8 if itype == _STRING else 12)
                 self.value(itype, depth + 1, keep=False)
+            self.after_item = 0
             return None
         if vtype == _STRING:
             return self.string(keep=keep)
@@ -144,7 +162,8 @@ def _walk(win: _Window, where) -> Header:
     if n_kv > (size - w.pos) // 12 or n_tensors > (size - w.pos) // 24:
         w.fail(f"{n_kv} metadata keys and {n_tensors} tensors, more than the file can hold")
     values = {}
-    for _ in range(n_kv):
+    for i in range(n_kv):
+        w.after = (n_kv - 1 - i) * _MIN_KV + n_tensors * _MIN_TENSOR
         key = w.string(MAX_KEY)
         v = w.value(w.u32())
         if v is not None:
@@ -153,7 +172,8 @@ def _walk(win: _Window, where) -> Header:
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1 or alignment & (alignment - 1):
         w.fail(f"general.alignment {alignment!r} is not a power of two")
     tensors = []
-    for _ in range(n_tensors):
+    for i in range(n_tensors):
+        w.after = (n_tensors - 1 - i) * _MIN_TENSOR
         name = w.string(MAX_KEY)
         n_dims = w.u32()
         if not 1 <= n_dims <= MAX_DIMS:
