@@ -121,6 +121,23 @@ def check_headers(heads: list[Header], names: list[str], where) -> None:
                 seen.add(t.name)
     check_arch(first.get("general.architecture"), where)
     check_types((t.ggml_type for h in heads for t in h.tensors), where)
+    for h, name in zip(heads, names):
+        _check_ends(h, name)
+
+
+def _check_ends(h: Header, name: str) -> None:
+    """Every tensor's data inside the file: a truncated file (or part) is named before its tensors are read."""
+    from gguf import GGML_QUANT_SIZES
+
+    for t in h.tensors:
+        block, nbytes = GGML_QUANT_SIZES[t.ggml_type]
+        n = int(np.prod(t.dims, dtype=object))
+        if n % block:
+            raise GGUFError(f"{name}: tensor {t.name} of {n} weights is not whole blocks of {block}")
+        end = h.data_offset + t.offset + n // block * nbytes
+        if end > h.size:
+            raise GGUFError(f"{name}: tensor {t.name} ends at byte {end}, past the end of the file ({h.size} bytes): "
+                            "the file is truncated or damaged")
 
 
 def split_parts(path: Path) -> tuple[list[Path], list[Header]]:
