@@ -599,7 +599,7 @@ def _check_gguf(s: Spec, commit: str, parts: list[Remote], ggufs: list[str], ui)
 
     from quant.errors import GGUFError
     from quant.gguf_header import read_remote_header
-    from quant.gguf_io import check_headers
+    from quant.gguf_io import census_text, check_headers, type_census
 
     def header(r: Remote):
         url = hf_hub_url(s.repo, r.name, revision=commit)
@@ -615,20 +615,10 @@ def _check_gguf(s: Spec, commit: str, parts: list[Remote], ggufs: list[str], ui)
                 if others else "this repo has no other GGUF file")
         raise ModelFileError(str(e), hint=f"{hint}, or pull the original safetensors repo (`lmcli pull ORG/REPO`) "
                                           "for lmcli to quantize; nothing was downloaded") from None
-    census: dict[str, int] = {}
-    for h in heads:
-        for t in h.tensors:
-            census[t.ggml_type] = census.get(t.ggml_type, 0) + 1
+    census = type_census(t.ggml_type for h in heads for t in h.tensors)
     ui.note(f"{parts[0].name.rsplit('/', 1)[-1]}: {heads[0].values.get('general.architecture')}, "
             f"{_human(sum(r.size for r in parts))}{f' in {len(parts)} parts' if len(parts) > 1 else ''}, "
-            f"{sum(census.values())} tensors ({_census_text(census)})")
-
-
-def _census_text(census: dict[int, int]) -> str:
-    from gguf import GGMLQuantizationType as QT
-
-    return ", ".join(f"{QT(t).name if t in QT._value2member_map_ else t} x{n}"
-                     for t, n in sorted(census.items(), key=lambda kv: -kv[1]))
+            f"{sum(census.values())} tensors ({census_text(census)})")
 
 
 def _pull_gguf(s: Spec, commit: str, parts: list[Remote], d: Path, staging: Path, state: dict, keep_source: bool,

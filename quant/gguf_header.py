@@ -25,6 +25,7 @@ from .errors import GGUFError
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 8: None, 10: 8, 11: 8, 12: 8}
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _ARRAY, _STRING = 9, 8
+_U64 = struct.Struct("<Q")
 MAX_KEY = 1 << 16  # bytes in a key or a tensor name (llama.cpp's GGUF_MAX... names are far shorter)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_DEPTH = 2  # arrays of arrays: deeper nesting is refused
@@ -118,6 +119,27 @@ class _Walk:
             return None
         return bytes(self.win.get(p, n)).decode("utf-8", errors="replace")
 
+    def skip_strings(self, count: int, outer: bool) -> None:
+        """Step over `count` strings: a vocabulary's hundreds of thousands, so a tight loop over the window's bytes
+        (the same bounds as string(): each length checked against the bytes left in the file)."""
+        while count:
+            if outer:
+                self.after_item = (count - 1) * 8
+            if self.size - self.pos < 8:
+                self.take(8)  # fails, naming the bytes left
+            self.win.get(self.pos, 8)  # the next length is in the window
+            buf, base = self.win.buf, self.win.start
+            pos, end, size = self.pos, self.win.start + len(self.win.buf) - 8, self.size
+            while count and pos <= end:
+                n = _U64.unpack_from(buf, pos - base)[0]
+                if n > size - pos - 8:
+                    self.pos = pos + 8
+                    self.fail(f"{n} bytes declared, {size - pos - 8} left in the file")
+                pos += 8 + n
+                count -= 1
+            self.pos = pos
+        self.after_item = 0
+
     def value(self, vtype: int, depth: int = 0, keep: bool = True):
         """Step over one value; returns it when it is a scalar or a string (None for an array)."""
         if vtype == _ARRAY:
@@ -133,6 +155,9 @@ class _Walk:
                 self.fail(f"an array of {count} items, more than the file can hold")
             if size is not None:
                 self.take(count * size)
+                return None
+            if itype == _STRING:
+                self.skip_strings(count, depth == 0)
                 return None
             for i in range(count):
                 if depth == 0:

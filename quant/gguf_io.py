@@ -73,18 +73,26 @@ def check_arch(arch, where) -> None:
         raise GGUFError(f"{where}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
 
 
-def check_types(types: Iterable[int], where) -> None:
-    """Refuse tensor types lmcli cannot import: one census naming every such type with its count."""
-    from gguf import GGMLQuantizationType
+def type_census(types: Iterable[int]) -> dict[str, int]:
+    """gguf.GGMLQuantizationType values -> how many tensors have each type, by its llama.cpp name, most first."""
+    from gguf import GGMLQuantizationType as QT
 
     census: dict[str, int] = {}
     for t in types:
-        if t not in BY_GGUF_TYPE:
-            name = GGMLQuantizationType(t).name if t in GGMLQuantizationType._value2member_map_ else f"type {t}"
-            census[name] = census.get(name, 0) + 1
+        name = QT(t).name if t in QT._value2member_map_ else f"type {t}"
+        census[name] = census.get(name, 0) + 1
+    return dict(sorted(census.items(), key=lambda kv: -kv[1]))
+
+
+def census_text(census: dict[str, int]) -> str:
+    return ", ".join(f"{k} x{n}" for k, n in census.items())
+
+
+def check_types(types: Iterable[int], where) -> None:
+    """Refuse tensor types lmcli cannot import: one census naming every such type with its count."""
+    census = type_census(t for t in types if t not in BY_GGUF_TYPE)
     if census:
-        found = ", ".join(f"{k} x{n}" for k, n in sorted(census.items(), key=lambda kv: -kv[1]))
-        raise GGUFError(f"{where}: tensor types lmcli cannot import yet: {found} "
+        raise GGUFError(f"{where}: tensor types lmcli cannot import yet: {census_text(census)} "
                         f"(supported: {', '.join(f.name.upper() for f in FORMATS.values())})")
 
 
