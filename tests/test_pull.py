@@ -677,6 +677,29 @@ def test_a_gguf_lmcli_cannot_import_is_refused_from_its_header_before_its_weight
     assert data_offset + SLACK < len(data) // 4
 
 
+def test_a_remote_header_read_by_ranges_is_the_gguf_readers_and_stops_at_the_weights(smol_gguf):
+    """On the real SmolLM2 file (a 49k-token vocabulary: a 1.8 MB header): the tensors and data offset the gguf
+    package's reader finds, in a few requests that end no further than SLACK bytes into the weights."""
+    from gguf import GGUFReader
+
+    from quant.gguf_header import SLACK, read_header, read_remote_header
+
+    data, calls = smol_gguf.read_bytes(), []
+
+    def fetch(a: int, b: int) -> bytes:
+        calls.append((a, b))
+        return data[a:b]
+
+    h = read_remote_header(fetch, len(data), "smol")
+    r = GGUFReader(str(smol_gguf))
+    assert h == read_header(smol_gguf) and h.data_offset == r.data_offset
+    assert [(t.name, t.dims, t.ggml_type, h.data_offset + t.offset) for t in h.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.data_offset)) for t in r.tensors]
+    assert h.values["general.architecture"] == "llama" and h.values["llama.block_count"] == 30
+    assert 2 <= len(calls) <= 16 and h.data_offset <= max(b for _, b in calls) <= h.data_offset + SLACK
+    assert sum(b - a for a, b in calls) <= h.data_offset + SLACK  # no byte asked for twice
+
+
 TIMED_PULL = """
 import sys, time
 # the modules the pull uses, imported before the clock starts: the figure is the pull's own, not Python's start-up
@@ -730,6 +753,15 @@ def test_a_split_gguf_imports_as_one_model_with_the_unsplit_files_logits(split_p
     assert all(np.array_equal(a.raw(n), b.raw(n)) for n in a.tensors)
     ids = [1, 5, 17, 42, 99, 200, 7, 3]
     assert np.array_equal(lmcli.load(str(split)).logits(ids), lmcli.load(str(one)).logits(ids))
+
+
+def test_llama_cpp_reads_the_test_split_as_the_same_model(split_parts):
+    """The reference for the split fixture: llama.cpp loads it (its gguf-split format) with the unsplit logits."""
+    from test_gguf_export import llama_logits
+
+    whole, parts = split_parts
+    ids = [1, 5, 17, 42, 99, 200, 7, 3]
+    assert np.array_equal(llama_logits(parts[0], ids), llama_logits(whole, ids))
 
 
 def run_cli(*args, home: Path) -> subprocess.CompletedProcess:
