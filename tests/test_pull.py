@@ -727,6 +727,23 @@ def test_the_header_refusal_takes_under_a_second(hub, tmp_path):
     assert hub.downloads("odd-IQX.gguf") == 0
 
 
+def test_a_local_gguf_is_refused_from_its_header_before_the_reader_or_a_repack(tmp_path):
+    """The same census for a file on disk, from its header alone: under a second, nothing written."""
+    import time
+
+    from quant.errors import GGUFError
+    from quant.gguf_io import import_gguf
+
+    a, b = unsupported_types()
+    src = tmp_path / "odd.gguf"
+    src.write_bytes(odd_gguf())
+    t = time.perf_counter()
+    with pytest.raises(GGUFError, match=f"{a.name} x3, {b.name} x2"):
+        import_gguf(src, tmp_path / "out.lmc")
+    assert time.perf_counter() - t < 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.gguf"]
+
+
 def test_a_gguf_pull_shows_the_header_census_on_a_terminal(hub, tmp_path):
     import pexpect
 
