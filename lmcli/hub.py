@@ -8,6 +8,8 @@ The order of a pull, each step recorded in <store>/<name>/.partial/state.json so
   4. shard by shard: download, check its sha256 against the Hub's LFS hash, convert its tensors in place,
      checkpoint, delete it (unless --keep-source): peak disk is about the container plus one shard;
   5. publish: the container is renamed into place and the manifest written last.
+A GGUF repo's file (every part of a split GGUF) has its header read by Range requests first, so that a file lmcli
+cannot import (architecture, tensor types) is refused before any download; then it is downloaded and imported.
 Downloads go through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE), into the store, never its cache.
 """
 
@@ -40,7 +42,7 @@ SMALL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json",
 STATE_VERSION = 1
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _GGUF_HOSTS = ("hf.co/", "huggingface.co/")
-_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+_SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)  # llama.cpp's gguf-split part names
 _HEADER_PROBE = 1 << 16  # first Range request for a safetensors header; most headers fit
 
 
@@ -175,7 +177,9 @@ def _pull(s: Spec, *, keep_source: bool, force: bool, ui) -> Path:
     commit, files = _repo_info(s)
     kind = "gguf" if s.gguf_tag else "hf"
     gguf = _pick_gguf(files, s) if kind == "gguf" else None
-    ident = {"kind": kind, "repo": s.repo, "commit": commit, "qtype": s.qtype, "file": gguf}
+    if gguf is not None:
+        _check_gguf(s, commit, [files[f] for f in gguf], [f for f in files if f.lower().endswith(".gguf")], ui)
+    ident = {"kind": kind, "repo": s.repo, "commit": commit, "qtype": s.qtype, "file": gguf and gguf[0]}
     with store.lock_model(s.name, on_wait=lambda: ui.note(f"waiting for another pull of {s.name} to finish")) as d:
         man = store.read_manifest(s.name)
         if man is not None and (d / store.CONTAINER).is_file() and not force:
@@ -191,7 +195,7 @@ def _pull(s: Spec, *, keep_source: bool, force: bool, ui) -> Path:
         try:
             state = _load_state(staging, ident, s)
             if kind == "gguf":
-                return _pull_gguf(s, commit, files[gguf], d, staging, state, keep_source, ui)
+                return _pull_gguf(s, commit, [files[f] for f in gguf], d, staging, state, keep_source, ui)
             return _pull_hf(s, commit, files, d, staging, state, keep_source, ui)
         except BaseException:
             _forget_if_empty(d, staging, state)
@@ -237,6 +241,11 @@ def _translated(fn: Callable[[], Path], s: Spec) -> Path:
         raise HubError("HF_HUB_OFFLINE is set: the Hub cannot be reached", hint="unset HF_HUB_OFFLINE") from None
     except hf.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "an error"
+        if status == 404:  # a server (a mirror, a proxy) that does not say which of repo, revision or file is missing
+            raise ModelNotFound(f"the Hub at {_endpoint()} has no {where} (or no file of it that the pull needs): "
+                                "it does not exist, or it is private or gated",
+                                hint="check the name; a private or gated repo needs HF_TOKEN set to a token with "
+                                     "access") from None
         hint = "set HF_TOKEN to a token with access to the repo" if status in (401, 403) else resume
         raise HubError(f"the Hub answered {status} for {where}", hint=hint) from None
     except (httpx2.HTTPError, hf.LocalEntryNotFoundError, hf.FileMetadataError) as e:
@@ -553,12 +562,17 @@ def _publish(s: Spec, d: Path, staging: Path, part: Path, manifest: dict, keep_s
 # --- GGUF repos: one file, imported -----------------------------------------------------------------
 
 
-def _pick_gguf(files: dict[str, Remote], s: Spec) -> str:
-    """The repo's GGUF file for the quant tag: its name holds the tag (case-insensitive), between separators if
-    several merely contain it."""
+def _pick_gguf(files: dict[str, Remote], s: Spec) -> list[str]:
+    """The repo's GGUF file for the quant tag -> its name, or the names of its parts in order (a split GGUF,
+    PREFIX-00001-of-0000N.gguf). The tag is matched in the file name (case-insensitive), between separators if
+    several files merely contain it."""
     tag = s.gguf_tag.lower()
     ggufs = sorted(f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower())
-    found = [f for f in ggufs if tag in f.rsplit("/", 1)[-1].lower()]
+    models: dict[str, list[str]] = {}  # a model's name (a split one's without its part suffix) -> its files
+    for f in ggufs:
+        if tag in f.rsplit("/", 1)[-1].lower():
+            models.setdefault(_SPLIT_GGUF.sub(".gguf", f), []).append(f)
+    found = sorted(models)
     if len(found) > 1:
         exact = [f for f in found if re.search(rf"(^|[-._/]){re.escape(tag)}([-._]|$)", f.lower()[:-5])]
         found = exact or found
@@ -568,29 +582,67 @@ def _pick_gguf(files: dict[str, Remote], s: Spec) -> str:
     if len(found) > 1:
         raise UsageError(f"{s.gguf_tag!r} matches several files of {s.repo}: {', '.join(found)}",
                          hint="give a longer quant tag")
-    if _SPLIT_GGUF.search(found[0]):
-        raise ModelFileError(f"{found[0]} is one part of a split GGUF, which lmcli cannot import yet")
-    return found[0]
+    parts = sorted(models[found[0]])
+    m = _SPLIT_GGUF.search(parts[0])
+    if m is None:
+        return parts[:1]
+    count = int(m[2])
+    want = [_SPLIT_GGUF.sub(f"-{i:05d}-of-{count:05d}.gguf", parts[0]) for i in range(1, count + 1)]
+    missing = [w.rsplit("/", 1)[-1] for w in want if w not in files]
+    if missing:
+        raise ModelFileError(f"{s.repo} has only {count - len(missing)} of the {count} parts of "
+                             f"{found[0].rsplit('/', 1)[-1]}: {', '.join(missing[:3])} missing")
+    return want
 
 
-def _pull_gguf(s: Spec, commit: str, remote: Remote, d: Path, staging: Path, state: dict, keep_source: bool,
+def _check_gguf(s: Spec, commit: str, parts: list[Remote], ggufs: list[str], ui) -> None:
+    """Read the GGUF's header (every part's, for a split GGUF) by HTTP Range requests and refuse, before any
+    download, a file lmcli cannot import: its architecture, or every tensor type it cannot read, with a count."""
+    from huggingface_hub import hf_hub_url
+
+    from quant.errors import GGUFError
+    from quant.gguf_header import read_remote_header
+    from quant.gguf_io import census_text, check_headers, type_census
+
+    def header(r: Remote):
+        url = hf_hub_url(s.repo, r.name, revision=commit)
+        return read_remote_header(lambda a, b: _read_range(url, a, b), r.size, f"{s.repo}/{r.name}")
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, len(parts))) as pool:
+            heads = list(pool.map(header, parts))
+        check_headers(heads, [r.name.rsplit("/", 1)[-1] for r in parts], f"{s.repo}/{parts[0].name}")
+    except GGUFError as e:
+        others = [f.rsplit("/", 1)[-1] for f in ggufs if f not in {r.name for r in parts}]
+        hint = (f"pull another of the repo's GGUF files ({', '.join(others[:6])}{', ...' if len(others) > 6 else ''})"
+                if others else "this repo has no other GGUF file")
+        raise ModelFileError(str(e), hint=f"{hint}, or pull the original safetensors repo (`lmcli pull ORG/REPO`) "
+                                          "for lmcli to quantize; nothing was downloaded") from None
+    census = type_census(t.ggml_type for h in heads for t in h.tensors)
+    ui.note(f"{parts[0].name.rsplit('/', 1)[-1]}: {heads[0].values.get('general.architecture')}, "
+            f"{_human(sum(r.size for r in parts))}{f' in {len(parts)} parts' if len(parts) > 1 else ''}, "
+            f"{sum(census.values())} tensors ({census_text(census)})")
+
+
+def _pull_gguf(s: Spec, commit: str, parts: list[Remote], d: Path, staging: Path, state: dict, keep_source: bool,
                ui) -> Path:
+    """Download the GGUF (every part of a split one; each resumes and is verified on its own) and import it."""
     from quant.gguf_io import import_gguf
 
     src = staging / "source"
     src.mkdir(exist_ok=True)
-    local = src / remote.name
-    if not local.is_file():
+    todo = [r.size for r in parts if not (src / r.name).is_file()]
+    if todo:
         # The container is a lossless repack: about the GGUF's size again.
-        _check_space(staging, None, [remote.size], extra=remote.size)
-    path = _fetch(s, commit, remote, src, state, staging, ui)
+        _check_space(staging, None, todo, keep_all=True, extra=sum(r.size for r in parts))
+    paths = [_fetch(s, commit, r, src, state, staging, ui) for r in parts]
     part = staging / "model.lmc.part"
-    import_gguf(path, part, overwrite=True, source={"repo": s.repo, "revision": commit, "file": remote.name})
+    import_gguf(paths[0], part, overwrite=True, source={"repo": s.repo, "revision": commit, "file": parts[0].name})
+    files = {r.name: {"size": r.size, "sha256": state["verified"][r.name]["sha256"]} for r in parts}
     manifest = {
-        "source": {**state["ident"], "revision": s.revision,
-                   "files": {remote.name: {"size": remote.size, "sha256": state["verified"][remote.name]["sha256"]}}},
+        "source": {**state["ident"], "revision": s.revision, "files": files},
         "quant": s.gguf_tag,
-        "source_size": remote.size,
+        "source_size": sum(r.size for r in parts),
         "kept_source": "source" if keep_source else None,
         "created": store.now(),
     }

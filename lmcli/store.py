@@ -248,11 +248,13 @@ def remove_if_empty(d: Path) -> None:
         d.rmdir()
 
 
-def _sha256(path: Path) -> str:
+def _sha256(*paths: Path) -> str:
+    """The sha256 of the files' bytes, one after the other (a split GGUF's parts: the bytes of the whole)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -270,12 +272,28 @@ def _import_locked(src: Path, name: str, d: Path, force: bool, source: dict | No
     if (d / MANIFEST).exists() and not force:
         raise StoreError(f"model {name!r} already exists in the store", hint="pass --force to replace it")
     with _staged(d) as tmp:
-        st = src.stat()
         with model_file_errors():
-            import_gguf(src, tmp, overwrite=True, source=source)
-        manifest = {"source": {"kind": "gguf", "file": src.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                               "sha256": _sha256(src), **(source or {})}, "created": now()}
+            import_gguf(src, tmp, overwrite=True, source=source)  # a missing part is refused here, in one line
+        size, mtime_ns = _stamp(src)
+        manifest = {"source": {"kind": "gguf", "file": src.name, "size": size, "mtime_ns": mtime_ns,
+                               "sha256": _sha256(*_gguf_parts(src)), **(source or {})}, "created": now()}
         return publish(name, tmp, manifest)
+
+
+def _gguf_parts(src: Path) -> list[Path]:
+    """src, or every part of the split GGUF whose first part it is (named PREFIX-00001-of-0000N.gguf)."""
+    from quant.gguf_io import split_names
+
+    m = re.fullmatch(r".*-00001-of-(\d{5})\.gguf", src.name)
+    with model_file_errors():
+        return [src] if m is None else [src.with_name(n) for n in split_names(src.name, int(m[1]))]
+
+
+def _stamp(src: Path) -> tuple[int, int]:
+    """A GGUF's size and modification time (a split one's: its parts' total and latest) -> a changed file is
+    imported again."""
+    sts = [p.stat() for p in _gguf_parts(src)]
+    return sum(st.st_size for st in sts), max(st.st_mtime_ns for st in sts)
 
 
 def _is_container(p: Path) -> bool:
@@ -297,7 +315,8 @@ def _current(p: Path) -> bool:
 
 
 def _gguf_store_name(p: Path) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", p.stem).strip("-.") or "model"
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", p.stem)  # a split GGUF is one model, named without its part suffix
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
     return stem[:64]
 
 
@@ -307,9 +326,9 @@ def cached_import(src: Path, name: str, source: dict | None = None) -> Path:
     with lock_model(name) as d:
         try:
             man = jsonio.loads((d / MANIFEST).read_text(encoding="utf-8"))
-            st = src.stat()
+            size, mtime_ns = _stamp(src)
             s = man.get("source", {})
-            if s.get("size") == st.st_size and s.get("mtime_ns") == st.st_mtime_ns and _current(d / CONTAINER):
+            if s.get("size") == size and s.get("mtime_ns") == mtime_ns and _current(d / CONTAINER):
                 return d / CONTAINER
         except (OSError, json.JSONDecodeError, AttributeError):
             pass

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -11,7 +13,7 @@ from .container import ContainerWriter
 from .errors import GGUFError, QuantError
 from .formats import BY_GGUF_TYPE, F32, FORMATS
 from .gguf_archs import BY_NAME
-from .gguf_header import check_header
+from .gguf_header import Header, check_header, read_header
 from .quantize import interleave
 from .schema import ModelConfig, SchemaError, expected_tensors
 
@@ -46,12 +48,14 @@ def _field(reader, key, default=None):
     return v
 
 
-def open_gguf(path: Path):
+def open_gguf(path: Path, *, checked: bool = False):
+    """The gguf package's reader on path, once its header has been walked with bounds (checked: already done)."""
     from gguf import GGUFReader
 
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
-    check_header(path)  # every count and length bounded by the file before the reader walks them
+    if not checked:
+        check_header(path)  # every count and length bounded by the file before the reader walks them
     try:
         return GGUFReader(str(path), "r")
     except QuantError:
@@ -61,13 +65,113 @@ def open_gguf(path: Path):
 
 
 SUPPORTED_ARCHS = tuple(BY_NAME)
+_SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's llama_split_path
+
+
+def check_arch(arch, where) -> None:
+    if arch not in BY_NAME:
+        raise GGUFError(f"{where}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+
+def type_census(types: Iterable[int]) -> dict[str, int]:
+    """gguf.GGMLQuantizationType values -> how many tensors have each type, by its llama.cpp name, most first."""
+    from gguf import GGMLQuantizationType as QT
+
+    census: dict[str, int] = {}
+    for t in types:
+        name = QT(t).name if t in QT._value2member_map_ else f"type {t}"
+        census[name] = census.get(name, 0) + 1
+    return dict(sorted(census.items(), key=lambda kv: -kv[1]))
+
+
+def census_text(census: dict[str, int]) -> str:
+    return ", ".join(f"{k} x{n}" for k, n in census.items())
+
+
+def check_types(types: Iterable[int], where) -> None:
+    """Refuse tensor types lmcli cannot import: one census naming every such type with its count."""
+    census = type_census(t for t in types if t not in BY_GGUF_TYPE)
+    if census:
+        raise GGUFError(f"{where}: tensor types lmcli cannot import yet: {census_text(census)} "
+                        f"(supported: {', '.join(f.name.upper() for f in FORMATS.values())})")
+
+
+def split_names(name: str, count: int) -> list[str]:
+    """The file names of a split GGUF (llama.cpp's gguf-split: PREFIX-00001-of-0000N.gguf) from its first's."""
+    m = _SPLIT_NAME.match(name)
+    if m is None or int(m[2]) != 1 or int(m[3]) != count:
+        raise GGUFError(f"{name}: split.count says {count} parts, but its name is not PREFIX-00001-of-{count:05d}.gguf")
+    return [f"{m[1]}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def check_headers(heads: list[Header], names: list[str], where) -> None:
+    """What an import decides from the headers alone, before any weight is read (or downloaded): a split's parts
+    agree with each other (split.no, split.count, split.tensors.count), the architecture and every tensor type are
+    ones lmcli imports. names: the parts' file names, as split_names gives them."""
+    first = heads[0].values
+    count = first.get("split.count", 1)
+    if count != len(heads):
+        raise GGUFError(f"{where}: split.count says {count} parts, {len(heads)} given")
+    if count > 1:
+        for i, (h, name) in enumerate(zip(heads, names)):
+            if h.values.get("split.no") != i or h.values.get("split.count") != count:
+                raise GGUFError(f"{name} is not part {i + 1} of {count} of {names[0]} (its split.no is "
+                                f"{h.values.get('split.no')!r}, split.count {h.values.get('split.count')!r})")
+        total = sum(len(h.tensors) for h in heads)
+        if first.get("split.tensors.count") != total:
+            raise GGUFError(f"{where}: the parts hold {total} tensors, split.tensors.count says "
+                            f"{first.get('split.tensors.count')!r}")
+        seen: set[str] = set()
+        for h, name in zip(heads, names):
+            for t in h.tensors:
+                if t.name in seen:
+                    raise GGUFError(f"{name}: tensor {t.name} is in two parts of the split GGUF")
+                seen.add(t.name)
+    check_arch(first.get("general.architecture"), where)
+    check_types((t.ggml_type for h in heads for t in h.tensors), where)
+    for h, name in zip(heads, names):
+        _check_ends(h, name)
+
+
+def _check_ends(h: Header, name: str) -> None:
+    """Every tensor's data inside the file: a truncated file (or part) is named before its tensors are read."""
+    from gguf import GGML_QUANT_SIZES
+
+    for t in h.tensors:
+        block, nbytes = GGML_QUANT_SIZES[t.ggml_type]
+        n = int(np.prod(t.dims, dtype=object))
+        if n % block:
+            raise GGUFError(f"{name}: tensor {t.name} of {n} weights is not whole blocks of {block}")
+        end = h.data_offset + t.offset + n // block * nbytes
+        if end > h.size:
+            raise GGUFError(f"{name}: tensor {t.name} ends at byte {end}, past the end of the file ({h.size} bytes): "
+                            "the file is truncated or damaged")
+
+
+def split_parts(path: Path) -> tuple[list[Path], list[Header]]:
+    """A GGUF file's parts (itself, or every part of a split GGUF given its first) with their checked headers."""
+    heads = [read_header(path)]
+    count, no = heads[0].values.get("split.count", 1), heads[0].values.get("split.no", 0)
+    if not isinstance(count, int) or not 1 <= count <= 99999:
+        raise GGUFError(f"{path}: split.count {count!r} is not a part count")
+    if no != 0:
+        m = _SPLIT_NAME.match(path.name)
+        first = f"{m[1]}-00001-of-{m[3]}.gguf" if m else "its first part"
+        raise GGUFError(f"{path} is part {no + 1 if isinstance(no, int) else repr(no)} of a split GGUF: "
+                        f"give its first part, {first}")
+    paths = [path] if count == 1 else [path.with_name(n) for n in split_names(path.name, count)]
+    for i, p in enumerate(paths[1:], 2):
+        if not p.is_file():
+            raise GGUFError(f"{p}: no such file (part {i} of the {count}-part GGUF {path.name})")
+        heads.append(read_header(p))
+    check_headers(heads, [p.name for p in paths], path)
+    return paths, heads
 
 
 def read_config(reader, path: Path) -> dict:
     """Model config from GGUF metadata (llama.cpp's keys) -> lmcli's ModelConfig keys."""
     arch = _field(reader, "general.architecture")
-    if arch not in BY_NAME:
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    check_arch(arch, path)
     ga = BY_NAME[arch]
 
     def get(key, default=None):
@@ -205,15 +309,7 @@ def read_tokenizer(reader) -> dict:
 
 def _tensor_plan(reader, path: Path, size: int):
     """Validate every tensor (type, shape, byte range) before anything is written; yield (name, fmt, shape, t)."""
-    census: dict[str, int] = {}  # every type lmcli cannot import, counted: one refusal names them all
-    for t in reader.tensors:
-        if int(t.tensor_type) not in BY_GGUF_TYPE:
-            census[t.tensor_type.name] = census.get(t.tensor_type.name, 0) + 1
-    if census:
-        found = ", ".join(f"{k} x{n}" for k, n in sorted(census.items(), key=lambda kv: -kv[1]))
-        raise GGUFError(f"{path}: tensor types lmcli cannot import yet: {found} "
-                        f"(supported: {', '.join(f.name.upper() for f in FORMATS.values())})")
-    plan = []
+    plan = []  # every tensor type is one lmcli imports: split_parts has checked the headers
     for t in reader.tensors:
         fmt = BY_GGUF_TYPE[int(t.tensor_type)]
         dims = [int(d) for d in t.shape]  # GGUF order: ne0 (row length) first
@@ -278,13 +374,17 @@ def _check_schema(cfg: dict, shapes: dict[str, tuple], path: Path) -> ModelConfi
 
 def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
                 source: dict | None = None) -> Path:
-    """Repack a GGUF file into a container at dst (written atomically). Returns dst."""
+    """Repack a GGUF file (or a split GGUF, given its first part) into a container at dst (written atomically).
+    Returns dst."""
     path = Path(src)
-    reader = open_gguf(path)
-    size = path.stat().st_size
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    parts, _ = split_parts(path)  # architecture and tensor types refused from the headers, before any reading
+    readers = [open_gguf(p, checked=True) for p in parts]
+    reader = readers[0]  # a split GGUF keeps its metadata in the first part, its tensors in all
     cfg = read_config(reader, path)
     tok = read_tokenizer(reader)
-    plan = _tensor_plan(reader, path, size)
+    plan = [x for r, p in zip(readers, parts) for x in _tensor_plan(r, p, p.stat().st_size)]
     names = {p[0] for p in plan}
     _finish_config(cfg, names, {p[0]: p[2] for p in plan}, path)
     if cfg.get("kv_lora_rank") and "blk.0.attn_k_b.weight" in names:

@@ -13,7 +13,8 @@ redirect on HEAD and does not send its token to the CDN.
 
 Faults (Faults, set between requests): a connection cut after some bytes of a file, then either a resumable
 server or one that fails the file's later requests; a server that ignores Range; same-size corrupted bytes;
-holding a file's download until the test releases it. Every request is logged.
+holding a file's download until the test releases it; errors without the Hub's error headers (a mirror or a
+proxy); a listed file that is gone. Every request is logged, with the body bytes sent.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Faults:
     hold: dict[str, threading.Event] = field(default_factory=dict)  # file -> set by the test to let it go
     arrived: dict[str, threading.Event] = field(default_factory=dict)  # set when a held file's GET arrives
     stall_range: set[str] = field(default_factory=set)  # files whose Range GETs send nothing for 30 s
+    bare_errors: bool = False  # errors without X-Error-Code / X-Error-Message, as a mirror or a proxy answers
+    gone: set[str] = field(default_factory=set)  # files listed by the API whose resolve answers 404
 
 
 def git_oid(data: bytes) -> str:
@@ -99,6 +102,10 @@ class FakeHub:
         with self._lock:
             return [r for r in self.log if r["file"] == name and r["method"] == method and r["cdn"] == cdn]
 
+    def sent(self, name: str) -> int:
+        """Body bytes of a file sent from the CDN (all requests)."""
+        return sum(r["sent"] for r in self.requests(name))
+
     def downloads(self, name: str) -> int:
         """Whole-file downloads of a file (a GET without Range; a header probe or a resume has one)."""
         return sum(1 for r in self.requests(name) if r["range"] is None)
@@ -129,7 +136,8 @@ def _handler(hub: FakeHub):
             parts = urlsplit(self.path)
             path, query = unquote(parts.path), parse_qs(parts.query)
             entry = {"method": self.command, "path": path, "range": self.headers.get("Range"), "file": None,
-                     "cdn": path.startswith("/cdn/"), "auth": self.headers.get("Authorization")}
+                     "cdn": path.startswith("/cdn/"), "auth": self.headers.get("Authorization"), "sent": 0}
+            self._entry = entry
             with hub._lock:
                 hub.log.append(entry)
             if path.startswith("/api/models/"):
@@ -185,7 +193,7 @@ def _handler(hub: FakeHub):
                 return self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have "
                                    "access to it and be authenticated to access it. Please log in.")
             data = repo.files.get(name)
-            if data is None:
+            if data is None or name in hub.faults.gone:
                 return self._error(404, "EntryNotFound", f"{name} does not exist", commit)
             headers = {"X-Repo-Commit": commit}
             if name.endswith(LFS_SUFFIXES):
@@ -234,6 +242,7 @@ def _handler(hub: FakeHub):
                 self.end_headers()
                 self.wfile.write(body[:cut])
                 self.wfile.flush()
+                self._entry["sent"] += len(body[:cut])
                 if f.fail_after_cut:
                     f.failing.add(name)
                 self.close_connection = True
@@ -250,11 +259,14 @@ def _handler(hub: FakeHub):
             if not head and body:
                 try:
                     self.wfile.write(body)
+                    self._entry["sent"] += len(body)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
 
         def _error(self, status: int, code: str | None, message: str = "", commit: str | None = None):
             headers = {"Content-Type": "application/json"}
+            if hub.faults.bare_errors:
+                code = message = None
             if code:
                 headers["X-Error-Code"] = code
             if message:

@@ -121,9 +121,84 @@ def gguf_files(tmp_path_factory) -> dict[str, bytes]:
     return out
 
 
+def split_gguf(src: Path, out: Path, per_part: int) -> list[Path]:
+    """src rewritten as a split GGUF as llama.cpp's gguf-split writes one (the gguf package's writer: the metadata
+    in the first part, split.no / split.count / split.tensors.count in each, at most per_part tensors a part)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(None, r.fields["general.architecture"].contents(), split_max_tensors=per_part)
+    for f in r.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        vtype = f.types[0]
+        w.add_key_value(f.name, f.contents(), vtype, sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file(out)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf"))
+
+
 @pytest.fixture(scope="module")
-def hub(model_dir, big_dir, gguf_files):
+def split_parts(gguf_files, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """tiny-Q8_0.gguf and the same model split in three parts."""
+    root = tmp_path_factory.mktemp("split")
+    whole = root / "tiny-Q8_0.gguf"
+    whole.write_bytes(gguf_files["tiny-Q8_0.gguf"])
+    (root / "parts").mkdir()
+    parts = split_gguf(whole, root / "parts" / "tiny-Q8_0.gguf", 7)
+    assert [p.name for p in parts] == [f"tiny-Q8_0-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]
+    return whole, parts
+
+
+# Types lmcli does not import (chosen at run time from gguf's list, so that a type becoming supported keeps the
+# test meaningful): the file holds 3 tensors of the first, 2 of the second.
+_NEVER = ("TQ1_0", "TQ2_0", "IQ1_M", "IQ1_S", "IQ2_S", "IQ3_S", "IQ2_XS", "IQ2_XXS", "IQ3_XXS", "Q8_1", "Q8_K")
+
+
+def unsupported_types() -> list:
+    from gguf import GGMLQuantizationType as QT
+
+    from quant.formats import BY_GGUF_TYPE
+
+    return [QT[n] for n in _NEVER if n in QT.__members__ and int(QT[n]) not in BY_GGUF_TYPE][:2]
+
+
+def odd_gguf(arch: str = "llama") -> bytes:
+    """A GGUF lmcli cannot import: a 9,000-token vocabulary (its header takes several Range requests), tensors of
+    two unsupported types, and 4 MB of F32 weights after the header."""
+    import tempfile
+
+    from gguf import GGML_QUANT_SIZES, GGUFWriter
+
+    a, b = unsupported_types()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "odd.gguf"
+        w = GGUFWriter(str(path), arch)
+        w.add_block_count(1)
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([f"token{i}" for i in range(9000)])
+        w.add_tensor("token_embd.weight", np.ones((1024, 1024), np.float32))
+        for i, t in enumerate((a, a, a, b, b)):
+            block, nbytes = GGML_QUANT_SIZES[t]
+            raw = np.random.default_rng(i).integers(0, 256, (64, 2 * nbytes), dtype=np.uint8)  # 64 rows of 2 blocks
+            w.add_tensor(f"blk.0.t{i}.weight", raw, raw_dtype=t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def hub(model_dir, big_dir, gguf_files, split_parts):
     h = FakeHub().start()
+    h.add_repo("org/split-GGUF", {**{p.name: p.read_bytes() for p in split_parts[1]}, "README.md": b"# split\n"})
+    h.add_repo("org/odd-GGUF", {"odd-IQX.gguf": odd_gguf(), "odd-Q8_0.gguf": gguf_files["tiny-Q8_0.gguf"]})
+    h.add_repo("org/mamba-GGUF", {"mamba-F32.gguf": odd_gguf("mamba")})
     files = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     h.add_repo(REPO, {**files, **DECOYS})
     h.add_repo("org/big-moe", big_dir)
@@ -359,6 +434,7 @@ def test_corrupted_bytes_are_refused_and_nothing_is_published(hub, tmp_path, sha
     ("hf.co/org/tiny-GGUF:Q5_K_M", ["no GGUF file", "Q5_K_M"]),
     ("org/pickles", ["pickle"]),
     ("not a repo/x y", ["repo id"]),
+    ("hf.co/org/mamba-GGUF:F32", ["architecture 'mamba' is not supported", "nothing was downloaded"]),
 ])
 def test_refusals_are_one_line_and_leave_the_store_as_it_was(hub, tmp_path, spec, words):
     home = tmp_path / "home"
@@ -573,3 +649,231 @@ def test_on_a_terminal_the_cli_hands_its_progress_display_to_the_pull(hub, tmp_p
     assert "pulled" in c.before and "Traceback" not in c.before
     (stored,) = [d / "model.lmc" for d in (home / "models").iterdir() if (d / "model.lmc").is_file()]
     assert_same_model(stored, reference)
+
+
+# --- GGUF headers read before any download (issue 17) ----------------------------------------------------------
+
+
+def test_a_gguf_lmcli_cannot_import_is_refused_from_its_header_before_its_weights_are_downloaded(hub, tmp_path):
+    """The refusal names every unsupported type with its count and what to do; the header came by Range requests
+    (several: it is longer than the first), and the bytes served stop at the header (plus the stated read-ahead,
+    quant.gguf_header.SLACK), far from the 4 MB of weights after it."""
+    from gguf import GGUFReader
+
+    from quant.gguf_header import SLACK
+
+    data = hub.repos["org/odd-GGUF"].files["odd-IQX.gguf"]
+    (tmp_path / "odd.gguf").write_bytes(data)
+    data_offset = GGUFReader(str(tmp_path / "odd.gguf")).data_offset
+    a, b = unsupported_types()
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    r = pull(hub, home, "hf.co/org/odd-GGUF:IQX")
+    assert_clean_failure(r, "odd-IQX.gguf", f"{a.name} x3, {b.name} x2", "odd-Q8_0.gguf", "nothing was downloaded")
+    assert snapshot(home) == ["models"]
+    reqs = hub.requests("odd-IQX.gguf")
+    assert len(reqs) >= 2 and all(e["range"] is not None for e in reqs)
+    assert data_offset <= hub.sent("odd-IQX.gguf") <= data_offset + SLACK
+    assert data_offset + SLACK < len(data) // 4
+
+
+def test_a_remote_header_read_by_ranges_is_the_gguf_readers_and_stops_at_the_weights(smol_gguf):
+    """On the real SmolLM2 file (a 49k-token vocabulary: a 1.8 MB header): the tensors and data offset the gguf
+    package's reader finds, in a few requests that end no further than SLACK bytes into the weights."""
+    from gguf import GGUFReader
+
+    from quant.gguf_header import SLACK, read_header, read_remote_header
+
+    data, calls = smol_gguf.read_bytes(), []
+
+    def fetch(a: int, b: int) -> bytes:
+        calls.append((a, b))
+        return data[a:b]
+
+    h = read_remote_header(fetch, len(data), "smol")
+    r = GGUFReader(str(smol_gguf))
+    assert h == read_header(smol_gguf) and h.data_offset == r.data_offset
+    assert [(t.name, t.dims, t.ggml_type, h.data_offset + t.offset) for t in h.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.data_offset)) for t in r.tensors]
+    assert h.values["general.architecture"] == "llama" and h.values["llama.block_count"] == 30
+    assert 2 <= len(calls) <= 16 and h.data_offset <= max(b for _, b in calls) <= h.data_offset + SLACK
+    assert sum(b - a for a, b in calls) <= h.data_offset + SLACK  # no byte asked for twice
+
+
+TIMED_PULL = """
+import sys, time
+# the modules the pull uses, imported before the clock starts: the figure is the pull's own, not Python's start-up
+import gguf, httpx2, numpy
+from huggingface_hub import HfApi, hf_hub_url, errors
+from huggingface_hub.utils import get_session
+from lmcli import hub, store
+from lmcli.errors import LmcliError
+from quant import gguf_header, gguf_io
+t = time.perf_counter()
+try:
+    hub.pull(sys.argv[1])
+except LmcliError as e:
+    print(f"{time.perf_counter() - t:.3f}")
+    print(e)
+"""
+
+
+def test_the_header_refusal_takes_under_a_second(hub, tmp_path):
+    """From the pull's start (the Hub's model info, the header's Range requests, the census) to its refusal."""
+    r = subprocess.run([sys.executable, "-c", TIMED_PULL, "hf.co/org/odd-GGUF:IQX"], env=env_for(hub, tmp_path / "h"),
+                       capture_output=True, text=True, timeout=120)
+    seconds, message = r.stdout.splitlines()
+    assert "cannot import" in message and float(seconds) < 1.0, r.stdout
+    assert hub.downloads("odd-IQX.gguf") == 0
+
+
+def test_a_local_gguf_is_refused_from_its_header_before_the_reader_or_a_repack(tmp_path):
+    """The same census for a file on disk, from its header alone: under a second, nothing written."""
+    import time
+
+    from quant.errors import GGUFError
+    from quant.gguf_io import import_gguf
+
+    a, b = unsupported_types()
+    src = tmp_path / "odd.gguf"
+    src.write_bytes(odd_gguf())
+    t = time.perf_counter()
+    with pytest.raises(GGUFError, match=f"{a.name} x3, {b.name} x2"):
+        import_gguf(src, tmp_path / "out.lmc")
+    assert time.perf_counter() - t < 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.gguf"]
+
+
+def test_a_gguf_pull_shows_the_header_census_on_a_terminal(hub, tmp_path):
+    import pexpect
+
+    c = pexpect.spawn(sys.executable, ["-m", "lmcli.cli", "pull", "hf.co/org/tiny-GGUF:Q8_0"],
+                      env=env_for(hub, tmp_path / "home"), encoding="utf-8", timeout=120, dimensions=(40, 200))
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0, c.before
+    assert "tiny-Q8_0.gguf: llama," in c.before and "Q8_0 x" in c.before and "F32 x" in c.before, c.before
+
+
+# --- split GGUF files -----------------------------------------------------------------------------------
+
+
+def test_a_split_gguf_imports_as_one_model_with_the_unsplit_files_logits(split_parts, tmp_path):
+    import lmcli
+    from quant.gguf_io import import_gguf
+
+    whole, parts = split_parts
+    one = import_gguf(whole, tmp_path / "whole.lmc")
+    split = import_gguf(parts[0], tmp_path / "split.lmc")
+    a, b = Container(one), Container(split)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(np.array_equal(a.raw(n), b.raw(n)) for n in a.tensors)
+    ids = [1, 5, 17, 42, 99, 200, 7, 3]
+    assert np.array_equal(lmcli.load(str(split)).logits(ids), lmcli.load(str(one)).logits(ids))
+
+
+def test_llama_cpp_reads_the_test_split_as_the_same_model(split_parts):
+    """The reference for the split fixture: llama.cpp loads it (its gguf-split format) with the unsplit logits."""
+    from test_gguf_export import llama_logits
+
+    whole, parts = split_parts
+    ids = [1, 5, 17, 42, 99, 200, 7, 3]
+    assert np.array_equal(llama_logits(parts[0], ids), llama_logits(whole, ids))
+
+
+def run_cli(*args, home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "LMCLI_"))}
+    return subprocess.run([sys.executable, "-m", "lmcli.cli", *args], env={**env, "LMCLI_HOME": str(home)},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_split_gguf_runs_by_its_first_part_under_the_models_name(split_parts, tmp_path):
+    _, parts = split_parts
+    r = run_cli("run", str(parts[0]), "hello", "--raw", "-n", "2", "--temp", "0", home=tmp_path / "home")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    assert [p.name for p in (tmp_path / "home" / "models").iterdir()] == ["tiny-Q8_0"]
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("missing", ["tiny-Q8_0-00002-of-00003.gguf: no such file", "part 2 of the 3-part GGUF"]),
+    ("truncated", ["tiny-Q8_0-00003-of-00003.gguf: tensor", "past the end of the file", "truncated"]),
+    ("swapped", ["tiny-Q8_0-00002-of-00003.gguf is not part 2 of 3"]),
+    ("not first", ["part 2 of a split GGUF", "give its first part, tiny-Q8_0-00001-of-00003.gguf"]),
+])
+def test_a_missing_or_damaged_part_is_one_clear_line(split_parts, tmp_path, fault, words):
+    _, parts = split_parts
+    d = tmp_path / "parts"
+    shutil.copytree(parts[0].parent, d)
+    given = d / parts[0].name
+    if fault == "missing":
+        (d / parts[1].name).unlink()
+    elif fault == "truncated":
+        data = (d / parts[2].name).read_bytes()
+        (d / parts[2].name).write_bytes(data[:-100])
+    elif fault == "swapped":
+        shutil.copy(d / parts[2].name, d / parts[1].name)
+    else:
+        given = d / parts[1].name
+    home = tmp_path / "home"
+    r = run_cli("run", str(given), "hello", "-n", "1", home=home)
+    assert_clean_failure(r, *words)
+    assert not (home / "models").exists() or not list((home / "models").iterdir())
+
+
+def test_a_split_gguf_pull_downloads_every_part_and_imports_one_model(hub, tmp_path, split_parts):
+    from quant.gguf_io import import_gguf
+
+    whole, parts = split_parts
+    home = tmp_path / "home"
+    r = pull(hub, home, "hf.co/org/split-GGUF:Q8_0")
+    assert r.returncode == 0, r.stderr
+    assert [hub.downloads(p.name) for p in parts] == [1, 1, 1]
+    d = home / "models" / "split-Q8_0"
+    assert_same_model(d / "model.lmc", import_gguf(whole, tmp_path / "ref.lmc"))
+    man = json.loads((d / "manifest.json").read_text())
+    assert sorted(man["source"]["files"]) == [p.name for p in parts]
+    assert man["source_size"] == sum(p.stat().st_size for p in parts)
+
+
+def test_an_interrupted_split_gguf_pull_resumes_without_fetching_finished_parts(hub, tmp_path, split_parts,
+                                                                               monkeypatch):
+    from quant.gguf_io import import_gguf
+
+    whole, parts = split_parts
+    home = tmp_path / "home"
+    hub.faults.cut[parts[1].name] = 1000
+    hub.faults.fail_after_cut = True
+    assert_clean_failure(pull(hub, home, "hf.co/org/split-GGUF:Q8_0"), "503")
+    assert_not_runnable(home, "split-Q8_0", monkeypatch)
+    hub.faults = Faults()
+    r = pull(hub, home, "hf.co/org/split-GGUF:Q8_0")
+    assert r.returncode == 0, r.stderr
+    assert hub.downloads(parts[0].name) == 1  # the first pull's, verified and kept in the checkpoint
+    assert_same_model(home / "models" / "split-Q8_0" / "model.lmc", import_gguf(whole, tmp_path / "ref.lmc"))
+
+
+def test_a_repo_missing_a_part_of_a_split_gguf_is_refused_before_any_download(hub, tmp_path, split_parts):
+    _, parts = split_parts
+    hub.add_repo("org/half-GGUF", {p.name: p.read_bytes() for p in parts[:2]})
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    assert_clean_failure(pull(hub, home, "hf.co/org/half-GGUF:Q8_0"), "2 of the 3 parts",
+                         "tiny-Q8_0-00003-of-00003.gguf missing")
+    assert snapshot(home) == ["models"] and sum(hub.sent(p.name) for p in parts) == 0
+
+
+# --- a 404 from a server without the Hub's error codes (issue 18, point 4) ------------------------------------
+
+
+@pytest.mark.parametrize("spec, gone", [("org/missing", None), ("hf.co/org/tiny-GGUF:Q8_0", "tiny-Q8_0.gguf")])
+def test_a_bare_404_says_the_repo_or_file_does_not_exist_or_needs_hf_token(hub, tmp_path, spec, gone):
+    """A mirror or a proxy answers 404 without X-Error-Code: it used to advise running the same command again."""
+    hub.faults.bare_errors = True
+    if gone:
+        hub.faults.gone.add(gone)
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    r = pull(hub, home, spec)
+    assert_clean_failure(r, "does not exist", "HF_TOKEN")
+    assert "again" not in r.stderr
+    assert snapshot(home) == ["models"]
