@@ -99,15 +99,13 @@ def parse_spec(spec: str, *, name: str | None = None, revision: str | None = Non
             raise UsageError(f"{spec}: name the quantization to pull, e.g. hf.co/{repo}:Q4_0")
         if qtype is not None:
             raise UsageError("--type does not apply to a GGUF repo: its file is imported as it is quantized")
-        base = re.sub(r"[-_.]gguf$", "", repo.split("/")[1], flags=re.IGNORECASE)
-        return Spec(repo, revision or "main", _store_name(name, f"{base}-{tag.upper()}"), gguf_tag=tag, text=spec)
+        return Spec(repo, revision or "main", _store_name(name, f"{repo}:{tag.upper()}"), gguf_tag=tag, text=spec)
     if "/" in text:
         repo, _, rev = text.partition("@")
         _check_repo(repo, spec)
         if rev and revision and rev != revision:
             raise UsageError(f"{spec} pins revision {rev!r} but --revision says {revision!r}")
-        return Spec(repo, revision or rev or "main", _store_name(name, repo.split("/")[1]), qtype=qtype or "q4_0",
-                    text=spec)
+        return Spec(repo, revision or rev or "main", _store_name(name, repo), qtype=qtype or "q4_0", text=spec)
     entry = load_registry().get(text)
     if entry is None:
         known = ", ".join(sorted(load_registry()))

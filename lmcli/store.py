@@ -39,11 +39,56 @@ def models_dir() -> Path:
     return home() / "models"
 
 
+# A pulled Hub repo keeps its namespace, as ollama's hf.co/ORG/REPO does: ORG/REPO (converted from safetensors) or
+# ORG/REPO:TAG (a GGUF repo's quantization), stored in models/ORG/REPO[:TAG]. A registry or user name has no "/",
+# so a pull never shadows one.
+_TAG_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
+
+
+def is_name(name: object) -> bool:
+    """Whether `name` is a valid store name: NAME, or ORG/REPO[:TAG] of a pulled Hub repo."""
+    if not isinstance(name, str):
+        return False
+    parts = name.split("/")
+    if len(parts) == 2:
+        repo, colon, tag = parts[1].partition(":")
+        if colon and not _TAG_RE.match(tag):
+            return False
+        parts = [parts[0], repo]
+    elif len(parts) != 1:
+        return False
+    return all(NAME_RE.match(p) and ".." not in p for p in parts)
+
+
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not is_name(name):
         raise BadName(f"invalid model name {name!r}",
-                         hint="use letters, digits, '.', '_' and '-' (no path separators, no '..')")
+                      hint="use letters, digits, '.', '_' and '-' (no path separators, no '..'); "
+                           "a pulled repo is named ORG/REPO")
     return name
+
+
+def store_name_of(path: Path) -> str | None:
+    """The store name whose container `path` is, or None for a file outside the store."""
+    if path.name != CONTAINER:
+        return None
+    try:
+        name = path.parent.relative_to(models_dir()).as_posix()
+    except ValueError:
+        return None
+    return name if is_name(name) else None
+
+
+def hub_name(spec: str) -> str | None:
+    """The store name a Hub reference takes (ORG/REPO, hf.co/ORG/REPO:TAG, with or without https://), or None
+    when `spec` is no such reference. A GGUF tag is upper case, as the Hub's file names write it."""
+    s = spec.strip()
+    for prefix in ("https://", "http://", "hf.co/", "huggingface.co/"):
+        if s.lower().startswith(prefix):
+            s = s[len(prefix):]
+    repo, colon, tag = s.partition(":")
+    name = f"{repo}:{tag.upper()}" if colon else repo.partition("@")[0]
+    return name if "/" in name and is_name(name) else None
 
 
 def model_dir(name: str) -> Path:
@@ -80,14 +125,20 @@ def list_models() -> list[dict]:
     d = models_dir()
     if not d.is_dir():
         return out
+    names = []
     for p in sorted(d.iterdir()):
-        if in_store(p.name):
+        names.append(p.name)
+        if p.is_dir() and not (p / MANIFEST).exists():  # a Hub organisation: its pulled repos inside
+            names += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())]
+    for name in names:
+        if in_store(name):
+            p = d / name
             try:
                 man = jsonio.loads((p / MANIFEST).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(man, dict):
-                out.append({"name": p.name, **man, "path": str(p / CONTAINER)})
+                out.append({"name": name, **man, "path": str(p / CONTAINER)})
     return out
 
 
@@ -192,10 +243,12 @@ def disk_error(e: OSError, where: Path) -> "StoreError":
 
 def remove_model(name: str) -> None:
     """Remove a store entry (a model or an unfinished pull), waiting for any writer of it to finish."""
-    if not model_dir(name).is_dir():
-        raise ModelNotFound(f"model {name!r} is not in the store")
+    d = model_dir(name)
+    if not (d.is_dir() and ({MANIFEST, CONTAINER, PARTIAL} & {p.name for p in d.iterdir()})):
+        raise ModelNotFound(f"model {name!r} is not in the store")  # an organisation's directory is not one
     with lock_model(name, create=False) as d:
         shutil.rmtree(d)
+    _remove_empty_org(d.parent)
 
 
 def copy_model(src: str, dst: str, *, force: bool = False) -> Path:
@@ -242,10 +295,20 @@ def _staged(d: Path) -> Iterator[Path]:
 
 
 def remove_if_empty(d: Path) -> None:
-    """Remove a model directory that holds nothing but its lock (the caller holds the lock)."""
+    """Remove a model directory that holds nothing but its lock (the caller holds the lock), and its
+    organisation's directory when that is left empty."""
     if d.is_dir() and {p.name for p in d.iterdir()} <= {LOCK}:
         (d / LOCK).unlink(missing_ok=True)
         d.rmdir()
+        _remove_empty_org(d.parent)
+
+
+def _remove_empty_org(org: Path) -> None:
+    if org != models_dir() and org.parent == models_dir():
+        try:
+            org.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def _sha256(*paths: Path) -> str:
@@ -351,7 +414,7 @@ def packaged_file(spec: str) -> Path:
 def in_store(name: str) -> bool:
     """Whether `name` is a complete model in the store: a manifest beside its container (an unfinished pull or
     import has neither, or only the container)."""
-    if not (NAME_RE.fullmatch(name) and ".." not in name):
+    if not is_name(name):
         return False
     d = models_dir() / name
     return (d / MANIFEST).is_file() and (d / CONTAINER).is_file()
@@ -380,8 +443,13 @@ def locate(name_or_path: str) -> Located:
         if p.is_dir() and (p / "config.json").is_file():
             raise ModelFileError(f"{name_or_path} is a Hugging Face checkpoint, not a converted model",
                                  hint=f"convert it once: `lmcli quantize {name_or_path} model.lmc`, then run model.lmc")
+        key = hub_name(name_or_path) if not p.exists() else None
+        if key is not None and in_store(key):  # `lmcli pull org/repo` then `lmcli run org/repo`, as with ollama
+            return Located("container", models_dir() / key / CONTAINER, key)
+        if key is not None and (models_dir() / key / PARTIAL).is_dir():
+            return Located("partial", None, key)
         pulled = _pulled_as(name_or_path) if not p.exists() else None
-        if pulled is not None:  # `lmcli pull org/repo` then `lmcli run org/repo`, as ollama users expect
+        if pulled is not None:  # pulled by an older lmcli under the repo's short name
             return Located("container", models_dir() / pulled / CONTAINER, pulled)
         if not p.is_file():
             raise ModelNotFound(f"{name_or_path}: no such file")
@@ -493,11 +561,10 @@ def show_info(name_or_path: str) -> dict:
     formats: dict[str, set[str]] = {}
     for t in tensors:
         formats.setdefault(_tensor_class(t.name, t.n_expert, len(t.shape)), set()).add(t.fmt.name)
-    man = None
-    if path.name == CONTAINER and path.parent.parent == models_dir():
-        man = read_manifest(path.parent.name)
+    name = store_name_of(path)
+    man = read_manifest(name) if name is not None else None
     return {
-        "name": path.parent.name if man is not None else None,
+        "name": name if man is not None else None,
         "path": str(path),
         "architecture": cfg.arch,
         "parameters": {"total": costs.params_total, "active": costs.params_active},

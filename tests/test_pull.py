@@ -294,7 +294,7 @@ def test_pull_gives_the_model_lmcli_quantize_gives_with_equal_logits(pulled, ref
     home, r, _ = pulled
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # silent on a pipe
-    path = home / "models" / "tiny-moe" / "model.lmc"
+    path = home / "models" / "org" / "tiny-moe" / "model.lmc"
     assert r.stdout.strip().endswith(str(path))
     assert_same_model(path, reference)
     ids = [1, 5, 17, 42, 99, 200, 7, 3, 250, 11]
@@ -309,7 +309,7 @@ def test_the_name_you_pull_is_the_name_you_run(pulled, hub):
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     r = subprocess.run([sys.executable, "-m", "lmcli.cli", "show", f"hf.co/{REPO}", "--json"], env=env_for(hub, home),
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and json.loads(r.stdout)["name"] == "tiny-moe", r.stderr
+    assert r.returncode == 0 and json.loads(r.stdout)["name"] == REPO, r.stderr
 
 
 def test_pull_fetches_only_the_needed_files_and_records_what_it_verified(pulled, hub, shards):
@@ -318,7 +318,7 @@ def test_pull_fetches_only_the_needed_files_and_records_what_it_verified(pulled,
     requested = {e["file"] for e in log if e["file"]}
     assert not requested & set(DECOYS)  # no pickles, no code, no README
     assert {s.name for s in shards} <= requested
-    d = home / "models" / "tiny-moe"
+    d = home / "models" / "org" / "tiny-moe"
     assert sorted(p.name for p in d.iterdir()) == [".lock", "manifest.json", "model.lmc"]  # sources deleted
     man = json.loads((d / "manifest.json").read_text())
     src = man["source"]
@@ -343,7 +343,7 @@ def test_another_type_replaces_a_model_only_with_force(hub, tmp_path):
     assert_clean_failure(pull(hub, home, REPO, "--type", "q8_0"), "already exists")
     r = pull(hub, home, REPO, "--type", "q8_0", "--force")
     assert r.returncode == 0, r.stderr
-    d = home / "models" / "tiny-moe"
+    d = home / "models" / "org" / "tiny-moe"
     assert json.loads((d / "manifest.json").read_text())["quant"] == "q8_0"
     assert Container(d / "model.lmc").metadata["quant"]["type"] == "q8_0"
 
@@ -370,7 +370,7 @@ def test_a_connection_cut_mid_file_is_resumed_with_a_range_request(hub, tmp_path
     assert r.returncode == 0, r.stderr
     assert [e["range"] for e in hub.requests(BIG_SHARD)][-2:] == [None, f"bytes={10 << 20}-"]
     assert r.stderr == ""
-    assert_same_model(tmp_path / "home" / "models" / "big-moe" / "model.lmc", reference)
+    assert_same_model(tmp_path / "home" / "models" / "org" / "big-moe" / "model.lmc", reference)
 
 
 def test_a_server_ignoring_range_gets_the_whole_file_again(hub, tmp_path, reference):
@@ -379,7 +379,7 @@ def test_a_server_ignoring_range_gets_the_whole_file_again(hub, tmp_path, refere
     r = pull(hub, tmp_path / "home", "org/big-moe")
     assert r.returncode == 0, r.stderr
     assert [e["range"] for e in hub.requests(BIG_SHARD)][-2:] == [None, f"bytes={10 << 20}-"]
-    assert_same_model(tmp_path / "home" / "models" / "big-moe" / "model.lmc", reference)
+    assert_same_model(tmp_path / "home" / "models" / "org" / "big-moe" / "model.lmc", reference)
 
 
 def test_a_failed_download_leaves_no_model_and_the_next_pull_resumes(hub, tmp_path, shards, reference, monkeypatch):
@@ -388,12 +388,12 @@ def test_a_failed_download_leaves_no_model_and_the_next_pull_resumes(hub, tmp_pa
     hub.faults.fail_after_cut = True  # the resumed request gets 503: the pull gives up
     r = pull(hub, home, REPO)
     assert_clean_failure(r, "503")
-    assert_not_runnable(home, "tiny-moe", monkeypatch)
+    assert_not_runnable(home, REPO, monkeypatch)
     hub.faults = Faults()
     r = pull(hub, home, REPO)
     assert r.returncode == 0, r.stderr
     assert [hub.downloads(s.name) for s in shards[:k]] == [1] * k  # finished shards are not fetched again
-    assert_same_model(home / "models" / "tiny-moe" / "model.lmc", reference)
+    assert_same_model(home / "models" / "org" / "tiny-moe" / "model.lmc", reference)
 
 
 def test_a_hub_that_stalls_on_a_header_range_request_is_an_error_not_a_hang(hub, tmp_path, shards, reference,
@@ -407,11 +407,11 @@ def test_a_hub_that_stalls_on_a_header_range_request_is_an_error_not_a_hang(hub,
     r = pull(hub, home, REPO, env={"HF_HUB_DOWNLOAD_TIMEOUT": "2"})
     assert time.monotonic() - t < 25  # the server holds the connection for 30 s
     assert_clean_failure(r, "cannot reach the Hub")
-    assert_not_runnable(home, "tiny-moe", monkeypatch)
+    assert_not_runnable(home, REPO, monkeypatch)
     hub.faults = Faults()
     r = pull(hub, home, REPO)
     assert r.returncode == 0, r.stderr
-    assert_same_model(home / "models" / "tiny-moe" / "model.lmc", reference)
+    assert_same_model(home / "models" / "org" / "tiny-moe" / "model.lmc", reference)
 
 
 def test_corrupted_bytes_are_refused_and_nothing_is_published(hub, tmp_path, shards, reference, monkeypatch):
@@ -419,12 +419,12 @@ def test_corrupted_bytes_are_refused_and_nothing_is_published(hub, tmp_path, sha
     hub.faults.corrupt.add(victim.name)
     r = pull(hub, home, REPO)
     assert_clean_failure(r, victim.name, "corrupt")
-    assert_not_runnable(home, "tiny-moe", monkeypatch)
+    assert_not_runnable(home, REPO, monkeypatch)
     assert not [p for p in home.rglob(victim.name)]  # the bad file is gone
     hub.faults = Faults()
     r = pull(hub, home, REPO)
     assert r.returncode == 0, r.stderr
-    assert_same_model(home / "models" / "tiny-moe" / "model.lmc", reference)
+    assert_same_model(home / "models" / "org" / "tiny-moe" / "model.lmc", reference)
 
 
 @pytest.mark.parametrize("spec, words", [
@@ -447,7 +447,7 @@ def test_refusals_are_one_line_and_leave_the_store_as_it_was(hub, tmp_path, spec
 def test_a_gated_repo_opens_with_hf_token(hub, tmp_path, reference):
     r = pull(hub, tmp_path / "home", "org/gated-moe", env={"HF_TOKEN": TOKEN})
     assert r.returncode == 0, r.stderr
-    assert_same_model(tmp_path / "home" / "models" / "gated-moe" / "model.lmc", reference)
+    assert_same_model(tmp_path / "home" / "models" / "org" / "gated-moe" / "model.lmc", reference)
 
 
 def test_offline_mode_serves_the_store_and_refuses_to_download(pulled, hub, tmp_path):
@@ -469,11 +469,11 @@ def test_ctrl_c_mid_pull_leaves_no_model_and_the_next_pull_resumes(hub, tmp_path
         release.set()
         if p.poll() is None:
             p.kill()
-    assert_not_runnable(home, "tiny-moe", monkeypatch)
+    assert_not_runnable(home, REPO, monkeypatch)
     r = pull(hub, home, REPO)
     assert r.returncode == 0, r.stderr
     assert [hub.downloads(s.name) for s in shards[:k]] == [1] * k
-    assert_same_model(home / "models" / "tiny-moe" / "model.lmc", reference)
+    assert_same_model(home / "models" / "org" / "tiny-moe" / "model.lmc", reference)
 
 
 def test_two_pulls_at_once_make_one_good_model(hub, tmp_path, shards, reference):
@@ -494,7 +494,7 @@ def test_two_pulls_at_once_make_one_good_model(hub, tmp_path, shards, reference)
     assert (a.returncode, b.returncode) == (0, 0), err_a + err_b
     assert out_a == out_b
     assert [hub.downloads(s.name) for s in shards] == [1] * len(shards)
-    assert_same_model(home / "models" / "tiny-moe" / "model.lmc", reference)
+    assert_same_model(home / "models" / "org" / "tiny-moe" / "model.lmc", reference)
 
 
 # --- disk -------------------------------------------------------------------------------------------
@@ -522,12 +522,12 @@ def test_a_disk_filling_up_mid_pull_fails_cleanly_and_the_pull_resumes(hub, smal
         release.set()
     p.wait(60)
     assert_clean_failure(p, "full")
-    assert_not_runnable(home, "tiny-moe", monkeypatch)
+    assert_not_runnable(home, REPO, monkeypatch)
     filler.unlink()
     r = pull(hub, home, REPO)
     assert r.returncode == 0, r.stderr
     assert [hub.downloads(s.name) for s in shards[:k]] == [1] * k
-    assert_same_model(home / "models" / "tiny-moe" / "model.lmc", reference)
+    assert_same_model(home / "models" / "org" / "tiny-moe" / "model.lmc", reference)
 
 
 # The peak is sampled by an audit hook just before every unlink and rename (when a shard has just been converted
@@ -566,7 +566,7 @@ def test_peak_disk_stays_below_the_output_plus_the_largest_shard(hub, tmp_path, 
                        timeout=120)
     assert r.returncode == 0, r.stderr
     peak = int(peak_file.read_text())
-    out = (home / "models" / "tiny-moe" / "model.lmc").stat().st_blocks * 512
+    out = (home / "models" / "org" / "tiny-moe" / "model.lmc").stat().st_blocks * 512
     largest = max(s.stat().st_size for s in shards)
     small = sum(-(-p.stat().st_size // 4096) * 4096 for p in model_dir.iterdir() if p.suffix != ".safetensors")
     assert largest < peak <= out + largest + small + MARGIN, (peak, out, largest, small)
@@ -585,7 +585,7 @@ def test_a_gguf_repo_file_is_picked_by_its_quant_tag_and_imported(hub, tmp_path,
     assert hub.downloads("tiny-Q4_0.gguf") == 1 and hub.downloads("tiny-Q8_0.gguf") == 0
     (tmp_path / "tiny-Q4_0.gguf").write_bytes(gguf_files["tiny-Q4_0.gguf"])
     ref = import_gguf(tmp_path / "tiny-Q4_0.gguf", tmp_path / "ref.lmc")
-    assert_same_model(home / "models" / "tiny-Q4_0" / "model.lmc", ref)
+    assert_same_model(home / "models" / "org" / "tiny-GGUF:Q4_0" / "model.lmc", ref)
 
 
 # --- the store's library functions (for list --json, show --json, cp, rm) --------------------------------
@@ -599,10 +599,10 @@ def test_list_show_copy_and_remove(pulled, tmp_path, monkeypatch):
     shutil.copytree(home, work)
     (work / "models" / "half" / ".partial").mkdir(parents=True)  # an interrupted pull
     monkeypatch.setenv("LMCLI_HOME", str(work))
-    assert [m["name"] for m in store.list_models()] == ["tiny-moe"]
+    assert [m["name"] for m in store.list_models()] == [REPO]
     with pytest.raises(store.ModelNotFound, match="interrupted"):
         store.resolve("half")
-    info = store.show_info("tiny-moe")
+    info = store.show_info(REPO)
     assert info["architecture"] == "qwen2_moe"
     assert info["experts"] == {"n_expert": 8, "n_expert_used": 2, "n_expert_shared": 1}
     assert 0 < info["parameters"]["active"] < info["parameters"]["total"]
@@ -610,14 +610,18 @@ def test_list_show_copy_and_remove(pulled, tmp_path, monkeypatch):
     assert 0 < info["bytes_per_token"] < info["file_size"]
     assert info["context_length"] == 256 and info["chat_template"] == tiny_models.CHATML
     json.dumps(info)
-    store.copy_model("tiny-moe", "copy")
-    assert [m["name"] for m in store.list_models()] == ["copy", "tiny-moe"]
+    store.copy_model(REPO, "copy")
+    assert [m["name"] for m in store.list_models()] == ["copy", REPO]
     assert store.show_info("copy")["parameters"] == info["parameters"]
     with pytest.raises(store.StoreError, match="exists"):
-        store.copy_model("tiny-moe", "copy")
+        store.copy_model(REPO, "copy")
     store.remove_model("copy")
     store.remove_model("half")
-    assert sorted(p.name for p in (work / "models").iterdir()) == ["tiny-moe"]
+    with pytest.raises(store.ModelNotFound):  # an organisation's directory is not a model
+        store.remove_model("org")
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["org"]
+    store.remove_model(REPO)
+    assert list((work / "models").iterdir()) == []  # the emptied organisation goes too
 
 
 def test_spec_parsing():
@@ -627,9 +631,9 @@ def test_spec_parsing():
     s = parse_spec("mixtral")
     assert (s.repo, s.revision, s.name, s.qtype) == ("mistralai/Mixtral-8x7B-Instruct-v0.1", "main", "mixtral", "q4_0")
     s = parse_spec("Org/Some-Model@v1.0", qtype="q8_0")
-    assert (s.repo, s.revision, s.name, s.qtype) == ("Org/Some-Model", "v1.0", "Some-Model", "q8_0")
-    s = parse_spec("hf.co/Org/Some-Model-GGUF:Q4_K_M")
-    assert (s.repo, s.gguf_tag, s.name) == ("Org/Some-Model-GGUF", "Q4_K_M", "Some-Model-Q4_K_M")
+    assert (s.repo, s.revision, s.name, s.qtype) == ("Org/Some-Model", "v1.0", "Org/Some-Model", "q8_0")
+    s = parse_spec("hf.co/Org/Some-Model-GGUF:q4_k_m")  # named as pulled (issue 18), the tag as the Hub writes it
+    assert (s.repo, s.gguf_tag, s.name) == ("Org/Some-Model-GGUF", "q4_k_m", "Org/Some-Model-GGUF:Q4_K_M")
     for bad in [dict(spec="a/b@x", revision="y"), dict(spec="hf.co/a/b:Q4_0", qtype="q4_0"),
                 dict(spec="a/b", qtype="q3"), dict(spec="hf.co/a/b")]:
         with pytest.raises(UsageError):
@@ -647,7 +651,8 @@ def test_on_a_terminal_the_cli_hands_its_progress_display_to_the_pull(hub, tmp_p
     c.close()
     assert c.exitstatus == 0, c.before
     assert "pulled" in c.before and "Traceback" not in c.before
-    (stored,) = [d / "model.lmc" for d in (home / "models").iterdir() if (d / "model.lmc").is_file()]
+    (stored,) = [p for p in (home / "models").rglob("model.lmc")]
+    assert stored == home / "models" / REPO / "model.lmc"
     assert_same_model(stored, reference)
 
 
@@ -828,7 +833,7 @@ def test_a_split_gguf_pull_downloads_every_part_and_imports_one_model(hub, tmp_p
     r = pull(hub, home, "hf.co/org/split-GGUF:Q8_0")
     assert r.returncode == 0, r.stderr
     assert [hub.downloads(p.name) for p in parts] == [1, 1, 1]
-    d = home / "models" / "split-Q8_0"
+    d = home / "models" / "org" / "split-GGUF:Q8_0"
     assert_same_model(d / "model.lmc", import_gguf(whole, tmp_path / "ref.lmc"))
     man = json.loads((d / "manifest.json").read_text())
     assert sorted(man["source"]["files"]) == [p.name for p in parts]
@@ -844,12 +849,13 @@ def test_an_interrupted_split_gguf_pull_resumes_without_fetching_finished_parts(
     hub.faults.cut[parts[1].name] = 1000
     hub.faults.fail_after_cut = True
     assert_clean_failure(pull(hub, home, "hf.co/org/split-GGUF:Q8_0"), "503")
-    assert_not_runnable(home, "split-Q8_0", monkeypatch)
+    assert_not_runnable(home, "org/split-GGUF:Q8_0", monkeypatch)
     hub.faults = Faults()
     r = pull(hub, home, "hf.co/org/split-GGUF:Q8_0")
     assert r.returncode == 0, r.stderr
     assert hub.downloads(parts[0].name) == 1  # the first pull's, verified and kept in the checkpoint
-    assert_same_model(home / "models" / "split-Q8_0" / "model.lmc", import_gguf(whole, tmp_path / "ref.lmc"))
+    assert_same_model(home / "models" / "org" / "split-GGUF:Q8_0" / "model.lmc",
+                      import_gguf(whole, tmp_path / "ref.lmc"))
 
 
 def test_a_repo_missing_a_part_of_a_split_gguf_is_refused_before_any_download(hub, tmp_path, split_parts):

@@ -54,7 +54,8 @@ def test_an_interrupted_pull_is_named_with_the_command_that_resumes_it(home):
     assert plan("olmoe", memory="16G")["source"].startswith("registry notes")  # plan still plans it
 
 
-@pytest.mark.parametrize("name", ["smollm2\n", "a/b", "..x", "x" * 65, ""])
+@pytest.mark.parametrize("name", ["smollm2\n", "a/b/c", "a/b\n", "../b", "a/..", "a/b:", "a/b:Q4\n", "/b", "..x",
+                                  "x" * 65, ""])
 def test_names_are_whole_matches(home, name):
     """Issue 19 (8): a name ending in a newline matched `$` and was stored under a name rm could not find."""
     assert not in_store(name)
@@ -62,6 +63,19 @@ def test_names_are_whole_matches(home, name):
         validate_name(name)
     with pytest.raises((ModelNotFound, StoreError)):
         resolve(name)
+
+
+def test_a_pulled_repo_is_named_as_pulled_and_never_a_registry_name():
+    """Issue 18 (3): `pull org/repo` stored the model as `repo`, which could shadow a registry short name."""
+    from lmcli.registry import load_registry
+    from lmcli.store import hub_name, is_name
+
+    assert is_name("org/repo") and is_name("org/repo:Q4_K_M") and is_name("smollm2")
+    assert hub_name("org/repo") == hub_name("https://huggingface.co/org/repo") == "org/repo"
+    assert hub_name("org/repo@v1") == "org/repo"
+    assert hub_name("hf.co/org/repo-GGUF:q4_k_m") == "org/repo-GGUF:Q4_K_M"
+    assert hub_name("smollm2") is None and hub_name("a/b/c") is None
+    assert not any("/" in name for name in load_registry())  # so no pulled name is a registry name
 
 
 def test_what_a_killed_writer_left_is_removed_by_the_next_store_command(home, smol_gguf, tmp_path):
