@@ -136,6 +136,14 @@ def _rope(hf: _HF) -> tuple[float, dict | None]:
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     scaling = None if kind in (None, "default") else {k: v for k, v in params.items() if k != "rope_theta"}
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConvertError(f"config.json: partial_rotary_factor {partial!r} is not supported (RoPE over whole heads)")
+    if kind == "yarn" and scaling.get("factor") is None and isinstance(hf.cfg.get("max_position_embeddings"), int):
+        # _compute_yarn_parameters: without a factor, the ratio of the context to the original one
+        old = scaling.get("original_max_position_embeddings")
+        if isinstance(old, int) and not isinstance(old, bool) and old > 0:
+            scaling["factor"] = hf.cfg["max_position_embeddings"] / old
     return theta, scaling
 
 

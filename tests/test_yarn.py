@@ -1,0 +1,127 @@
+"""YaRN RoPE (issue 20): lmcli's frequencies, cos/sin factor and MLA softmax scale against transformers
+(_compute_yarn_parameters, the models' rotary embeddings, DeepseekV3Attention's yarn_apply_mscale), on tiny bf16
+models whose original context (64) the prompts run far past."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import tiny_models  # noqa: E402
+from test_architectures import TIGHT, _ref_logits, _rel, rounded_reference  # noqa: E402
+
+YARN = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+CASES = {
+    "qwen3_moe": ("qwen3_moe", {}),
+    # DeepSeek-V3's own parameters (mscale = mscale_all_dim = 1): cos/sin unscaled, the softmax scaled by mscale^2
+    "deepseek_v3": ("deepseek_v3", {"mscale": 1.0, "mscale_all_dim": 1.0}),
+    # mscale != mscale_all_dim: both the cos/sin factor and the softmax scale differ from 1
+    "deepseek_v3_mscale": ("deepseek_v3", {"mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 16.0}),
+    "llama_untruncated": ("llama", {"truncate": False, "beta_slow": 2.0}),
+}
+N_PROMPT = 230  # positions up to 3.6x the original context
+
+
+def yarn_overrides(extra: dict) -> dict:
+    return {"rope_parameters": {**YARN, **extra}, "max_position_embeddings": 256}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def yarn_dir(request, tmp_path_factory):
+    arch, extra = CASES[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    return request.param, tiny_models.build(arch, d / "hf", dtype="bfloat16", overrides=yarn_overrides(extra))
+
+
+def _load(model_dir, qtype):
+    import lmcli
+    from quant.convert import convert_hf
+
+    out = model_dir.parent / f"m-{qtype}.lmc"
+    if not out.exists():
+        convert_hf(model_dir, out, qtype)
+    return lmcli.load(str(out), n_ctx=256)
+
+
+def _ids(n):
+    return [int(t) for t in np.random.default_rng(2).integers(3, tiny_models.vocab_size(), n)]
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_logits_past_the_original_context_match_transformers(yarn_dir, qtype):
+    case, d = yarn_dir
+    m = _load(d, qtype)
+    assert m.config.rope_scaling["rope_type"] == "yarn"
+    ids = _ids(N_PROMPT)
+    ref = _ref_logits(rounded_reference(d, qtype), ids)
+    got = m.logits(ids)
+    assert _rel(got, ref) < TIGHT, case
+    assert _rel(got[200:], ref[200:]) < TIGHT, case
+    assert np.array_equal(got.argmax(-1), ref.argmax(-1)), case
+
+
+def test_greedy_16_tokens_past_the_original_context_equal_transformers(yarn_dir):
+    case, d = yarn_dir
+    m = _load(d, "f16")
+    ids = _ids(200)
+    with torch.no_grad():
+        out = rounded_reference(d, "f16").generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
+                                                   do_sample=False)
+    events = list(m.generate(ids, max_tokens=16, temp=0.0, ignore_eos=True))
+    assert events[-1].tokens == out[0, len(ids):].tolist(), case
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"truncate": False},
+    {"beta_fast": 8.0, "beta_slow": 2.0, "mscale": 0.8, "mscale_all_dim": 0.5},
+    {"attention_factor": 1.3, "factor": 40.0, "original_max_position_embeddings": 4096},
+])
+def test_yarn_frequencies_and_factor_equal_transformers(params):
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from quant.rope import inv_freq
+
+    p = {**YARN, "rope_theta": 10000.0, **params}
+    cfg = Qwen3Config(head_dim=64, max_position_embeddings=p["original_max_position_embeddings"] * int(p["factor"]),
+                      rope_parameters=dict(p))
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+    got, factor = inv_freq(64, p["rope_theta"], {k: v for k, v in p.items() if k != "rope_theta"})
+    np.testing.assert_allclose(got, want.double().numpy(), rtol=1e-6)
+    assert factor == pytest.approx(want_factor, rel=1e-12)
+
+
+def test_yarn_without_a_factor_takes_the_context_ratio_as_transformers_does():
+    from quant.hf_config import read_config
+
+    kw = tiny_models.config_kwargs("qwen3", yarn_overrides({}))
+    del kw["rope_parameters"]["factor"]
+    cfg = read_config({"model_type": "qwen3", **kw})
+    assert cfg.rope_scaling["factor"] == 256 / 64
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"beta_fast": -1.0}, "non-negative beta_fast"),
+    ({"truncate": "yes"}, "truncate must be true or false"),
+    ({"original_max_position_embeddings": None}, "positive original_max_position_embeddings"),
+    ({"rope_type": "longrope"}, "'longrope' is not supported"),
+])
+def test_bad_or_unsupported_yarn_parameters_are_refused_when_the_config_is_read(change, match):
+    from quant.errors import ConvertError
+    from quant.hf_config import read_config
+
+    kw = tiny_models.config_kwargs("qwen3", yarn_overrides(change))
+    with pytest.raises(ConvertError, match=match):
+        read_config({"model_type": "qwen3", **kw})
+
+
+def test_partial_rotary_factor_is_refused_not_ignored():
+    from quant.errors import ConvertError
+    from quant.hf_config import read_config
+
+    kw = tiny_models.config_kwargs("qwen3", yarn_overrides({"partial_rotary_factor": 0.5}))
+    with pytest.raises(ConvertError, match="partial_rotary_factor"):
+        read_config({"model_type": "qwen3", **kw})
