@@ -125,3 +125,93 @@ def test_partial_rotary_factor_is_refused_not_ignored():
     kw = tiny_models.config_kwargs("qwen3", yarn_overrides({"partial_rotary_factor": 0.5}))
     with pytest.raises(ConvertError, match="partial_rotary_factor"):
         read_config({"model_type": "qwen3", **kw})
+
+
+# --- GGUF: export to llama.cpp and import back -----------------------------------------------------------
+
+# llama.cpp rounds activations to F16 for F16 matmuls (tests/test_gguf_export.py F16_TOL); at an occasional
+# position a router's near-tie flips under that rounding (seen: 1 of 230 in the deepseek_v3 case), a discrete
+# jump that is not an export error, so 98% of positions are held to the tolerance. A wrong YaRN key misses at
+# nearly every position past the original context (measured 0.5-0.7 of the logit scale).
+LLAMA_CPP_F16_TOL, LLAMA_CPP_SHARE = 3e-3, 0.98
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "deepseek_v3"])
+def gguf_dir(request, tmp_path_factory):
+    """The cases llama.cpp can compute (the others' export is refused, below)."""
+    arch, extra = CASES[request.param]
+    d = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    return request.param, tiny_models.build(arch, d / "hf", dtype="bfloat16", overrides=yarn_overrides(extra))
+
+
+def _exported(model_dir):
+    from quant.gguf_export import export_gguf
+
+    _load(model_dir, "f16")
+    out = model_dir.parent / "m-f16.gguf"
+    return out if out.exists() else export_gguf(model_dir.parent / "m-f16.lmc", out)
+
+
+def test_llama_cpp_runs_the_yarn_export_like_transformers(gguf_dir):
+    pytest.importorskip("llama_cpp")
+    from test_gguf_export import llama_logits
+
+    case, d = gguf_dir
+    ids = _ids(N_PROMPT)
+    ref = _ref_logits(rounded_reference(d, "f16"), ids)
+    got = llama_logits(_exported(d), ids)
+    per_position = np.abs(got - ref).max(axis=1) / np.abs(ref).max()
+    assert np.mean(per_position <= LLAMA_CPP_F16_TOL) >= LLAMA_CPP_SHARE, (case, np.round(per_position, 4))
+    assert np.mean(per_position[200:] <= LLAMA_CPP_F16_TOL) >= LLAMA_CPP_SHARE, case
+    assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= LLAMA_CPP_SHARE, case
+
+
+def test_a_yarn_gguf_imports_with_the_same_rope_and_logits(gguf_dir, tmp_path):
+    import lmcli
+    from gguf import GGUFReader
+
+    from quant.gguf_io import import_gguf
+
+    case, d = gguf_dir
+    path = _exported(d)
+    arch = "deepseek2" if case == "deepseek_v3" else "qwen3moe"
+    keys = {k: GGUFReader(str(path)).fields[f"{arch}.rope.scaling.{k}"].contents()
+            for k in ("type", "factor", "original_context_length", "yarn_beta_fast", "yarn_beta_slow")}
+    assert keys == {"type": "yarn", "factor": 4.0, "original_context_length": 64, "yarn_beta_fast": 32.0,
+                    "yarn_beta_slow": 1.0}
+    m = lmcli.load(str(import_gguf(path, tmp_path / "back.lmc")), n_ctx=256)
+    orig = _load(d, "f16")
+    assert m.config.rope_scaling == orig.config.rope_scaling | {"beta_fast": 32.0, "beta_slow": 1.0}
+    ids = _ids(N_PROMPT)
+    assert _rel(m.logits(ids), _ref_logits(rounded_reference(d, "f16"), ids)) < TIGHT, case
+
+
+def test_export_refuses_a_yarn_llama_cpp_cannot_compute(tmp_path):
+    from quant.convert import convert_hf
+    from quant.errors import GGUFError
+    from quant.gguf_export import export_gguf
+
+    for arch, extra, match in (("deepseek_v3", {}, "YaRN attention factor"),
+                               ("deepseek_v3", {"mscale": 1.0, "mscale_all_dim": 0.707}, "YaRN attention factor"),
+                               ("qwen3_moe", {"attention_factor": 1.5}, "YaRN attention factor"),
+                               ("llama", {"truncate": False}, "truncate false")):
+        d = tiny_models.build(arch, tmp_path / arch / "hf", overrides=yarn_overrides(extra))
+        convert_hf(d, tmp_path / arch / "m.lmc", "f16", overwrite=True)
+        with pytest.raises(GGUFError, match=match):
+            export_gguf(tmp_path / arch / "m.lmc", tmp_path / arch / "m.gguf")
+        assert not (tmp_path / arch / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"type": "yarn", "factor": 4.0}, "without its factor and original_context_length"),
+    ({"type": "yarn", "factor": 4.0, "original_context_length": 64, "yarn_ext_factor": 0.5}, "yarn_ext_factor"),
+    ({"type": "yarn", "factor": 4.0, "original_context_length": 64}, "deepseek2 YaRN without"),
+])
+def test_gguf_yarn_keys_llama_cpp_would_read_differently_are_refused(keys, match):
+    from pathlib import Path
+
+    from quant.errors import GGUFError
+    from quant.gguf_io import _rope_scaling
+
+    with pytest.raises(GGUFError, match=match):
+        _rope_scaling(lambda k, default=None: keys.get(k.removeprefix("rope.scaling."), default), True, Path("x"))
