@@ -231,6 +231,12 @@ class ShardJob:
     skipped: dict  # what is left out on purpose (convert_hf's "skipped"), and "shards": those holding nothing else
 
 
+def check_config(src_dir: str | os.PathLike) -> ModelConfig:
+    """A directory's config.json read and checked as a conversion reads it (architecture, RoPE scaling,
+    quantization), so that a model lmcli cannot convert is refused before any shard is read."""
+    return read_config(read_json(Path(src_dir) / "config.json", required=True))
+
+
 def plan_shards(src_dir: str | os.PathLike, headers: dict[str, list[TensorEntry]], weight_map: dict[str, str] | None,
                 qtype: str, source: dict) -> ShardJob:
     """Plan a conversion from a directory holding config.json and the tokenizer files, and the validated headers

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import rope
 from .errors import ConvertError
 from .schema import ModelConfig, SchemaError
 
@@ -136,6 +137,9 @@ def _rope(hf: _HF) -> tuple[float, dict | None]:
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     scaling = None if kind in (None, "default") else {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None and (not isinstance(kind, str) or kind not in rope.KINDS):  # named before the rest
+        raise ConvertError(f"config.json: RoPE scaling {kind!r} is not supported yet "
+                           f"(supported: {', '.join(rope.KINDS)})")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ConvertError(f"config.json: partial_rotary_factor {partial!r} is not supported (RoPE over whole heads)")

@@ -215,3 +215,22 @@ def test_gguf_yarn_keys_llama_cpp_would_read_differently_are_refused(keys, match
 
     with pytest.raises(GGUFError, match=match):
         _rope_scaling(lambda k, default=None: keys.get(k.removeprefix("rope.scaling."), default), True, Path("x"))
+
+
+def test_pull_refuses_an_unsupported_rope_scaling_before_reading_any_shard(tmp_path):
+    """`lmcli pull` reads config.json first: a RoPE kind lmcli does not compute ends the pull in one line, with no
+    shard fetched, not even its header."""
+    from hub_server import FakeHub
+    from test_pull import assert_clean_failure, pull
+
+    d = tiny_models.build("qwen3", tmp_path / "hf", overrides={"rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 50000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "short_factor": [1.0] * 16, "long_factor": [2.0] * 16}, "max_position_embeddings": 256})
+    h = FakeHub().start()
+    try:
+        h.add_repo("org/longrope", d)
+        r = pull(h, tmp_path / "home", "org/longrope")
+        assert_clean_failure(r, "RoPE scaling 'longrope' is not supported")
+        assert not h.requests("model.safetensors")
+    finally:
+        h.stop()
