@@ -234,3 +234,39 @@ def test_pull_refuses_an_unsupported_rope_scaling_before_reading_any_shard(tmp_p
         assert not h.requests("model.safetensors")
     finally:
         h.stop()
+
+
+def test_plan_and_import_refuse_a_gguf_with_an_unsupported_rope_scaling(tmp_path):
+    """`lmcli plan` reads a GGUF's header only; an unsupported RoPE kind is named there, as import names it."""
+    import os
+    import subprocess
+    import sys
+
+    from gguf import GGUFWriter
+
+    from quant.errors import GGUFError
+    from quant.gguf_io import import_gguf
+
+    path = tmp_path / "longrope.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(64)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_string("llama.rope.scaling.type", "longrope")
+    w.add_float32("llama.rope.scaling.factor", 4.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b"])
+    for name, shape in (("token_embd.weight", (2, 64)), ("output_norm.weight", (64,)), ("blk.0.attn_norm.weight", (64,))):
+        w.add_tensor(name, np.zeros(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = subprocess.run([sys.executable, "-m", "lmcli.cli", "plan", str(path)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "LMCLI_HOME": str(tmp_path / "home")})
+    assert r.returncode != 0 and "'longrope' is not supported" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with pytest.raises(GGUFError, match="'longrope' is not supported"):
+        import_gguf(path, tmp_path / "out.lmc")
