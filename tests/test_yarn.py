@@ -258,7 +258,8 @@ def test_plan_and_import_refuse_a_gguf_with_an_unsupported_rope_scaling(tmp_path
     w.add_float32("llama.rope.scaling.factor", 4.0)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(["a", "b"])
-    for name, shape in (("token_embd.weight", (2, 64)), ("output_norm.weight", (64,)), ("blk.0.attn_norm.weight", (64,))):
+    for name, shape in (("token_embd.weight", (2, 64)), ("output_norm.weight", (64,)),
+                        ("blk.0.attn_norm.weight", (64,))):
         w.add_tensor(name, np.zeros(shape, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
