@@ -271,3 +271,22 @@ def test_plan_and_import_refuse_a_gguf_with_an_unsupported_rope_scaling(tmp_path
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     with pytest.raises(GGUFError, match="'longrope' is not supported"):
         import_gguf(path, tmp_path / "out.lmc")
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    # DeepSeek-V3 / R1 and Kimi K2 as their config.json write it (the older "type" key)
+    {"type": "yarn", "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+     "original_max_position_embeddings": 4096},
+    {"type": "yarn", "factor": 32.0, "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
+])
+def test_a_real_deepseek_yarn_config_reads_and_scales_the_softmax_as_transformers(rope_scaling):
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    from quant.hf_config import read_config
+    from quant.rope import mla_softmax_mscale
+
+    kw = tiny_models.config_kwargs("deepseek_v3")
+    kw.pop("rope_parameters")
+    cfg = read_config({"model_type": "deepseek_v3", **kw, "rope_scaling": rope_scaling, "rope_theta": 10000.0})
+    want = yarn_apply_mscale({**rope_scaling, "rope_type": "yarn"}, 1.0)
+    assert mla_softmax_mscale(cfg.rope_scaling) == pytest.approx(want, rel=1e-12) and want > 1.5
