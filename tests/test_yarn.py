@@ -290,3 +290,20 @@ def test_a_real_deepseek_yarn_config_reads_and_scales_the_softmax_as_transformer
     cfg = read_config({"model_type": "deepseek_v3", **kw, "rope_scaling": rope_scaling, "rope_theta": 10000.0})
     want = yarn_apply_mscale({**rope_scaling, "rope_type": "yarn"}, 1.0)
     assert mla_softmax_mscale(cfg.rope_scaling) == pytest.approx(want, rel=1e-12) and want > 1.5
+
+
+def test_a_linear_rope_scaling_survives_export_and_import(tmp_path):
+    """Before issue 20 a GGUF's rope.scaling keys were not read: a linearly scaled model imported as plain RoPE."""
+    import lmcli
+    from quant.convert import convert_hf
+    from quant.gguf_export import export_gguf
+    from quant.gguf_io import import_gguf
+
+    d = tiny_models.build("llama", tmp_path / "hf", overrides={"rope_parameters": {
+        "rope_type": "linear", "rope_theta": 50000.0, "factor": 4.0}})
+    convert_hf(d, tmp_path / "m.lmc", "f16")
+    m = lmcli.load(str(import_gguf(export_gguf(tmp_path / "m.lmc", tmp_path / "m.gguf"), tmp_path / "b.lmc")),
+                   n_ctx=256)
+    assert m.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    ids = _ids(60)
+    assert _rel(m.logits(ids), _ref_logits(rounded_reference(d, "f16"), ids)) < TIGHT
