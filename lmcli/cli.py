@@ -365,7 +365,7 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="print a summary with per-tensor RMS quantization error"),
 ):
     """Convert a Hugging Face checkpoint to a 4-bit container, streaming one tensor at a time."""
-    from quant.convert import convert_hf
+    from quant.convert import convert_hf, skipped_line
 
     from .errors import model_file_errors
 
@@ -395,6 +395,8 @@ def quantize(
         if kept:
             names = ", ".join(sorted(kept)[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
             typer.echo(f"{len(kept)} matrices kept at f16, their rows not whole {qtype} blocks: {names}")
+        if summary["skipped"]:
+            typer.echo(skipped_line(summary["skipped"]))
 
 
 @app.command()

@@ -473,15 +473,20 @@ def _shards(files: dict[str, Remote], src: Path) -> tuple[list[Remote], dict[str
 
 def _pull_hf(s: Spec, commit: str, files: dict[str, Remote], d: Path, staging: Path, state: dict,
              keep_source: bool, ui) -> Path:
-    from quant.convert import convert_shard, plan_shards, resumable, start_container
+    from quant.convert import check_config, convert_shard, plan_shards, resumable, skipped_line, start_container
 
     src = staging / "source"
     src.mkdir(exist_ok=True)
     for f in _hf_files(files):
         _fetch(s, commit, files[f], src, state, staging, ui)
+    check_config(src)  # refused before any shard is touched
     shards, weight_map = _shards(files, src)
     job = plan_shards(src, _headers(s, commit, shards, staging), weight_map, s.qtype,
                       {"repo": s.repo, "revision": commit})
+    if job.skipped:
+        ui.note(skipped_line(job.skipped))
+        # a shard holding nothing but the skipped layers is never downloaded
+        shards = [r for r in shards if job.units[r.name] or r.name not in job.skipped["shards"]]
     part = staging / "model.lmc.part"
     if not (state["converted"] and part.is_file() and resumable(job, part)):
         state["converted"] = []

@@ -17,7 +17,7 @@ from .container import Container, ContainerWriter
 from .errors import ContainerError, ConvertError
 from .formats import F16, F32, FORMATS, GROUP, TILE, Format
 from .hf_config import read_config
-from .hf_tensors import Out, Piece, tensor_format, plan_tensors
+from .hf_tensors import Out, Piece, plan_tensors, skipped_tensors, tensor_format
 from .hf_tokenizer import read_json, read_chat_template, read_tokenizer
 from .quantize import dequantize_interleaved, quantize_matrix
 from .safetensors_io import DTYPES, TensorEntry, TensorSource, TensorTable, collect_entries, open_model_dir
@@ -25,6 +25,21 @@ from .schema import ModelConfig
 
 QTYPES = ("q4_0", "q4_1", "q8_0", "f16")
 CHUNK_BYTES = 8 << 20  # float32 rows quantized at a time: bounds the temporaries of one large matrix
+
+
+def _read_rows(src: TensorSource, p: Piece, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a piece as float32; a block-FP8 piece's rows times their blocks' scale_inv, one block
+    column at a time (so the temporaries stay those rows), the last block of a row or column partial."""
+    r0, r1 = p.row0 + start, p.row0 + stop
+    w = src.read_rows(p.src, r0, r1)  # (n, row_len)
+    if p.scale is None or r1 == r0:
+        return w
+    br, bc = p.block
+    s = src.read_rows(p.scale, r0 // br, (r1 - 1) // br + 1)  # (row blocks, column blocks)
+    per_row = s[np.arange(r0, r1) // br - r0 // br]  # (n, column blocks)
+    for j in range(per_row.shape[1]):
+        w[:, j * bc : (j + 1) * bc] *= per_row[:, j : j + 1]
+    return w
 
 
 def _convert_rows(src: TensorSource, p: Piece, fmt: Format,
@@ -39,7 +54,7 @@ def _convert_rows(src: TensorSource, p: Piece, fmt: Format,
     codes, scales, sq = [], [], 0.0
     for r in range(0, p.n_rows, step):
         n = min(step, p.n_rows - r)
-        w = src.read_rows(p.src, p.row0 + r, p.row0 + r + n)  # (n, n_in)
+        w = _read_rows(src, p, r, r + n)  # (n, n_in)
         if not np.isfinite(w).all():
             raise ConvertError(f"tensor {p.src} has non-finite values")
         try:
@@ -83,6 +98,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     metadata = _metadata(directory, hf_cfg, cfg, {"format": "hf", "dir": directory.resolve().name})
     with open_model_dir(directory) as src:
         plan = plan_tensors(src, cfg, fmt, hf_cfg)
+        skipped = skipped_tensors(src.names(), cfg, hf_cfg)
         metadata["quant"] = _quant_info(plan, qtype)
         total_bytes = sum(_piece_bytes(src, p) for o in plan for p in o.pieces)
         try:
@@ -92,7 +108,21 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         except OSError as e:
             raise ConvertError(f"cannot write {out}: {e.strerror or e}") from None
     return {"tensors": len(plan), "input_bytes": total_bytes, "output_bytes": out.stat().st_size,
-            "seconds": time.perf_counter() - t0, "rms_error": rms, "fallback": metadata["quant"]["fallback"]}
+            "seconds": time.perf_counter() - t0, "rms_error": rms, "fallback": metadata["quant"]["fallback"],
+            "skipped": _skipped_note(skipped)}
+
+
+def skipped_line(skipped: dict) -> str:
+    """One line saying what a conversion left out on purpose (for the CLI and pull)."""
+    layers = ", ".join(map(str, skipped["mtp_layers"]))
+    return (f"skipped the multi-token-prediction layer {layers} ({skipped['tensors']} tensors): lmcli decodes "
+            "one token at a time without it")
+
+
+def _skipped_note(names: list[str]) -> dict:
+    """What a conversion left out on purpose: the multi-token-prediction layers (layer indices, tensor count)."""
+    layers = sorted({int(n.split(".")[2]) for n in names})
+    return {"mtp_layers": layers, "tensors": len(names)} if names else {}
 
 
 def _metadata(directory: Path, hf_cfg: dict, cfg: ModelConfig, source: dict) -> dict:
@@ -198,6 +228,13 @@ class ShardJob:
     plan: tuple[Out, ...]
     table: TensorTable  # every source tensor, as the headers describe it
     units: dict[str, tuple[tuple[int, int | None], ...]]  # shard file -> (plan index, expert or None), in order
+    skipped: dict  # what is left out on purpose (convert_hf's "skipped"), and "shards": those holding nothing else
+
+
+def check_config(src_dir: str | os.PathLike) -> ModelConfig:
+    """A directory's config.json read and checked as a conversion reads it (architecture, RoPE scaling,
+    quantization), so that a model lmcli cannot convert is refused before any shard is read."""
+    return read_config(read_json(Path(src_dir) / "config.json", required=True))
 
 
 def plan_shards(src_dir: str | os.PathLike, headers: dict[str, list[TensorEntry]], weight_map: dict[str, str] | None,
@@ -216,8 +253,17 @@ def plan_shards(src_dir: str | os.PathLike, headers: dict[str, list[TensorEntry]
     units: dict[str, list] = {s: [] for s in headers}
     for i, o in enumerate(plan):
         for e, p in enumerate(o.pieces):
-            units[table.entry(p.src).shard].append((i, e if len(o.shape) == 3 else None))
-    return ShardJob(qtype, metadata, tuple(plan), table, {s: tuple(u) for s, u in units.items()})
+            shard = table.entry(p.src).shard
+            if p.scale is not None and table.entry(p.scale).shard != shard:
+                raise ConvertError(f"{p.scale} is in {table.entry(p.scale).shard}, its weight {p.src} in {shard}: "
+                                   "converting while downloading needs them in one shard (download, then quantize)")
+            units[shard].append((i, e if len(o.shape) == 3 else None))
+    skipped = set(skipped_tensors(table.names(), cfg, hf_cfg))
+    note = _skipped_note(sorted(skipped))
+    if note:  # the shards that hold skipped tensors only
+        kept = {e.shard for e in table.entries() if e.name not in skipped}
+        note["shards"] = sorted({table.entry(n).shard for n in skipped} - kept)
+    return ShardJob(qtype, metadata, tuple(plan), table, {s: tuple(u) for s, u in units.items()}, note)
 
 
 def start_container(job: ShardJob, path: str | os.PathLike) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import jsonio
+from . import jsonio, rope
 from .container import Container
 from .errors import GGUFError
 from .formats import F16, F32, FORMATS, Format
@@ -92,7 +93,24 @@ def _arch(cfg: dict) -> GGUFArch:
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
     if scaling and (kind not in ("linear", "yarn", "llama3") or (kind == "llama3" and not ga.llama3_rope)):
         raise GGUFError(f"{name} with {kind!r} rope scaling cannot be exported as llama.cpp's {arch}")
+    if kind == "yarn" and scaling.get("truncate", True) is False:  # ggml_rope_yarn_corr_dims floors and ceils
+        raise GGUFError(f"{name}: YaRN with truncate false cannot be exported (llama.cpp always truncates)")
+    if kind == "yarn" and not math.isclose(rope.yarn_attention_factor(scaling), _llama_cpp_yarn_factor(scaling, ga),
+                                           rel_tol=1e-6):
+        raise GGUFError(f"{name}: its YaRN attention factor (mscale {scaling.get('mscale')}, mscale_all_dim "
+                        f"{scaling.get('mscale_all_dim')}, attention_factor {scaling.get('attention_factor')}) "
+                        f"is not one llama.cpp's {arch} computes; it cannot be exported")
     return ga
+
+
+def _llama_cpp_yarn_factor(p: dict, ga: GGUFArch) -> float:
+    """The factor on cos and sin llama.cpp applies for the keys _add_rope_scaling writes (llama_context's
+    yarn_attn_factor times ggml's own 1 + 0.1 ln(factor)): deepseek2 cancels it to 1 and moves mscale_all_dim into
+    the softmax scale, as DeepseekV3Attention does (so only mscale == mscale_all_dim is expressible); the other
+    architectures get get_mscale(factor), transformers' default. NaN where nothing matches."""
+    if ga.mla:
+        return 1.0 if p.get("mscale_all_dim") else math.nan
+    return rope.get_mscale(float(p["factor"]))
 
 
 def _add_metadata(w, c: Container, cfg: dict, ga: GGUFArch) -> None:
@@ -191,16 +209,13 @@ def _add_rope_scaling(w, cfg: dict, ga: GGUFArch) -> None:
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(p["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(p["original_max_position_embeddings"]))
-        for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
-                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
-                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
-            if p.get(key) is not None:
-                add(float(p[key]))
-        if ga.mla and p.get("mscale_all_dim"):
-            # conversion/deepseek.py writes 0.1 * mscale_all_dim; llama.cpp divides the 0.1 back out.
+        # transformers' defaults (32, 1) are llama.cpp's; `or` as _compute_yarn_parameters reads them
+        w.add_rope_scaling_yarn_beta_fast(float(p.get("beta_fast") or 32))
+        w.add_rope_scaling_yarn_beta_slow(float(p.get("beta_slow") or 1))
+        if ga.mla:
+            # conversion/deepseek.py writes 0.1 * mscale_all_dim (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX); llama.cpp's
+            # deepseek2 graph multiplies kq_scale by get_mscale(factor, mscale_all_dim)^2 from it.
             w.add_rope_scaling_yarn_log_mul(0.1 * float(p["mscale_all_dim"]))
-        elif p.get("attention_factor", p.get("attn_factor")) is not None:
-            w.add_rope_scaling_yarn_attn_factor(float(p.get("attention_factor", p.get("attn_factor"))))
 
 
 def _llama3_rope_freqs(cfg: dict) -> np.ndarray:

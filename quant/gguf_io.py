@@ -249,7 +249,41 @@ def read_config(reader, path: Path) -> dict:
             "v_head_dim": int(get("attention.value_length", head_dim - rope)),
             "rope_dim": rope,
         })
+    cfg["rope_scaling"] = _rope_scaling(get, ga.mla, path)
     return cfg
+
+
+def _rope_scaling(get, mla: bool, path: Path) -> dict | None:
+    """RoPE scaling from llama.cpp's rope.scaling.* keys as transformers' parameters (the inverse of
+    gguf_export._add_rope_scaling); a YaRN llama.cpp computes unlike any transformers config is refused."""
+    kind, factor = get("rope.scaling.type"), get("rope.scaling.factor")
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor if factor is not None else 1.0)}
+    if kind != "yarn":
+        return {"rope_type": kind}  # the schema refuses it by name
+    old = get("rope.scaling.original_context_length")
+    if not factor or not old:
+        raise GGUFError(f"{path}: YaRN RoPE scaling without its factor and original_context_length")
+    p = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(old)}
+    for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        if get(f"rope.scaling.{key}") is not None:
+            p[name] = float(get(f"rope.scaling.{key}"))
+    for key in ("yarn_ext_factor", "yarn_attn_factor", "attn_factor"):
+        if get(f"rope.scaling.{key}", 1.0) != 1.0:
+            raise GGUFError(f"{path}: YaRN with rope.scaling.{key} = {get(f'rope.scaling.{key}')} is not supported")
+    log_mul = float(get("rope.scaling.yarn_log_multiplier", 0.0))
+    if mla:
+        # deepseek2: 0.1 * mscale_all_dim (conversion/deepseek.py); llama.cpp takes mscale = mscale_all_dim, so
+        # cos and sin stay unscaled and the softmax takes get_mscale(factor, mscale_all_dim)^2
+        if not log_mul:
+            raise GGUFError(f"{path}: deepseek2 YaRN without rope.scaling.yarn_log_multiplier is not supported")
+        m = float(np.float32(log_mul) / np.float32(0.1))
+        p.update(mscale=m, mscale_all_dim=m)
+    elif log_mul:
+        raise GGUFError(f"{path}: YaRN with rope.scaling.yarn_log_multiplier outside deepseek2 is not supported")
+    return p
 
 
 def _finish_config(cfg: dict, names: set[str], shapes: dict, path: Path) -> None:

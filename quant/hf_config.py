@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import rope
 from .errors import ConvertError
 from .schema import ModelConfig, SchemaError
 
@@ -140,6 +141,17 @@ def _rope(hf: _HF) -> tuple[float, dict | None]:
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     scaling = None if kind in (None, "default") else {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None and (not isinstance(kind, str) or kind not in rope.KINDS):  # named before the rest
+        raise ConvertError(f"config.json: RoPE scaling {kind!r} is not supported yet "
+                           f"(supported: {', '.join(rope.KINDS)})")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConvertError(f"config.json: partial_rotary_factor {partial!r} is not supported (RoPE over whole heads)")
+    if kind == "yarn" and scaling.get("factor") is None and isinstance(hf.cfg.get("max_position_embeddings"), int):
+        # _compute_yarn_parameters: without a factor, the ratio of the context to the original one
+        old = scaling.get("original_max_position_embeddings")
+        if isinstance(old, int) and not isinstance(old, bool) and old > 0:
+            scaling["factor"] = hf.cfg["max_position_embeddings"] / old
     return theta, scaling
 
 
@@ -190,14 +202,37 @@ def _moe_layers(hf: _HF, arch: Arch, n_layer: int) -> int:
     return 0
 
 
+def fp8_blocks(cfg: dict) -> tuple[int, int] | None:
+    """The (rows, cols) weight block of a block-FP8 checkpoint (quantization_config: quant_method fp8,
+    weight_block_size, as DeepSeek-V3 and Kimi K2 ship them); None without a quantization_config. Any other
+    quantization is refused: lmcli converts unquantized and block-FP8 checkpoints."""
+    q = cfg.get("quantization_config")
+    if q is None:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method != "fp8":
+        raise ConvertError(f"config.json: quantization_config quant_method {method!r} is not supported "
+                           "(lmcli converts unquantized and block-FP8 checkpoints)")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise ConvertError(f"config.json: FP8 format {q.get('fmt')!r} is not supported (only e4m3)")
+    block = q.get("weight_block_size")
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ConvertError(f"config.json: FP8 weight_block_size {block!r} is not [rows, cols] "
+                           "(per-tensor FP8 scales are not supported)")
+    return block[0], block[1]
+
+
 def read_config(cfg: dict) -> ModelConfig:
-    """lmcli's model config from a config.json dict, checked against the schema."""
+    """lmcli's model config from a config.json dict, checked against the schema (and its quantization, so that a
+    checkpoint lmcli cannot convert is refused before any weight is read)."""
     model_type = cfg.get("model_type")
     model_type = ALIASES.get(model_type, model_type) if isinstance(model_type, str) else model_type
     arch = ARCHS.get(model_type)
     if arch is None:
         raise ConvertError(f"model_type {model_type!r} is not supported (supported: {', '.join([*ARCHS, *ALIASES])})")
     hf = _HF(cfg, arch)
+    fp8_blocks(cfg)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConvertError(f"config.json: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
     n_layer, n_embd, n_head = hf.int("num_hidden_layers"), hf.int("hidden_size"), hf.int("num_attention_heads")

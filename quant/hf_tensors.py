@@ -4,10 +4,11 @@ or which rows of it, fills which container tensor, and at which precision."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import ConvertError
 from .formats import F16, F32, GROUP, Q8_0, Format
+from .hf_config import fp8_blocks
 from .safetensors_io import TensorTable
 from .schema import ModelConfig, expected_tensors
 
@@ -70,6 +71,8 @@ class Piece:
     row0: int
     n_rows: int
     row_len: int
+    scale: str | None = None  # block-FP8: the source's <src>_scale_inv, one float per block
+    block: tuple[int, int] | None = None  # (rows, cols) of one block of the source
 
 
 @dataclass(frozen=True)
@@ -131,19 +134,70 @@ def tensor_format(name: str, shape: tuple[int, ...], qtype: Format) -> Format:
     return fmt if shape[-1] % fmt.row_multiple == 0 else F16
 
 
+SCALE_SUFFIX = "_scale_inv"  # block-FP8 checkpoints: <weight name>_scale_inv holds the weight's block scales
+
+
+def mtp_layers(cfg: ModelConfig, hf_cfg: dict) -> range:
+    """DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers of them, after the decoder's): lmcli
+    decodes one token at a time and does not use them, so they are skipped whole, never half-loaded."""
+    mtp = hf_cfg.get("num_nextn_predict_layers") if cfg.arch == "deepseek_v3" else 0
+    if mtp is not None and (not isinstance(mtp, int) or isinstance(mtp, bool) or mtp < 0):
+        raise ConvertError(f"config.json: num_nextn_predict_layers = {mtp!r} is not an integer >= 0")
+    return range(cfg.n_layer, cfg.n_layer + (mtp or 0))
+
+
+def skipped_tensors(names, cfg: ModelConfig, hf_cfg: dict) -> list[str]:
+    """The source tensors of the skipped multi-token-prediction layers (what a conversion reports as skipped)."""
+    layers = mtp_layers(cfg, hf_cfg)
+    return [n for n in names if (m := _LAYER_RE.fullmatch(n)) is not None and int(m.group(1)) in layers]
+
+
+def _with_scale(src: TensorTable, p: Piece, scales: dict[str, str], block: tuple[int, int] | None) -> Piece:
+    """A piece of a float8 tensor gains its block scales (DeepSeek-V3's weight_dequant: each block of the weight
+    times one scale, the blocks at the right and bottom edges partial); any other piece stays as it is."""
+    sname, dtype = scales.get(p.src), src.dtype(p.src)
+    if dtype != "F8_E4M3":
+        if sname is not None:
+            raise ConvertError(f"tensor {p.src} has block scales ({sname}) but is {dtype}, not float8")
+        return p
+    shape = src.shape(p.src)
+    if sname is None:
+        raise ConvertError(f"tensor {p.src} is float8 without its {p.src}{SCALE_SUFFIX} block scales")
+    if block is None:
+        raise ConvertError(f"tensor {p.src} is float8, but config.json has no quantization_config "
+                           "(quant_method fp8, weight_block_size)")
+    if len(shape) != 2:
+        raise ConvertError(f"tensor {p.src} {list(shape)}: float8 is supported for matrices only")
+    want = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+    if src.shape(sname) != want or src.dtype(sname) == "F8_E4M3":
+        raise ConvertError(f"tensor {sname} is {src.dtype(sname)} {list(src.shape(sname))}; {p.src} "
+                           f"{list(shape)} in blocks of {list(block)} needs {list(want)} scales")
+    return replace(p, scale=sname, block=block)
+
+
 def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict) -> list[Out]:
     """Match every source tensor to a container tensor and check every name and shape (nanoGPT's habit):
-    an unknown or unexpected source tensor, a missing one, or a shape mismatch is an error."""
-    mtp = int(hf_cfg.get("num_nextn_predict_layers") or 0) if cfg.arch == "deepseek_v3" else 0
-    ignore = range(cfg.n_layer, cfg.n_layer + mtp)
+    an unknown or unexpected source tensor, a missing one, or a shape mismatch is an error. A float8 tensor's
+    <name>_scale_inv goes with it into its pieces."""
+    ignore = mtp_layers(cfg, hf_cfg)
+    block = fp8_blocks(hf_cfg)
+    names = src.names()
+    scales = {n[: -len(SCALE_SUFFIX)]: n for n in names if n.endswith(SCALE_SUFFIX)}
+    held = set(names)
+    for base, sname in scales.items():
+        if base not in held:
+            raise ConvertError(f"tensor {sname} holds the scales of {base}, which the checkpoint does not hold")
     want = dict(expected_tensors(cfg))
     given: dict[str, dict] = {}
-    for name in src.names():
+    for name in names:
+        if name.endswith(SCALE_SUFFIX):
+            continue  # consumed with its weight (below), or dropped with it
         shape = src.shape(name)
         found = _assignments(name, shape, cfg, ignore)
         if found is None:
             raise ConvertError(f"tensor {name} {list(shape)} is not part of a {cfg.arch} model lmcli knows")
         for target, expert, piece in found:
+            piece = _with_scale(src, piece, scales, block)
             if target not in want:
                 raise ConvertError(f"tensor {name} (-> {target}) does not belong in this model's config")
             slot = given.setdefault(target, {})

@@ -29,8 +29,31 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _FAULT_AROUND = 1 << 20  # generous: fault_around_bytes is 64 KiB unless tuned
 
 # dtype name -> (bytes per element, numpy dtype of the stored bits). BF16 is kept as uint16 bits:
-# widening to float32 is an exact 16-bit shift (bf16 is the top half of an IEEE float32).
-DTYPES = {"F32": (4, np.dtype("<f4")), "F16": (2, np.dtype("<f2")), "BF16": (2, np.dtype("<u2"))}
+# widening to float32 is an exact 16-bit shift (bf16 is the top half of an IEEE float32). numpy has no float8:
+# F8_E4M3 (torch.float8_e4m3fn, block-FP8 weights) and F8_E8M0 (float8_e8m0fnu, power-of-two scales) are read
+# as bytes and decoded through a 256-entry table.
+DTYPES = {"F32": (4, np.dtype("<f4")), "F16": (2, np.dtype("<f2")), "BF16": (2, np.dtype("<u2")),
+          "F8_E4M3": (1, np.dtype("u1")), "F8_E8M0": (1, np.dtype("u1"))}
+
+
+def _e4m3_table() -> np.ndarray:
+    """float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; subnormals at exponent 0; no infinities,
+    S.1111.111 is NaN (the "fn" variant: 448 is the largest finite value)."""
+    b = np.arange(256)
+    e, m = (b >> 3) & 15, (b & 7).astype(np.float64)
+    mag = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    mag[(e == 15) & (b & 7 == 7)] = np.nan
+    return np.where(b >> 7, -mag, mag).astype(np.float32)
+
+
+def _e8m0_table() -> np.ndarray:
+    """float8_e8m0fnu: an unsigned exponent only, 2^(b - 127); 0xFF is NaN."""
+    t = np.ldexp(1.0, np.arange(256) - 127)
+    t[255] = np.nan
+    return t.astype(np.float32)
+
+
+FLOAT8 = {"F8_E4M3": _e4m3_table(), "F8_E8M0": _e8m0_table()}
 
 
 @dataclass(frozen=True)
@@ -38,7 +61,7 @@ class TensorEntry:
     """One tensor of one shard, validated against the file."""
 
     name: str
-    dtype: str  # "F32" | "F16" | "BF16"
+    dtype: str  # a key of DTYPES
     shape: tuple[int, ...]
     shard: str  # file name inside the model directory
     start: int  # absolute offset of the first byte in the shard file
@@ -290,6 +313,8 @@ class TensorSource(TensorTable):
             bits = raw.astype(np.uint32)
             bits <<= np.uint32(16)
             out = bits.view(np.float32)
+        elif e.dtype in FLOAT8:
+            out = FLOAT8[e.dtype][raw]
         else:
             out = raw.astype(np.float32)  # a copy in every case (F32 -> F32 copies too)
         del raw

@@ -18,14 +18,11 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Iterable
 
 from .errors import SchemaError
+from . import rope
 from .formats import ALIGN, align_up
 
 ROUTERS = ("softmax", "sigmoid")  # score function; selection and weighting are the other fields
 QK_NORMS = ("none", "head", "full")  # none; RMSNorm per head (Qwen3); RMSNorm over all heads (OLMoE)
-ROPE_SCALINGS = {  # supported kinds and the parameters each needs (transformers' ROPE_INIT_FUNCTIONS)
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
 KV_BYTES = 4  # the KV cache holds float32 keys and values (lmcli/engine/cache.py)
 
 
@@ -45,7 +42,7 @@ class ModelConfig:
     rope_interleaved: bool = False  # True: rotate adjacent pairs (llama.cpp NORM); False: halves (NEOX/HF)
     n_ctx_train: int = 2048
     tied_embeddings: bool = False
-    rope_scaling: dict | None = None  # None: plain RoPE; {"rope_type": "linear"|"llama3", ...} as transformers
+    rope_scaling: dict | None = None  # None: plain RoPE; {"rope_type": "linear"|"llama3"|"yarn", ...} as transformers
     sliding_window: int = 0  # 0: full causal attention; else each query sees the last sliding_window keys
     attn_bias: bool = False  # q/k/v biases (Qwen2)
     qk_norm: str = "none"
@@ -130,16 +127,25 @@ class ModelConfig:
             if self.n_group < 1 or self.n_expert % self.n_group or not 1 <= self.topk_group <= self.n_group:
                 bad(f"n_group {self.n_group} / topk_group {self.topk_group} do not divide {self.n_expert} experts")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) \
-                if isinstance(self.rope_scaling, dict) else None
-            if kind not in ROPE_SCALINGS:
-                bad(f"RoPE scaling {kind!r} is not supported yet (supported: {', '.join(ROPE_SCALINGS)})")
-            for key in ROPE_SCALINGS[kind]:
-                x = self.rope_scaling.get(key)
-                if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
-                    bad(f"{kind} RoPE scaling needs a positive {key}, got {_short(x)}")
+            self._validate_rope_scaling(bad)
         if self.first_k_dense > self.n_layer:
             bad("first_k_dense exceeds n_layer")
+
+    def _validate_rope_scaling(self, bad) -> None:
+        p = self.rope_scaling
+        kind = rope.kind(p) if isinstance(p, dict) else None
+        if kind not in rope.KINDS:
+            bad(f"RoPE scaling {kind!r} is not supported yet (supported: {', '.join(rope.KINDS)})")
+        required, optional = rope.KINDS[kind]
+        for key in required + optional:
+            x = p.get(key)
+            if key in optional and x is None:
+                continue
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (x > 0 or (key in optional and x == 0)):
+                bad(f"{kind} RoPE scaling needs a {'non-negative' if key in optional else 'positive'} {key}, "
+                    f"got {_short(x)}")
+        if kind == "yarn" and not isinstance(p.get("truncate", True), bool):
+            bad(f"yarn RoPE scaling: truncate must be true or false, got {_short(p['truncate'])}")
 
     @property
     def n_rot(self) -> int:

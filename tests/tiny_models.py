@@ -174,3 +174,76 @@ def reference_model(model_dir: str | Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def _fp8_weight(name: str, t) -> bool:
+    """Which tensors a block-FP8 checkpoint (DeepSeek-V3, Kimi K2) stores in float8: the decoder layers' matrices
+    but the router; embeddings, head, norms and biases stay bf16."""
+    return name.startswith("model.layers.") and t.ndim == 2 and not name.endswith("mlp.gate.weight")
+
+
+def fp8_twin(model_dir: str | Path, fp8_dir: str | Path, block: tuple[int, int], *, seed: int = 0,
+             mtp_layer: bool = True) -> Path:
+    """Quantize a built model's decoder matrices to float8_e4m3fn with one power-of-two scale per block (drawn at
+    random from 2^-9..2^-4, so neighbouring blocks differ) and write the block-FP8 checkpoint to fp8_dir: weights,
+    their `<name>_scale_inv` (float32), quantization_config {quant_method: fp8, weight_block_size}, two shards and
+    an index; with mtp_layer, a multi-token-prediction layer (index num_hidden_layers, FP8 like the rest, in a
+    third shard) that conversion must skip. model_dir is rewritten in bf16 with the dequantized values (exact:
+    float8 times a power of two is a bf16 number): the "dequantized bf16 twin" the FP8 checkpoint must equal."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model_dir, fp8_dir = Path(model_dir), Path(fp8_dir)
+    src = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        src.update(load_file(f))
+    g = torch.Generator().manual_seed(seed + 7)
+    br, bc = block
+    twin, fp8 = {}, {}
+    for name, t in src.items():
+        t = t.float()
+        if not _fp8_weight(name, t):
+            twin[name] = fp8[name] = t.to(torch.bfloat16)
+            continue
+        rows, cols = t.shape
+        nr, nc = -(-rows // br), -(-cols // bc)
+        scale = torch.pow(2.0, torch.randint(-9, -3, (nr, nc), generator=g).float())  # (row blocks, col blocks)
+        full = scale.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
+        q = (t / full).clamp(-448, 448).to(torch.float8_e4m3fn)
+        twin[name] = (q.float() * full).to(torch.bfloat16)
+        fp8[name], fp8[name + "_scale_inv"] = q, scale
+    for f in model_dir.glob("*.safetensors*"):
+        f.unlink()
+    save_file(twin, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    fp8_dir.mkdir(parents=True, exist_ok=True)
+    # two shards; a weight and its scales stay in one, as DeepSeek-V3's and Kimi K2's do
+    groups = [[n] + [n + "_scale_inv"] * (n + "_scale_inv" in fp8) for n in fp8 if not n.endswith("_scale_inv")]
+    half = len(groups) // 2
+    shards = {f"model-0000{i + 1}-of-00003.safetensors": {n: fp8[n] for grp in part for n in grp}
+              for i, part in enumerate((groups[:half], groups[half:]))}
+    if mtp_layer:
+        n = config["num_hidden_layers"]
+        last = {k: v for k, v in fp8.items() if k.startswith(f"model.layers.{n - 1}.")}
+        mtp = {k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): v for k, v in last.items()}
+        h = config["hidden_size"]
+        for k, shape in (("enorm.weight", (h,)), ("hnorm.weight", (h,)), ("eh_proj.weight", (h, 2 * h)),
+                         ("shared_head.norm.weight", (h,))):
+            mtp[f"model.layers.{n}.{k}"] = torch.ones(shape, dtype=torch.bfloat16)
+        shards["model-00003-of-00003.safetensors"] = mtp
+        config["num_nextn_predict_layers"] = 1
+    weight_map = {}
+    for fname, tensors in shards.items():
+        save_file(tensors, str(fp8_dir / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in tensors})
+    (fp8_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (fp8_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".json")) or f.name.startswith(("tokenizer", "gen")):
+            shutil.copy(f, fp8_dir / f.name)
+    return fp8_dir

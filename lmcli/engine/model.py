@@ -13,6 +13,7 @@ from typing import Callable, ContextManager
 import numpy as np
 
 from quant.container import Container
+from quant.rope import mla_softmax_mscale
 from quant.schema import ModelConfig, token_costs
 
 from ..errors import ContextOverflow, UsageError
@@ -77,6 +78,8 @@ class Transformer:
         self.stats = RoutingStats(cfg.n_layer, cfg.n_expert)  # the engine's own: read counters() instead
         self.trace_routing(opts.routing_trace)
         self.attn_scale = np.float32(cfg.attention_multiplier or 1.0 / np.sqrt(cfg.kv_dims[1]))
+        if cfg.kv_lora_rank:  # DeepseekV3Attention: YaRN's mscale_all_dim also scales the softmax
+            self.attn_scale *= np.float32(mla_softmax_mscale(cfg.rope_scaling))
         self.expert_cache = self._make_cache(top_k, opts.cache_policy, opts.prefetch)
         moe = [i for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None]
         self._next_moe = {a: (b, self.weights.layers[b].ffn) for a, b in zip(moe, moe[1:])}

@@ -6,6 +6,7 @@ import numpy as np
 from numba import njit, prange
 
 from quant.kernels import silu_mul  # noqa: F401 (vector exp; the engine's SwiGLU)
+from quant.rope import inv_freq as rope_freqs
 
 
 @njit(cache=True, fastmath=True)
@@ -22,26 +23,12 @@ def rmsnorm(x, w, eps, out):
 
 
 def rope_table(n_ctx: int, n_rot: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (n_ctx, n_rot / 2) float32: angle pos * inv_freq_i, inv_freq_i = theta^(-2i / n_rot), in float64.
-
-    scaling follows transformers' ROPE_INIT_FUNCTIONS: "linear" divides every frequency by factor;
-    "llama3" (_compute_llama3_parameters) divides low frequencies by factor, keeps high ones, and blends between.
-    """
-    inv = theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if kind == "linear":
-        inv = inv / float(scaling["factor"])
-    elif kind == "llama3":
-        factor, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * np.pi / inv
-        scaled = np.where(wavelen > old / lo, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-        inv = np.where(medium, blended, scaled)
+    """cos, sin (n_ctx, n_rot / 2) float32: angle pos * inv_freq_i, in float64, from quant.rope.inv_freq (plain,
+    linear, llama3 or yarn as transformers computes them); both times its attention factor (YaRN's mscale), as
+    transformers' rotary embeddings multiply cos and sin by attention_scaling."""
+    inv, factor = rope_freqs(n_rot, theta, scaling)
     ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    return (np.cos(ang) * factor).astype(np.float32), (np.sin(ang) * factor).astype(np.float32)
 
 
 @njit(cache=True, fastmath=True)
