@@ -46,7 +46,8 @@ MAX_TOKENS_LIMIT = 1 << 20  # the largest context lmcli.api accepts
 RETRY_AFTER_S = 2
 RECENT_REQUESTS = 256  # per-request counters kept in app.state.stats
 # Request fields lmcli cannot honour: refused rather than silently ignored.
-UNSUPPORTED = ("tools", "functions", "logit_bias", "top_logprobs", "suffix", "response_format")
+UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 # --- errors in OpenAI's shape ---------------------------------------------------------------
@@ -92,6 +93,8 @@ class GenRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool  # an extension llama.cpp's and vLLM's servers share
+    json_schema: dict | None = None  # constrained decoding: the answer is a document this schema accepts
+    top_logprobs: int | None = None  # None: no logprobs; else alternatives per token (chat's logprobs: true)
 
 
 def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
@@ -165,23 +168,61 @@ def _stop(v: Any) -> list[str]:
     return [s for s in stops if s]
 
 
+def checked_schema(schema: Any, param: str) -> dict | bool:
+    """A JSON schema constrained decoding can follow (compiled once here to tell the client at once); else 400."""
+    from .structured import schema_grammar
+
+    if not isinstance(schema, (dict, bool)):
+        raise _bad(f"{param} must be a JSON schema object", param)
+    try:
+        schema_grammar(schema)
+    except UsageError as e:
+        raise _bad(f"{param}: {e}", param) from None
+    return schema
+
+
+def _response_format(v: Any) -> dict | bool | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema with its schema."""
+    from .structured import JSON_OBJECT
+
+    if v is None:
+        return None
+    kind = v.get("type") if isinstance(v, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT
+    if kind == "json_schema":
+        js = v.get("json_schema")
+        if not isinstance(js, dict):
+            raise _bad("response_format.json_schema must be an object", "response_format")
+        return JSON_OBJECT if js.get("schema") is None else checked_schema(js["schema"], "response_format")
+    raise _bad("response_format.type must be text, json_object or json_schema", "response_format")
+
+
+def _top_logprobs(body: dict, kind: str) -> int | None:
+    """Chat: logprobs true (with top_logprobs alternatives); text completions' integer logprobs is refused."""
+    if kind != "chat":
+        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") is not None:
+            raise _bad("logprobs are supported by /v1/chat/completions only", "logprobs")
+        return None
+    on = _flag(body, "logprobs")
+    n = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if n is not None and not on:
+        raise _bad("top_logprobs requires logprobs to be true", "top_logprobs")
+    return (n or 0) if on else None
+
+
 def parse_request(body: dict, kind: str) -> GenRequest:
     """Validate a /v1/chat/completions (kind "chat") or /v1/completions ("text") body; ApiError 400 if wrong."""
     for name in UNSUPPORTED:
-        v = body.get(name)
-        if v not in (None, [], {}, "") and not (name == "response_format" and isinstance(v, dict)
-                                                 and v.get("type") == "text"):
+        if body.get(name) not in (None, [], {}, ""):
             raise _bad(f"{name} is not supported by this server", name)
-    if body.get("logprobs") not in (None, False, 0):
-        raise _bad("logprobs are not supported by this server", "logprobs")
     if body.get("echo") not in (None, False):
         raise _bad("echo is not supported by this server", "echo")
     for name in ("n", "best_of"):
         if _integer(body, name, 1, 1 << 20) not in (None, 1):
             raise _bad(f"{name} must be 1 (one choice per request)", name)
-    for name in ("frequency_penalty", "presence_penalty"):
-        if _number(body, name, -2.0, 2.0) not in (None, 0.0):
-            raise _bad(f"{name} is not supported (use repeat_penalty)", name)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad("model must be a string", "model")
@@ -206,6 +247,8 @@ def parse_request(body: dict, kind: str) -> GenRequest:
         "repeat_penalty": _number(body, "repeat_penalty", 0.0, 10.0, lo_open=True),
         "top_k": _integer(body, "top_k", 0, MAX_TOKENS_LIMIT),
         "seed": _integer(body, "seed", 0, 2**64 - 1),
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0),
     }
     stream = _flag(body, "stream")
     so = body.get("stream_options")
@@ -217,13 +260,16 @@ def parse_request(body: dict, kind: str) -> GenRequest:
     # chat_template (and chat_template_kwargs) in a request are ignored: templates come only from the model.
     return GenRequest(kind=kind, model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
                       stop=_stop(body.get("stop")), sampling={k: v for k, v in sampling.items() if v is not None},
-                      stream=stream, include_usage=include_usage, ignore_eos=_flag(body, "ignore_eos"))
+                      stream=stream, include_usage=include_usage, ignore_eos=_flag(body, "ignore_eos"),
+                      json_schema=_response_format(body.get("response_format")),
+                      top_logprobs=_top_logprobs(body, kind))
 
 
 # --- the Ollama API: its bodies translated to the same requests, its answers NDJSON ------------------------
 
 _OLLAMA_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                   "seed": "seed", "repeat_penalty": "repeat_penalty", "num_predict": "max_tokens", "stop": "stop"}
+                   "seed": "seed", "repeat_penalty": "repeat_penalty", "num_predict": "max_tokens", "stop": "stop",
+                   "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 
 
 def ollama_request(body: dict, kind: str) -> GenRequest:
@@ -235,10 +281,17 @@ def ollama_request(body: dict, kind: str) -> GenRequest:
     unknown = sorted(set(opts) - set(_OLLAMA_OPTIONS) - {"num_ctx"})
     if unknown:
         raise _bad(f"option {unknown[0]!r} is not supported by this server", f"options.{unknown[0]}")
-    for name in ("format", "tools", "images"):
+    for name in ("tools", "images"):
         if body.get(name) not in (None, [], ""):
             raise _bad(f"{name} is not supported by this server", name)
     oa = {_OLLAMA_OPTIONS[k]: v for k, v in opts.items() if k in _OLLAMA_OPTIONS}
+    fmt = body.get("format")
+    if fmt == "json":
+        oa["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        oa["response_format"] = {"type": "json_schema", "json_schema": {"schema": checked_schema(fmt, "format")}}
+    elif fmt not in (None, ""):
+        raise _bad('format must be "json" or a JSON schema object', "format")
     if oa.get("max_tokens") in (-1, -2):
         oa.pop("max_tokens")  # Ollama's "until the context is full"
     oa.update(model=body.get("model"), stream=body.get("stream", True))
@@ -277,10 +330,12 @@ def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, fin
 
 # --- responses in OpenAI's shape ------------------------------------------------------------------
 
-def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
-    """A whole (non-streamed) chat.completion or text_completion object."""
+def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, use: dict,
+                    logprobs: list[dict] | None = None) -> dict:
+    """A whole (non-streamed) chat.completion or text_completion object; logprobs: chat's content entries."""
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                   "finish_reason": finish}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [choice], "usage": use}
@@ -289,14 +344,16 @@ def completion_body(kind: str, rid: str, created: int, model: str, text: str, fi
 
 
 def chunk_body(kind: str, rid: str, created: int, model: str, *, delta: dict | None = None, text: str = "",
-               finish: str | None = None, use: dict | None = None, usage_slot: bool = False) -> dict:
+               finish: str | None = None, use: dict | None = None, usage_slot: bool = False,
+               logprobs: list[dict] | None = None) -> dict:
     """One streamed chunk; with use (and no delta) the final usage chunk, whose choices are empty."""
     obj = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
            "created": created, "model": model}
     if use is not None:
         obj["choices"] = []
     elif kind == "chat":
-        obj["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+        obj["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish,
+                           "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}]
     else:
         obj["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
     if use is not None or usage_slot:
@@ -436,7 +493,7 @@ class Engine:
         return self.model
 
     def run(self, job: Job) -> None:
-        """Generate for job, emitting ("start", n_prompt), ("text", piece)..., ("end", finish, usage)."""
+        """Generate for job, emitting ("start", n_prompt), ("text", piece, logprob entries)..., ("end", finish, usage)."""
         st = job.stat
         try:
             if job.cancel.is_set():
@@ -458,13 +515,17 @@ class Engine:
             params = _sampler(job.target.id, req.sampling)
             st.prompt_tokens = len(ids)
             job.emit(("start", len(ids)))
-            events = model.generate(ids, max_tokens=limit, stop=req.stop, sampler=params, ignore_eos=req.ignore_eos)
+            events = model.generate(ids, max_tokens=limit, stop=req.stop, sampler=params, ignore_eos=req.ignore_eos,
+                                    json_schema=req.json_schema, top_logprobs=req.top_logprobs)
+            lps: list[dict] = []  # logprob entries of tokens whose text is not out yet
             try:
                 for ev in events:
                     if job.cancel.is_set():  # checked between tokens: the client went away
                         st.finish_reason = "cancelled"
                         break
                     if ev.finish_reason is not None:
+                        if lps:
+                            job.emit(("text", "", lps))
                         self.stats.tokens += ev.timings.completion_tokens - st.tokens
                         st.tokens = ev.timings.completion_tokens
                         st.finish_reason = ev.finish_reason
@@ -473,8 +534,11 @@ class Engine:
                     if ev.token is not None:
                         st.tokens += 1
                         self.stats.tokens += 1
+                    if ev.logprobs is not None:
+                        lps.append(logprob_entry(model.tokenizer, ev.token, ev.logprobs))
                     if ev.text:
-                        job.emit(("text", ev.text))
+                        job.emit(("text", ev.text, lps))
+                        lps = []
             finally:
                 events.close()
         except ApiError as e:
@@ -493,6 +557,14 @@ class Engine:
                                         type="server_error")))
         finally:
             st.done = True
+
+
+def logprob_entry(tokenizer, token: int, lp: tuple) -> dict:
+    """OpenAI's logprobs.content item for one token: its text, log-probability, UTF-8 bytes, alternatives."""
+    def one(t: int, v: float) -> dict:
+        text = tokenizer.decode([t])
+        return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+    return {**one(token, lp[0]), "top_logprobs": [one(t, v) for t, v in lp[1]]}
 
 
 def _sampler(model_id: str, sampling: dict):
@@ -779,20 +851,21 @@ class Api:
                     return EventStream(self._ndjson(q, job, ollama, arrived), cancel,
                                        media_type="application/x-ndjson")
                 return EventStream(self._events(q, job, created), cancel)
-            pieces = []
+            pieces, lps = [], []
             while True:
                 item = await _next_item(q, watcher)
                 if item[0] == "error":
                     raise item[1]
                 if item[0] == "text":
                     pieces.append(item[1])
+                    lps += item[2]
                 elif item[0] == "end":
                     _, finish, use = item
                     if ollama:
                         return JSONResponse(ollama_line(ollama, target.id, "".join(pieces), True, finish, use,
                                                         time.time() - arrived))
                     return JSONResponse(completion_body(kind, st.id, created, target.id, "".join(pieces), finish,
-                                                        use))
+                                                        use, lps if req.top_logprobs is not None else None))
         except _Gone:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         finally:
@@ -810,7 +883,8 @@ class Api:
             while True:
                 item = await q.get()
                 if item[0] == "text":
-                    yield sse(chunk(delta={"content": item[1]}, text=item[1]))
+                    lp = item[2] if job.req.top_logprobs is not None else None
+                    yield sse(chunk(delta={"content": item[1]}, text=item[1], logprobs=lp))
                 elif item[0] == "end":
                     _, finish, use = item
                     yield sse(chunk(delta={}, finish=finish))
