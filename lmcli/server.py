@@ -379,6 +379,20 @@ class RequestStat:
     tokens: int = 0  # completion tokens generated so far
     finish_reason: str | None = None  # stop | length | cancelled (the client went away) | error | rejected
     done: bool = False  # the worker is finished with it
+    tokens_at_cancel: int | None = None  # tokens when the cancel came (the client left): how late the stop was
+
+
+class Cancel(threading.Event):
+    """A request's cancel flag; notes how many tokens were out when it was first set."""
+
+    def __init__(self, stat: RequestStat):
+        super().__init__()
+        self.stat = stat
+
+    def set(self) -> None:
+        if not self.is_set():
+            self.stat.tokens_at_cancel = self.stat.tokens
+        super().set()
 
 
 @dataclass
@@ -390,6 +404,24 @@ class Stats:
     rejected: int = 0  # answered 503
     tokens: int = 0  # completion tokens generated since start
     requests: OrderedDict = field(default_factory=OrderedDict)  # id -> RequestStat
+    # totals since start for /metrics: requests by how they ended, prompt tokens, seconds of prefill and decode
+    finished: dict = field(default_factory=dict)  # finish_reason -> requests
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0  # completion tokens that came from decode steps (the first comes from the prefill)
+    last_decode_tps: float = 0.0
+
+    def ended(self, st: RequestStat, timings=None) -> None:
+        """Count a finished request (the worker's thread), with its timings when it ran."""
+        self.finished[st.finish_reason] = self.finished.get(st.finish_reason, 0) + 1
+        if timings is not None:
+            self.prompt_tokens += timings.prompt_tokens
+            self.prefill_s += timings.prefill_s
+            self.decode_s += timings.decode_s
+            self.decode_tokens += max(timings.completion_tokens - 1, 0)
+            if timings.decode_tps:
+                self.last_decode_tps = timings.decode_tps
 
     def new(self, kind: str, model: str) -> RequestStat:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
@@ -492,9 +524,25 @@ class Engine:
             self._log(f"lmcli: loaded {target.id} in {time.perf_counter() - t0:.1f} s (context {self.model.n_ctx})")
         return self.model
 
+    def warm_up(self, target: Target) -> float:
+        """Load target and run one tiny generation (a 2-token prefill and a decode step), so that the first
+        request does not pay for compiling kernels or faulting in pages; returns its seconds."""
+        from .sampling import SamplerParams
+
+        model = self.get_model(target)
+        t0 = time.perf_counter()
+        bos = model.tokenizer.bos_id
+        ids = [bos if bos is not None else 0, 1 if bos != 1 else 2]
+        cache = model.transformer.new_cache(8)
+        for _ in model.generate(ids, max_tokens=2, sampler=SamplerParams(temp=0.0), cache=cache, ignore_eos=True):
+            pass
+        return time.perf_counter() - t0
+
     def run(self, job: Job) -> None:
-        """Generate for job, emitting ("start", n_prompt), ("text", piece, logprob entries)..., ("end", finish, usage)."""
+        """Generate for job, emitting ("start", n_prompt), ("text", piece, logprob entries)..., ("end", finish,
+        usage)."""
         st = job.stat
+        timings = None  # the run's, once it has run
         try:
             if job.cancel.is_set():
                 st.finish_reason = "cancelled"
@@ -528,6 +576,7 @@ class Engine:
                             job.emit(("text", "", lps))
                         self.stats.tokens += ev.timings.completion_tokens - st.tokens
                         st.tokens = ev.timings.completion_tokens
+                        timings = ev.timings
                         st.finish_reason = ev.finish_reason
                         job.emit(("end", ev.finish_reason, ev.stats.usage()))
                         break
@@ -541,6 +590,7 @@ class Engine:
                         lps = []
             finally:
                 events.close()
+                timings = timings or events.stats().timings
         except ApiError as e:
             st.finish_reason = "error"
             job.emit(("error", e))
@@ -556,6 +606,7 @@ class Engine:
             job.emit(("error", ApiError(500, "the server failed to complete the request (see its log)",
                                         type="server_error")))
         finally:
+            self.stats.ended(st, timings)
             st.done = True
 
 
@@ -634,6 +685,61 @@ def _target(requested: str | None, default: Target | None) -> Target:
     raise _not_found(requested)
 
 
+# --- /metrics: Prometheus' text format, read from the counters at each scrape ------------------------------
+
+class Metrics:
+    """A prometheus_client collector over Stats and the loaded model (no second copy of any count)."""
+
+    def __init__(self, stats: Stats, engine: Engine):
+        self.stats, self.engine = stats, engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.stats
+        req = CounterMetricFamily("lmcli_requests", "Completion requests by how they ended", labels=["finish_reason"])
+        for reason, n in sorted({**st.finished, "rejected": st.rejected}.items(), key=lambda kv: str(kv[0])):
+            req.add_metric([str(reason)], n)
+        yield req
+        yield CounterMetricFamily("lmcli_prompt_tokens", "Prompt tokens prefilled", value=st.prompt_tokens)
+        yield CounterMetricFamily("lmcli_completion_tokens", "Completion tokens generated", value=st.tokens)
+        yield CounterMetricFamily("lmcli_prefill_seconds", "Seconds spent in prefill", value=st.prefill_s)
+        yield CounterMetricFamily("lmcli_decode_seconds", "Seconds spent in decode steps", value=st.decode_s)
+        yield CounterMetricFamily("lmcli_decode_tokens", "Tokens from decode steps", value=st.decode_tokens)
+        yield GaugeMetricFamily("lmcli_decode_tokens_per_second", "Decode speed of the last request that decoded",
+                                value=st.last_decode_tps)
+        yield GaugeMetricFamily("lmcli_queue_waiting", "Requests admitted and waiting", value=st.waiting)
+        yield GaugeMetricFamily("lmcli_requests_running", "Requests generating now", value=st.running)
+        model = self.engine.model
+        ec = model.transformer.expert_cache_stats() if model is not None else None
+        if ec is not None:
+            yield GaugeMetricFamily("lmcli_expert_cache_hit_ratio", "Expert cache hits over lookups since load",
+                                    value=ec["hit_rate"])
+            yield CounterMetricFamily("lmcli_expert_cache_read_bytes", "Bytes the expert cache read from the file",
+                                      value=ec["bytes_read"])
+
+
+# --- the Ollama API's model views ---------------------------------------------------------------------
+
+def _size_label(n: int) -> str:
+    """Ollama's parameter_size: 135M, 1.5B."""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def ollama_show(info: dict, model: str) -> dict:
+    """Ollama's /api/show answer from lmcli.store.show_info: details, GGUF-style model_info, the template."""
+    arch = info["architecture"]
+    details = {"parent_model": "", "format": "lmcli", "family": arch, "families": [arch],
+               "parameter_size": _size_label(info["parameters"]["total"]), "quantization_level": info["quant"] or ""}
+    ex = info["experts"]
+    model_info = {"general.architecture": arch, "general.parameter_count": info["parameters"]["total"],
+                  f"{arch}.context_length": info["context_length"], f"{arch}.embedding_length": info["n_embd"],
+                  f"{arch}.block_count": info["layers"], f"{arch}.expert_count": ex["n_expert"],
+                  f"{arch}.expert_used_count": ex["n_expert_used"], "tokenizer.ggml.vocab_size": info["vocab_size"]}
+    return {"modelfile": f"FROM {model}\n", "parameters": "", "template": info.get("chat_template") or "",
+            "details": details, "model_info": model_info, "capabilities": ["completion"]}
+
+
 # --- HTTP plumbing: guards, body, log ---------------------------------------------------------------
 
 def _host_name(value: str) -> str | None:
@@ -689,8 +795,14 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
 
+def _client(scope) -> str:
+    c = scope.get("client")
+    return f"{c[0]}:{c[1]}" if c else "-"
+
+
 class AccessLog:
-    """One line per request: method, path, status, tokens, duration (uvicorn's own access log is off)."""
+    """One line per request: UTC time, client address, method, path, status, tokens, duration (uvicorn's own access
+    log is off)."""
 
     def __init__(self, app, log: Callable[[str], None]):
         self.app, self.log = app, log
@@ -710,8 +822,9 @@ class AccessLog:
         finally:
             st = scope.get("lmcli.stat")
             path = "".join(c if c.isprintable() and c != " " else "?" for c in scope["path"])[:200]
-            self.log(f"{scope['method']} {path} {status[0] or 500} {st.tokens if st else 0} tokens "
-                     f"{(time.perf_counter() - t0) * 1000:.0f} ms")
+            now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            self.log(f"{now} {_client(scope)} {scope['method']} {path} {status[0] or 500} {st.tokens if st else 0} "
+                     f"tokens {(time.perf_counter() - t0) * 1000:.0f} ms")
 
 
 async def read_json(request: Request, max_body: int) -> dict:
@@ -762,7 +875,11 @@ class Api:
     """The endpoints; state lives here and in app.state (stats, engine)."""
 
     def __init__(self, default: Target | None, engine: Engine, stats: Stats, max_body: int):
+        from prometheus_client import CollectorRegistry
+
         self.default, self.engine, self.stats, self.max_body = default, engine, stats, max_body
+        self.registry = CollectorRegistry(auto_describe=False)  # this app's own: no process-wide state
+        self.registry.register(Metrics(stats, engine))
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.engine.model_id, "waiting": self.stats.waiting,
@@ -809,6 +926,40 @@ class Api:
                                                    "quantization_level": ""}})
         return JSONResponse({"models": rows})
 
+    async def ollama_show(self, request: Request) -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        from .store import show_info
+
+        body = await read_json(request, self.max_body)
+        name = body.get("model") or body.get("name")  # "name" is the older field
+        if not isinstance(name, str) or not name:
+            raise _bad("model must be a non-empty string", "model")
+        target = _target(name, self.default)
+        try:
+            info = await run_in_threadpool(show_info, target.spec)
+        except ModelNotFound:
+            raise _not_found(name) from None
+        return JSONResponse(ollama_show(info, target.id))
+
+    async def ollama_ps(self, request: Request) -> Response:
+        model, mid = self.engine.model, self.engine.model_id
+        rows = []
+        if model is not None and mid is not None:
+            size = model.path.stat().st_size
+            arch = model.config.arch
+            rows.append({"name": mid, "model": mid, "size": size, "digest": "", "size_vram": 0,
+                         "details": {"parent_model": "", "format": "lmcli", "family": arch, "families": [arch],
+                                     "parameter_size": "", "quantization_level": ""},
+                         "expires_at": "2999-12-31T00:00:00Z",  # kept until another model is asked for
+                         "context_length": model.n_ctx})
+        return JSONResponse({"models": rows})
+
+    async def metrics(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def ollama_version(self, request: Request) -> Response:
         from . import __version__
 
@@ -823,7 +974,7 @@ class Api:
         request.scope["lmcli.stat"] = st
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = Cancel(st)
 
         def emit(item: tuple) -> None:
             try:
@@ -1027,6 +1178,9 @@ def create_app(default_model: str | None, *, api_key: str | None = None, cors_or
         Route("/api/generate", _endpoint(api.ollama_generate), methods=["POST"]),
         Route("/api/tags", _endpoint(api.ollama_tags), methods=["GET"]),
         Route("/api/version", _endpoint(api.ollama_version), methods=["GET"]),
+        Route("/api/show", _endpoint(api.ollama_show), methods=["POST"]),
+        Route("/api/ps", _endpoint(api.ollama_ps), methods=["GET"]),
+        Route("/metrics", _endpoint(api.metrics), methods=["GET"]),
     ]
 
     @contextlib.asynccontextmanager
@@ -1078,8 +1232,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, 
     app = create_app(model, api_key=api_key, cors_origin=cors_origin, max_body=max_body, queue_size=queue_size,
                      options=options, log=log, host=host, **engine)
     engine: Engine = app.state.engine
-    if app.state.default is not None:
-        engine.call(partial(engine.get_model, app.state.default))  # a bad model fails here, before listening
+    if app.state.default is not None:  # a bad model fails here, before listening
+        seconds = engine.call(partial(engine.warm_up, app.state.default))
+        log(f"lmcli: warmed up {app.state.default.id} in {seconds:.1f} s")
     sock = _bind(host, port)
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     what = app.state.default.id if app.state.default else "models from the store"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -321,6 +323,8 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, main)
         assert time.monotonic() < deadline, "the generation did not stop"
         time.sleep(0.01)
     assert stat.finish_reason == "cancelled" and stat.tokens < 150  # of 1500 asked for
+    # within one step: at most the token whose forward pass was under way when the disconnect came
+    assert stat.tokens_at_cancel is not None and stat.tokens - stat.tokens_at_cancel <= 1
 
 
 def test_a_client_that_gives_up_on_a_whole_answer_stops_the_generation(main):
@@ -334,16 +338,23 @@ def test_a_client_that_gives_up_on_a_whole_answer_stops_the_generation(main):
         assert time.monotonic() < deadline, "the generation did not stop"
         time.sleep(0.01)
     assert stat.finish_reason == "cancelled" and stat.tokens < 1000
+    assert stat.tokens_at_cancel is not None and stat.tokens - stat.tokens_at_cancel <= 1
 
 
 def test_each_request_logs_one_line(client, log_lines):
     n = len(log_lines)
+    t0 = datetime.datetime.now(datetime.timezone.utc)
     client.completions.create(model="smollm2", prompt="Hi", temperature=0, max_tokens=3)
     deadline = time.monotonic() + 5  # the line is written once the response has gone out
-    while not any(line.startswith("POST /v1/completions 200 3 tokens ") for line in log_lines[n:]):
+    line_re = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) 127\.0\.0\.1:\d+ "
+                         r"POST /v1/completions 200 3 tokens \d+ ms")
+    while not any(line_re.fullmatch(line) for line in log_lines[n:]):
         assert time.monotonic() < deadline, log_lines[n:]
         time.sleep(0.01)
     assert all(line.endswith(" ms") for line in log_lines[n:])
+    when = next(line_re.fullmatch(x) for x in log_lines[n:] if line_re.fullmatch(x)).group(1)
+    at = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    assert t0 - datetime.timedelta(seconds=1) <= at <= datetime.datetime.now(datetime.timezone.utc)
 
 
 # --- abuse -------------------------------------------------------------------------------------------
@@ -506,3 +517,69 @@ def test_ollama_streams_ndjson_by_default_as_ollama_does(busy):
     assert [x["done"] for x in lines] == [False] * (len(lines) - 1) + [True] and len(lines) >= 2
     assert lines[-1]["eval_count"] == 3 and lines[-1]["done_reason"] == "length" and "response" in lines[0]
     assert httpx.get(f"{url}/api/version", timeout=10).json()["version"]
+
+
+def test_ollama_show_and_ps_describe_the_model(busy, smol_gguf):
+    import ollama
+    from gguf import GGUFReader
+
+    url, _ = busy
+    client = ollama.Client(host=url, timeout=120)
+    client.generate(model="smollm2", prompt="Hi", options={"num_predict": 1})  # loaded now
+    show = client.show("smollm2")
+    r = GGUFReader(str(smol_gguf))  # the reference: the GGUF the store entry was imported from
+    field = lambda k: r.fields[k].contents()  # noqa: E731
+    arch = field("general.architecture")
+    info = show.modelinfo
+    assert show.details.family == arch == info["general.architecture"]
+    assert info[f"{arch}.context_length"] == field(f"{arch}.context_length")
+    assert info[f"{arch}.block_count"] == field(f"{arch}.block_count")
+    assert info[f"{arch}.embedding_length"] == field(f"{arch}.embedding_length")
+    assert show.template == field("tokenizer.chat_template") and show.details.parameter_size == "135M"
+    with pytest.raises(ollama.ResponseError):
+        client.show("no-such-model")
+    ps = client.ps().models
+    assert [m.model for m in ps] == ["smollm2"] and ps[0].size > 0 and ps[0].context_length == 512
+
+
+def _scrape(url):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics_count_requests_tokens_and_queue(busy):
+    url, _ = busy
+    before = _scrape(url)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 7, "temperature": 0},
+                   timeout=60).json()
+    after = _scrape(url)
+    length = ("lmcli_requests_total", (("finish_reason", "length"),))
+    assert after[length] - before.get(length, 0) == 1
+    done = after[("lmcli_completion_tokens_total", ())] - before[("lmcli_completion_tokens_total", ())]
+    assert done == r["usage"]["completion_tokens"] == 7
+    prompt = after[("lmcli_prompt_tokens_total", ())] - before[("lmcli_prompt_tokens_total", ())]
+    assert prompt == r["usage"]["prompt_tokens"]
+    assert after[("lmcli_decode_tokens_total", ())] - before[("lmcli_decode_tokens_total", ())] == 6
+    assert after[("lmcli_decode_seconds_total", ())] > before[("lmcli_decode_seconds_total", ())]
+    assert after[("lmcli_decode_tokens_per_second", ())] > 0
+    assert after[("lmcli_queue_waiting", ())] == 0 and after[("lmcli_requests_running", ())] == 0
+
+
+def test_serve_warms_up_before_it_listens(lmcli_home):
+    lines = []
+    seen = threading.Event()
+
+    def log(line):
+        lines.append(line)
+        if "serving" in line:
+            seen.set()
+            raise KeyboardInterrupt  # stop serve() right after it has bound, before it serves
+    with pytest.raises(KeyboardInterrupt):
+        serve("smollm2", port=0, n_ctx=256, log=log)
+    assert seen.is_set()
+    warm = [i for i, x in enumerate(lines) if x.startswith("lmcli: warmed up smollm2 in ")]
+    assert warm and warm[0] < next(i for i, x in enumerate(lines) if "serving" in x)
