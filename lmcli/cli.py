@@ -291,6 +291,40 @@ def serve(
 
 
 @app.command()
+def ps(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(11435, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMCLI_API_KEY"),
+    as_json: bool = typer.Option(False, "--json", help="print the server's /api/ps answer"),
+):
+    """Show the model a running `lmcli serve` holds in memory (its Ollama-style /api/ps)."""
+    import urllib.error
+    import urllib.request
+
+    from .errors import LmcliError
+
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {port}")
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    url = f"http://{shown}:{port}/api/ps"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = json.loads(r.read(1 << 20))
+        rows = body["models"]
+    except urllib.error.HTTPError as e:
+        raise LmcliError(f"the server at {url} answered {e.code}", hint="pass --api-key" if e.code == 401 else None)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LmcliError(f"no lmcli server answers at {url}", hint="start one with lmcli serve, or pass --port")
+    if as_json:
+        typer.echo(json.dumps(body))
+        return
+    typer.echo(f"{'NAME':<32} {'SIZE':>10} {'CONTEXT':>8}")
+    for m in rows:
+        typer.echo(f"{m['name']:<32} {m['size'] / 2**20:>6.0f} MiB {m['context_length']:>8}")
+
+
+@app.command()
 def pull(
     spec: str = typer.Argument(..., help="NAME (models.toml), ORG/REPO[@REVISION], or hf.co/ORG/REPO:QUANT (GGUF)"),
     name: Optional[str] = typer.Option(None, "--name", help="store name (default: the short name or repo name)"),

@@ -583,3 +583,27 @@ def test_serve_warms_up_before_it_listens(lmcli_home):
     assert seen.is_set()
     warm = [i for i, x in enumerate(lines) if x.startswith("lmcli: warmed up smollm2 in ")]
     assert warm and warm[0] < next(i for i, x in enumerate(lines) if "serving" in x)
+
+
+def test_lmcli_ps_lists_what_the_server_holds(busy, lmcli_home):
+    import subprocess
+    import sys
+
+    url, _ = busy
+    httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+    port = url.rsplit(":", 1)[1]
+    env = dict(os.environ, LMCLI_HOME=str(lmcli_home))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lmcli.cli", "ps", *a], capture_output=True,  # noqa: E731
+                                    text=True, env=env, timeout=120)
+    r = run("--port", port)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert rows[0].split() == ["NAME", "SIZE", "CONTEXT"] and rows[1].split()[0] == "smollm2"
+    assert rows[1].split()[-1] == "512"
+    assert json.loads(run("--port", port, "--json").stdout) == httpx.get(f"{url}/api/ps", timeout=10).json()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        free = str(s.getsockname()[1])
+    r = run("--port", free)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.startswith("error: no lmcli server answers")
+    assert len(r.stderr.strip().splitlines()) == 1
