@@ -607,3 +607,21 @@ def test_lmcli_ps_lists_what_the_server_holds(busy, lmcli_home):
     r = run("--port", free)
     assert r.returncode == 1 and r.stdout == "" and r.stderr.startswith("error: no lmcli server answers")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_metrics_report_the_expert_cache_of_an_moe_model(tmp_path, lmcli_home):
+    from quant.synthetic import write_synthetic_moe
+
+    p = tmp_path / "moe.lmc"
+    write_synthetic_moe(p, n_layer=2, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    app = create_app(str(p), n_ctx=128, expert_cache_mib=3, log=lambda line: None)
+    with running(app) as url:
+        assert ("lmcli_expert_cache_hit_ratio", ()) not in _scrape(url)  # nothing loaded yet
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "a b c", "max_tokens": 8, "temperature": 0},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        m = _scrape(url)
+        st = app.state.engine.model.transformer.expert_cache.stats  # hits and misses per layer
+        hits, lookups = int(st.hits.sum()), int(st.hits.sum() + st.misses.sum())
+        assert lookups > 0 and m[("lmcli_expert_cache_hit_ratio", ())] == pytest.approx(hits / lookups, abs=1e-4)
+        assert m[("lmcli_expert_cache_read_bytes_total", ())] == st.bytes_read > 0
