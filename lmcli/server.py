@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -309,17 +309,22 @@ def ollama_request(body: dict, kind: str) -> GenRequest:
             kind = "chat"
             oa["messages"] = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]
-    return parse_request(oa, kind)
+    req = parse_request(oa, kind)
+    on = _flag(body, "logprobs")  # Ollama's: top-level logprobs and top_logprobs, for chat and generate alike
+    n = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    return replace(req, top_logprobs=(n or 0) if on else None)
 
 
 def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, finish: str | None = None,
-                use: dict | None = None, seconds: float = 0.0) -> dict:
+                use: dict | None = None, seconds: float = 0.0, logprobs: list[dict] | None = None) -> dict:
     """One NDJSON object of an Ollama answer: a piece of text, or (done) the last with the counts."""
     obj = {"model": model, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")}
     if shape == "chat":
         obj["message"] = {"role": "assistant", "content": piece}
     else:
         obj["response"] = piece
+    if logprobs is not None:
+        obj["logprobs"] = logprobs
     obj["done"] = done
     if done:
         use = use or {}
@@ -1013,8 +1018,9 @@ class Api:
                 elif item[0] == "end":
                     _, finish, use = item
                     if ollama:
+                        lp = lps if req.top_logprobs is not None else None
                         return JSONResponse(ollama_line(ollama, target.id, "".join(pieces), True, finish, use,
-                                                        time.time() - arrived))
+                                                        time.time() - arrived, lp))
                     return JSONResponse(completion_body(kind, st.id, created, target.id, "".join(pieces), finish,
                                                         use, lps if req.top_logprobs is not None else None))
         except _Gone:
@@ -1057,7 +1063,9 @@ class Api:
             while True:
                 item = await q.get()
                 if item[0] == "text":
-                    yield (json.dumps(ollama_line(shape, mid, item[1]), ensure_ascii=False) + "\n").encode()
+                    lp = item[2] if job.req.top_logprobs is not None else None
+                    yield (json.dumps(ollama_line(shape, mid, item[1], logprobs=lp), ensure_ascii=False)
+                           + "\n").encode()
                 elif item[0] == "end":
                     _, finish, use = item
                     last = ollama_line(shape, mid, "", True, finish, use, time.time() - arrived)

@@ -625,3 +625,25 @@ def test_metrics_report_the_expert_cache_of_an_moe_model(tmp_path, lmcli_home):
         hits, lookups = int(st.hits.sum()), int(st.hits.sum() + st.misses.sum())
         assert lookups > 0 and m[("lmcli_expert_cache_hit_ratio", ())] == pytest.approx(hits / lookups, abs=1e-4)
         assert m[("lmcli_expert_cache_read_bytes_total", ())] == st.bytes_read > 0
+
+
+def test_ollama_logprobs_are_the_log_softmax_of_the_models_logits(busy, ref):
+    import ollama
+
+    url, _ = busy
+    client = ollama.Client(host=url, timeout=120)
+    ids = ref.chat_ids(QUESTION)
+    _, final = _ref_generate(ref, ids, 6)
+    gen = final.tokens
+    lz = _log_softmax(ref.logits(ids + gen)[len(ids) - 1: len(ids) - 1 + len(gen)])
+    opts = {"temperature": 0, "num_predict": 6}
+    r = client.chat(model="smollm2", messages=QUESTION, options=opts, logprobs=True, top_logprobs=2)
+    assert [x.token for x in r.logprobs] == [ref.detokenize([t]) for t in gen]
+    for k, (x, t) in enumerate(zip(r.logprobs, gen)):
+        top = np.argsort(-lz[k], kind="stable")[:2]
+        assert abs(x.logprob - lz[k, t]) < LOGPROB_TOL
+        assert [a.token for a in x.top_logprobs] == [ref.detokenize([i]) for i in top]
+    parts = list(client.chat(model="smollm2", messages=QUESTION, options=opts, logprobs=True, top_logprobs=2,
+                             stream=True))
+    assert [x.model_dump() for p in parts for x in (p.logprobs or [])] == [x.model_dump() for x in r.logprobs]
+    assert client.chat(model="smollm2", messages=QUESTION, options=opts).logprobs is None
