@@ -48,6 +48,7 @@ RECENT_REQUESTS = 256  # per-request counters kept in app.state.stats
 # Request fields lmcli cannot honour: refused rather than silently ignored.
 UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LEGACY_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 # --- errors in OpenAI's shape ---------------------------------------------------------------
@@ -201,11 +202,11 @@ def _response_format(v: Any) -> dict | bool | None:
 
 
 def _top_logprobs(body: dict, kind: str) -> int | None:
-    """Chat: logprobs true (with top_logprobs alternatives); text completions' integer logprobs is refused."""
+    """Chat: logprobs true (with top_logprobs alternatives); text completions: logprobs, the alternatives' count."""
     if kind != "chat":
-        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") is not None:
-            raise _bad("logprobs are supported by /v1/chat/completions only", "logprobs")
-        return None
+        if body.get("top_logprobs") is not None:
+            raise _bad("top_logprobs is a chat field (completions take logprobs: N)", "top_logprobs")
+        return _integer(body, "logprobs", 0, MAX_LEGACY_LOGPROBS)
     on = _flag(body, "logprobs")
     n = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if n is not None and not on:
@@ -345,12 +346,25 @@ def completion_body(kind: str, rid: str, created: int, model: str, text: str, fi
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [choice], "usage": use}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": use}
+            "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                         "logprobs": None if logprobs is None else legacy_logprobs(logprobs)}], "usage": use}
+
+
+def legacy_logprobs(entries: list[dict], offset: int = 0) -> dict:
+    """/v1/completions' logprobs from chat-shaped entries: parallel lists, alternatives as {text: logprob}, and
+    each token's character offset in the completion (offset: the characters before these tokens)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def chunk_body(kind: str, rid: str, created: int, model: str, *, delta: dict | None = None, text: str = "",
                finish: str | None = None, use: dict | None = None, usage_slot: bool = False,
-               logprobs: list[dict] | None = None) -> dict:
+               logprobs: list[dict] | None = None, offset: int = 0) -> dict:
     """One streamed chunk; with use (and no delta) the final usage chunk, whose choices are empty."""
     obj = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
            "created": created, "model": model}
@@ -360,7 +374,8 @@ def chunk_body(kind: str, rid: str, created: int, model: str, *, delta: dict | N
         obj["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish,
                            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}]
     else:
-        obj["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+        obj["choices"] = [{"index": 0, "text": text, "finish_reason": finish,
+                           "logprobs": None if logprobs is None else legacy_logprobs(logprobs, offset)}]
     if use is not None or usage_slot:
         obj["usage"] = use
     return obj
@@ -1034,6 +1049,7 @@ class Api:
         """Server-sent events for a streamed completion; leaving early (a disconnect) cancels the generation."""
         kind, st, mid, inc = job.req.kind, job.stat, job.target.id, job.req.include_usage
         chunk = partial(chunk_body, kind, st.id, created, mid, usage_slot=inc)
+        offset = 0  # characters of the tokens streamed so far (text completions' text_offset)
         try:
             if kind == "chat":
                 yield sse(chunk(delta={"role": "assistant", "content": ""}))
@@ -1041,7 +1057,8 @@ class Api:
                 item = await q.get()
                 if item[0] == "text":
                     lp = item[2] if job.req.top_logprobs is not None else None
-                    yield sse(chunk(delta={"content": item[1]}, text=item[1], logprobs=lp))
+                    yield sse(chunk(delta={"content": item[1]}, text=item[1], logprobs=lp, offset=offset))
+                    offset += sum(len(e["token"]) for e in lp or [])
                 elif item[0] == "end":
                     _, finish, use = item
                     yield sse(chunk(delta={}, finish=finish))

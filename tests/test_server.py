@@ -419,6 +419,7 @@ def test_a_streamed_body_without_a_length_is_cut_at_the_cap(main):
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", 7), ("n", 2), ("stream", "yes"), ("messages", []),
     ("frequency_penalty", 2.5), ("presence_penalty", "1"), ("logprobs", "yes"), ("response_format", {"type": "xml"}),
     ("response_format", {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}),
+    ("top_logprobs", 21),
 ])
 def test_bad_parameters_are_400(main, field, value):
     body = {"model": "smollm2", "messages": QUESTION, field: value}
@@ -647,3 +648,23 @@ def test_ollama_logprobs_are_the_log_softmax_of_the_models_logits(busy, ref):
                              stream=True))
     assert [x.model_dump() for p in parts for x in (p.logprobs or [])] == [x.model_dump() for x in r.logprobs]
     assert client.chat(model="smollm2", messages=QUESTION, options=opts).logprobs is None
+
+
+def test_text_completion_logprobs_in_the_legacy_shape(client, ref):
+    prompt = "The three primary colors are"
+    ids = ref.tokenize(prompt)
+    _, final = _ref_generate(ref, ids, 6)
+    gen = final.tokens
+    lz = _log_softmax(ref.logits(ids + gen)[len(ids) - 1: len(ids) - 1 + len(gen)])
+    r = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=6, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [ref.detokenize([t]) for t in gen] and "".join(lp.tokens) == r.choices[0].text
+    assert np.abs(np.array(lp.token_logprobs) - lz[np.arange(len(gen)), gen]).max() < LOGPROB_TOL
+    for k, alts in enumerate(lp.top_logprobs):
+        top = np.argsort(-lz[k], kind="stable")[:3]
+        assert alts == pytest.approx({ref.detokenize([i]): lz[k, i] for i in top}, abs=LOGPROB_TOL)
+    assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(gen))]
+    chunks = list(client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=6, logprobs=3,
+                                            stream=True))
+    got = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((g.tokens for g in got), []) == lp.tokens and sum((g.text_offset for g in got), []) == lp.text_offset
