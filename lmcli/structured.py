@@ -48,7 +48,11 @@ class GrammarVocab:
         import llguidance
 
         self.n_vocab = n_vocab  # the logits' length, which may exceed the tokenizer's (padded embeddings)
-        self.ll = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=n_vocab, eos_token=sorted(tokenizer.eos_ids))
+        try:
+            self.ll = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=n_vocab,
+                                             eos_token=sorted(tokenizer.eos_ids))
+        except (ValueError, RuntimeError) as e:  # llguidance's word for a tokenizer it cannot read
+            raise UsageError(f"structured output cannot use this model's tokenizer: {str(e)[:300]}") from None
 
 
 class Constraint:
