@@ -62,6 +62,7 @@ class Model:
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
         self.chat_template: str | None = md.get("chat_template")
         self.transformer = Transformer(self.container, self.config, self.options)
+        self._grammar_vocab = None  # built on the first structured request
         self.load_s = time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
@@ -112,9 +113,14 @@ class Model:
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
                  sampler: SamplerParams | None = None, cache=None, ignore_eos: bool = False,
-                 **sampling) -> Generation:
+                 json_schema: dict | str | None = None, top_logprobs: int | None = None, **sampling) -> Generation:
         """Events for a completion of prompt (text is tokenized raw; pass chat_ids() for chat); the last carries
-        the run's statistics (Generation.stats() gives them also for a run stopped early)."""
+        the run's statistics (Generation.stats() gives them also for a run stopped early).
+
+        json_schema: the output is a JSON document this schema accepts (constrained decoding; lmcli.structured.
+        JSON_OBJECT for any object); a run that ends with "stop" has produced a whole one.
+        top_logprobs: each token event carries its log-probability and this many alternatives (0: none).
+        """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise UsageError("the prompt is empty")
@@ -126,9 +132,21 @@ class Model:
 
             raise ContextOverflow(f"the prompt has {len(ids)} tokens; the context holds {cache.n_ctx - cache.n_past}",
                                   hint="raise --ctx-size or shorten the prompt")
+        if top_logprobs is not None and (not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20):
+            raise UsageError(f"top_logprobs must be an integer in [0, 20], got {top_logprobs!r}")
         params = sampler if sampler is not None else SamplerParams(**sampling)
+        constraint = self.constraint(json_schema) if json_schema is not None else None
         return Generation(self.transformer, self.tokenizer, Sampler(params), cache, ids, max_tokens=max_tokens,
-                          stop=stop, ignore_eos=ignore_eos)
+                          stop=stop, ignore_eos=ignore_eos, constraint=constraint, top_logprobs=top_logprobs)
+
+    def constraint(self, json_schema: dict | str):
+        """A fresh grammar state for one generation under json_schema (UsageError if it is not a usable one)."""
+        from .structured import Constraint, GrammarVocab, schema_grammar
+
+        grammar = schema_grammar(json_schema)
+        if self._grammar_vocab is None:
+            self._grammar_vocab = GrammarVocab(self.tokenizer, self.config.vocab_size)
+        return Constraint(self._grammar_vocab, grammar)
 
 
 def load(name_or_path: str, options: EngineOptions | None = None, **engine) -> Model:

@@ -55,6 +55,10 @@ SAMPLING_FLAGS = {  # -> {parameter: value or None (not given)}, which _sampling
     "min_p": (Optional[float], typer.Option(None, "--min-p", help="[default: 0.05]")),
     "seed": (Optional[int], typer.Option(None, "-s", "--seed")),
     "repeat_penalty": (Optional[float], typer.Option(None, "--repeat-penalty", help="[default: 1.0]")),
+    "presence_penalty": (Optional[float], typer.Option(None, "--presence-penalty",
+                                                       help="OpenAI's, -2..2, over the reply's tokens [default: 0]")),
+    "frequency_penalty": (Optional[float], typer.Option(None, "--frequency-penalty",
+                                                        help="OpenAI's, -2..2, per repeat in the reply [default: 0]")),
 }
 
 
@@ -103,6 +107,9 @@ def _sampling(model: str, **flags):
     return SamplerParams(**{k: v for k, v in kw.items() if v is not None}).validate()
 
 
+MAX_SCHEMA_BYTES = 1 << 20
+
+
 def _read_prompt(prompt: Optional[str]) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
@@ -123,6 +130,8 @@ def run(
     system: Optional[str] = typer.Option(None, "-sys", "--system", help="system message"),
     raw: bool = typer.Option(False, "--raw", help="no chat template: the prompt is the raw text"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="never stop at end-of-text tokens"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="answer with JSON this schema (a JSON "
+                                               "file) accepts, by constrained decoding"),
     engine: EngineOptions = None,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, ids, usage and timings"),
     stream_json: bool = typer.Option(False, "--stream-json", help="one JSON line per text piece, then a summary line"),
@@ -146,6 +155,7 @@ def run(
         raise UsageError("--json and --stream-json exclude each other")
     if each_line and prompt not in (None, "-"):
         raise UsageError("--each-line reads prompts from stdin; drop the PROMPT argument")
+    schema = _read_schema(json_schema) if json_schema is not None else None
     prompts = _read_lines() if each_line else [_read_prompt(prompt)]
     m = load(model, replace(engine, routing_trace=routing_trace is not None))
     if raw and system is not None:
@@ -156,7 +166,7 @@ def run(
     trace: list = []
     for text in prompts:
         trace += _answer(m, model, text, mode=mode, raw=raw, system=system, max_tokens=max_tokens, stop=stop,
-                         params=params, ignore_eos=ignore_eos, verbose=verbose)
+                         params=params, ignore_eos=ignore_eos, verbose=verbose, schema=schema)
     if routing_trace is not None:
         _write_trace(routing_trace, trace)
 
@@ -167,8 +177,29 @@ def _read_lines() -> list[str]:
     return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
 
 
+def _read_schema(path: Path) -> dict:
+    """The JSON schema in a file, checked (a grammar compiled from it) before any model loads."""
+    from quant import jsonio
+
+    from .structured import schema_grammar
+
+    try:
+        if path.stat().st_size > MAX_SCHEMA_BYTES:
+            raise UsageError(f"--json-schema {path} is larger than {MAX_SCHEMA_BYTES} bytes")
+        schema = jsonio.loads(path.read_bytes())
+    except OSError as e:
+        raise UsageError(f"--json-schema {path}: cannot read it: {e.strerror or e}") from None
+    except (ValueError, RecursionError):
+        raise UsageError(f"--json-schema {path} is not valid JSON") from None
+    try:
+        schema_grammar(schema)
+    except UsageError as e:
+        raise UsageError(f"--json-schema {path}: {e}") from None
+    return schema
+
+
 def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_tokens: int, stop, params, ignore_eos,
-            verbose: bool) -> list:
+            verbose: bool, schema: dict | None = None) -> list:
     """Generate one reply and print it as text, one JSON object, or a stream of JSON lines; returns its routing
     trace (empty unless the model traces routing)."""
     if raw:
@@ -180,7 +211,7 @@ def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_token
     limit = m.n_ctx if max_tokens == -1 else max_tokens
     pieces: list[str] = []
     final = None
-    for ev in m.generate(ids, max_tokens=limit, stop=stop, sampler=params, ignore_eos=ignore_eos):
+    for ev in m.generate(ids, max_tokens=limit, stop=stop, sampler=params, ignore_eos=ignore_eos, json_schema=schema):
         if ev.finish_reason is not None:
             final = ev
             break
@@ -257,6 +288,40 @@ def serve(
     if not 0 < port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {port}")
     _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, options=engine)
+
+
+@app.command()
+def ps(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(11435, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMCLI_API_KEY"),
+    as_json: bool = typer.Option(False, "--json", help="print the server's /api/ps answer"),
+):
+    """Show the model a running `lmcli serve` holds in memory (its Ollama-style /api/ps)."""
+    import urllib.error
+    import urllib.request
+
+    from .errors import LmcliError
+
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {port}")
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    url = f"http://{shown}:{port}/api/ps"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = json.loads(r.read(1 << 20))
+        rows = body["models"]
+    except urllib.error.HTTPError as e:
+        raise LmcliError(f"the server at {url} answered {e.code}", hint="pass --api-key" if e.code == 401 else None)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LmcliError(f"no lmcli server answers at {url}", hint="start one with lmcli serve, or pass --port")
+    if as_json:
+        typer.echo(json.dumps(body))
+        return
+    typer.echo(f"{'NAME':<32} {'SIZE':>10} {'CONTEXT':>8}")
+    for m in rows:
+        typer.echo(f"{m['name']:<32} {m['size'] / 2**20:>6.0f} MiB {m['context_length']:>8}")
 
 
 @app.command()

@@ -98,6 +98,9 @@ class Event:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" (max tokens or context)
     stats: RunStats | None = None  # on the final event: what the run did
     tokens: list[int] = field(default_factory=list)  # on the final event: every generated token id
+    # with top_logprobs set: (logprob of token, [(id, logprob) of the most likely ids, best first]), from a
+    # float64 log-softmax of the model's own logits (before penalties, temperature and any grammar)
+    logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
     @property
     def timings(self) -> Timings | None:
@@ -115,21 +118,33 @@ def _held_back(text: str, stops: list[str]) -> int:
     return n
 
 
+def _logprobs(logits: np.ndarray, tok: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """log-softmax in float64: the chosen id's value and the n largest, best first (ties by id)."""
+    z = np.asarray(logits, dtype=np.float64)
+    m = z.max()
+    lse = m + np.log(np.exp(z - m).sum())
+    top = np.argsort(-z, kind="stable")[:n] if n else []
+    return float(z[tok] - lse), [(int(i), float(z[i] - lse)) for i in top]
+
+
 class Generation:
     """One completion of prompt_ids into cache: iterate for Events until EOS, a stop string, max_tokens or a full
     context. The final event carries the run's statistics; stats() gives them for a run cut short as well.
 
     ignore_eos masks the end-of-text tokens out of sampling (llama.cpp's --ignore-eos).
+    constraint (lmcli.structured.Constraint) masks what a grammar forbids and ends the run when it is complete.
+    top_logprobs: None for no log-probabilities, else how many alternatives each token event lists.
     """
 
     def __init__(self, transformer, tokenizer, sampler: Sampler, cache, prompt_ids: list[int], *, max_tokens: int,
-                 stop: list[str] | None = None, ignore_eos: bool = False):
+                 stop: list[str] | None = None, ignore_eos: bool = False, constraint=None,
+                 top_logprobs: int | None = None):
         self.transformer, self.prompt_tokens = transformer, len(prompt_ids)
         self.out_ids: list[int] = []
         self.decode_steps = 0  # single-token forward passes
         self._marks: list = []  # (time, engine counters) at the start, after the prompt, at the end
         self._events = self._run(tokenizer, sampler, cache, list(prompt_ids), max_tokens,
-                                 [s for s in (stop or []) if s], ignore_eos)
+                                 [s for s in (stop or []) if s], ignore_eos, constraint, top_logprobs)
 
     def __iter__(self) -> Iterator[Event]:
         return self
@@ -156,7 +171,8 @@ class Generation:
         return RunStats(finish_reason, tm, pre.hist if moe else None, dec.hist if moe else None,
                         tr.expert_cache_stats(), tr.routing_trace(c0.traced)[: c2.traced - c0.traced])
 
-    def _run(self, tokenizer, sampler, cache, history, max_tokens, stops, ignore_eos) -> Iterator[Event]:
+    def _run(self, tokenizer, sampler, cache, history, max_tokens, stops, ignore_eos, constraint,
+             top_logprobs) -> Iterator[Event]:
         tr, out_ids = self.transformer, self.out_ids
         self._mark()
         logits = tr.forward(history, cache)[-1]
@@ -167,27 +183,36 @@ class Generation:
         stopped_by_string = False
         eos = np.fromiter(tokenizer.eos_ids, dtype=np.int64)
         while len(out_ids) < max_tokens:
+            if constraint is not None and constraint.stopped:  # the document is complete
+                finish = "stop"
+                break
+            raw = logits
+            if constraint is not None:
+                logits = constraint.mask(logits)
             if ignore_eos and eos.size:
                 logits = logits.copy()
                 logits[eos] = -np.inf
-            tok = sampler(logits, history)
+            tok = sampler(logits, history, out_ids)
             if tok in tokenizer.eos_ids:
                 finish = "stop"
                 break
+            if constraint is not None:
+                constraint.accept(tok)
+            lp = _logprobs(raw, tok, top_logprobs) if top_logprobs is not None else None
             out_ids.append(tok)
             history.append(tok)
             text += dec.push(tok)
             hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if hit >= 0:
-                if hit:
-                    yield Event(tok, text[:hit])
+                if hit or lp is not None:
+                    yield Event(tok, text[:hit], logprobs=lp)
                 text = ""
                 finish = "stop"
                 stopped_by_string = True
                 break
             keep = _held_back(text, stops)
             piece, text = text[: len(text) - keep], text[len(text) - keep:]
-            yield Event(tok, piece)
+            yield Event(tok, piece, logprobs=lp)
             if len(out_ids) >= max_tokens or cache.n_past >= cache.n_ctx:
                 break
             logits = tr.forward([tok], cache)[-1]

@@ -1,4 +1,5 @@
-"""Sampling: greedy at temperature 0, else repeat penalty -> temperature -> top-k -> top-p -> min-p, seeded."""
+"""Sampling: penalties (repeat, presence, frequency), then greedy at temperature 0, else temperature -> top-k ->
+top-p -> min-p, seeded."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class SamplerParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every id already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time an id was generated
 
     def validate(self) -> "SamplerParams":
         """Raise UsageError for values outside their range (never clamp silently)."""
@@ -29,6 +32,8 @@ class SamplerParams:
         finite("top-p", self.top_p, 0.0, 1.0)
         finite("min-p", self.min_p, 0.0, 1.0)
         finite("repeat-penalty", self.repeat_penalty, 0.0, 100.0)
+        finite("presence-penalty", self.presence_penalty, -2.0, 2.0)
+        finite("frequency-penalty", self.frequency_penalty, -2.0, 2.0)
         if self.repeat_penalty == 0:
             raise UsageError("--repeat-penalty must be positive")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -47,7 +52,10 @@ class Sampler:
         self.p = params.validate()
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> int:
+    def __call__(self, logits: np.ndarray, history: list[int] | None = None,
+                 generated: list[int] | None = None) -> int:
+        """history: prompt and generated ids (the repeat penalty's window); generated: the completion's ids alone
+        (the presence and frequency penalties count only those, as OpenAI's do)."""
         p = self.p
         z = np.asarray(logits, dtype=np.float64).copy()
         if p.repeat_penalty != 1.0 and history:
@@ -56,6 +64,9 @@ class Sampler:
             if recent.size:
                 v = z[recent]
                 z[recent] = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and generated:
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            z[ids] -= p.frequency_penalty * counts + p.presence_penalty
         if p.temp == 0:
             return int(np.argmax(z))
         idx = np.argsort(-z, kind="stable")

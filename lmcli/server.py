@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -46,7 +46,9 @@ MAX_TOKENS_LIMIT = 1 << 20  # the largest context lmcli.api accepts
 RETRY_AFTER_S = 2
 RECENT_REQUESTS = 256  # per-request counters kept in app.state.stats
 # Request fields lmcli cannot honour: refused rather than silently ignored.
-UNSUPPORTED = ("tools", "functions", "logit_bias", "top_logprobs", "suffix", "response_format")
+UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LEGACY_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 # --- errors in OpenAI's shape ---------------------------------------------------------------
@@ -92,6 +94,8 @@ class GenRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool  # an extension llama.cpp's and vLLM's servers share
+    json_schema: dict | None = None  # constrained decoding: the answer is a document this schema accepts
+    top_logprobs: int | None = None  # None: no logprobs; else alternatives per token (chat's logprobs: true)
 
 
 def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
@@ -165,23 +169,61 @@ def _stop(v: Any) -> list[str]:
     return [s for s in stops if s]
 
 
+def checked_schema(schema: Any, param: str) -> dict | bool:
+    """A JSON schema constrained decoding can follow (compiled once here to tell the client at once); else 400."""
+    from .structured import schema_grammar
+
+    if not isinstance(schema, (dict, bool)):
+        raise _bad(f"{param} must be a JSON schema object", param)
+    try:
+        schema_grammar(schema)
+    except UsageError as e:
+        raise _bad(f"{param}: {e}", param) from None
+    return schema
+
+
+def _response_format(v: Any) -> dict | bool | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema with its schema."""
+    from .structured import JSON_OBJECT
+
+    if v is None:
+        return None
+    kind = v.get("type") if isinstance(v, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT
+    if kind == "json_schema":
+        js = v.get("json_schema")
+        if not isinstance(js, dict):
+            raise _bad("response_format.json_schema must be an object", "response_format")
+        return JSON_OBJECT if js.get("schema") is None else checked_schema(js["schema"], "response_format")
+    raise _bad("response_format.type must be text, json_object or json_schema", "response_format")
+
+
+def _top_logprobs(body: dict, kind: str) -> int | None:
+    """Chat: logprobs true (with top_logprobs alternatives); text completions: logprobs, the alternatives' count."""
+    if kind != "chat":
+        if body.get("top_logprobs") is not None:
+            raise _bad("top_logprobs is a chat field (completions take logprobs: N)", "top_logprobs")
+        return _integer(body, "logprobs", 0, MAX_LEGACY_LOGPROBS)
+    on = _flag(body, "logprobs")
+    n = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if n is not None and not on:
+        raise _bad("top_logprobs requires logprobs to be true", "top_logprobs")
+    return (n or 0) if on else None
+
+
 def parse_request(body: dict, kind: str) -> GenRequest:
     """Validate a /v1/chat/completions (kind "chat") or /v1/completions ("text") body; ApiError 400 if wrong."""
     for name in UNSUPPORTED:
-        v = body.get(name)
-        if v not in (None, [], {}, "") and not (name == "response_format" and isinstance(v, dict)
-                                                 and v.get("type") == "text"):
+        if body.get(name) not in (None, [], {}, ""):
             raise _bad(f"{name} is not supported by this server", name)
-    if body.get("logprobs") not in (None, False, 0):
-        raise _bad("logprobs are not supported by this server", "logprobs")
     if body.get("echo") not in (None, False):
         raise _bad("echo is not supported by this server", "echo")
     for name in ("n", "best_of"):
         if _integer(body, name, 1, 1 << 20) not in (None, 1):
             raise _bad(f"{name} must be 1 (one choice per request)", name)
-    for name in ("frequency_penalty", "presence_penalty"):
-        if _number(body, name, -2.0, 2.0) not in (None, 0.0):
-            raise _bad(f"{name} is not supported (use repeat_penalty)", name)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad("model must be a string", "model")
@@ -206,6 +248,8 @@ def parse_request(body: dict, kind: str) -> GenRequest:
         "repeat_penalty": _number(body, "repeat_penalty", 0.0, 10.0, lo_open=True),
         "top_k": _integer(body, "top_k", 0, MAX_TOKENS_LIMIT),
         "seed": _integer(body, "seed", 0, 2**64 - 1),
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0),
     }
     stream = _flag(body, "stream")
     so = body.get("stream_options")
@@ -217,13 +261,16 @@ def parse_request(body: dict, kind: str) -> GenRequest:
     # chat_template (and chat_template_kwargs) in a request are ignored: templates come only from the model.
     return GenRequest(kind=kind, model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
                       stop=_stop(body.get("stop")), sampling={k: v for k, v in sampling.items() if v is not None},
-                      stream=stream, include_usage=include_usage, ignore_eos=_flag(body, "ignore_eos"))
+                      stream=stream, include_usage=include_usage, ignore_eos=_flag(body, "ignore_eos"),
+                      json_schema=_response_format(body.get("response_format")),
+                      top_logprobs=_top_logprobs(body, kind))
 
 
 # --- the Ollama API: its bodies translated to the same requests, its answers NDJSON ------------------------
 
 _OLLAMA_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                   "seed": "seed", "repeat_penalty": "repeat_penalty", "num_predict": "max_tokens", "stop": "stop"}
+                   "seed": "seed", "repeat_penalty": "repeat_penalty", "num_predict": "max_tokens", "stop": "stop",
+                   "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 
 
 def ollama_request(body: dict, kind: str) -> GenRequest:
@@ -235,10 +282,17 @@ def ollama_request(body: dict, kind: str) -> GenRequest:
     unknown = sorted(set(opts) - set(_OLLAMA_OPTIONS) - {"num_ctx"})
     if unknown:
         raise _bad(f"option {unknown[0]!r} is not supported by this server", f"options.{unknown[0]}")
-    for name in ("format", "tools", "images"):
+    for name in ("tools", "images"):
         if body.get(name) not in (None, [], ""):
             raise _bad(f"{name} is not supported by this server", name)
     oa = {_OLLAMA_OPTIONS[k]: v for k, v in opts.items() if k in _OLLAMA_OPTIONS}
+    fmt = body.get("format")
+    if fmt == "json":
+        oa["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        oa["response_format"] = {"type": "json_schema", "json_schema": {"schema": checked_schema(fmt, "format")}}
+    elif fmt not in (None, ""):
+        raise _bad('format must be "json" or a JSON schema object', "format")
     if oa.get("max_tokens") in (-1, -2):
         oa.pop("max_tokens")  # Ollama's "until the context is full"
     oa.update(model=body.get("model"), stream=body.get("stream", True))
@@ -256,17 +310,22 @@ def ollama_request(body: dict, kind: str) -> GenRequest:
             kind = "chat"
             oa["messages"] = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]
-    return parse_request(oa, kind)
+    req = parse_request(oa, kind)
+    on = _flag(body, "logprobs")  # Ollama's: top-level logprobs and top_logprobs, for chat and generate alike
+    n = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    return replace(req, top_logprobs=(n or 0) if on else None)
 
 
 def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, finish: str | None = None,
-                use: dict | None = None, seconds: float = 0.0) -> dict:
+                use: dict | None = None, seconds: float = 0.0, logprobs: list[dict] | None = None) -> dict:
     """One NDJSON object of an Ollama answer: a piece of text, or (done) the last with the counts."""
     obj = {"model": model, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")}
     if shape == "chat":
         obj["message"] = {"role": "assistant", "content": piece}
     else:
         obj["response"] = piece
+    if logprobs is not None:
+        obj["logprobs"] = logprobs
     obj["done"] = done
     if done:
         use = use or {}
@@ -277,28 +336,46 @@ def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, fin
 
 # --- responses in OpenAI's shape ------------------------------------------------------------------
 
-def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, use: dict) -> dict:
-    """A whole (non-streamed) chat.completion or text_completion object."""
+def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, use: dict,
+                    logprobs: list[dict] | None = None) -> dict:
+    """A whole (non-streamed) chat.completion or text_completion object; logprobs: chat's content entries."""
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                   "finish_reason": finish}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [choice], "usage": use}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": use}
+            "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                         "logprobs": None if logprobs is None else legacy_logprobs(logprobs)}], "usage": use}
+
+
+def legacy_logprobs(entries: list[dict], offset: int = 0) -> dict:
+    """/v1/completions' logprobs from chat-shaped entries: parallel lists, alternatives as {text: logprob}, and
+    each token's character offset in the completion (offset: the characters before these tokens)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def chunk_body(kind: str, rid: str, created: int, model: str, *, delta: dict | None = None, text: str = "",
-               finish: str | None = None, use: dict | None = None, usage_slot: bool = False) -> dict:
+               finish: str | None = None, use: dict | None = None, usage_slot: bool = False,
+               logprobs: list[dict] | None = None, offset: int = 0) -> dict:
     """One streamed chunk; with use (and no delta) the final usage chunk, whose choices are empty."""
     obj = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
            "created": created, "model": model}
     if use is not None:
         obj["choices"] = []
     elif kind == "chat":
-        obj["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+        obj["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish,
+                           "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}]
     else:
-        obj["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+        obj["choices"] = [{"index": 0, "text": text, "finish_reason": finish,
+                           "logprobs": None if logprobs is None else legacy_logprobs(logprobs, offset)}]
     if use is not None or usage_slot:
         obj["usage"] = use
     return obj
@@ -322,6 +399,20 @@ class RequestStat:
     tokens: int = 0  # completion tokens generated so far
     finish_reason: str | None = None  # stop | length | cancelled (the client went away) | error | rejected
     done: bool = False  # the worker is finished with it
+    tokens_at_cancel: int | None = None  # tokens when the cancel came (the client left): how late the stop was
+
+
+class Cancel(threading.Event):
+    """A request's cancel flag; notes how many tokens were out when it was first set."""
+
+    def __init__(self, stat: RequestStat):
+        super().__init__()
+        self.stat = stat
+
+    def set(self) -> None:
+        if not self.is_set():
+            self.stat.tokens_at_cancel = self.stat.tokens
+        super().set()
 
 
 @dataclass
@@ -333,6 +424,24 @@ class Stats:
     rejected: int = 0  # answered 503
     tokens: int = 0  # completion tokens generated since start
     requests: OrderedDict = field(default_factory=OrderedDict)  # id -> RequestStat
+    # totals since start for /metrics: requests by how they ended, prompt tokens, seconds of prefill and decode
+    finished: dict = field(default_factory=dict)  # finish_reason -> requests
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0  # completion tokens that came from decode steps (the first comes from the prefill)
+    last_decode_tps: float = 0.0
+
+    def ended(self, st: RequestStat, timings=None) -> None:
+        """Count a finished request (the worker's thread), with its timings when it ran."""
+        self.finished[st.finish_reason] = self.finished.get(st.finish_reason, 0) + 1
+        if timings is not None:
+            self.prompt_tokens += timings.prompt_tokens
+            self.prefill_s += timings.prefill_s
+            self.decode_s += timings.decode_s
+            self.decode_tokens += max(timings.completion_tokens - 1, 0)
+            if timings.decode_tps:
+                self.last_decode_tps = timings.decode_tps
 
     def new(self, kind: str, model: str) -> RequestStat:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
@@ -435,9 +544,25 @@ class Engine:
             self._log(f"lmcli: loaded {target.id} in {time.perf_counter() - t0:.1f} s (context {self.model.n_ctx})")
         return self.model
 
+    def warm_up(self, target: Target) -> float:
+        """Load target and run one tiny generation (a 2-token prefill and a decode step), so that the first
+        request does not pay for compiling kernels or faulting in pages; returns its seconds."""
+        from .sampling import SamplerParams
+
+        model = self.get_model(target)
+        t0 = time.perf_counter()
+        bos = model.tokenizer.bos_id
+        ids = [bos if bos is not None else 0, 1 if bos != 1 else 2]
+        cache = model.transformer.new_cache(8)
+        for _ in model.generate(ids, max_tokens=2, sampler=SamplerParams(temp=0.0), cache=cache, ignore_eos=True):
+            pass
+        return time.perf_counter() - t0
+
     def run(self, job: Job) -> None:
-        """Generate for job, emitting ("start", n_prompt), ("text", piece)..., ("end", finish, usage)."""
+        """Generate for job, emitting ("start", n_prompt), ("text", piece, logprob entries)..., ("end", finish,
+        usage)."""
         st = job.stat
+        timings = None  # the run's, once it has run
         try:
             if job.cancel.is_set():
                 st.finish_reason = "cancelled"
@@ -458,25 +583,34 @@ class Engine:
             params = _sampler(job.target.id, req.sampling)
             st.prompt_tokens = len(ids)
             job.emit(("start", len(ids)))
-            events = model.generate(ids, max_tokens=limit, stop=req.stop, sampler=params, ignore_eos=req.ignore_eos)
+            events = model.generate(ids, max_tokens=limit, stop=req.stop, sampler=params, ignore_eos=req.ignore_eos,
+                                    json_schema=req.json_schema, top_logprobs=req.top_logprobs)
+            lps: list[dict] = []  # logprob entries of tokens whose text is not out yet
             try:
                 for ev in events:
                     if job.cancel.is_set():  # checked between tokens: the client went away
                         st.finish_reason = "cancelled"
                         break
                     if ev.finish_reason is not None:
+                        if lps:
+                            job.emit(("text", "", lps))
                         self.stats.tokens += ev.timings.completion_tokens - st.tokens
                         st.tokens = ev.timings.completion_tokens
+                        timings = ev.timings
                         st.finish_reason = ev.finish_reason
                         job.emit(("end", ev.finish_reason, ev.stats.usage()))
                         break
                     if ev.token is not None:
                         st.tokens += 1
                         self.stats.tokens += 1
+                    if ev.logprobs is not None:
+                        lps.append(logprob_entry(model.tokenizer, ev.token, ev.logprobs))
                     if ev.text:
-                        job.emit(("text", ev.text))
+                        job.emit(("text", ev.text, lps))
+                        lps = []
             finally:
                 events.close()
+                timings = timings or events.stats().timings
         except ApiError as e:
             st.finish_reason = "error"
             job.emit(("error", e))
@@ -492,7 +626,16 @@ class Engine:
             job.emit(("error", ApiError(500, "the server failed to complete the request (see its log)",
                                         type="server_error")))
         finally:
+            self.stats.ended(st, timings)
             st.done = True
+
+
+def logprob_entry(tokenizer, token: int, lp: tuple) -> dict:
+    """OpenAI's logprobs.content item for one token: its text, log-probability, UTF-8 bytes, alternatives."""
+    def one(t: int, v: float) -> dict:
+        text = tokenizer.decode([t])
+        return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+    return {**one(token, lp[0]), "top_logprobs": [one(t, v) for t, v in lp[1]]}
 
 
 def _sampler(model_id: str, sampling: dict):
@@ -562,6 +705,61 @@ def _target(requested: str | None, default: Target | None) -> Target:
     raise _not_found(requested)
 
 
+# --- /metrics: Prometheus' text format, read from the counters at each scrape ------------------------------
+
+class Metrics:
+    """A prometheus_client collector over Stats and the loaded model (no second copy of any count)."""
+
+    def __init__(self, stats: Stats, engine: Engine):
+        self.stats, self.engine = stats, engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.stats
+        req = CounterMetricFamily("lmcli_requests", "Completion requests by how they ended", labels=["finish_reason"])
+        for reason, n in sorted({**st.finished, "rejected": st.rejected}.items(), key=lambda kv: str(kv[0])):
+            req.add_metric([str(reason)], n)
+        yield req
+        yield CounterMetricFamily("lmcli_prompt_tokens", "Prompt tokens prefilled", value=st.prompt_tokens)
+        yield CounterMetricFamily("lmcli_completion_tokens", "Completion tokens generated", value=st.tokens)
+        yield CounterMetricFamily("lmcli_prefill_seconds", "Seconds spent in prefill", value=st.prefill_s)
+        yield CounterMetricFamily("lmcli_decode_seconds", "Seconds spent in decode steps", value=st.decode_s)
+        yield CounterMetricFamily("lmcli_decode_tokens", "Tokens from decode steps", value=st.decode_tokens)
+        yield GaugeMetricFamily("lmcli_decode_tokens_per_second", "Decode speed of the last request that decoded",
+                                value=st.last_decode_tps)
+        yield GaugeMetricFamily("lmcli_queue_waiting", "Requests admitted and waiting", value=st.waiting)
+        yield GaugeMetricFamily("lmcli_requests_running", "Requests generating now", value=st.running)
+        model = self.engine.model
+        ec = model.transformer.expert_cache_stats() if model is not None else None
+        if ec is not None:
+            yield GaugeMetricFamily("lmcli_expert_cache_hit_ratio", "Expert cache hits over lookups since load",
+                                    value=ec["hit_rate"])
+            yield CounterMetricFamily("lmcli_expert_cache_read_bytes", "Bytes the expert cache read from the file",
+                                      value=ec["bytes_read"])
+
+
+# --- the Ollama API's model views ---------------------------------------------------------------------
+
+def _size_label(n: int) -> str:
+    """Ollama's parameter_size: 135M, 1.5B."""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def ollama_show(info: dict, model: str) -> dict:
+    """Ollama's /api/show answer from lmcli.store.show_info: details, GGUF-style model_info, the template."""
+    arch = info["architecture"]
+    details = {"parent_model": "", "format": "lmcli", "family": arch, "families": [arch],
+               "parameter_size": _size_label(info["parameters"]["total"]), "quantization_level": info["quant"] or ""}
+    ex = info["experts"]
+    model_info = {"general.architecture": arch, "general.parameter_count": info["parameters"]["total"],
+                  f"{arch}.context_length": info["context_length"], f"{arch}.embedding_length": info["n_embd"],
+                  f"{arch}.block_count": info["layers"], f"{arch}.expert_count": ex["n_expert"],
+                  f"{arch}.expert_used_count": ex["n_expert_used"], "tokenizer.ggml.vocab_size": info["vocab_size"]}
+    return {"modelfile": f"FROM {model}\n", "parameters": "", "template": info.get("chat_template") or "",
+            "details": details, "model_info": model_info, "capabilities": ["completion"]}
+
+
 # --- HTTP plumbing: guards, body, log ---------------------------------------------------------------
 
 def _host_name(value: str) -> str | None:
@@ -617,8 +815,14 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
 
+def _client(scope) -> str:
+    c = scope.get("client")
+    return f"{c[0]}:{c[1]}" if c else "-"
+
+
 class AccessLog:
-    """One line per request: method, path, status, tokens, duration (uvicorn's own access log is off)."""
+    """One line per request: UTC time, client address, method, path, status, tokens, duration (uvicorn's own access
+    log is off)."""
 
     def __init__(self, app, log: Callable[[str], None]):
         self.app, self.log = app, log
@@ -638,8 +842,9 @@ class AccessLog:
         finally:
             st = scope.get("lmcli.stat")
             path = "".join(c if c.isprintable() and c != " " else "?" for c in scope["path"])[:200]
-            self.log(f"{scope['method']} {path} {status[0] or 500} {st.tokens if st else 0} tokens "
-                     f"{(time.perf_counter() - t0) * 1000:.0f} ms")
+            now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            self.log(f"{now} {_client(scope)} {scope['method']} {path} {status[0] or 500} {st.tokens if st else 0} "
+                     f"tokens {(time.perf_counter() - t0) * 1000:.0f} ms")
 
 
 async def read_json(request: Request, max_body: int) -> dict:
@@ -690,7 +895,11 @@ class Api:
     """The endpoints; state lives here and in app.state (stats, engine)."""
 
     def __init__(self, default: Target | None, engine: Engine, stats: Stats, max_body: int):
+        from prometheus_client import CollectorRegistry
+
         self.default, self.engine, self.stats, self.max_body = default, engine, stats, max_body
+        self.registry = CollectorRegistry(auto_describe=False)  # this app's own: no process-wide state
+        self.registry.register(Metrics(stats, engine))
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.engine.model_id, "waiting": self.stats.waiting,
@@ -737,6 +946,40 @@ class Api:
                                                    "quantization_level": ""}})
         return JSONResponse({"models": rows})
 
+    async def ollama_show(self, request: Request) -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        from .store import show_info
+
+        body = await read_json(request, self.max_body)
+        name = body.get("model") or body.get("name")  # "name" is the older field
+        if not isinstance(name, str) or not name:
+            raise _bad("model must be a non-empty string", "model")
+        target = _target(name, self.default)
+        try:
+            info = await run_in_threadpool(show_info, target.spec)
+        except ModelNotFound:
+            raise _not_found(name) from None
+        return JSONResponse(ollama_show(info, target.id))
+
+    async def ollama_ps(self, request: Request) -> Response:
+        model, mid = self.engine.model, self.engine.model_id
+        rows = []
+        if model is not None and mid is not None:
+            size = model.path.stat().st_size
+            arch = model.config.arch
+            rows.append({"name": mid, "model": mid, "size": size, "digest": "", "size_vram": 0,
+                         "details": {"parent_model": "", "format": "lmcli", "family": arch, "families": [arch],
+                                     "parameter_size": "", "quantization_level": ""},
+                         "expires_at": "2999-12-31T00:00:00Z",  # kept until another model is asked for
+                         "context_length": model.n_ctx})
+        return JSONResponse({"models": rows})
+
+    async def metrics(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def ollama_version(self, request: Request) -> Response:
         from . import __version__
 
@@ -751,7 +994,7 @@ class Api:
         request.scope["lmcli.stat"] = st
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = Cancel(st)
 
         def emit(item: tuple) -> None:
             try:
@@ -779,20 +1022,22 @@ class Api:
                     return EventStream(self._ndjson(q, job, ollama, arrived), cancel,
                                        media_type="application/x-ndjson")
                 return EventStream(self._events(q, job, created), cancel)
-            pieces = []
+            pieces, lps = [], []
             while True:
                 item = await _next_item(q, watcher)
                 if item[0] == "error":
                     raise item[1]
                 if item[0] == "text":
                     pieces.append(item[1])
+                    lps += item[2]
                 elif item[0] == "end":
                     _, finish, use = item
                     if ollama:
+                        lp = lps if req.top_logprobs is not None else None
                         return JSONResponse(ollama_line(ollama, target.id, "".join(pieces), True, finish, use,
-                                                        time.time() - arrived))
+                                                        time.time() - arrived, lp))
                     return JSONResponse(completion_body(kind, st.id, created, target.id, "".join(pieces), finish,
-                                                        use))
+                                                        use, lps if req.top_logprobs is not None else None))
         except _Gone:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         finally:
@@ -804,13 +1049,16 @@ class Api:
         """Server-sent events for a streamed completion; leaving early (a disconnect) cancels the generation."""
         kind, st, mid, inc = job.req.kind, job.stat, job.target.id, job.req.include_usage
         chunk = partial(chunk_body, kind, st.id, created, mid, usage_slot=inc)
+        offset = 0  # characters of the tokens streamed so far (text completions' text_offset)
         try:
             if kind == "chat":
                 yield sse(chunk(delta={"role": "assistant", "content": ""}))
             while True:
                 item = await q.get()
                 if item[0] == "text":
-                    yield sse(chunk(delta={"content": item[1]}, text=item[1]))
+                    lp = item[2] if job.req.top_logprobs is not None else None
+                    yield sse(chunk(delta={"content": item[1]}, text=item[1], logprobs=lp, offset=offset))
+                    offset += sum(len(e["token"]) for e in lp or [])
                 elif item[0] == "end":
                     _, finish, use = item
                     yield sse(chunk(delta={}, finish=finish))
@@ -832,7 +1080,9 @@ class Api:
             while True:
                 item = await q.get()
                 if item[0] == "text":
-                    yield (json.dumps(ollama_line(shape, mid, item[1]), ensure_ascii=False) + "\n").encode()
+                    lp = item[2] if job.req.top_logprobs is not None else None
+                    yield (json.dumps(ollama_line(shape, mid, item[1], logprobs=lp), ensure_ascii=False)
+                           + "\n").encode()
                 elif item[0] == "end":
                     _, finish, use = item
                     last = ollama_line(shape, mid, "", True, finish, use, time.time() - arrived)
@@ -953,6 +1203,9 @@ def create_app(default_model: str | None, *, api_key: str | None = None, cors_or
         Route("/api/generate", _endpoint(api.ollama_generate), methods=["POST"]),
         Route("/api/tags", _endpoint(api.ollama_tags), methods=["GET"]),
         Route("/api/version", _endpoint(api.ollama_version), methods=["GET"]),
+        Route("/api/show", _endpoint(api.ollama_show), methods=["POST"]),
+        Route("/api/ps", _endpoint(api.ollama_ps), methods=["GET"]),
+        Route("/metrics", _endpoint(api.metrics), methods=["GET"]),
     ]
 
     @contextlib.asynccontextmanager
@@ -1004,8 +1257,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, 
     app = create_app(model, api_key=api_key, cors_origin=cors_origin, max_body=max_body, queue_size=queue_size,
                      options=options, log=log, host=host, **engine)
     engine: Engine = app.state.engine
-    if app.state.default is not None:
-        engine.call(partial(engine.get_model, app.state.default))  # a bad model fails here, before listening
+    if app.state.default is not None:  # a bad model fails here, before listening
+        seconds = engine.call(partial(engine.warm_up, app.state.default))
+        log(f"lmcli: warmed up {app.state.default.id} in {seconds:.1f} s")
     sock = _bind(host, port)
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     what = app.state.default.id if app.state.default else "models from the store"

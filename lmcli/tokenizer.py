@@ -190,6 +190,10 @@ class Tokenizer:
         """Whether the id is a control token (left out by `decode(..., skip_special=True)`)."""
         return token_id in self._special
 
+    def to_json(self) -> str:
+        """The backend as tokenizer.json text (what grammar libraries read to learn each id's bytes)."""
+        return self._backend.to_str()
+
     def stream(self, skip_special: bool = False) -> StreamDecoder:
         """A decoder that turns ids into text one at a time, as they are generated."""
         return StreamDecoder(self, skip_special)

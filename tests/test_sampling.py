@@ -70,8 +70,35 @@ def test_repeat_penalty_divides_positive_and_multiplies_negative_logits_of_recen
     assert Sampler(greedy)(logits2, history=[0]) == 1  # -1.0 * 1.5 < -1.2
 
 
+def test_presence_and_frequency_penalties_follow_openais_formula_over_the_generated_tokens():
+    # OpenAI: mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty, c[j] = times j was generated
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        logits = rng.standard_normal(12).astype(np.float32)
+        generated = list(rng.integers(0, 12, rng.integers(0, 8)))
+        prompt = list(rng.integers(0, 12, 5))  # never counted
+        fp, pp = rng.uniform(-2, 2), rng.uniform(-2, 2)
+        c = np.bincount(np.asarray(generated, dtype=np.int64), minlength=12)
+        ref = logits.astype(np.float64) - c * fp - (c > 0) * pp
+        s = Sampler(SamplerParams(temp=0.0, frequency_penalty=fp, presence_penalty=pp))
+        assert s(logits, prompt + generated, generated) == int(np.argmax(ref))
+
+
+def test_penalties_shape_the_sampled_distribution_too():
+    logits = np.array([1.0, 1.0, 0.0], np.float32)
+    p = SamplerParams(temp=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=6, frequency_penalty=0.5, presence_penalty=0.25)
+    s = Sampler(p)
+    counts = np.zeros(3)
+    for _ in range(20000):
+        counts[s(logits, [0, 0], [0, 0])] += 1
+    ref = _softmax(np.array([1.0 - 2 * 0.5 - 0.25, 1.0, 0.0]))
+    assert np.abs(counts / 20000 - ref).max() < 0.015
+
+
 @pytest.mark.parametrize("kw", [{"temp": -1.0}, {"temp": float("nan")}, {"top_p": 1.5}, {"min_p": -0.1},
-                                {"top_k": -3}, {"repeat_penalty": 0.0}, {"seed": -1}])
+                                {"top_k": -3}, {"repeat_penalty": 0.0}, {"seed": -1},
+                                {"presence_penalty": 2.5}, {"frequency_penalty": -3.0},
+                                {"frequency_penalty": float("inf")}])
 def test_out_of_range_parameters_are_usage_errors(kw):
     with pytest.raises(UsageError):
         Sampler(SamplerParams(**kw))

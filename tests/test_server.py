@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime
 import json
 import os
+import re
 import socket
 import threading
 import time
 
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -144,6 +147,60 @@ def test_include_usage_ends_the_stream_with_a_usage_chunk(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+# Log-probabilities: the reference is a float64 log-softmax of the library's logits over the whole sequence in one
+# forward; the server's come from step-by-step decoding (measured: equal within 3e-15 on SmolLM2).
+LOGPROB_TOL = 1e-6
+
+
+def _log_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def test_chat_logprobs_are_the_log_softmax_of_the_models_logits(client, ref):
+    ids = ref.chat_ids(QUESTION)
+    _, final = _ref_generate(ref, ids, 10)
+    gen = final.tokens
+    lz = _log_softmax(ref.logits(ids + gen)[len(ids) - 1: len(ids) - 1 + len(gen)])  # row k predicts gen[k]
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=10,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [ref.detokenize([t]) for t in gen]
+    for k, (c, t) in enumerate(zip(content, gen)):
+        top = np.argsort(-lz[k], kind="stable")[:3]
+        assert abs(c.logprob - lz[k, t]) < LOGPROB_TOL
+        assert [a.token for a in c.top_logprobs] == [ref.detokenize([i]) for i in top]
+        assert np.abs(np.array([a.logprob for a in c.top_logprobs]) - lz[k, top]).max() < LOGPROB_TOL
+        assert c.bytes == list(c.token.encode())
+    chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=10,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [c.model_dump() for c in content]
+    plain = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=10)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_without_alternatives_and_top_logprobs_alone(client, main):
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=3, logprobs=True)
+    assert len(r.choices[0].logprobs.content) == 3 and all(c.top_logprobs == [] for c in r.choices[0].logprobs.content)
+    body = {"model": "smollm2", "messages": QUESTION, "top_logprobs": 2}
+    r = httpx.post(f"{main[0]}/v1/chat/completions", json=body, headers=_auth(), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_penalties_change_a_greedy_answer_as_the_sampler_does(client, ref):
+    """A penalty strong enough changes the text; the server's equals the library's with the same penalties."""
+    msgs = [{"role": "user", "content": "Repeat the word 'yes' ten times."}]
+    base, _ = _ref_generate(ref, ref.chat_ids(msgs), 20)
+    evs = list(ref.generate(ref.chat_ids(msgs), max_tokens=20,
+                            sampler=SamplerParams(temp=0.0, frequency_penalty=1.5, presence_penalty=0.5)))
+    want = "".join(e.text for e in evs)
+    r = client.chat.completions.create(model="smollm2", messages=msgs, temperature=0, max_tokens=20,
+                                       frequency_penalty=1.5, presence_penalty=0.5)
+    assert r.choices[0].message.content == want != base
+
+
 def test_model_list_has_the_store_and_the_default(client, lmcli_home):
     from lmcli.store import list_models
 
@@ -266,6 +323,8 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, main)
         assert time.monotonic() < deadline, "the generation did not stop"
         time.sleep(0.01)
     assert stat.finish_reason == "cancelled" and stat.tokens < 150  # of 1500 asked for
+    # within one step: at most the token whose forward pass was under way when the disconnect came
+    assert stat.tokens_at_cancel is not None and stat.tokens - stat.tokens_at_cancel <= 1
 
 
 def test_a_client_that_gives_up_on_a_whole_answer_stops_the_generation(main):
@@ -279,16 +338,23 @@ def test_a_client_that_gives_up_on_a_whole_answer_stops_the_generation(main):
         assert time.monotonic() < deadline, "the generation did not stop"
         time.sleep(0.01)
     assert stat.finish_reason == "cancelled" and stat.tokens < 1000
+    assert stat.tokens_at_cancel is not None and stat.tokens - stat.tokens_at_cancel <= 1
 
 
 def test_each_request_logs_one_line(client, log_lines):
     n = len(log_lines)
+    t0 = datetime.datetime.now(datetime.timezone.utc)
     client.completions.create(model="smollm2", prompt="Hi", temperature=0, max_tokens=3)
     deadline = time.monotonic() + 5  # the line is written once the response has gone out
-    while not any(line.startswith("POST /v1/completions 200 3 tokens ") for line in log_lines[n:]):
+    line_re = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) 127\.0\.0\.1:\d+ "
+                         r"POST /v1/completions 200 3 tokens \d+ ms")
+    while not any(line_re.fullmatch(line) for line in log_lines[n:]):
         assert time.monotonic() < deadline, log_lines[n:]
         time.sleep(0.01)
     assert all(line.endswith(" ms") for line in log_lines[n:])
+    when = next(line_re.fullmatch(x) for x in log_lines[n:] if line_re.fullmatch(x)).group(1)
+    at = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    assert t0 - datetime.timedelta(seconds=1) <= at <= datetime.datetime.now(datetime.timezone.utc)
 
 
 # --- abuse -------------------------------------------------------------------------------------------
@@ -351,6 +417,9 @@ def test_a_streamed_body_without_a_length_is_cut_at_the_cap(main):
     ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -0.1), ("temperature", 2.5),
     ("temperature", "0.5"), ("top_p", 0), ("top_p", 1.5), ("seed", 1.5), ("seed", -1), ("seed", "42"),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", 7), ("n", 2), ("stream", "yes"), ("messages", []),
+    ("frequency_penalty", 2.5), ("presence_penalty", "1"), ("logprobs", "yes"), ("response_format", {"type": "xml"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}),
+    ("top_logprobs", 21),
 ])
 def test_bad_parameters_are_400(main, field, value):
     body = {"model": "smollm2", "messages": QUESTION, field: value}
@@ -449,3 +518,153 @@ def test_ollama_streams_ndjson_by_default_as_ollama_does(busy):
     assert [x["done"] for x in lines] == [False] * (len(lines) - 1) + [True] and len(lines) >= 2
     assert lines[-1]["eval_count"] == 3 and lines[-1]["done_reason"] == "length" and "response" in lines[0]
     assert httpx.get(f"{url}/api/version", timeout=10).json()["version"]
+
+
+def test_ollama_show_and_ps_describe_the_model(busy, smol_gguf):
+    import ollama
+    from gguf import GGUFReader
+
+    url, _ = busy
+    client = ollama.Client(host=url, timeout=120)
+    client.generate(model="smollm2", prompt="Hi", options={"num_predict": 1})  # loaded now
+    show = client.show("smollm2")
+    r = GGUFReader(str(smol_gguf))  # the reference: the GGUF the store entry was imported from
+    field = lambda k: r.fields[k].contents()  # noqa: E731
+    arch = field("general.architecture")
+    info = show.modelinfo
+    assert show.details.family == arch == info["general.architecture"]
+    assert info[f"{arch}.context_length"] == field(f"{arch}.context_length")
+    assert info[f"{arch}.block_count"] == field(f"{arch}.block_count")
+    assert info[f"{arch}.embedding_length"] == field(f"{arch}.embedding_length")
+    assert show.template == field("tokenizer.chat_template") and show.details.parameter_size == "135M"
+    with pytest.raises(ollama.ResponseError):
+        client.show("no-such-model")
+    ps = client.ps().models
+    assert [m.model for m in ps] == ["smollm2"] and ps[0].size > 0 and ps[0].context_length == 512
+
+
+def _scrape(url):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics_count_requests_tokens_and_queue(busy):
+    url, _ = busy
+    before = _scrape(url)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 7, "temperature": 0},
+                   timeout=60).json()
+    after = _scrape(url)
+    length = ("lmcli_requests_total", (("finish_reason", "length"),))
+    assert after[length] - before.get(length, 0) == 1
+    done = after[("lmcli_completion_tokens_total", ())] - before[("lmcli_completion_tokens_total", ())]
+    assert done == r["usage"]["completion_tokens"] == 7
+    prompt = after[("lmcli_prompt_tokens_total", ())] - before[("lmcli_prompt_tokens_total", ())]
+    assert prompt == r["usage"]["prompt_tokens"]
+    assert after[("lmcli_decode_tokens_total", ())] - before[("lmcli_decode_tokens_total", ())] == 6
+    assert after[("lmcli_decode_seconds_total", ())] > before[("lmcli_decode_seconds_total", ())]
+    assert after[("lmcli_decode_tokens_per_second", ())] > 0
+    assert after[("lmcli_queue_waiting", ())] == 0 and after[("lmcli_requests_running", ())] == 0
+
+
+def test_serve_warms_up_before_it_listens(lmcli_home):
+    lines = []
+    seen = threading.Event()
+
+    def log(line):
+        lines.append(line)
+        if "serving" in line:
+            seen.set()
+            raise KeyboardInterrupt  # stop serve() right after it has bound, before it serves
+    with pytest.raises(KeyboardInterrupt):
+        serve("smollm2", port=0, n_ctx=256, log=log)
+    assert seen.is_set()
+    warm = [i for i, x in enumerate(lines) if x.startswith("lmcli: warmed up smollm2 in ")]
+    assert warm and warm[0] < next(i for i, x in enumerate(lines) if "serving" in x)
+
+
+def test_lmcli_ps_lists_what_the_server_holds(busy, lmcli_home):
+    import subprocess
+    import sys
+
+    url, _ = busy
+    httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+    port = url.rsplit(":", 1)[1]
+    env = dict(os.environ, LMCLI_HOME=str(lmcli_home))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lmcli.cli", "ps", *a], capture_output=True,  # noqa: E731
+                                    text=True, env=env, timeout=120)
+    r = run("--port", port)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert rows[0].split() == ["NAME", "SIZE", "CONTEXT"] and rows[1].split()[0] == "smollm2"
+    assert rows[1].split()[-1] == "512"
+    assert json.loads(run("--port", port, "--json").stdout) == httpx.get(f"{url}/api/ps", timeout=10).json()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        free = str(s.getsockname()[1])
+    r = run("--port", free)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.startswith("error: no lmcli server answers")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_metrics_report_the_expert_cache_of_an_moe_model(tmp_path, lmcli_home):
+    from quant.synthetic import write_synthetic_moe
+
+    p = tmp_path / "moe.lmc"
+    write_synthetic_moe(p, n_layer=2, n_embd=256, n_ff_exp=512, n_expert=8, n_head=4, n_head_kv=2, vocab=512)
+    app = create_app(str(p), n_ctx=128, expert_cache_mib=3, log=lambda line: None)
+    with running(app) as url:
+        assert ("lmcli_expert_cache_hit_ratio", ()) not in _scrape(url)  # nothing loaded yet
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "a b c", "max_tokens": 8, "temperature": 0},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        m = _scrape(url)
+        st = app.state.engine.model.transformer.expert_cache.stats  # hits and misses per layer
+        hits, lookups = int(st.hits.sum()), int(st.hits.sum() + st.misses.sum())
+        assert lookups > 0 and m[("lmcli_expert_cache_hit_ratio", ())] == pytest.approx(hits / lookups, abs=1e-4)
+        assert m[("lmcli_expert_cache_read_bytes_total", ())] == st.bytes_read > 0
+
+
+def test_ollama_logprobs_are_the_log_softmax_of_the_models_logits(busy, ref):
+    import ollama
+
+    url, _ = busy
+    client = ollama.Client(host=url, timeout=120)
+    ids = ref.chat_ids(QUESTION)
+    _, final = _ref_generate(ref, ids, 6)
+    gen = final.tokens
+    lz = _log_softmax(ref.logits(ids + gen)[len(ids) - 1: len(ids) - 1 + len(gen)])
+    opts = {"temperature": 0, "num_predict": 6}
+    r = client.chat(model="smollm2", messages=QUESTION, options=opts, logprobs=True, top_logprobs=2)
+    assert [x.token for x in r.logprobs] == [ref.detokenize([t]) for t in gen]
+    for k, (x, t) in enumerate(zip(r.logprobs, gen)):
+        top = np.argsort(-lz[k], kind="stable")[:2]
+        assert abs(x.logprob - lz[k, t]) < LOGPROB_TOL
+        assert [a.token for a in x.top_logprobs] == [ref.detokenize([i]) for i in top]
+    parts = list(client.chat(model="smollm2", messages=QUESTION, options=opts, logprobs=True, top_logprobs=2,
+                             stream=True))
+    assert [x.model_dump() for p in parts for x in (p.logprobs or [])] == [x.model_dump() for x in r.logprobs]
+    assert client.chat(model="smollm2", messages=QUESTION, options=opts).logprobs is None
+
+
+def test_text_completion_logprobs_in_the_legacy_shape(client, ref):
+    prompt = "The three primary colors are"
+    ids = ref.tokenize(prompt)
+    _, final = _ref_generate(ref, ids, 6)
+    gen = final.tokens
+    lz = _log_softmax(ref.logits(ids + gen)[len(ids) - 1: len(ids) - 1 + len(gen)])
+    r = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=6, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [ref.detokenize([t]) for t in gen] and "".join(lp.tokens) == r.choices[0].text
+    assert np.abs(np.array(lp.token_logprobs) - lz[np.arange(len(gen)), gen]).max() < LOGPROB_TOL
+    for k, alts in enumerate(lp.top_logprobs):
+        top = np.argsort(-lz[k], kind="stable")[:3]
+        assert alts == pytest.approx({ref.detokenize([i]): lz[k, i] for i in top}, abs=LOGPROB_TOL)
+    assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(gen))]
+    chunks = list(client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=6, logprobs=3,
+                                            stream=True))
+    got = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((g.tokens for g in got), []) == lp.tokens and sum((g.text_offset for g in got), []) == lp.text_offset
