@@ -46,7 +46,7 @@ MAX_TOKENS_LIMIT = 1 << 20  # the largest context lmcli.api accepts
 RETRY_AFTER_S = 2
 RECENT_REQUESTS = 256  # per-request counters kept in app.state.stats
 # Request fields lmcli cannot honour: refused rather than silently ignored.
-UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
+UNSUPPORTED = ("functions", "logit_bias", "suffix")
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LEGACY_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
@@ -96,6 +96,8 @@ class GenRequest:
     ignore_eos: bool  # an extension llama.cpp's and vLLM's servers share
     json_schema: dict | None = None  # constrained decoding: the answer is a document this schema accepts
     top_logprobs: int | None = None  # None: no logprobs; else alternatives per token (chat's logprobs: true)
+    tools: list[dict] | None = None  # OpenAI tools the model may call (lmcli.tools)
+    call_schema: dict | None = None  # tool_choice required or named: the call itself is constrained to this
 
 
 def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
@@ -154,7 +156,12 @@ def _messages(v: Any) -> list[dict]:
         if role not in ROLES:
             raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_show(m.get('role'))}",
                        f"messages[{i}].role")
-        out.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
+        msg = {"role": role, "content": _content(m.get("content"), f"messages[{i}].content")}
+        if role == "assistant" and m.get("tool_calls"):  # a call the model made earlier, and (role tool) its result
+            msg["tool_calls"] = m["tool_calls"]
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
     return out
 
 
@@ -258,12 +265,49 @@ def parse_request(body: dict, kind: str) -> GenRequest:
     include_usage = _flag(so or {}, "include_usage")
     if include_usage and not stream:
         raise _bad("stream_options is only allowed when stream is true", "stream_options")
+    tools, call_schema = _tools(body, kind)
     # chat_template (and chat_template_kwargs) in a request are ignored: templates come only from the model.
-    return GenRequest(kind=kind, model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
+    return GenRequest(tools=tools, call_schema=call_schema, kind=kind, model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
                       stop=_stop(body.get("stop")), sampling={k: v for k, v in sampling.items() if v is not None},
                       stream=stream, include_usage=include_usage, ignore_eos=_flag(body, "ignore_eos"),
                       json_schema=_response_format(body.get("response_format")),
                       top_logprobs=_top_logprobs(body, kind))
+
+
+def _tools(body: dict, kind: str) -> tuple[list[dict] | None, dict | None]:
+    """(tools, call schema) of a request: tool_choice auto (the default) lets the model answer or call, the
+    calls parsed from its family's format; required or a named function makes the answer one call, as a JSON
+    object {name, arguments} constrained to the tools' schemas; none leaves the tools out."""
+    from .tools import ToolCallError, check_tools
+
+    raw, choice = body.get("tools"), body.get("tool_choice")
+    if raw in (None, []):
+        if choice not in (None, "none", "auto"):
+            raise _bad("tool_choice needs tools", "tool_choice")
+        return None, None
+    if kind != "chat":
+        raise _bad("tools are for chat completions", "tools")
+    try:
+        tools = check_tools(raw)
+    except ToolCallError as e:
+        raise _bad(str(e), "tools") from None
+    if choice in (None, "auto"):
+        return tools, None
+    if choice == "none":
+        return None, None
+    names = [t["function"]["name"] for t in tools]
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in names:
+            raise _bad(f"tool_choice names {_show(name)}, which is not among the tools", "tool_choice")
+        names = [name]
+    elif choice != "required":
+        raise _bad("tool_choice must be none, auto, required or {type: function, function: {name}}", "tool_choice")
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                               "arguments": t["function"]["parameters"]},
+              "required": ["name", "arguments"], "additionalProperties": False}
+             for t in tools if t["function"]["name"] in names]
+    return tools, checked_schema(calls[0] if len(calls) == 1 else {"anyOf": calls}, "tools")
 
 
 # --- the Ollama API: its bodies translated to the same requests, its answers NDJSON ------------------------
@@ -282,7 +326,7 @@ def ollama_request(body: dict, kind: str) -> GenRequest:
     unknown = sorted(set(opts) - set(_OLLAMA_OPTIONS) - {"num_ctx"})
     if unknown:
         raise _bad(f"option {unknown[0]!r} is not supported by this server", f"options.{unknown[0]}")
-    for name in ("tools", "images"):
+    for name in ("images",):
         if body.get(name) not in (None, [], ""):
             raise _bad(f"{name} is not supported by this server", name)
     oa = {_OLLAMA_OPTIONS[k]: v for k, v in opts.items() if k in _OLLAMA_OPTIONS}
@@ -295,7 +339,7 @@ def ollama_request(body: dict, kind: str) -> GenRequest:
         raise _bad('format must be "json" or a JSON schema object', "format")
     if oa.get("max_tokens") in (-1, -2):
         oa.pop("max_tokens")  # Ollama's "until the context is full"
-    oa.update(model=body.get("model"), stream=body.get("stream", True))
+    oa.update(model=body.get("model"), stream=body.get("stream", True), tools=body.get("tools"))
     if kind == "chat":
         oa["messages"] = body.get("messages")
     else:
@@ -317,11 +361,16 @@ def ollama_request(body: dict, kind: str) -> GenRequest:
 
 
 def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, finish: str | None = None,
-                use: dict | None = None, seconds: float = 0.0, logprobs: list[dict] | None = None) -> dict:
+                use: dict | None = None, seconds: float = 0.0, logprobs: list[dict] | None = None,
+                calls: list[dict] | None = None) -> dict:
     """One NDJSON object of an Ollama answer: a piece of text, or (done) the last with the counts."""
     obj = {"model": model, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")}
     if shape == "chat":
         obj["message"] = {"role": "assistant", "content": piece}
+        if calls:  # Ollama's tool calls carry their arguments as an object
+            obj["message"]["tool_calls"] = [{"function": {"name": c["function"]["name"],
+                                                          "arguments": json.loads(c["function"]["arguments"])}}
+                                            for c in calls]
     else:
         obj["response"] = piece
     if logprobs is not None:
@@ -329,7 +378,7 @@ def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, fin
     obj["done"] = done
     if done:
         use = use or {}
-        obj.update(done_reason=finish, total_duration=int(seconds * 1e9),
+        obj.update(done_reason="stop" if finish == "tool_calls" else finish, total_duration=int(seconds * 1e9),
                    prompt_eval_count=use.get("prompt_tokens", 0), eval_count=use.get("completion_tokens", 0))
     return obj
 
@@ -337,10 +386,14 @@ def ollama_line(shape: str, model: str, piece: str = "", done: bool = False, fin
 # --- responses in OpenAI's shape ------------------------------------------------------------------
 
 def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, use: dict,
-                    logprobs: list[dict] | None = None) -> dict:
-    """A whole (non-streamed) chat.completion or text_completion object; logprobs: chat's content entries."""
+                    logprobs: list[dict] | None = None, calls: list[dict] | None = None) -> dict:
+    """A whole (non-streamed) chat.completion or text_completion object; logprobs: chat's content entries;
+    calls: the tool calls the answer made (OpenAI's shape, lmcli.tools)."""
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+        message = {"role": "assistant", "content": text or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message,
                   "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                   "finish_reason": finish}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
@@ -569,7 +622,7 @@ class Engine:
                 return
             model = self.get_model(job.target)
             req = job.req
-            ids = model.chat_ids(req.messages) if req.kind == "chat" else model.tokenize(req.prompt)
+            ids = model.chat_ids(req.messages, tools=req.tools) if req.kind == "chat" else model.tokenize(req.prompt)
             param = "messages" if req.kind == "chat" else "prompt"
             n_ctx = model.n_ctx
             if not ids:
@@ -584,7 +637,8 @@ class Engine:
             st.prompt_tokens = len(ids)
             job.emit(("start", len(ids)))
             events = model.generate(ids, max_tokens=limit, stop=req.stop, sampler=params, ignore_eos=req.ignore_eos,
-                                    json_schema=req.json_schema, top_logprobs=req.top_logprobs)
+                                    json_schema=req.call_schema or req.json_schema, top_logprobs=req.top_logprobs)
+            split = _CallSplit(model, req)
             lps: list[dict] = []  # logprob entries of tokens whose text is not out yet
             try:
                 for ev in events:
@@ -592,21 +646,25 @@ class Engine:
                         st.finish_reason = "cancelled"
                         break
                     if ev.finish_reason is not None:
-                        if lps:
-                            job.emit(("text", "", lps))
+                        rest, calls = split.finish()
+                        if lps or rest:
+                            job.emit(("text", rest, lps))
+                        if calls:
+                            job.emit(("tools", calls))
                         self.stats.tokens += ev.timings.completion_tokens - st.tokens
                         st.tokens = ev.timings.completion_tokens
                         timings = ev.timings
-                        st.finish_reason = ev.finish_reason
-                        job.emit(("end", ev.finish_reason, ev.stats.usage()))
+                        st.finish_reason = "tool_calls" if calls else ev.finish_reason
+                        job.emit(("end", st.finish_reason, ev.stats.usage()))
                         break
                     if ev.token is not None:
                         st.tokens += 1
                         self.stats.tokens += 1
                     if ev.logprobs is not None:
                         lps.append(logprob_entry(model.tokenizer, ev.token, ev.logprobs))
-                    if ev.text:
-                        job.emit(("text", ev.text, lps))
+                    piece = split.push(ev.text) if ev.text else ""
+                    if piece:
+                        job.emit(("text", piece, lps))
                         lps = []
             finally:
                 events.close()
@@ -628,6 +686,32 @@ class Engine:
         finally:
             self.stats.ended(st, timings)
             st.done = True
+
+
+class _CallSplit:
+    """A chat answer's text as it streams, with any tool calls held back and parsed at the end (lmcli.tools): in
+    the model family's call format (tool_choice auto), or the whole answer one JSON call (required / named)."""
+
+    def __init__(self, model, req: GenRequest):
+        from .tools import StreamSplitter, call_format
+
+        self.req = req
+        self.split = StreamSplitter(call_format(model.chat_template)) if req.tools and not req.call_schema else None
+        self.text = ""
+
+    def push(self, piece: str) -> str:
+        if self.req.call_schema is not None:
+            self.text += piece
+            return ""
+        return self.split.push(piece) if self.split is not None else piece
+
+    def finish(self) -> tuple[str, list[dict]]:
+        from .tools import call_from_json
+
+        if self.req.call_schema is not None:
+            call = call_from_json(self.text)
+            return ("", [call]) if call is not None else (self.text, [])
+        return self.split.finish() if self.split is not None else ("", [])
 
 
 def logprob_entry(tokenizer, token: int, lp: tuple) -> dict:
@@ -1022,7 +1106,7 @@ class Api:
                     return EventStream(self._ndjson(q, job, ollama, arrived), cancel,
                                        media_type="application/x-ndjson")
                 return EventStream(self._events(q, job, created), cancel)
-            pieces, lps = [], []
+            pieces, lps, calls = [], [], []
             while True:
                 item = await _next_item(q, watcher)
                 if item[0] == "error":
@@ -1030,14 +1114,16 @@ class Api:
                 if item[0] == "text":
                     pieces.append(item[1])
                     lps += item[2]
+                elif item[0] == "tools":
+                    calls = item[1]
                 elif item[0] == "end":
                     _, finish, use = item
                     if ollama:
                         lp = lps if req.top_logprobs is not None else None
                         return JSONResponse(ollama_line(ollama, target.id, "".join(pieces), True, finish, use,
-                                                        time.time() - arrived, lp))
+                                                        time.time() - arrived, lp, calls))
                     return JSONResponse(completion_body(kind, st.id, created, target.id, "".join(pieces), finish,
-                                                        use, lps if req.top_logprobs is not None else None))
+                                                        use, lps if req.top_logprobs is not None else None, calls))
         except _Gone:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         finally:
@@ -1059,6 +1145,8 @@ class Api:
                     lp = item[2] if job.req.top_logprobs is not None else None
                     yield sse(chunk(delta={"content": item[1]}, text=item[1], logprobs=lp, offset=offset))
                     offset += sum(len(e["token"]) for e in lp or [])
+                elif item[0] == "tools":  # each call whole in one delta, as OpenAI's stream may send it
+                    yield sse(chunk(delta={"tool_calls": [{"index": i, **c} for i, c in enumerate(item[1])]}))
                 elif item[0] == "end":
                     _, finish, use = item
                     yield sse(chunk(delta={}, finish=finish))
@@ -1083,6 +1171,8 @@ class Api:
                     lp = item[2] if job.req.top_logprobs is not None else None
                     yield (json.dumps(ollama_line(shape, mid, item[1], logprobs=lp), ensure_ascii=False)
                            + "\n").encode()
+                elif item[0] == "tools":
+                    yield (json.dumps(ollama_line(shape, mid, "", calls=item[1]), ensure_ascii=False) + "\n").encode()
                 elif item[0] == "end":
                     _, finish, use = item
                     last = ollama_line(shape, mid, "", True, finish, use, time.time() - arrived)

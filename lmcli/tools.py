@@ -23,10 +23,10 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from .errors import LmcliError
+from .errors import UsageError
 
 
-class ToolCallError(LmcliError):
+class ToolCallError(UsageError):
     """A request's tools or tool messages are malformed."""
 
 
@@ -301,3 +301,13 @@ class StreamSplitter:
         if calls:
             return content if content.strip() else "", calls
         return self._pending, []
+
+
+def call_from_json(text: str) -> dict | None:
+    """A tool call from a whole answer that is one JSON object {name, arguments} (tool_choice required or named,
+    where decoding was constrained to that form); None if it is not one."""
+    try:
+        obj = json.loads(text)
+        return _openai_call(obj["name"], obj["arguments"])
+    except (ValueError, KeyError, TypeError):
+        return None
