@@ -26,7 +26,9 @@ ROPE_SCALINGS = {  # supported kinds and the parameters each needs (transformers
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
-KV_BYTES = 4  # the KV cache holds float32 keys and values (lmcli/engine/cache.py)
+# bytes of one cached number by KV cache type (lmcli/engine/cache.py); f16 by default, as llama.cpp keeps it
+KV_TYPES = {"f16": 2, "f32": 4}
+DEFAULT_KV_TYPE = "f16"
 
 
 @dataclass(frozen=True)
@@ -154,15 +156,28 @@ class ModelConfig:
 
     @property
     def kv_dims(self) -> tuple[int, int, int]:
-        """(KV heads, key dim, value dim) of one layer's cache; MLA caches the decompressed per-head K and V."""
+        """(KV heads, key dim, value dim) of attention as the model defines it (MLA: its decompressed heads)."""
         if self.kv_lora_rank:
             return self.n_head, self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
         return self.n_head_kv, self.head_dim, self.head_dim
 
     @property
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(KV heads, key row, value row) that one layer's cache holds per token. MLA caches one latent row, the
+        normed compressed KV then the shared RoPE key (as transformers' cache and llama.cpp do); its values are
+        the row's first kv_lora_rank entries, so no value row of their own."""
+        if self.kv_lora_rank:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
+        return self.kv_dims
+
+    def kv_bytes(self, kv_type: str = DEFAULT_KV_TYPE) -> int:
+        """KV cache bytes per token with kv_type ("f16" or "f32") numbers."""
+        n_kv, dk, dv = self.cache_dims
+        return self.n_layer * n_kv * (dk + dv) * KV_TYPES[kv_type]
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        n_kv, dk, dv = self.kv_dims
-        return self.n_layer * n_kv * (dk + dv) * KV_BYTES
+        return self.kv_bytes(DEFAULT_KV_TYPE)
 
 
 def _typed(name: str, kind: str, v):
@@ -264,7 +279,7 @@ class TokenCosts:
     expert_bytes: int  # every routed expert of every layer
     dense_bytes_per_token: int  # dense tensors (the token embedding only its one row, unless the head shares it)
     expert_bytes_per_token: int  # top-k of each layer's experts
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # with the cache type token_costs was given (default f16)
     moe_layers: tuple[int, ...]
     bundle_bytes: int  # one expert's gate, up and down of one layer, page aligned: what one cache miss reads
 
@@ -273,7 +288,8 @@ class TokenCosts:
         return self.dense_bytes_per_token + self.expert_bytes_per_token
 
 
-def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | None = None) -> TokenCosts:
+def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | None = None,
+                kv_type: str = DEFAULT_KV_TYPE) -> TokenCosts:
     """Bytes read per token: every dense tensor (the token embedding only its one row, unless the head
     shares it), and top_k (default: the config's) of each expert tensor's n_expert matrices; the parameters
     in all and of one token; the bytes of one expert's bundle, from a container's stride, or for a GGUF file the
@@ -301,5 +317,5 @@ def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | No
         active += n
         dense_all += t.nbytes
         dense_tok += t.nbytes // t.shape[0] if t.name == "token_embd.weight" and not tied else t.nbytes
-    return TokenCosts(total, active, dense_all, expert_all, dense_tok, expert_tok, cfg.kv_bytes_per_token,
+    return TokenCosts(total, active, dense_all, expert_all, dense_tok, expert_tok, cfg.kv_bytes(kv_type),
                       tuple(sorted(bundle)), max((align_up(b, ALIGN) for b in bundle.values()), default=0))

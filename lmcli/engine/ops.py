@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
+from quant.kernels import _f16_row
 from quant.kernels import silu_mul  # noqa: F401 (vector exp; the engine's SwiGLU)
 
 
@@ -71,33 +72,58 @@ def rope(x, pos0, cos, sin, n_rot, interleaved):
                     x[t, h, i + half] = a * s + b * c
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, inline="always")
+def _widen(src, bits, dst):
+    """dst[:n] = the n = len(src) cached numbers as float32: src float32, or uint16 float16 bits (the f16 cache)."""
+    if src.itemsize == 2:
+        _f16_row(src, bits, dst)
+    else:
+        for i in range(src.shape[0]):
+            dst[i] = src[i]
+
+
 def attention(q, kc, vc, pos0, scale, window, out):
     """Causal GQA attention for T queries at positions pos0..pos0+T-1 over the cache.
 
     window > 0: query at position p sees keys p - window + 1 .. p only (sliding-window attention, Mistral).
-    q (T, n_head, Dk); kc (n_head_kv, n_ctx, Dk), vc (n_head_kv, n_ctx, Dv) holding positions < pos0 + T;
-    out (T, n_head, Dv). Query head h reads KV head h // (n_head / n_head_kv). One job per (token, KV head)
-    serves all the query heads of the group, so each cached K and V row is read once, not once per head.
+    q (T, n_head, Dk); kc (n_head_kv, n_ctx, Dk), vc (n_head_kv, n_ctx, >= Dv) holding positions < pos0 + T, float32
+    or uint16 float16 bits (each row is widened to float32 as it is read); out (T, n_head, Dv): the values are the
+    first Dv entries of vc's rows, so MLA passes its latent cache as both kc and vc. Query head h reads KV head
+    h // (n_head / n_head_kv). One job per (token, KV head) serves the query heads of the group, so each cached row
+    is read once, not once per head; when tokens x KV heads are fewer than the threads (decode with few KV heads,
+    MLA's one latent head), the group is split into spans of heads, one job each.
     """
+    _attention(q, kc, vc, pos0, scale, window, out, get_num_threads())
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _attention(q, kc, vc, pos0, scale, window, out, n_threads):
     T, H, D = q.shape
-    KV, Dv = kc.shape[0], vc.shape[2]
+    KV, Dv = kc.shape[0], out.shape[2]
     group = H // KV
-    for job in prange(T * KV):
-        t = job // KV
-        kv = job % KV
-        h0 = kv * group
+    n_span = min(group, max(1, -(-n_threads // (T * KV))))
+    span = -(-group // n_span)
+    n_span = -(-group // span)
+    for job in prange(T * KV * n_span):
+        t = job // (KV * n_span)
+        kv = job // n_span % KV
+        g0 = job % n_span * span
+        G = min(span, group - g0)
+        h0 = kv * group + g0
         n = pos0 + t + 1
         j0 = max(0, n - window) if window > 0 else 0
         cnt = n - j0
-        sc = np.empty((group, cnt), np.float32)
+        sc = np.empty((G, cnt), np.float32)
+        row = np.empty(max(D, Dv), np.float32)
+        bits = np.empty(max(D, Dv), np.uint32)
         for j in range(cnt):
-            for g in range(group):
+            _widen(kc[kv, j0 + j], bits, row)
+            for g in range(G):
                 s = np.float32(0.0)
                 for d in range(D):
-                    s += q[t, h0 + g, d] * kc[kv, j0 + j, d]
+                    s += q[t, h0 + g, d] * row[d]
                 sc[g, j] = s * scale
-        for g in range(group):
+        for g in range(G):
             mx = np.float32(-np.inf)
             for j in range(cnt):
                 mx = max(mx, sc[g, j])
@@ -112,10 +138,58 @@ def attention(q, kc, vc, pos0, scale, window, out):
             for d in range(Dv):
                 out[t, h0 + g, d] = 0.0
         for j in range(cnt):
-            for g in range(group):
+            _widen(vc[kv, j0 + j, :Dv], bits, row)
+            for g in range(G):
                 p = sc[g, j]
                 for d in range(Dv):
-                    out[t, h0 + g, d] += p * vc[kv, j0 + j, d]
+                    out[t, h0 + g, d] += p * row[d]
+
+
+# MLA in DeepSeek's "absorb" form (DeepSeek-V3 inference/model.py, llama.cpp's deepseek2 graph): the key half of
+# kv_b turns each head's no-RoPE query into a query over the latent, q_lat = W_uk[h]^T q_nope, so scores read the
+# latent cache directly: q_lat . c_kv + q_rope . k_rope equals q_nope . (W_uk c_kv) + q_rope . k_rope; the value
+# half turns the attention-weighted latent into the head's output, W_uv[h] (sum_j p_j c_kv_j).
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mla_query(q, wk, out):
+    """out[t, h] = (W_uk[h]^T q_nope[t, h], q_rope[t, h]): q (T, H, nope + rope) float32, wk (H, nope, rank) float16
+    bits (uint16), out (T, H, rank + rope)."""
+    T, H, _ = q.shape
+    nope, rank = wk.shape[1], wk.shape[2]
+    rope = out.shape[2] - rank
+    for h in prange(H):
+        row = np.empty(rank, np.float32)
+        bits = np.empty(rank, np.uint32)
+        for t in range(T):
+            for r in range(rank):
+                out[t, h, r] = 0.0
+            for r in range(rope):
+                out[t, h, rank + r] = q[t, h, nope + r]
+        for i in range(nope):
+            _f16_row(wk[h, i], bits, row)
+            for t in range(T):
+                a = q[t, h, i]
+                for r in range(rank):
+                    out[t, h, r] += a * row[r]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mla_output(lat, wv, out):
+    """out[t, h * dv + d] = W_uv[h, d] . lat[t, h]: lat (T, H, rank) float32, wv (H, dv, rank) float16 bits (uint16),
+    out (T, H * dv)."""
+    T, H, rank = lat.shape
+    dv = wv.shape[1]
+    for h in prange(H):
+        row = np.empty(rank, np.float32)
+        bits = np.empty(rank, np.uint32)
+        for d in range(dv):
+            _f16_row(wv[h, d], bits, row)
+            for t in range(T):
+                s = np.float32(0.0)
+                for r in range(rank):
+                    s += row[r] * lat[t, h, r]
+                out[t, h * dv + d] = s
 
 
 @njit(cache=True, fastmath=True)
