@@ -76,6 +76,25 @@ def test_attention_reads_the_float16_cache_as_the_float32_one_holding_the_same_n
     assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("kernel", ["_attention_rows", "_attention_rows4"])
+@pytest.mark.parametrize("H,KV,span,T,pos0,window", [(8, 1, 8, 1, 0, 0), (8, 1, 3, 1, 9, 0), (12, 2, 6, 3, 30, 0),
+                                                      (16, 1, 16, 2, 41, 7), (6, 2, 2, 4, 5, 3)])
+def test_both_attention_kernels_match_float64_for_any_span_of_heads(kernel, H, KV, span, T, pos0, window):
+    """ops.attention picks one of two kernels by the heads a job serves; each is checked on every shape (key counts
+    not a multiple of four included) against tests/test_attention.py's float64 reference, on the f16 cache."""
+    from test_attention import _reference
+
+    rng = np.random.default_rng(H + span + T + pos0)
+    n_ctx = pos0 + T + 1
+    q = rng.standard_normal((T, H, 24)).astype(np.float32)
+    kc = (rng.standard_normal((KV, n_ctx, 24)) * 2).astype(np.float16)
+    vc = rng.standard_normal((KV, n_ctx, 20)).astype(np.float16)
+    out = np.full((T, H, 16), np.nan, np.float32)  # the values are the first 16 entries of vc's rows
+    getattr(ops, kernel)(q, kc.view(np.uint16), vc.view(np.uint16), pos0, np.float32(0.2), window, out, span)
+    ref = _reference(q, kc, vc[:, :, :16], pos0, 0.2, window)
+    assert np.abs(out - ref).max() <= 2e-5 * max(1.0, np.abs(ref).max())
+
+
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory):
     import lmcli
