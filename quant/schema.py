@@ -29,6 +29,7 @@ ROPE_SCALINGS = {  # supported kinds and the parameters each needs (transformers
 # bytes of one cached number by KV cache type (lmcli/engine/cache.py); f16 by default, as llama.cpp keeps it
 KV_TYPES = {"f16": 2, "f32": 4}
 DEFAULT_KV_TYPE = "f16"
+MLA_KV_B_BYTES = 2  # the engine's float16 copy of MLA's kv_b, per weight (lmcli/engine/weights.py)
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ class TokenCosts:
 
     params_total: int
     params_active: int
-    dense_bytes: int  # every tensor but the routed experts
+    dense_bytes: int  # every tensor but the routed experts (and MLA's float16 kv_b the engine derives)
     expert_bytes: int  # every routed expert of every layer
     dense_bytes_per_token: int  # dense tensors (the token embedding only its one row, unless the head shares it)
     expert_bytes_per_token: int  # top-k of each layer's experts
@@ -293,7 +294,9 @@ def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | No
     """Bytes read per token: every dense tensor (the token embedding only its one row, unless the head
     shares it), and top_k (default: the config's) of each expert tensor's n_expert matrices; the parameters
     in all and of one token; the bytes of one expert's bundle, from a container's stride, or for a GGUF file the
-    bundle its import will lay out (gate, up and down, 64-byte aligned inside, the bundle page-aligned)."""
+    bundle its import will lay out (gate, up and down, 64-byte aligned inside, the bundle page-aligned). An MLA
+    model's kv_b counts as the float16 copy the engine reads (and keeps in RAM beside the file's); the KV cache
+    with kv_type numbers."""
     tensors = list(tensors)
     k = cfg.n_expert_used if top_k is None else top_k
     tied = not any(t.name == "output.weight" for t in tensors)
@@ -316,6 +319,12 @@ def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | No
             continue
         active += n
         dense_all += t.nbytes
+        if cfg.kv_lora_rank and t.name.endswith(".attn_kv_b.weight"):
+            # the engine keeps kv_b split per head in float16 beside the file's copy, and reads that copy
+            # (lmcli/engine/weights.py _split_kv_b: MLA attention over the latent cache)
+            dense_all += n * MLA_KV_B_BYTES
+            dense_tok += n * MLA_KV_B_BYTES
+            continue
         dense_tok += t.nbytes // t.shape[0] if t.name == "token_embd.weight" and not tied else t.nbytes
     return TokenCosts(total, active, dense_all, expert_all, dense_tok, expert_tok, cfg.kv_bytes(kv_type),
                       tuple(sorted(bundle)), max((align_up(b, ALIGN) for b in bundle.values()), default=0))

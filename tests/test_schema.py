@@ -52,7 +52,10 @@ def test_token_costs_count_top_k_of_the_routed_experts(built):
     assert c.params_active == total - (experts - (experts * k // cfg.n_expert if cfg.n_expert else 0))
     assert c.expert_bytes == 4 * experts and c.expert_bytes_per_token * (cfg.n_expert or 1) == 4 * experts * k
     unread = 0 if cfg.tied_embeddings else (cfg.vocab_size - 1) * cfg.n_embd  # a token reads one embedding row
-    assert c.dense_bytes_per_token == 4 * (total - experts - unread)
+    # MLA: kv_b is read as the engine's float16 per-head copy (2 bytes a weight), kept beside the file's
+    kv_b = sum(p.numel() for n, p in ref.named_parameters() if n.endswith("kv_b_proj.weight"))
+    assert c.dense_bytes_per_token == 4 * (total - experts - unread) - 2 * kv_b
+    assert c.dense_bytes == 4 * (total - experts) + 2 * kv_b
     assert c.bytes_per_token == c.dense_bytes_per_token + c.expert_bytes_per_token
     assert list(c.moe_layers) == [i for i in range(cfg.n_layer) if cfg.layer_is_moe(i)]
 

@@ -140,11 +140,13 @@ class Weights:
     @property
     def nbytes_dense(self) -> int:
         """Bytes of every matrix a token reads besides routed experts (attention, dense/shared FFN, head)."""
-        lins = [self.output]
+        lins, n = [self.output], 0
         for L in self.layers:
             for obj in (L.attn, L.ffn):
-                lins += [v for v in vars(obj).values() if isinstance(v, Linear)]
-        return sum(lin.nbytes for lin in lins)
+                lins += [v for v in vars(obj).values() if isinstance(v, Linear) and v is not L.attn.wkv_b]
+            if L.attn.wk_b is not None:  # MLA reads kv_b's float16 per-head halves, not the file's matrix
+                n += L.attn.wk_b.nbytes + L.attn.wv_b.nbytes
+        return n + sum(lin.nbytes for lin in lins)
 
 
 class _Loader:
