@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (fresh cache)")
     ap.add_argument("--dir", default="/tmp/lmcli-mla-bench")
     a = ap.parse_args()
     d = Path(a.dir)
@@ -85,7 +86,20 @@ def main():
             step.append(time.perf_counter() - t)
             attn.append(phases["attention"])
             attn_cpu.append(phases["attention cpu"])
-    print(json.dumps({
+    res = {}
+    if a.prefill:
+        tr.instrument = None
+        ids = [int(i) for i in rng.integers(3, m.config.vocab_size, a.prefill)]
+        walls, cpus = [], []
+        for _ in range(3):
+            cache.n_past = 0
+            t, c = time.perf_counter(), time.process_time()
+            tr.forward(ids, cache)
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+        res = {"prefill_tokens": a.prefill, "prefill_ms": round(min(walls) * 1e3, 1),
+               "prefill_cpu_ms": round(min(cpus) * 1e3, 1)}
+    print(json.dumps({**res,
         "tree": str(Path(lmcli.__file__).resolve().parent.parent), "heads": a.heads, "layers": a.layers,
         "ctx": a.ctx, "threads": a.threads, "kv_cache_bytes": kv_bytes, "kv_dtype": str(cache.k.dtype),
         "step_ms": round(statistics.median(step) * 1e3, 2),

@@ -38,11 +38,13 @@ def _decompressed(q, lat, wkv_b, pos0, scale, nope, rank):
 
 
 @pytest.mark.parametrize("kv_type", ["f16", "f32"])
-@pytest.mark.parametrize("H,T,pos0", [(4, 1, 0), (4, 1, 37), (16, 1, 300), (3, 6, 0), (8, 5, 40)])
-def test_mla_over_the_latent_cache_equals_the_decompressed_heads(kv_type, H, T, pos0):
+@pytest.mark.parametrize("H,T,pos0,nope,dv", [(4, 1, 0, 32, 24), (4, 1, 37, 32, 24), (16, 1, 300, 32, 24),
+                                               (3, 6, 0, 32, 24), (8, 5, 40, 32, 24), (5, 3, 11, 18, 10)])
+def test_mla_over_the_latent_cache_equals_the_decompressed_heads(kv_type, H, T, pos0, nope, dv):
     """ops.mla_query -> ops.attention over the latent rows -> ops.mla_output is DeepSeek's "absorb" form of the
-    decompressed attention, on the same (float16-rounded) latent and kv_b."""
-    nope, rope, dv, rank = 32, 16, 24, 64
+    decompressed attention, on the same (float16-rounded) latent and kv_b; head sizes not a multiple of the
+    kernels' four rows included."""
+    rope, rank = 16, 64
     rng = np.random.default_rng(H * 100 + T + pos0)
     n_ctx = pos0 + T + 2
     q = rng.standard_normal((T, H, nope + rope)).astype(np.float32)

@@ -224,42 +224,61 @@ def _attention_rows4(q, kc, vc, pos0, scale, window, out, span):
 @njit(cache=True, parallel=True, fastmath=True)
 def mla_query(q, wk, out):
     """out[t, h] = (W_uk[h]^T q_nope[t, h], q_rope[t, h]): q (T, H, nope + rope) float32, wk (H, nope, rank) float16
-    bits (uint16), out (T, H, rank + rope)."""
+    bits (uint16), out (T, H, rank + rope). Four rows of W_uk at a time: one load and store of out per four."""
     T, H, _ = q.shape
     nope, rank = wk.shape[1], wk.shape[2]
     rope = out.shape[2] - rank
     for h in prange(H):
-        row = np.empty(rank, np.float32)
+        rows = np.zeros((4, rank), np.float32)
         bits = np.empty(rank, np.uint32)
         for t in range(T):
             for r in range(rank):
                 out[t, h, r] = 0.0
             for r in range(rope):
                 out[t, h, rank + r] = q[t, h, nope + r]
-        for i in range(nope):
-            _f16_row(wk[h, i], bits, row)
+        for i0 in range(0, nope, 4):
+            m = min(4, nope - i0)
+            for i in range(m):
+                _f16_row(wk[h, i0 + i], bits, rows[i])
+            rows[m:] = 0.0
             for t in range(T):
-                a = q[t, h, i]
+                a0 = q[t, h, i0]
+                a1 = q[t, h, i0 + 1] if m > 1 else np.float32(0.0)
+                a2 = q[t, h, i0 + 2] if m > 2 else np.float32(0.0)
+                a3 = q[t, h, i0 + 3] if m > 3 else np.float32(0.0)
                 for r in range(rank):
-                    out[t, h, r] += a * row[r]
+                    out[t, h, r] += a0 * rows[0, r] + a1 * rows[1, r] + a2 * rows[2, r] + a3 * rows[3, r]
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def mla_output(lat, wv, out):
     """out[t, h * dv + d] = W_uv[h, d] . lat[t, h]: lat (T, H, rank) float32, wv (H, dv, rank) float16 bits (uint16),
-    out (T, H * dv)."""
+    out (T, H * dv). Four rows of W_uv at a time: one load of lat per four products."""
     T, H, rank = lat.shape
     dv = wv.shape[1]
     for h in prange(H):
-        row = np.empty(rank, np.float32)
+        rows = np.zeros((4, rank), np.float32)
         bits = np.empty(rank, np.uint32)
-        for d in range(dv):
-            _f16_row(wv[h, d], bits, row)
+        for d0 in range(0, dv, 4):
+            m = min(4, dv - d0)
+            for i in range(m):
+                _f16_row(wv[h, d0 + i], bits, rows[i])
+            rows[m:] = 0.0
             for t in range(T):
-                s = np.float32(0.0)
+                s0 = s1 = s2 = s3 = np.float32(0.0)
                 for r in range(rank):
-                    s += row[r] * lat[t, h, r]
-                out[t, h * dv + d] = s
+                    x = lat[t, h, r]
+                    s0 += rows[0, r] * x
+                    s1 += rows[1, r] * x
+                    s2 += rows[2, r] * x
+                    s3 += rows[3, r] * x
+                out[t, h * dv + d0] = s0
+                if m > 1:
+                    out[t, h * dv + d0 + 1] = s1
+                if m > 2:
+                    out[t, h * dv + d0 + 2] = s2
+                if m > 3:
+                    out[t, h * dv + d0 + 3] = s3
 
 
 @njit(cache=True, fastmath=True)
