@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (fresh cache)")
+    ap.add_argument("--kv-type", default=None, help="f16 or f32 (a tree before the KV cache types takes neither)")
     ap.add_argument("--dir", default="/tmp/lmcli-mla-bench")
     a = ap.parse_args()
     d = Path(a.dir)
@@ -58,7 +59,7 @@ def main():
 
     import lmcli
 
-    m = lmcli.load(str(lmc), n_ctx=a.ctx, threads=a.threads)
+    m = lmcli.load(str(lmc), n_ctx=a.ctx, threads=a.threads, **({"kv_type": a.kv_type} if a.kv_type else {}))
     tr = m.transformer
     cache = tr.new_cache()
     rng = np.random.default_rng(0)

@@ -46,7 +46,7 @@ ENGINE_FLAGS = {  # -> EngineOptions; the parameters are its fields
                                                      help="expert cache size (default: automatic when the model "
                                                           "does not fit in memory; 0: off)")),
     "kv_type": (Optional[str], typer.Option(None, "--kv-type", help="KV cache numbers, f16 or f32 "
-                                            "(default: LMCLI_KV_TYPE or f16)")),
+                                            "(default: LMCLI_KV_TYPE or f32)")),
     "use_mmap": (bool, typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
                                     "them into RAM (starts faster, decodes slower)")),
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from quant import jsonio
+from quant.schema import DEFAULT_KV_TYPE
 
 from .errors import ModelFileError, UsageError, model_file_errors
 from .memory import available, cgroup_memory_limit, context_size, kv_cache_type, meminfo, residency
@@ -193,7 +194,7 @@ def registry_params(notes: str) -> tuple[float, float]:
     raise ModelFileError(f"the registry notes give no parameter counts: {notes!r}")
 
 
-def container_costs(path: Path, kv_type: str = "f16") -> dict:
+def container_costs(path: Path, kv_type: str = DEFAULT_KV_TYPE) -> dict:
     """Sizes from a container's header and tensor index (nothing of the weights is read); the KV cache's with
     kv_type numbers."""
     from quant.container import Container
@@ -209,7 +210,7 @@ def container_costs(path: Path, kv_type: str = "f16") -> dict:
             c.close()
 
 
-def gguf_costs(path: Path, kv_type: str = "f16") -> dict:
+def gguf_costs(path: Path, kv_type: str = DEFAULT_KV_TYPE) -> dict:
     """Sizes from a GGUF file's header (a packaged or given .gguf not yet imported: no import just to plan)."""
     from quant.gguf_io import open_gguf, read_config
     from quant.schema import ModelConfig, TensorSize

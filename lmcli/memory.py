@@ -98,7 +98,7 @@ def env_int(name: str) -> int | None:
 
 
 def kv_cache_type(kv_type: str | None) -> str:
-    """The KV cache's number type: kv_type, else LMCLI_KV_TYPE, else f16 (quant.schema.KV_TYPES)."""
+    """The KV cache's number type: kv_type, else LMCLI_KV_TYPE, else quant.schema.DEFAULT_KV_TYPE."""
     t = kv_type if kv_type is not None else os.environ.get("LMCLI_KV_TYPE") or DEFAULT_KV_TYPE
     if t not in KV_TYPES:
         raise UsageError(f"the KV cache type must be one of {', '.join(KV_TYPES)}, got {t!r}")

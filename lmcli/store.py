@@ -493,7 +493,7 @@ def show_info(name_or_path: str) -> dict:
         "tensors": len(tensors),
         "file_size": file_size,
         "bytes_per_token": costs.bytes_per_token,
-        "kv_bytes_per_token": costs.kv_bytes_per_token,  # the cache `run` keeps (LMCLI_KV_TYPE, else f16)
+        "kv_bytes_per_token": costs.kv_bytes_per_token,  # the cache `run` keeps (LMCLI_KV_TYPE, else the default)
         "context_length": cfg.n_ctx_train,
         "chat_template": md.get("chat_template"),
         "source": md.get("source"),

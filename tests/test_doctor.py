@@ -252,9 +252,9 @@ def skewed_steps(n_tok=120, n_layer=2, n_expert=8, k=2, seed=3):
             for _ in range(n_tok) for layer in range(n_layer)]
 
 
-def header_sizes(path: Path, kv_bytes: int = 2) -> tuple[int, int, int]:
-    """(bytes of the non-expert tensors, bytes of one expert bundle, KV cache bytes at the default context with
-    kv_bytes per number: 2 for the default float16 cache), from the container index and config."""
+def header_sizes(path: Path) -> tuple[int, int, int]:
+    """(bytes of the non-expert tensors, bytes of one expert bundle, KV cache bytes at the default context),
+    from the container index and config."""
     from lmcli.api import DEFAULT_CTX
     from quant.container import Container
 
@@ -263,15 +263,13 @@ def header_sizes(path: Path, kv_bytes: int = 2) -> tuple[int, int, int]:
     dense = sum(t.nbytes for t in c.tensors.values() if not t.n_expert)
     stride = max(t.stride for t in c.tensors.values() if t.n_expert)
     n_ctx = min(DEFAULT_CTX, cfg["n_ctx_train"])
-    kv = cfg["n_layer"] * cfg["n_head_kv"] * 2 * (cfg["n_embd"] // cfg["n_head"]) * kv_bytes * n_ctx
+    kv = cfg["n_layer"] * cfg["n_head_kv"] * 2 * (cfg["n_embd"] // cfg["n_head"]) * 4 * n_ctx
     c.close()
     return dense, stride, kv
 
 
-def test_plan_with_a_trace_reports_the_hit_rate_of_replaying_it(empty_home, moe_path, tmp_path, monkeypatch):
-    # a float32 KV cache (as run keeps with LMCLI_KV_TYPE=f32) large enough that the file fits beside it mapped
-    monkeypatch.setenv("LMCLI_KV_TYPE", "f32")
-    dense, stride, kv = header_sizes(moe_path, 4)
+def test_plan_with_a_trace_reports_the_hit_rate_of_replaying_it(empty_home, moe_path, tmp_path):
+    dense, stride, kv = header_sizes(moe_path)
     steps = skewed_steps()
     trace = write_trace(tmp_path / "trace.jsonl", steps, 2)
     slots = 5  # of 16 bundles
@@ -299,9 +297,8 @@ def test_plan_with_a_trace_reports_the_hit_rate_of_replaying_it(empty_home, moe_
     assert u["expert_cache_bundles"] == slots
 
 
-def test_a_trace_whose_experts_all_fit_misses_only_on_first_use(empty_home, moe_path, tmp_path, monkeypatch):
-    monkeypatch.setenv("LMCLI_KV_TYPE", "f32")  # as in the test above
-    dense, stride, kv = header_sizes(moe_path, 4)
+def test_a_trace_whose_experts_all_fit_misses_only_on_first_use(empty_home, moe_path, tmp_path):
+    dense, stride, kv = header_sizes(moe_path)
     # 3 experts per layer in turn, 6 in all: a 6-bundle cache misses each once, and never again
     steps = [(layer, [t % 3, (t + 1) % 3]) for t in range(50) for layer in (0, 1)]
     trace = write_trace(tmp_path / "trace.jsonl", steps, 2)

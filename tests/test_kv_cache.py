@@ -1,5 +1,5 @@
 """The KV cache (issue 20): MLA attention over the latent cache against the decompressed computation in float64 numpy
-and against transformers' own cache; the float16 cache (the default) and the float32 one against transformers;
+and against transformers' own cache; the float32 cache (the default) and the float16 one against transformers;
 the cache type validated; plan and show count the new layout's bytes per token."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def deepseek(tmp_path_factory):
     tiny_models.build("deepseek_v3", d)
     out = d.parent / "m.lmc"
     convert_hf(d, out, "f16")
-    return d, out, lmcli.load(str(out), n_ctx=64)
+    return d, out, lmcli.load(str(out), n_ctx=64, kv_type="f16")  # the compact cache: 2 bytes a number
 
 
 def test_the_mla_cache_holds_what_transformers_cache_holds(deepseek):
@@ -134,14 +134,15 @@ def test_the_mla_cache_holds_what_transformers_cache_holds(deepseek):
 
 @pytest.mark.parametrize("arch", ["qwen3", "deepseek_v3"])
 def test_the_float32_cache_matches_transformers_and_the_float16_one_stays_close_to_it(arch, tmp_path):
+    """Dense and MLA models, where no router flips on the f16 cache's rounding (see quant.schema.KV_TYPES)."""
     import lmcli
     from quant.convert import convert_hf
 
     d = tiny_models.build(arch, tmp_path / "hf")
     convert_hf(d, tmp_path / "m.lmc", "f16")
-    m32 = lmcli.load(str(tmp_path / "m.lmc"), n_ctx=64, kv_type="f32")
-    m16 = lmcli.load(str(tmp_path / "m.lmc"), n_ctx=64)
-    assert m16.options.kv_type == "f16" and m32.options.kv_type == "f32"
+    m32 = lmcli.load(str(tmp_path / "m.lmc"), n_ctx=64)
+    m16 = lmcli.load(str(tmp_path / "m.lmc"), n_ctx=64, kv_type="f16")
+    assert m16.options.kv_type == "f16" and m32.options.kv_type == "f32"  # f32: the default
     assert m16.new_cache().k.dtype == np.float16 and m32.new_cache().k.dtype == np.float32
     ids = _ids(m32, 40)
     ref = _ref_logits(rounded_reference(d, "f16"), ids)
@@ -171,7 +172,7 @@ def test_plan_and_show_count_the_latent_cache_per_token(deepseek, monkeypatch, t
     by `plan --json` and `show --json` from the container header."""
     _, path, m = deepseek
     cfg = m.config
-    per_token = cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    per_token = cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2  # at f16
     monkeypatch.setenv("LMCLI_HOME", str(tmp_path / "home"))
 
     def cli(*args, **env):
@@ -180,9 +181,10 @@ def test_plan_and_show_count_the_latent_cache_per_token(deepseek, monkeypatch, t
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
-    p = cli("plan", str(path), "--memory", "1G", "--ctx-size", "128")
+    p = cli("plan", str(path), "--memory", "1G", "--ctx-size", "128", "--kv-type", "f16")
     assert p["kv_type"] == "f16" and p["kv_bytes_per_token"] == per_token and p["kv_cache_bytes"] == 128 * per_token
-    p32 = cli("plan", str(path), "--memory", "1G", "--ctx-size", "128", "--kv-type", "f32")
-    assert p32["kv_type"] == "f32" and p32["kv_bytes_per_token"] == 2 * per_token
-    assert cli("show", str(path))["kv_bytes_per_token"] == per_token
-    assert cli("show", str(path), LMCLI_KV_TYPE="f32")["kv_bytes_per_token"] == 2 * per_token
+    p32 = cli("plan", str(path), "--memory", "1G", "--ctx-size", "128")
+    assert p32["kv_type"] == "f32" and p32["kv_bytes_per_token"] == 2 * per_token  # the default
+    assert cli("plan", str(path), "--memory", "1G", LMCLI_KV_TYPE="f16")["kv_bytes_per_token"] == per_token
+    assert cli("show", str(path))["kv_bytes_per_token"] == 2 * per_token
+    assert cli("show", str(path), LMCLI_KV_TYPE="f16")["kv_bytes_per_token"] == per_token

@@ -62,7 +62,7 @@ def test_token_costs_count_top_k_of_the_routed_experts(built):
 
 def test_kv_bytes_per_token_are_what_the_transformers_cache_holds(built):
     """transformers' cache holds per token what lmcli's does: K and V per KV head, or MLA's latent and shared RoPE
-    key (DynamicCache's MLA layers); lmcli keeps them as float16 (2 bytes) by default, or float32."""
+    key (DynamicCache's MLA layers); lmcli keeps them as float32 (4 bytes) by default, or float16."""
     import torch
 
     _, cfg, ref = built
@@ -70,8 +70,8 @@ def test_kv_bytes_per_token_are_what_the_transformers_cache_holds(built):
     with torch.no_grad():
         out = ref(torch.tensor([[3, 4, 5, 6, 7]]), use_cache=True)
     elems = sum(layer.keys.numel() + layer.values.numel() for layer in out.past_key_values.layers)
-    assert cfg.kv_bytes_per_token == cfg.kv_bytes("f16") == elems // T * 2
-    assert cfg.kv_bytes("f32") == elems // T * 4
+    assert cfg.kv_bytes_per_token == cfg.kv_bytes("f32") == elems // T * 4
+    assert cfg.kv_bytes("f16") == elems // T * 2
     if cfg.kv_lora_rank:
         assert elems // T == cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
 
@@ -91,9 +91,9 @@ def test_deepseek_v3_kv_cache_is_at_most_80_kb_per_token_at_f16():
         "num_nextn_predict_layers": 1})
     sizes = [TensorSize(n, s, math.prod(s[1:] if len(s) == 3 else s) // 2, s[0] if len(s) == 3 else 0)
              for n, s in expected_tensors(cfg)]
-    kv = token_costs(cfg, sizes).kv_bytes_per_token
+    kv = token_costs(cfg, sizes, kv_type="f16").kv_bytes_per_token
     assert kv == 61 * (512 + 64) * 2 == 70272 <= 80_000
-    assert cfg.kv_bytes("f32") == 2 * kv
+    assert cfg.kv_bytes("f32") == token_costs(cfg, sizes).kv_bytes_per_token == 2 * kv
     assert 61 * 128 * (192 + 128) * 4 // kv == 142  # the decompressed float32 cache it replaces
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quant.schema import KV_TYPES
+from quant.schema import DEFAULT_KV_TYPE, KV_TYPES
 
 DTYPES = {"f16": np.float16, "f32": np.float32}  # the numpy type of each of quant.schema.KV_TYPES
 assert set(DTYPES) == set(KV_TYPES)
@@ -19,7 +19,7 @@ class KVCache:
     the row's first kv_lora_rank entries; quant.schema.ModelConfig.cache_dims).
     """
 
-    def __init__(self, n_layer: int, n_kv: int, n_ctx: int, dk: int, dv: int, kv_type: str = "f16"):
+    def __init__(self, n_layer: int, n_kv: int, n_ctx: int, dk: int, dv: int, kv_type: str = DEFAULT_KV_TYPE):
         dtype = DTYPES[kv_type]
         self.kv_type = kv_type
         self.k = np.zeros((n_layer, n_kv, n_ctx, dk), dtype)
