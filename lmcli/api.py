@@ -19,6 +19,7 @@ from .errors import LmcliWarning, UsageError, model_file_errors
 from .generate import Generation
 from .sampling import Sampler, SamplerParams
 
+from .memory import kv_cache_type
 from .memory import DEFAULT_CTX, context_size, env_int  # noqa: F401 (DEFAULT_CTX: the API's documented default)
 
 
@@ -39,7 +40,7 @@ class Model:
     """A loaded model: config, tokenizer, chat template and the engine over the container.
 
     options: how to run it (EngineOptions); keywords set single fields over it (n_ctx=..., threads=...).
-    self.options holds what was chosen, the context and thread count resolved.
+    self.options holds what was chosen, the context, thread count and KV cache type resolved.
     """
 
     def __init__(self, path: str | os.PathLike, options: EngineOptions | None = None, **engine):
@@ -58,7 +59,7 @@ class Model:
             warnings.warn(f"a context of {n_ctx} tokens is beyond the {self.config.n_ctx_train} this model was trained "
                           "for: what it writes past that point may degrade", LmcliWarning, stacklevel=2)
         self.threads = set_threads(opts.threads)
-        self.options = replace(opts, n_ctx=n_ctx, threads=self.threads)
+        self.options = replace(opts, n_ctx=n_ctx, threads=self.threads, kv_type=kv_cache_type(opts.kv_type))
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
         self.chat_template: str | None = md.get("chat_template")
         self.transformer = Transformer(self.container, self.config, self.options)

@@ -45,6 +45,8 @@ ENGINE_FLAGS = {  # -> EngineOptions; the parameters are its fields
     "expert_cache_mib": (Optional[int], typer.Option(None, "--expert-cache-mib",
                                                      help="expert cache size (default: automatic when the model "
                                                           "does not fit in memory; 0: off)")),
+    "kv_type": (Optional[str], typer.Option(None, "--kv-type", help="KV cache numbers, f16 or f32 "
+                                            "(default: LMCLI_KV_TYPE or f32)")),
     "use_mmap": (bool, typer.Option(False, "--mmap", help="keep the weights in the file mapping instead of reading "
                                     "them into RAM (starts faster, decodes slower)")),
 }
@@ -351,7 +353,8 @@ def doctor(as_json: bool = typer.Option(False, "--json")):
 
 
 @app.command()
-@engine_flags("n_ctx", "expert_cache_mib", "use_mmap")  # what run would be given: plan says what run will do
+# what run would be given: plan says what run will do
+@engine_flags("n_ctx", "kv_type", "expert_cache_mib", "use_mmap")
 def plan(
     model: str = typer.Argument(..., help="model name (a registry name works before download) or path"),
     memory: Optional[str] = typer.Option(None, "--memory", help="memory budget, e.g. 8G (default: available)"),
@@ -378,7 +381,8 @@ def _print_report(r: dict, as_json: bool, kind: str) -> None:
 
 
 @app.command()
-@engine_flags("moe_topk", "expert_cache_mib", "use_mmap")  # the thread count is swept; the context fits the run
+# the thread count is swept; the context fits the run
+@engine_flags("moe_topk", "kv_type", "expert_cache_mib", "use_mmap")
 def bench(
     model: str = typer.Argument(..., help="model name or path"),
     prompt_tokens: int = typer.Option(128, "-p", help="prompt length for prefill"),

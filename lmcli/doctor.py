@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from quant import jsonio
+from quant.schema import DEFAULT_KV_TYPE
 
 from .errors import ModelFileError, UsageError, model_file_errors
-from .memory import available, cgroup_memory_limit, context_size, meminfo, residency
+from .memory import available, cgroup_memory_limit, context_size, kv_cache_type, meminfo, residency
 
 DISK_GBPS = 1.7  # whole-bundle expert reads from disk, measured here at 1.5-2.0 GB/s (DESIGN.md)
 REGISTRY_BITS_PER_WEIGHT = 4.5  # Q4_0: 18 bytes per 32 weights
@@ -193,8 +194,9 @@ def registry_params(notes: str) -> tuple[float, float]:
     raise ModelFileError(f"the registry notes give no parameter counts: {notes!r}")
 
 
-def container_costs(path: Path) -> dict:
-    """Sizes from a container's header and tensor index (nothing of the weights is read)."""
+def container_costs(path: Path, kv_type: str = DEFAULT_KV_TYPE) -> dict:
+    """Sizes from a container's header and tensor index (nothing of the weights is read); the KV cache's with
+    kv_type numbers."""
     from quant.container import Container
     from quant.schema import ModelConfig
 
@@ -203,12 +205,12 @@ def container_costs(path: Path) -> dict:
         try:
             cfg = ModelConfig.from_dict(c.metadata.get("config"))
             tensors = c.tensor_sizes()
-            return _costs(cfg, tensors, c.file_size)
+            return _costs(cfg, tensors, c.file_size, kv_type)
         finally:
             c.close()
 
 
-def gguf_costs(path: Path) -> dict:
+def gguf_costs(path: Path, kv_type: str = DEFAULT_KV_TYPE) -> dict:
     """Sizes from a GGUF file's header (a packaged or given .gguf not yet imported: no import just to plan)."""
     from quant.gguf_io import open_gguf, read_config
     from quant.schema import ModelConfig, TensorSize
@@ -229,15 +231,15 @@ def gguf_costs(path: Path) -> dict:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         n_exp = shape[0] if len(shape) == 3 else 0
         tensors.append(TensorSize(t.name, shape, int(t.n_bytes) // max(n_exp, 1), n_exp))
-    return _costs(cfg, tensors, path.stat().st_size)
+    return _costs(cfg, tensors, path.stat().st_size, kv_type)
 
 
-def _costs(cfg, tensors, file_size: int) -> dict:
+def _costs(cfg, tensors, file_size: int, kv_type: str) -> dict:
     """plan's view of quant.schema.token_costs: bytes read per token, dense and expert bytes, the layers with
     routed experts and the bytes of one expert's bundle (what one expert cache miss reads)."""
     from quant.schema import token_costs
 
-    t = token_costs(cfg, tensors)
+    t = token_costs(cfg, tensors, kv_type=kv_type)
     return {"arch": cfg.arch, "n_layer": cfg.n_layer, "n_expert": cfg.n_expert, "n_expert_used": cfg.n_expert_used,
             "file_bytes": file_size, "dense_bytes": t.dense_bytes, "expert_bytes": t.expert_bytes,
             "dense_bytes_per_token": t.dense_bytes_per_token, "expert_bytes_per_token": t.expert_bytes_per_token,
@@ -370,10 +372,11 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
     budget, budget_from = _memory_budget(memory)
     loc = locate(model)
     kind = "registry" if loc.kind == "partial" else loc.kind
+    kv_type = kv_cache_type(getattr(options, "kv_type", None))  # as lmcli.api.Model decides it
     if kind == "container":
-        c, source = container_costs(loc.path), "container header"
+        c, source = container_costs(loc.path, kv_type), "container header"
     elif kind == "gguf":
-        c, source = gguf_costs(loc.path), "GGUF header (not imported yet)"
+        c, source = gguf_costs(loc.path, kv_type), "GGUF header (not imported yet)"
     elif loc.entry is not None:
         c = _registry_costs(loc.entry)
         source = (f"registry config ({loc.entry.repo}, {loc.entry.quant}); not downloaded" if loc.entry.config
@@ -462,6 +465,8 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
         **{k: c[k] for k in ("arch", "n_layer", "n_expert", "n_expert_used", "file_bytes", "dense_bytes",
                              "bytes_per_token", "dense_bytes_per_token", "expert_bytes_per_token")},
         "n_ctx": n_ctx,
+        "kv_type": kv_type,
+        "kv_bytes_per_token": c["kv_bytes_per_token"],
         "kv_cache_bytes": kv if c["kv_bytes_per_token"] is not None else None,
         "memory_budget_bytes": budget,
         "memory_budget_from": budget_from,

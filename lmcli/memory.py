@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from quant.schema import DEFAULT_KV_TYPE, KV_TYPES
+
 from .errors import UsageError
 
 FIT_SHARE = 0.6  # the file and its KV cache are read into RAM when they take at most this share of what is available
@@ -93,6 +95,14 @@ def env_int(name: str) -> int | None:
         return int(v)
     except ValueError:
         raise UsageError(f"{name} must be an integer, got {v!r}") from None
+
+
+def kv_cache_type(kv_type: str | None) -> str:
+    """The KV cache's number type: kv_type, else LMCLI_KV_TYPE, else quant.schema.DEFAULT_KV_TYPE."""
+    t = kv_type if kv_type is not None else os.environ.get("LMCLI_KV_TYPE") or DEFAULT_KV_TYPE
+    if t not in KV_TYPES:
+        raise UsageError(f"the KV cache type must be one of {', '.join(KV_TYPES)}, got {t!r}")
+    return t
 
 
 def context_size(n_ctx: int | None, n_ctx_train: int) -> int:

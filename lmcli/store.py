@@ -23,6 +23,7 @@ from quant.container import VERSION as CONTAINER_VERSION
 from quant.schema import ModelConfig, token_costs
 
 from .errors import BadName, ModelFileError, ModelNotFound, StoreError, model_file_errors
+from .memory import kv_cache_type
 from .registry import NAME_RE, load_registry
 
 CONTAINER = "model.lmc"
@@ -557,7 +558,7 @@ def show_info(name_or_path: str) -> dict:
         finally:
             c.close()
         cfg = ModelConfig.from_dict(md.get("config"))
-    costs = token_costs(cfg, c.tensor_sizes())
+    costs = token_costs(cfg, c.tensor_sizes(), kv_type=kv_cache_type(None))
     formats: dict[str, set[str]] = {}
     for t in tensors:
         formats.setdefault(_tensor_class(t.name, t.n_expert, len(t.shape)), set()).add(t.fmt.name)
@@ -578,6 +579,7 @@ def show_info(name_or_path: str) -> dict:
         "tensors": len(tensors),
         "file_size": file_size,
         "bytes_per_token": costs.bytes_per_token,
+        "kv_bytes_per_token": costs.kv_bytes_per_token,  # the cache `run` keeps (LMCLI_KV_TYPE, else the default)
         "context_length": cfg.n_ctx_train,
         "chat_template": md.get("chat_template"),
         "source": md.get("source"),

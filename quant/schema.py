@@ -23,7 +23,12 @@ from .formats import ALIGN, align_up
 
 ROUTERS = ("softmax", "sigmoid")  # score function; selection and weighting are the other fields
 QK_NORMS = ("none", "head", "full")  # none; RMSNorm per head (Qwen3); RMSNorm over all heads (OLMoE)
-KV_BYTES = 4  # the KV cache holds float32 keys and values (lmcli/engine/cache.py)
+# bytes of one cached number by KV cache type (lmcli/engine/cache.py). f16 halves the cache (llama.cpp's default)
+# but is not the default: its rounding flipped routers in tiny random MoE models past tests/test_architectures.py's
+# tolerance against transformers (olmoe and granitemoe at Q8_0: 6.6% and 1.8% logit deviation, 2e-3 allowed)
+KV_TYPES = {"f16": 2, "f32": 4}
+DEFAULT_KV_TYPE = "f32"
+MLA_KV_B_BYTES = 2  # the engine's float16 copy of MLA's kv_b, per weight (lmcli/engine/weights.py)
 
 
 @dataclass(frozen=True)
@@ -160,15 +165,28 @@ class ModelConfig:
 
     @property
     def kv_dims(self) -> tuple[int, int, int]:
-        """(KV heads, key dim, value dim) of one layer's cache; MLA caches the decompressed per-head K and V."""
+        """(KV heads, key dim, value dim) of attention as the model defines it (MLA: its decompressed heads)."""
         if self.kv_lora_rank:
             return self.n_head, self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
         return self.n_head_kv, self.head_dim, self.head_dim
 
     @property
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(KV heads, key row, value row) that one layer's cache holds per token. MLA caches one latent row, the
+        normed compressed KV then the shared RoPE key (as transformers' cache and llama.cpp do); its values are
+        the row's first kv_lora_rank entries, so no value row of their own."""
+        if self.kv_lora_rank:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
+        return self.kv_dims
+
+    def kv_bytes(self, kv_type: str = DEFAULT_KV_TYPE) -> int:
+        """KV cache bytes per token with kv_type ("f16" or "f32") numbers."""
+        n_kv, dk, dv = self.cache_dims
+        return self.n_layer * n_kv * (dk + dv) * KV_TYPES[kv_type]
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        n_kv, dk, dv = self.kv_dims
-        return self.n_layer * n_kv * (dk + dv) * KV_BYTES
+        return self.kv_bytes(DEFAULT_KV_TYPE)
 
 
 def _typed(name: str, kind: str, v):
@@ -266,11 +284,11 @@ class TokenCosts:
 
     params_total: int
     params_active: int
-    dense_bytes: int  # every tensor but the routed experts
+    dense_bytes: int  # every tensor but the routed experts (and MLA's float16 kv_b the engine derives)
     expert_bytes: int  # every routed expert of every layer
     dense_bytes_per_token: int  # dense tensors (the token embedding only its one row, unless the head shares it)
     expert_bytes_per_token: int  # top-k of each layer's experts
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # with the cache type token_costs was given (default: DEFAULT_KV_TYPE)
     moe_layers: tuple[int, ...]
     bundle_bytes: int  # one expert's gate, up and down of one layer, page aligned: what one cache miss reads
 
@@ -279,11 +297,14 @@ class TokenCosts:
         return self.dense_bytes_per_token + self.expert_bytes_per_token
 
 
-def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | None = None) -> TokenCosts:
+def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | None = None,
+                kv_type: str = DEFAULT_KV_TYPE) -> TokenCosts:
     """Bytes read per token: every dense tensor (the token embedding only its one row, unless the head
     shares it), and top_k (default: the config's) of each expert tensor's n_expert matrices; the parameters
     in all and of one token; the bytes of one expert's bundle, from a container's stride, or for a GGUF file the
-    bundle its import will lay out (gate, up and down, 64-byte aligned inside, the bundle page-aligned)."""
+    bundle its import will lay out (gate, up and down, 64-byte aligned inside, the bundle page-aligned). An MLA
+    model's kv_b counts as the float16 copy the engine reads (and keeps in RAM beside the file's); the KV cache
+    with kv_type numbers."""
     tensors = list(tensors)
     k = cfg.n_expert_used if top_k is None else top_k
     tied = not any(t.name == "output.weight" for t in tensors)
@@ -306,6 +327,12 @@ def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | No
             continue
         active += n
         dense_all += t.nbytes
+        if cfg.kv_lora_rank and t.name.endswith(".attn_kv_b.weight"):
+            # the engine keeps kv_b split per head in float16 beside the file's copy, and reads that copy
+            # (lmcli/engine/weights.py _split_kv_b: MLA attention over the latent cache)
+            dense_all += n * MLA_KV_B_BYTES
+            dense_tok += n * MLA_KV_B_BYTES
+            continue
         dense_tok += t.nbytes // t.shape[0] if t.name == "token_embd.weight" and not tied else t.nbytes
-    return TokenCosts(total, active, dense_all, expert_all, dense_tok, expert_tok, cfg.kv_bytes_per_token,
+    return TokenCosts(total, active, dense_all, expert_all, dense_tok, expert_tok, cfg.kv_bytes(kv_type),
                       tuple(sorted(bundle)), max((align_up(b, ALIGN) for b in bundle.values()), default=0))

@@ -223,7 +223,7 @@ def test_usage_errors_exit_2_and_unknown_flags_are_one_line(lmcli_home):
 
 
 def test_run_chat_serve_and_bench_offer_the_same_engine_flags(lmcli_home):
-    flags = ("--moe-topk", "--expert-cache-mib", "--mmap")
+    flags = ("--moe-topk", "--kv-type", "--expert-cache-mib", "--mmap")
     for cmd in ("run", "chat", "serve", "bench"):
         r = lmcli(cmd, "--help", home=lmcli_home, env={"COLUMNS": "200"})
         assert r.returncode == 0, r.stderr

@@ -28,7 +28,7 @@ def test_fields_over_an_options_value_and_unknown_names_refused():
 def test_keywords_and_an_options_value_load_the_same_engine(smol_container):
     a = lmcli.load(str(smol_container), n_ctx=96, threads=1)
     b = lmcli.load(str(smol_container), EngineOptions(n_ctx=96, threads=1))
-    assert a.options == b.options == EngineOptions(n_ctx=96, threads=1)
+    assert a.options == b.options == EngineOptions(n_ctx=96, threads=1, kv_type="f32")  # resolved: the default
     assert a.transformer.options is a.options and a.n_ctx == a.new_cache().n_ctx == 96
     c = lmcli.load(str(smol_container), EngineOptions(threads=1), n_ctx=32)  # keywords win over the value
     assert c.options.n_ctx == c.n_ctx == 32

@@ -52,12 +52,17 @@ def test_token_costs_count_top_k_of_the_routed_experts(built):
     assert c.params_active == total - (experts - (experts * k // cfg.n_expert if cfg.n_expert else 0))
     assert c.expert_bytes == 4 * experts and c.expert_bytes_per_token * (cfg.n_expert or 1) == 4 * experts * k
     unread = 0 if cfg.tied_embeddings else (cfg.vocab_size - 1) * cfg.n_embd  # a token reads one embedding row
-    assert c.dense_bytes_per_token == 4 * (total - experts - unread)
+    # MLA: kv_b is read as the engine's float16 per-head copy (2 bytes a weight), kept beside the file's
+    kv_b = sum(p.numel() for n, p in ref.named_parameters() if n.endswith("kv_b_proj.weight"))
+    assert c.dense_bytes_per_token == 4 * (total - experts - unread) - 2 * kv_b
+    assert c.dense_bytes == 4 * (total - experts) + 2 * kv_b
     assert c.bytes_per_token == c.dense_bytes_per_token + c.expert_bytes_per_token
     assert list(c.moe_layers) == [i for i in range(cfg.n_layer) if cfg.layer_is_moe(i)]
 
 
 def test_kv_bytes_per_token_are_what_the_transformers_cache_holds(built):
+    """transformers' cache holds per token what lmcli's does: K and V per KV head, or MLA's latent and shared RoPE
+    key (DynamicCache's MLA layers); lmcli keeps them as float32 (4 bytes) by default, or float16."""
     import torch
 
     _, cfg, ref = built
@@ -65,12 +70,31 @@ def test_kv_bytes_per_token_are_what_the_transformers_cache_holds(built):
     with torch.no_grad():
         out = ref(torch.tensor([[3, 4, 5, 6, 7]]), use_cache=True)
     elems = sum(layer.keys.numel() + layer.values.numel() for layer in out.past_key_values.layers)
-    if not cfg.kv_lora_rank:
-        assert cfg.kv_bytes_per_token == elems // T * 4  # float32, as lmcli's cache keeps them
-    else:  # transformers keeps MLA's compressed latent; lmcli (for now) the decompressed per-head keys and values
+    assert cfg.kv_bytes_per_token == cfg.kv_bytes("f32") == elems // T * 4
+    assert cfg.kv_bytes("f16") == elems // T * 2
+    if cfg.kv_lora_rank:
         assert elems // T == cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        per_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
-        assert cfg.kv_bytes_per_token == cfg.n_layer * cfg.n_head * per_head * 4
+
+
+def test_deepseek_v3_kv_cache_is_at_most_80_kb_per_token_at_f16():
+    """Issue 20: DeepSeek-V3's real shape (config.json's own keys and values; its YaRN rope_scaling left out, a
+    separate piece) caches 61 layers x (512 latent + 64 RoPE key) x 2 bytes, not 61 x 128 heads x (192 + 128) x 4."""
+    cfg = read_config({
+        "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 7168,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "vocab_size": 129280, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "max_position_embeddings": 163840, "tie_word_embeddings": False, "hidden_act": "silu",
+        "num_nextn_predict_layers": 1})
+    sizes = [TensorSize(n, s, math.prod(s[1:] if len(s) == 3 else s) // 2, s[0] if len(s) == 3 else 0)
+             for n, s in expected_tensors(cfg)]
+    kv = token_costs(cfg, sizes, kv_type="f16").kv_bytes_per_token
+    assert kv == 61 * (512 + 64) * 2 == 70272 <= 80_000
+    assert cfg.kv_bytes("f32") == token_costs(cfg, sizes).kv_bytes_per_token == 2 * kv
+    assert 61 * 128 * (192 + 128) * 4 // kv == 142  # the decompressed float32 cache it replaces
 
 
 @pytest.mark.parametrize("field,value,match", [

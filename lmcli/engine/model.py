@@ -17,7 +17,7 @@ from quant.rope import mla_softmax_mscale
 from quant.schema import ModelConfig, token_costs
 
 from ..errors import ContextOverflow, UsageError
-from ..memory import available, residency
+from ..memory import available, kv_cache_type, residency
 from . import ops
 from .cache import KVCache
 from .moe import RouterSpec, RoutingStats, moe_ffn, untimed
@@ -57,7 +57,8 @@ class Transformer:
         self.instrument: Callable[[str], ContextManager] | None = None
         max_ctx, moe_topk, expert_cache_mib, use_mmap = opts.n_ctx, opts.moe_topk, opts.expert_cache_mib, opts.use_mmap
         # measured before the dense weights are read in (they count in a cgroup); lmcli plan applies the same rule
-        self.residency = residency(file_bytes=container.file_size, kv_bytes=cfg.kv_bytes_per_token * max_ctx,
+        self.kv_type = kv_cache_type(opts.kv_type)
+        self.residency = residency(file_bytes=container.file_size, kv_bytes=cfg.kv_bytes(self.kv_type) * max_ctx,
                                    dense_bytes=token_costs(cfg, container.tensor_sizes()).dense_bytes,
                                    avail=available(), is_moe=cfg.is_moe, use_mmap=use_mmap,
                                    expert_cache_mib=expert_cache_mib)
@@ -119,8 +120,8 @@ class Transformer:
     # --- the forward pass ------------------------------------------------------------------------
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
-        n_kv, dk, dv = self.cfg.kv_dims
-        return KVCache(self.cfg.n_layer, n_kv, min(n_ctx or self.max_ctx, self.max_ctx), dk, dv)
+        n_kv, dk, dv = self.cfg.cache_dims
+        return KVCache(self.cfg.n_layer, n_kv, min(n_ctx or self.max_ctx, self.max_ctx), dk, dv, self.kv_type)
 
     def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Process token ids at positions cache.n_past...; returns logits (T, vocab) or (1, vocab) for the last."""
@@ -213,11 +214,12 @@ class Transformer:
         return self._attend(at, q, k, v, cache, li, pos0)
 
     def _mla(self, at: Attention, h: np.ndarray, cache: KVCache, li: int, pos0: int) -> np.ndarray:
-        """DeepSeek-V3 multi-head latent attention (DeepseekV3Attention): queries through an optional
-        low-rank bottleneck; keys/values decompressed from a normed latent; one shared RoPE key per token."""
+        """DeepSeek-V3 multi-head latent attention (DeepseekV3Attention): queries through an optional low-rank
+        bottleneck; the cache holds each token's normed latent and its one shared RoPE key, and attention reads
+        it directly, kv_b folded into the queries and the output (ops.mla_query, ops.mla_output)."""
         cfg = self.cfg
         T, H = h.shape[0], cfg.n_head
-        nope, rope, dv, rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        nope, rope, rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         a = Act(h)
         phase = self.instrument or untimed
         with phase("matmul"):
@@ -227,28 +229,34 @@ class Transformer:
                 q = at.wq_b(Act(qa))
             else:
                 q = at.wq(a)
-            kva = at.wkv_a(a)  # (T, rank + rope)
+            kva = at.wkv_a(a)  # (T, rank + rope): the latent, then the shared RoPE key
         q = q.reshape(T, H, nope + rope)
         ckv = np.ascontiguousarray(kva[:, :rank])
         ops.rmsnorm(ckv, at.kv_a_norm, cfg.norm_eps, ckv)
+        kva[:, :rank] = ckv
         kpe = np.ascontiguousarray(kva[:, rank:]).reshape(T, 1, rope)
-        with phase("matmul"):
-            kv = at.wkv_b(Act(ckv)).reshape(T, H, nope + dv)
         qpe = np.ascontiguousarray(q[:, :, nope:])
         self._rope(qpe, pos0)
         self._rope(kpe, pos0)
         q[:, :, nope:] = qpe
-        k = np.empty((T, H, nope + rope), np.float32)
-        k[:, :, :nope] = kv[:, :, :nope]
-        k[:, :, nope:] = kpe
-        v = np.ascontiguousarray(kv[:, :, nope:])
-        return self._attend(at, q, k, v, cache, li, pos0)
+        kva[:, rank:] = kpe.reshape(T, rope)
+        cache.k[li, 0, pos0 : pos0 + T] = kva
+        lat_c, _ = cache.layer(li)  # (1, n_ctx, rank + rope)
+        with phase("attention"):
+            ql = np.empty((T, H, rank + rope), np.float32)
+            ops.mla_query(q, at.wk_b, ql)
+            lat = np.empty((T, H, rank), np.float32)
+            ops.attention(ql, lat_c, lat_c, pos0, self.attn_scale, self.cfg.sliding_window, lat)
+            o = np.empty((T, H * cfg.v_head_dim), np.float32)
+            ops.mla_output(lat, at.wv_b, o)
+        with phase("matmul"):
+            return at.wo(Act(o))
 
     def _attend(self, at: Attention, q, k, v, cache: KVCache, li: int, pos0: int) -> np.ndarray:
         T, H = q.shape[0], q.shape[1]
-        kc, vc = cache.k[li], cache.v[li]  # (n_kv, n_ctx, dk), (n_kv, n_ctx, dv)
-        kc[:, pos0 : pos0 + T] = k.transpose(1, 0, 2)
-        vc[:, pos0 : pos0 + T] = v.transpose(1, 0, 2)
+        cache.k[li, :, pos0 : pos0 + T] = k.transpose(1, 0, 2)
+        cache.v[li, :, pos0 : pos0 + T] = v.transpose(1, 0, 2)
+        kc, vc = cache.layer(li)  # (n_kv, n_ctx, dk), (n_kv, n_ctx, dv)
         att = np.empty((T, H, vc.shape[2]), np.float32)
         phase = self.instrument or untimed
         with phase("attention"):

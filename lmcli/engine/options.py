@@ -23,6 +23,8 @@ class EngineOptions:
     prefetch: bool = False
     # None: read the weights into RAM when the file fits in memory, else map it; True: always map; False: always read
     use_mmap: bool | None = None
+    # the KV cache's numbers: "f16" (half the memory; computed in float32) or "f32"; None: LMCLI_KV_TYPE, else f32
+    kv_type: str | None = None
     routing_trace: bool = False  # record every routing decision; a generation's final event carries them
 
     @classmethod

@@ -100,6 +100,9 @@ class Attention:
     wkv_a: Linear | None = None  # (kv_lora_rank + qk_rope_head_dim, n_embd)
     kv_a_norm: np.ndarray | None = None  # (kv_lora_rank,)
     wkv_b: Linear | None = None  # (n_head * (qk_nope_head_dim + v_head_dim), kv_lora_rank)
+    # kv_b split per head for attention over the latent cache (ops.mla_query, ops.mla_output), float16 bits
+    wk_b: np.ndarray | None = None  # (n_head, qk_nope_head_dim, kv_lora_rank) uint16
+    wv_b: np.ndarray | None = None  # (n_head, v_head_dim, kv_lora_rank) uint16
 
 
 @dataclass
@@ -137,11 +140,13 @@ class Weights:
     @property
     def nbytes_dense(self) -> int:
         """Bytes of every matrix a token reads besides routed experts (attention, dense/shared FFN, head)."""
-        lins = [self.output]
+        lins, n = [self.output], 0
         for L in self.layers:
             for obj in (L.attn, L.ffn):
-                lins += [v for v in vars(obj).values() if isinstance(v, Linear)]
-        return sum(lin.nbytes for lin in lins)
+                lins += [v for v in vars(obj).values() if isinstance(v, Linear) and v is not L.attn.wkv_b]
+            if L.attn.wk_b is not None:  # MLA reads kv_b's float16 per-head halves, not the file's matrix
+                n += L.attn.wk_b.nbytes + L.attn.wv_b.nbytes
+        return n + sum(lin.nbytes for lin in lins)
 
 
 class _Loader:
@@ -195,6 +200,17 @@ class _Loader:
         return Experts(fmt, E, F, D, offsets, end - base, stride, base)
 
 
+def _split_kv_b(lin: Linear, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """kv_b's per-head key and value halves, dequantized to float16 bits: (n_head, nope, rank), (n_head, dv, rank).
+
+    Each head's rows are its nope key rows then its dv value rows (transformers' kv_b_proj, viewed as
+    (n_head, nope + dv, rank)). float16 holds an F16 matrix exactly and Q8_0/Q4 codes times their fp16 scale to
+    within 2^-11; it costs 2 bytes per weight beside the file's copy, which the latent cache repays many times."""
+    H, nope, dv = cfg.n_head, cfg.qk_nope_head_dim, cfg.v_head_dim
+    w = lin.rows(np.arange(lin.n_out, dtype=np.int64)).reshape(H, nope + dv, lin.n_in).astype(np.float16)
+    return np.ascontiguousarray(w[:, :nope]).view(np.uint16), np.ascontiguousarray(w[:, nope:]).view(np.uint16)
+
+
 def load_weights(c: Container, cfg: ModelConfig) -> Weights:
     """Map every tensor the schema lists for this config, each shape checked, and none left over on either side."""
     L = _Loader(c, cfg)
@@ -214,6 +230,7 @@ def load_weights(c: Container, cfg: ModelConfig) -> Weights:
                 at.wkv_a = L.lin(p + "attn_kv_a_mqa.weight")
                 at.kv_a_norm = L.vec(p + "attn_kv_a_norm.weight")
                 at.wkv_b = L.lin(p + "attn_kv_b.weight")
+                at.wk_b, at.wv_b = _split_kv_b(at.wkv_b, cfg)
             else:
                 bias = (lambda n: p + f"attn_{n}.bias") if cfg.attn_bias else (lambda n: None)
                 at.wq = L.lin(p + "attn_q.weight", bias("q"))
