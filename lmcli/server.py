@@ -740,9 +740,10 @@ def _not_found(name: str | None) -> ApiError:
 # --- models: ids clients see, never a path -------------------------------------------------------
 
 def _is_name(s: str) -> bool:
-    from .registry import NAME_RE
+    """A store or registry name (ORG/REPO[:TAG] of a pull included), not a path."""
+    from .store import hub_name, is_name
 
-    return bool(NAME_RE.match(s)) and ".." not in s and not s.endswith((".gguf", ".lmc"))
+    return (is_name(s) or hub_name(s) is not None) and not s.endswith((".gguf", ".lmc"))
 
 
 def model_id(spec: str) -> str:
@@ -771,7 +772,7 @@ def store_models() -> list[dict]:
 def _target(requested: str | None, default: Target | None) -> Target:
     """The model a request names: the default, a store entry or a packaged registry model; else 404."""
     from .registry import load_registry
-    from .store import CONTAINER, in_store, models_dir
+    from .store import CONTAINER, hub_name, in_store, is_name, models_dir
 
     if not requested:
         if default is None:
@@ -781,6 +782,8 @@ def _target(requested: str | None, default: Target | None) -> Target:
         return default
     if not _is_name(requested):
         raise _not_found(None)
+    if not is_name(requested):  # hf.co/ORG/REPO:tag as a client may write it: the store's ORG/REPO:TAG
+        requested = hub_name(requested)
     if in_store(requested):
         return Target(requested, str(models_dir() / requested / CONTAINER))
     entry = load_registry().get(requested)

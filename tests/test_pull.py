@@ -312,6 +312,22 @@ def test_the_name_you_pull_is_the_name_you_run(pulled, hub):
     assert r.returncode == 0 and json.loads(r.stdout)["name"] == REPO, r.stderr
 
 
+def test_the_server_serves_a_pulled_model_by_the_name_it_was_pulled_with(pulled, monkeypatch):
+    import httpx
+
+    from lmcli.server import create_app
+    from test_server import running
+
+    home, _, _ = pulled
+    monkeypatch.setenv("LMCLI_HOME", str(home))
+    with running(create_app(None, n_ctx=128, log=lambda line: None)) as url:
+        for name in (REPO, f"hf.co/{REPO}"):
+            r = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2},
+                           timeout=120)
+            assert r.status_code == 200, r.text
+        assert REPO in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+
+
 def test_pull_fetches_only_the_needed_files_and_records_what_it_verified(pulled, hub, shards):
     home, r, log = pulled
     assert r.returncode == 0, r.stderr
