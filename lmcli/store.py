@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import warnings
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -22,7 +23,7 @@ from quant.container import MAGIC, Container, remove_stale_temps
 from quant.container import VERSION as CONTAINER_VERSION
 from quant.schema import ModelConfig, token_costs
 
-from .errors import BadName, ModelFileError, ModelNotFound, StoreError, model_file_errors
+from .errors import BadName, LmcliWarning, ModelFileError, ModelNotFound, StoreError, model_file_errors
 from .memory import kv_cache_type
 from .registry import NAME_RE, load_registry
 
@@ -330,7 +331,8 @@ def import_gguf_file(src: Path, name: str, *, force: bool = False, source: dict 
         return _import_locked(src, name, d, force, source)
 
 
-def _import_locked(src: Path, name: str, d: Path, force: bool, source: dict | None) -> Path:
+def _import_locked(src: Path, name: str, d: Path, force: bool, source: dict | None,
+                   digest: str | None = None) -> Path:
     from quant.gguf_io import import_gguf
 
     if (d / MANIFEST).exists() and not force:
@@ -340,7 +342,7 @@ def _import_locked(src: Path, name: str, d: Path, force: bool, source: dict | No
             import_gguf(src, tmp, overwrite=True, source=source)  # a missing part is refused here, in one line
         size, mtime_ns = _stamp(src)
         manifest = {"source": {"kind": "gguf", "file": src.name, "size": size, "mtime_ns": mtime_ns,
-                               "sha256": _sha256(*_gguf_parts(src)), **(source or {})}, "created": now()}
+                               "sha256": digest or _sha256(*_gguf_parts(src)), **(source or {})}, "created": now()}
         return publish(name, tmp, manifest)
 
 
@@ -396,7 +398,32 @@ def cached_import(src: Path, name: str, source: dict | None = None) -> Path:
                 return d / CONTAINER
         except (OSError, json.JSONDecodeError, AttributeError):
             pass
-        return _import_locked(src, name, d, True, source)
+        digest = None
+        if source is None:  # a GGUF path: the same bytes under another file name are not stored twice
+            with model_file_errors():
+                parts = _gguf_parts(src)
+            digest = _sha256(*parts)
+            twin = _same_gguf(digest, name)
+            if twin is not None:
+                warnings.warn(f"{src.name} has the same bytes as the store's model {twin!r}: running that one "
+                              "(no second copy)", LmcliWarning, stacklevel=2)
+                remove_if_empty(d)  # the lock taken for `name` made its directory
+                return models_dir() / twin / CONTAINER
+        out = _import_locked(src, name, d, True, source, digest)
+        if source is None:
+            warnings.warn(f"imported {src.name} into the store as {name!r} (once: later runs reuse it; "
+                          f"`lmcli rm {name}` removes it)", LmcliWarning, stacklevel=2)
+        return out
+
+
+def _same_gguf(digest: str, name: str) -> str | None:
+    """Another store model imported from a GGUF with these bytes (sha256), still in the current layout."""
+    for m in list_models():
+        s = m.get("source")
+        if m["name"] != name and isinstance(s, dict) and s.get("kind") == "gguf" and s.get("sha256") == digest \
+                and _current(Path(m["path"])):
+            return m["name"]
+    return None
 
 
 def packaged_file(spec: str) -> Path:

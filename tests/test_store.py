@@ -113,3 +113,30 @@ def test_an_unfinished_pulls_file_is_refused_by_path(home, smol_container):
     for p in (part, shutil.copy(smol_container, partial / "x.lmc")):
         with pytest.raises(ModelFileError, match="unfinished pull"):
             locate(str(p))
+
+
+def test_a_gguf_run_from_two_paths_is_stored_once_and_says_so(home, smol_gguf, tmp_path):
+    """Issue 18 (4): each new path of the same GGUF was silently copied into the store again."""
+    import os
+    import subprocess
+    import sys
+
+    a, b = tmp_path / "a" / "smol.gguf", tmp_path / "b" / "other-name.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        os.link(smol_gguf, p) if os.stat(smol_gguf).st_dev == os.stat(tmp_path).st_dev else p.write_bytes(
+            smol_gguf.read_bytes())
+    env = dict(os.environ, LMCLI_HOME=str(home))
+    run = [sys.executable, "-m", "lmcli.cli", "run"]
+    r1 = subprocess.run(run + [str(a), "hi", "--raw", "-n", "1", "--temp", "0"], env=env, capture_output=True,
+                        text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr
+    assert "imported smol.gguf into the store as 'smol'" in r1.stderr
+    r2 = subprocess.run(run + [str(b), "hi", "--raw", "-n", "1", "--temp", "0"], env=env, capture_output=True,
+                        text=True, timeout=300)
+    assert r2.returncode == 0 and r2.stdout == r1.stdout, r2.stderr
+    assert "same bytes as the store's model 'smol'" in r2.stderr
+    r3 = subprocess.run(run + [str(a), "hi", "--raw", "-n", "1", "--temp", "0"], env=env, capture_output=True,
+                        text=True, timeout=300)
+    assert r3.returncode == 0 and "imported" not in r3.stderr  # reused, silently
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["smol"]
