@@ -282,14 +282,18 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMCLI_API_KEY",
                                           help="required as a Bearer token; needed for a non-loopback host"),
     cors_origin: Optional[str] = typer.Option(None, "--cors-origin", help="allow this browser origin"),
+    queue_size: int = typer.Option(8, "--queue-size", help="requests that may wait; more get 503"),
+    prefix_cache: int = typer.Option(4, "--prefix-cache", help="KV caches of recent requests kept for a prompt "
+                                                               "that continues one (0: off)"),
     engine: EngineOptions = None,
 ):
-    """Serve the OpenAI API (chat completions, completions, models) on a local port."""
+    """Serve the OpenAI API (chat completions, completions, models) and the Ollama API on a local port."""
     from .server import serve as _serve
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {port}")
-    _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, options=engine)
+    _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, queue_size=queue_size,
+           prefix_cache=prefix_cache, options=engine)
 
 
 @app.command()

@@ -123,13 +123,10 @@ class Conversation:
 
         The reply is appended to the conversation when the stream ends, also when it is closed or
         interrupted early (the partial reply is kept)."""
+        from .prefix_cache import reusable
+
         m = self.model
-        common = 0
-        for a, b in zip(self.cached, ids):
-            if a != b:
-                break
-            common += 1
-        reuse = min(common, len(ids) - 1)  # feed at least one token: its logits start the reply
+        reuse = reusable(self.cached, ids)  # feeds at least one token: its logits start the reply
         self.cache.truncate(reuse)
         fed = ids[reuse:]
         limit = self.n_ctx if self.max_tokens == -1 else self.max_tokens

@@ -34,6 +34,7 @@ from starlette.routing import Route
 from quant import jsonio
 
 from .errors import ContextOverflow, LmcliError, ModelNotFound, TemplateError, UsageError
+from .prefix_cache import DEFAULT_SIZE as DEFAULT_PREFIX_CACHE, PrefixCache
 
 if TYPE_CHECKING:
     from .engine.options import EngineOptions
@@ -479,7 +480,8 @@ class Stats:
     requests: OrderedDict = field(default_factory=OrderedDict)  # id -> RequestStat
     # totals since start for /metrics: requests by how they ended, prompt tokens, seconds of prefill and decode
     finished: dict = field(default_factory=dict)  # finish_reason -> requests
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prefilled (fed to the model)
+    cached_tokens: int = 0  # prompt tokens a kept KV cache already held (prefix reuse): not prefilled again
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_tokens: int = 0  # completion tokens that came from decode steps (the first comes from the prefill)
@@ -525,8 +527,9 @@ class Engine:
     """The single worker thread: Numba's thread count is per thread and the engine is not thread-safe."""
 
     def __init__(self, stats: Stats, *, queue_size: int, options: EngineOptions | None,
-                 load: Callable[..., Any], log: Callable[[str], None]):
+                 load: Callable[..., Any], log: Callable[[str], None], prefix_cache: int = DEFAULT_PREFIX_CACHE):
         self.stats, self.queue_size, self.options = stats, queue_size, options
+        self.prefix = PrefixCache(prefix_cache)  # recent requests' KV caches, reused by a prompt they begin
         self._load, self._log = load, log
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -591,6 +594,7 @@ class Engine:
         """The model for target, loading it (and dropping the previous one first) when it is another."""
         if self.model_id != target.id:
             self.model, self.model_id = None, None  # one model in memory: release the old mapping first
+            self.prefix.drop()
             t0 = time.perf_counter()
             self.model = self._load(target.spec, self.options)
             self.model_id = target.id
@@ -636,7 +640,10 @@ class Engine:
             params = _sampler(job.target.id, req.sampling)
             st.prompt_tokens = len(ids)
             job.emit(("start", len(ids)))
-            events = model.generate(ids, max_tokens=limit, stop=req.stop, sampler=params, ignore_eos=req.ignore_eos,
+            cache, reuse = self.prefix.take(job.target.id, ids, model.new_cache)  # prefill only what is new
+            self.stats.cached_tokens += reuse
+            held = list(ids)  # what the cache will hold: the prompt, then each token fed back
+            events = model.generate(ids[reuse:], cache=cache, max_tokens=limit, stop=req.stop, sampler=params, ignore_eos=req.ignore_eos,
                                     json_schema=req.call_schema or req.json_schema, top_logprobs=req.top_logprobs)
             split = _CallSplit(model, req)
             lps: list[dict] = []  # logprob entries of tokens whose text is not out yet
@@ -655,11 +662,12 @@ class Engine:
                         st.tokens = ev.timings.completion_tokens
                         timings = ev.timings
                         st.finish_reason = "tool_calls" if calls else ev.finish_reason
-                        job.emit(("end", st.finish_reason, ev.stats.usage()))
+                        job.emit(("end", st.finish_reason, _usage(ev.stats.usage(), len(ids), reuse)))
                         break
                     if ev.token is not None:
                         st.tokens += 1
                         self.stats.tokens += 1
+                        held.append(ev.token)
                     if ev.logprobs is not None:
                         lps.append(logprob_entry(model.tokenizer, ev.token, ev.logprobs))
                     piece = split.push(ev.text) if ev.text else ""
@@ -669,6 +677,7 @@ class Engine:
             finally:
                 events.close()
                 timings = timings or events.stats().timings
+                self.prefix.give(job.target.id, held, cache)
         except ApiError as e:
             st.finish_reason = "error"
             job.emit(("error", e))
@@ -686,6 +695,14 @@ class Engine:
         finally:
             self.stats.ended(st, timings)
             st.done = True
+
+
+def _usage(use: dict, n_prompt: int, reused: int) -> dict:
+    """OpenAI's usage of a run that fed only the prompt's new tokens: the whole prompt counts, the reused prefix
+    is prompt_tokens_details.cached_tokens (as OpenAI reports its prompt caching)."""
+    c = use["completion_tokens"]
+    return {**use, "prompt_tokens": n_prompt, "total_tokens": n_prompt + c,
+            "prompt_tokens_details": {"cached_tokens": reused}}
 
 
 class _CallSplit:
@@ -809,6 +826,8 @@ class Metrics:
             req.add_metric([str(reason)], n)
         yield req
         yield CounterMetricFamily("lmcli_prompt_tokens", "Prompt tokens prefilled", value=st.prompt_tokens)
+        yield CounterMetricFamily("lmcli_prompt_cached_tokens", "Prompt tokens reused from a kept KV cache",
+                                  value=st.cached_tokens)
         yield CounterMetricFamily("lmcli_completion_tokens", "Completion tokens generated", value=st.tokens)
         yield CounterMetricFamily("lmcli_prefill_seconds", "Seconds spent in prefill", value=st.prefill_s)
         yield CounterMetricFamily("lmcli_decode_seconds", "Seconds spent in decode steps", value=st.decode_s)
@@ -1244,7 +1263,8 @@ def _is_wildcard(host: str) -> bool:
         return False
 
 
-def _check_options(api_key: str | None, cors_origin: str | None, max_body: int, queue_size: int) -> None:
+def _check_options(api_key: str | None, cors_origin: str | None, max_body: int, queue_size: int,
+                   prefix_cache: int = 0) -> None:
     if api_key is not None and (not api_key or not all(33 <= ord(c) < 127 for c in api_key)):
         raise UsageError("--api-key must be non-empty printable ASCII without spaces")
     if cors_origin is not None:
@@ -1255,14 +1275,15 @@ def _check_options(api_key: str | None, cors_origin: str | None, max_body: int, 
         elif not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?",
                               cors_origin):
             raise UsageError(f"--cors-origin must be an origin like http://localhost:5173, got {_show(cors_origin)}")
-    for name, v, lo in (("max_body", max_body, 1), ("queue_size", queue_size, 0)):
+    for name, v, lo in (("max_body", max_body, 1), ("queue_size", queue_size, 0), ("prefix_cache", prefix_cache, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise UsageError(f"{name} must be an integer of at least {lo}, got {_show(v)}")
 
 
 def create_app(default_model: str | None, *, api_key: str | None = None, cors_origin: str | None = None,
                max_body: int = 1 << 20, queue_size: int = 8, options: EngineOptions | None = None,
-               log: Callable[[str], None] = print, host: str = "127.0.0.1", **engine) -> Starlette:
+               log: Callable[[str], None] = print, host: str = "127.0.0.1", prefix_cache: int = DEFAULT_PREFIX_CACHE,
+               **engine) -> Starlette:
     """The Starlette app; host is the address it is bound to (allowed in Host when not loopback, with a key).
 
     options: how to run the models (EngineOptions); engine: single fields over it (n_ctx=..., threads=...).
@@ -1270,9 +1291,10 @@ def create_app(default_model: str | None, *, api_key: str | None = None, cors_or
     from .api import load
     from .engine.options import EngineOptions
 
-    _check_options(api_key, cors_origin, max_body, queue_size)
+    _check_options(api_key, cors_origin, max_body, queue_size, prefix_cache)
     stats = Stats()
-    engine = Engine(stats, queue_size=queue_size, options=EngineOptions.of(options, **engine), load=load, log=log)
+    engine = Engine(stats, queue_size=queue_size, options=EngineOptions.of(options, **engine), load=load, log=log,
+                    prefix_cache=prefix_cache)
     default = Target(model_id(default_model), default_model) if default_model else None
     api = Api(default, engine, stats, max_body)
     allowed: frozenset[str] | None = LOOPBACK_HOSTS
@@ -1336,7 +1358,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
           cors_origin: str | None = None, *, max_body: int = 1 << 20, queue_size: int = 8,
-          options: EngineOptions | None = None, log: Callable[[str], None] = print, **engine) -> None:
+          prefix_cache: int = DEFAULT_PREFIX_CACHE, options: EngineOptions | None = None,
+          log: Callable[[str], None] = print, **engine) -> None:
     """Serve the OpenAI API until interrupted; refuses a non-loopback address without an API key.
 
     options, engine: how to run the models, as create_app takes them."""
@@ -1348,7 +1371,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, 
     import uvicorn
 
     app = create_app(model, api_key=api_key, cors_origin=cors_origin, max_body=max_body, queue_size=queue_size,
-                     options=options, log=log, host=host, **engine)
+                     options=options, log=log, host=host, prefix_cache=prefix_cache, **engine)
     engine: Engine = app.state.engine
     if app.state.default is not None:  # a bad model fails here, before listening
         seconds = engine.call(partial(engine.warm_up, app.state.default))

@@ -563,7 +563,9 @@ def test_metrics_count_requests_tokens_and_queue(busy):
     done = after[("lmcli_completion_tokens_total", ())] - before[("lmcli_completion_tokens_total", ())]
     assert done == r["usage"]["completion_tokens"] == 7
     prompt = after[("lmcli_prompt_tokens_total", ())] - before[("lmcli_prompt_tokens_total", ())]
-    assert prompt == r["usage"]["prompt_tokens"]
+    cached = after[("lmcli_prompt_cached_tokens_total", ())] - before[("lmcli_prompt_cached_tokens_total", ())]
+    assert cached == r["usage"]["prompt_tokens_details"]["cached_tokens"]  # a kept KV cache held these
+    assert prompt + cached == r["usage"]["prompt_tokens"] and prompt >= 1
     assert after[("lmcli_decode_tokens_total", ())] - before[("lmcli_decode_tokens_total", ())] == 6
     assert after[("lmcli_decode_seconds_total", ())] > before[("lmcli_decode_seconds_total", ())]
     assert after[("lmcli_decode_tokens_per_second", ())] > 0
