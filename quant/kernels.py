@@ -760,23 +760,29 @@ def decode_gguf_row(kind, src, off, n, w):
                     for l in range(32):
                         q = ((src[c + l] >> s) & 15) | (((src[p + 16 + l] >> j) & 1) << 4)
                         w[e + l] = D * np.float32(q) - M
-    elif kind == 14:  # Q6_K: 16 sub-blocks of 16, w = (d * sc) * (q - 32); element 128 h + p
+    elif kind == 14:  # Q6_K: 16 sub-blocks of 16, w = (d * sc) * (q - 32); dequantize_row_q6_K's loop order
         for i in range(n // 256):
             p = off + i * 210
             d = _h16(src, p + 208, b)
-            for g in range(16):
-                D = d * np.float32(_i8(src[p + 192 + g]))
-                for l in range(16):
-                    e = g * 16 + l
-                    h, pp = e >> 7, e & 127
-                    lo = (src[p + 64 * h + (pp & 63)] >> (4 * (pp >> 6))) & 15
-                    hi = (src[p + 128 + 32 * h + (pp & 31)] >> (2 * (pp >> 5))) & 3
-                    w[i * 256 + e] = D * np.float32(np.int32(lo | (hi << 4)) - 32)
+            for h in range(2):  # halves of 128: ql[64 h + l] and ql[64 h + l + 32], qh[32 h + l], four outputs each
+                ql, qh, sp, e = p + 64 * h, p + 128 + 32 * h, p + 192 + 8 * h, i * 256 + 128 * h
+                for l in range(32):
+                    hb = src[qh + l]
+                    k = l // 16
+                    w[e + l] = (d * np.float32(_i8(src[sp + k]))) * np.float32(
+                        np.int32((src[ql + l] & 15) | ((hb & 3) << 4)) - 32)
+                    w[e + l + 32] = (d * np.float32(_i8(src[sp + k + 2]))) * np.float32(
+                        np.int32((src[ql + l + 32] & 15) | (((hb >> 2) & 3) << 4)) - 32)
+                    w[e + l + 64] = (d * np.float32(_i8(src[sp + k + 4]))) * np.float32(
+                        np.int32((src[ql + l] >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                    w[e + l + 96] = (d * np.float32(_i8(src[sp + k + 6]))) * np.float32(
+                        np.int32((src[ql + l + 32] >> 4) | (((hb >> 6) & 3) << 4)) - 32)
     elif kind == 6 or kind == 7:  # Q5_0 w = d * (q - 16), Q5_1 w = d * q + m; bit j of qh the fifth bit
         bb, qo = (22, 6) if kind == 6 else (24, 8)
         for i in range(n // 32):
             p = off + i * bb
             d = _h16(src, p, b)
+            m = _h16(src, p + 2, b) if kind == 7 else np.float32(0.0)
             qh = (np.uint32(src[p + qo - 4]) | (np.uint32(src[p + qo - 3]) << np.uint32(8))
                   | (np.uint32(src[p + qo - 2]) << np.uint32(16)) | (np.uint32(src[p + qo - 1]) << np.uint32(24)))
             for j in range(16):
@@ -787,7 +793,6 @@ def decode_gguf_row(kind, src, off, n, w):
                     w[i * 32 + j] = d * np.float32(lo - 16)
                     w[i * 32 + j + 16] = d * np.float32(hi - 16)
                 else:
-                    m = _h16(src, p + 2, b)
                     w[i * 32 + j] = d * np.float32(lo) + m
                     w[i * 32 + j + 16] = d * np.float32(hi) + m
     elif kind == 20:  # IQ4_NL: w = d * _IQ4[nibble]
@@ -816,10 +821,79 @@ def decode_gguf_row(kind, src, off, n, w):
             wi[k] = (np.uint32(src[off + 2 * k]) | (np.uint32(src[off + 2 * k + 1]) << np.uint32(8))) << np.uint32(16)
 
 
+@njit(cache=True, fastmath=True)
+def _dot_k(kind, src, off, n, x, t):
+    """One Q4_K/Q5_K row . x[t] without decoding it: per sub-block (d sc) sum(q x) - (dmin m) sum(x)."""
+    b = np.empty(1, np.uint32)
+    bb = 144 if kind == 12 else 176
+    acc = np.float32(0.0)
+    for i in range(n // 256):
+        p = off + i * bb
+        d, dmin = _h16(src, p, b), _h16(src, p + 2, b)
+        for jj in range(4):  # 32 bytes of nibbles: sub-block 2 jj in the low nibbles, 2 jj + 1 in the high
+            c, e = p + bb - 128 + jj * 32, i * 256 + jj * 64
+            s0, s1, x0, x1 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+            if kind == 12:
+                for l in range(32):
+                    v = src[c + l]
+                    a0, a1 = x[t, e + l], x[t, e + 32 + l]
+                    s0 += np.float32(v & 15) * a0
+                    s1 += np.float32(v >> 4) * a1
+                    x0 += a0
+                    x1 += a1
+            else:
+                for l in range(32):
+                    v, hb = src[c + l], src[p + 16 + l] >> (2 * jj)
+                    a0, a1 = x[t, e + l], x[t, e + 32 + l]
+                    s0 += np.float32((v & 15) | ((hb & 1) << 4)) * a0
+                    s1 += np.float32((v >> 4) | ((hb & 2) << 3)) * a1
+                    x0 += a0
+                    x1 += a1
+            for h in range(2):
+                j = 2 * jj + h
+                if j < 4:
+                    sc, m = src[p + 4 + j] & 63, src[p + 8 + j] & 63
+                else:
+                    sc = (src[p + 8 + j] & 15) | ((src[p + j] >> 6) << 4)
+                    m = (src[p + 8 + j] >> 4) | ((src[p + 4 + j] >> 6) << 4)
+                acc += (d * np.float32(sc)) * (s1 if h else s0) - (dmin * np.float32(m)) * (x1 if h else x0)
+    return acc
+
+
+@njit(cache=True, fastmath=True)
+def _dot_q6_k(src, off, n, x, t):
+    """One Q6_K row . x[t] without decoding it: per sub-block of 16, (d sc) sum((q - 32) x)."""
+    b = np.empty(1, np.uint32)
+    acc = np.float32(0.0)
+    s = np.empty(4, np.float32)
+    for i in range(n // 256):
+        p = off + i * 210
+        d = _h16(src, p + 208, b)
+        for h in range(2):
+            ql, qh, sp, e = p + 64 * h, p + 128 + 32 * h, p + 192 + 8 * h, i * 256 + 128 * h
+            for k in range(2):  # l in [16 k, 16 k + 16): sub-blocks 8 h + k + 2 u for the four outputs u
+                s[:] = 0.0
+                for l in range(16 * k, 16 * k + 16):
+                    hb = src[qh + l]
+                    s[0] += np.float32(np.int32((src[ql + l] & 15) | ((hb & 3) << 4)) - 32) * x[t, e + l]
+                    s[1] += np.float32(np.int32((src[ql + l + 32] & 15) | (((hb >> 2) & 3) << 4)) - 32) * x[t, e + l + 32]
+                    s[2] += np.float32(np.int32((src[ql + l] >> 4) | (((hb >> 4) & 3) << 4)) - 32) * x[t, e + l + 64]
+                    s[3] += np.float32(np.int32((src[ql + l + 32] >> 4) | (((hb >> 6) & 3) << 4)) - 32) * x[t, e + l + 96]
+                for u in range(4):
+                    acc += (d * np.float32(_i8(src[sp + k + 2 * u]))) * s[u]
+    return acc
+
+
 @njit(cache=True, inline="always")
 def _rows_dot(src, kind, off, rb, n_rows, n_in, xf, toks, W, acc):
     """acc[q, i] = row i of a gguf_rows matrix (rows of rb bytes from byte off of src) . xf[toks[q]], i < n_rows.
-    W (RB, n_in) float32 scratch: RB rows decoded, then every token passes them."""
+    W (RB, n_in) float32 scratch: RB rows decoded, then every token passes them. One token (decode) of the
+    K-quants Q4_K_M files are made of: dot products on the blocks themselves (1.5-2.3x faster than decoding)."""
+    if toks.shape[0] == 1 and (kind == 12 or kind == 13 or kind == 14):
+        for i in range(n_rows):
+            o = off + i * rb
+            acc[0, i] = _dot_q6_k(src, o, n_in, xf, toks[0]) if kind == 14 else _dot_k(kind, src, o, n_in, xf, toks[0])
+        return
     for i0 in range(0, n_rows, RB):
         m = min(RB, n_rows - i0)
         for i in range(m):

@@ -102,6 +102,21 @@ def test_gguf_rows_codec_equals_gguf_quants_and_keeps_the_bytes(fmt, n_out):
 
 
 @pytest.mark.parametrize("fmt", ROWS, ids=lambda f: f.name)
+@pytest.mark.parametrize("T", [1, 2, 17])
+def test_gguf_rows_matmul_matches_float64_of_gguf_dequantization(fmt, T):
+    """One token (decode: the K-quants dot their blocks without decoding them) and several (prefill: rows decoded
+    once), against float64 numpy of gguf.quants' weights; 131 rows (not whole tiles)."""
+    rng = np.random.default_rng(T)
+    n_out, n_in = 131, 2 * max(GROUP, fmt.row_multiple)
+    codes, _, wd = _matrix(rng, fmt, n_out, n_in)
+    x = rng.standard_normal((T, n_in)).astype(np.float32)
+    out = np.full((T, n_out), np.nan, np.float32)
+    fmt.matmul(codes, fmt.kind, x, out)
+    ref = x.astype(np.float64) @ wd.T.astype(np.float64)
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", ROWS, ids=lambda f: f.name)
 def test_gguf_rows_formats_refuse_to_encode(fmt):
     with pytest.raises(ValueError, match="does not write"):
         quantize_blocks(np.zeros((1, 256), np.float32), fmt)
