@@ -41,7 +41,7 @@ class Format:
     kind: int  # the format's id in the kernels that take any format (embed_rows, moe_*): its GGUF type id
     expert_rows: bool  # moe_*_rows (prefill: codes unpacked once for all of an expert's tokens) take this kind
     gguf_rows: bool = False  # codes are GGUF's own row-major blocks (see ROWS below), the matmul (codes, kind, x, out)
-    half_fields: tuple[int, ...] = ()  # byte offsets of a GGUF block's fp16 fields (gguf_rows: checked finite on import)
+    half_fields: tuple[int, ...] = ()  # offsets of a GGUF block's fp16 fields (gguf_rows: checked finite on import)
 
     @cached_property
     def codec(self):

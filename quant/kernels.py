@@ -874,11 +874,11 @@ def _dot_q6_k(src, off, n, x, t):
             for k in range(2):  # l in [16 k, 16 k + 16): sub-blocks 8 h + k + 2 u for the four outputs u
                 s[:] = 0.0
                 for l in range(16 * k, 16 * k + 16):
-                    hb = src[qh + l]
-                    s[0] += np.float32(np.int32((src[ql + l] & 15) | ((hb & 3) << 4)) - 32) * x[t, e + l]
-                    s[1] += np.float32(np.int32((src[ql + l + 32] & 15) | (((hb >> 2) & 3) << 4)) - 32) * x[t, e + l + 32]
-                    s[2] += np.float32(np.int32((src[ql + l] >> 4) | (((hb >> 4) & 3) << 4)) - 32) * x[t, e + l + 64]
-                    s[3] += np.float32(np.int32((src[ql + l + 32] >> 4) | (((hb >> 6) & 3) << 4)) - 32) * x[t, e + l + 96]
+                    hb, lo, hi = src[qh + l], src[ql + l], src[ql + l + 32]
+                    s[0] += np.float32(np.int32((lo & 15) | ((hb & 3) << 4)) - 32) * x[t, e + l]
+                    s[1] += np.float32(np.int32((hi & 15) | (((hb >> 2) & 3) << 4)) - 32) * x[t, e + l + 32]
+                    s[2] += np.float32(np.int32((lo >> 4) | (((hb >> 4) & 3) << 4)) - 32) * x[t, e + l + 64]
+                    s[3] += np.float32(np.int32((hi >> 4) | (((hb >> 6) & 3) << 4)) - 32) * x[t, e + l + 96]
                 for u in range(4):
                     acc += (d * np.float32(_i8(src[sp + k + 2 * u]))) * s[u]
     return acc

@@ -140,6 +140,7 @@ def test_every_unsupported_tensor_type_is_named_with_its_count_at_once(tmp_path)
     q2k = np.zeros((64, 84), np.uint8)  # 64 rows of one Q2_K super-block
     q3k = np.zeros((64, 110), np.uint8)  # 64 rows of one Q3_K super-block
     _tiny_gguf(src, [("a.weight", q2k, QT.Q2_K), ("b.weight", q3k, QT.Q3_K), ("c.weight", q3k, QT.Q3_K),
-                     ("d.weight", np.zeros(64, np.float32), None), ("e.weight", np.zeros((64, 144), np.uint8), QT.Q4_K)])
+                     ("d.weight", np.zeros(64, np.float32), None),
+                     ("e.weight", np.zeros((64, 144), np.uint8), QT.Q4_K)])  # a type lmcli imports: not named
     with pytest.raises(GGUFError, match=r"tensor types lmcli cannot import yet: Q3_K x2, Q2_K x1 \(supported: "):
         import_gguf(src, tmp_path / "out.lmc")

@@ -12,10 +12,9 @@ import ctypes
 
 import numpy as np
 import pytest
+import tiny_models
 from gguf import GGUFReader, LlamaFileType
 from gguf import quants as gq
-
-import tiny_models
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -38,8 +37,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of Fr
 
 F = LlamaFileType
 # Rows are multiples of 256 so that llama.cpp keeps the K-quant (a row of SmolLM2's 576 falls back to Q5_0).
-TINY = {"llama": dict(hidden_size=256, intermediate_size=512, head_dim=64),
-        "qwen3_moe": dict(hidden_size=256, moe_intermediate_size=256, head_dim=64)}
+TINY = {"llama": {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64},
+        "qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "head_dim": 64}}
 
 
 def quantize(src, dst, ftype: int, *, requantize: bool = False):
@@ -96,32 +95,37 @@ def import_losslessly(gguf_path, dst):
     return dst
 
 
-@pytest.fixture(scope="module", params=list(TINY))
-def tiny_f16(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def tiny_f16(tmp_path_factory):
+    """arch -> an F16 GGUF of a tiny random model of it (lmcli's export of its f16 conversion), built once."""
     from quant.convert import convert_hf
     from quant.gguf_export import export_gguf
 
-    arch = request.param
-    d = tmp_path_factory.mktemp(f"kq_{arch}")
-    src = tiny_models.build(arch, d / "hf", overrides=TINY[arch])
-    convert_hf(src, d / "f16.lmc", "f16")
-    return arch, export_gguf(d / "f16.lmc", d / "f16.gguf"), d
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            d = tmp_path_factory.mktemp(f"kq_{arch}")
+            src = tiny_models.build(arch, d / "hf", overrides=TINY[arch])
+            convert_hf(src, d / "f16.lmc", "f16")
+            built[arch] = export_gguf(d / "f16.lmc", d / "f16.gguf")
+        return built[arch]
+
+    return get
 
 
-DENSE_TYPES = [F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_Q5_0, F.MOSTLY_Q5_1, F.MOSTLY_IQ4_NL,
-               F.MOSTLY_IQ4_XS, F.MOSTLY_BF16]
-MOE_TYPES = [F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_IQ4_XS]
+# (arch, llama.cpp file type): every imported type on the dense model, the K-quant mixes and IQ4_XS on the MoE
+CASES = [("llama", f) for f in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_Q5_0, F.MOSTLY_Q5_1,
+                                F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS, F.MOSTLY_BF16)]
+CASES += [("qwen3_moe", f) for f in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_IQ4_XS)]
 # the type each file must hold for most of its layer matrices (what the test is about)
 MAIN = {F.MOSTLY_Q4_K_M: "Q4_K", F.MOSTLY_Q5_K_M: "Q5_K", F.MOSTLY_Q6_K: "Q6_K", F.MOSTLY_Q5_0: "Q5_0",
         F.MOSTLY_Q5_1: "Q5_1", F.MOSTLY_IQ4_NL: "IQ4_NL", F.MOSTLY_IQ4_XS: "IQ4_XS", F.MOSTLY_BF16: "BF16"}
 
 
-@pytest.mark.parametrize("ftype", sorted(set(DENSE_TYPES) | set(MOE_TYPES)), ids=lambda f: f.name[7:])
-def test_llama_cpp_quantized_file_runs_as_llama_cpp_runs_it(tiny_f16, ftype, tmp_path):
-    arch, f16, d = tiny_f16
-    if ftype not in (MOE_TYPES if arch == "qwen3_moe" else DENSE_TYPES):
-        pytest.skip(f"{ftype.name} is covered on the other tiny model")
-    q = quantize(f16, tmp_path / "q.gguf", ftype)
+@pytest.mark.parametrize("arch,ftype", CASES, ids=[f"{a}-{f.name[7:]}" for a, f in CASES])
+def test_llama_cpp_quantized_file_runs_as_llama_cpp_runs_it(tiny_f16, arch, ftype, tmp_path):
+    q = quantize(tiny_f16(arch), tmp_path / "q.gguf", ftype)
     types = census(q)
     layer = [v for k, v in types.items() if k.startswith("blk.") and k.endswith(".weight") and "norm" not in k
              and "gate_inp" not in k]
@@ -136,12 +140,10 @@ def test_llama_cpp_quantized_file_runs_as_llama_cpp_runs_it(tiny_f16, ftype, tmp
     assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
 
 
-def test_q4_k_m_keeps_a_wider_ffn_down_for_some_expert_layers(tmp_path, tiny_f16):
-    """llama.cpp's Q4_K_M stores some layers' ffn_down_exps in another type than gate/up: one layer, two formats."""
-    arch, f16, d = tiny_f16
-    if arch != "qwen3_moe":
-        pytest.skip("an MoE property")
-    types = census(quantize(f16, tmp_path / "q.gguf", F.MOSTLY_Q4_K_M))
+def test_q4_k_m_keeps_a_wider_ffn_down_for_some_expert_layers(tiny_f16, tmp_path):
+    """llama.cpp's Q4_K_M stores some layers' ffn_down_exps in another type than gate/up: one layer, two formats
+    (the test above runs such a file)."""
+    types = census(quantize(tiny_f16("qwen3_moe"), tmp_path / "q.gguf", F.MOSTLY_Q4_K_M))
     assert any(types[f"blk.{i}.ffn_down_exps.weight"] != types[f"blk.{i}.ffn_gate_exps.weight"] for i in range(2))
 
 
