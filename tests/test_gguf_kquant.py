@@ -162,3 +162,20 @@ def test_smollm2_q4_k_m_imports_losslessly_and_agrees_with_llama_cpp(smol_gguf, 
     ref = llama_logits(q, ids)
     assert rel_err(ours, ref).max() <= SMOL_SAME_FILE_TOL, rel_err(ours, ref).max()
     assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
+
+
+def test_imported_k_quant_file_exports_to_the_same_tensor_bytes(tiny_f16, tmp_path):
+    """The container keeps GGUF's blocks: lmcli's export of an imported Q4_K_M MoE file gives back every tensor's
+    type, shape and bytes (experts included)."""
+    from quant.gguf_export import export_gguf
+    from quant.gguf_io import import_gguf
+
+    q = quantize(tiny_f16("qwen3_moe"), tmp_path / "q.gguf", F.MOSTLY_Q4_K_M)
+    out = export_gguf(import_gguf(q, tmp_path / "q.lmc"), tmp_path / "back.gguf")
+    src, back = GGUFReader(str(q)), GGUFReader(str(out))
+    assert sorted(t.name for t in back.tensors) == sorted(t.name for t in src.tensors)
+    by = {t.name: t for t in back.tensors}
+    for a in src.tensors:
+        b = by[a.name]
+        assert (b.tensor_type, list(b.shape)) == (a.tensor_type, list(a.shape)), a.name
+        assert np.asarray(b.data).tobytes() == np.asarray(a.data).tobytes(), a.name
