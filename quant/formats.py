@@ -40,6 +40,8 @@ class Format:
     int_act: bool  # the matmul takes int16 activations (codes, scales, xq, xd, xs, out), else (codes, x, out)
     kind: int  # the format's id in the kernels that take any format (embed_rows, moe_*): its GGUF type id
     expert_rows: bool  # moe_*_rows (prefill: codes unpacked once for all of an expert's tokens) take this kind
+    gguf_rows: bool = False  # codes are GGUF's own row-major blocks (see ROWS below), the matmul (codes, kind, x, out)
+    half_fields: tuple[int, ...] = ()  # offsets of a GGUF block's fp16 fields (gguf_rows: checked finite on import)
 
     @cached_property
     def codec(self):
@@ -54,13 +56,18 @@ class Format:
         """Shape of a matrix's interleaved codes (in code_dtype): per group for block formats, per element for
         float formats (the tile layout of quant.quantize)."""
         n_tiles = (n_out + TILE - 1) // TILE
+        if self.gguf_rows:
+            return (n_tiles, TILE, self.row_nbytes(n_in))
         if not self.quantized:
             return (n_tiles, n_in, TILE)
         return (n_tiles, n_in // GROUP, self.code_bytes // _ITEMSIZE[self.code_dtype], TILE)
 
     @property
     def row_multiple(self) -> int:
-        """Row lengths this format stores: any for float formats, whole GROUPs for block formats."""
+        """Row lengths this format stores: any for float formats, whole GROUPs for tile block formats, whole GGUF
+        blocks for gguf_rows formats."""
+        if self.gguf_rows:
+            return self.block_size
         return GROUP if self.quantized else 1
 
     def row_nbytes(self, n_in: int) -> int:
@@ -86,7 +93,31 @@ Q8_0 = Format("q8_0", gguf_type=8, file_type=7, code_bytes=GROUP, scale_count=1,
               block_size=GROUP, block_bytes=34, code_dtype="int8", codec_name="Q8_0_CODEC", matmul_name="matmul_q8",
               int_act=True, kind=8, expert_rows=True)
 
-FORMATS = {f.name: f for f in (F32, F16, Q4_0, Q4_1, Q8_0)}
+
+# GGUF types imported as they are (gguf_rows): each row keeps GGUF's blocks byte for byte, rows padded with zero
+# bytes to whole tiles (codes (n_tiles, TILE, row bytes), no separate scales). Their kernels (quant.kernels,
+# matmul_gguf_rows) decode one row at a time to float32 with gguf.quants' operations and take float activations.
+# No encoder: lmcli imports these types from llama.cpp's files, it does not write them.
+
+
+def _rows(name, gguf_type, file_type, block_size, block_bytes, half_fields):
+    return Format(name, gguf_type=gguf_type, file_type=file_type, code_bytes=0, scale_count=0, quantized=True,
+                  bits=8 * block_bytes / block_size, block_size=block_size, block_bytes=block_bytes,
+                  code_dtype="uint8", codec_name=f"{name.upper()}_CODEC", matmul_name="matmul_gguf_rows",
+                  int_act=False, kind=gguf_type, expert_rows=True, gguf_rows=True, half_fields=half_fields)
+
+
+Q5_0 = _rows("q5_0", 6, 8, GROUP, 22, (0,))  # d | qh u32 | qs[16]
+Q5_1 = _rows("q5_1", 7, 9, GROUP, 24, (0, 2))  # d | m | qh u32 | qs[16]
+Q4_K = _rows("q4_k", 12, 15, 256, 144, (0, 2))  # d | dmin | scales[12] | qs[128]   (file type: Q4_K_M)
+Q5_K = _rows("q5_k", 13, 17, 256, 176, (0, 2))  # d | dmin | scales[12] | qh[32] | qs[128]   (Q5_K_M)
+Q6_K = _rows("q6_k", 14, 18, 256, 210, (208,))  # ql[128] | qh[64] | scales int8[16] | d
+IQ4_NL = _rows("iq4_nl", 20, 25, GROUP, 18, (0,))  # d | qs[16]
+IQ4_XS = _rows("iq4_xs", 23, 30, 256, 136, (0,))  # d | scales_h u16 | scales_l[4] | qs[128]
+BF16 = _rows("bf16", 30, 32, 1, 2, ())  # bfloat16 values (checked finite by their exponent)
+ROWS = (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16)
+
+FORMATS = {f.name: f for f in (F32, F16, Q4_0, Q4_1, Q8_0, *ROWS)}
 BY_GGUF_TYPE = {f.gguf_type: f for f in FORMATS.values()}
 
 
@@ -100,6 +131,8 @@ def matrix_parts(fmt: Format, n_out: int, n_in: int) -> tuple[int, int]:
     Rows are padded to a multiple of TILE (padding rows are zero); n_in must be a multiple of fmt.row_multiple.
     """
     n_tiles = (n_out + TILE - 1) // TILE
+    if fmt.gguf_rows:
+        return n_tiles * TILE * fmt.row_nbytes(n_in), 0
     n_groups = n_in // GROUP
     per_row = n_groups * fmt.code_bytes if fmt.quantized else n_in * _ITEMSIZE[fmt.code_dtype]
     codes = n_tiles * per_row * TILE

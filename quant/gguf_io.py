@@ -14,7 +14,7 @@ from .errors import GGUFError, QuantError
 from .formats import BY_GGUF_TYPE, F32, FORMATS
 from .gguf_archs import BY_NAME
 from .gguf_header import Header, check_header, read_header
-from .quantize import interleave
+from .quantize import gguf_rows_finite, interleave
 from .schema import ModelConfig, SchemaError, expected_tensors
 
 _TOKENIZER_KEYS = {
@@ -465,6 +465,8 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
             n_out, n_in = shape[-2:]
             raw = data.reshape(n_expert, n_out, -1)
             for e in range(n_expert):
+                if fmt.gguf_rows and not gguf_rows_finite(raw[e], fmt):
+                    raise GGUFError(f"{path}: tensor {name} has non-finite scales or values")
                 codes, scales = interleave(raw[e], fmt, n_out, n_in)
                 if scales.size and not np.all(np.isfinite(scales.view(np.float16))):
                     raise GGUFError(f"{path}: tensor {name} has non-finite scales")

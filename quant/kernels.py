@@ -636,8 +636,8 @@ def matmul_rows(w, x, out):
 def embed_rows(codes, scales, kind, ids, out):
     """Dequantize rows `ids` of an interleaved matrix into out (len(ids), n_in).
 
-    kind: quant.formats.Format.kind (0 f32, 1 f16, 2 q4_0, 3 q4_1, 8 q8_0: GGUF type ids). For f16/f32 `codes` is
-    passed as uint8 bytes.
+    kind: quant.formats.Format.kind (0 f32, 1 f16, 2 q4_0, 3 q4_1, 8 q8_0, the gguf_rows kinds: GGUF type ids).
+    `codes` is passed as uint8 bytes for every format but q4_0/q4_1/q8_0.
     """
     n_in = out.shape[1]
     n_groups = n_in // GROUP
@@ -646,6 +646,9 @@ def embed_rows(codes, scales, kind, ids, out):
         row = ids[i]
         tile = row // TILE
         r = row % TILE
+        if is_gguf_rows(kind):
+            decode_gguf_row(kind, codes, row * gguf_row_nbytes(kind, n_in), n_in, out[i])
+            continue
         if kind == 0 or kind == 1:
             esz = 4 if kind == 0 else 2
             base = tile * n_in * TILE * esz
@@ -681,6 +684,249 @@ def embed_rows(codes, scales, kind, ids, out):
                     e = g * GROUP + 4 * u + 2 * (q % 2) + 16 * (q // 2)
                     out[i, e] = dd * (np.float32(c & 15) + off) + mm
                     out[i, e + 1] = dd * (np.float32(c >> 4) + off) + mm
+
+
+# --- GGUF types kept in GGUF's rows (quant.formats.ROWS: K-quants, Q5_0/Q5_1, IQ4, BF16) -----------------------
+# Codes (n_tiles, TILE, row bytes) hold each row's GGUF blocks as they are (padding rows are zero bytes, which
+# decode to 0). A row is decoded to float32 with the operations of gguf.quants (quant.quantize's reference: the
+# tests compare embed_rows with it bit for bit), then dotted with float activations. decode_gguf_row is a separate
+# compiled function (not inlined into the fastmath kernels), so its arithmetic stays exactly gguf.quants'.
+# Rows are decoded RB at a time and held while every token of the batch passes (prefill decodes a row once).
+
+RB = 16  # rows decoded per step: RB * n_in floats stay in L1/L2 while the tokens stream past
+_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+
+@njit(cache=True, inline="always")
+def is_gguf_rows(kind):
+    """kind (a GGUF type id) is one of the gguf_rows formats (quant.formats.ROWS)."""
+    return kind == 6 or kind == 7 or kind == 12 or kind == 13 or kind == 14 or kind == 20 or kind == 23 or kind == 30
+
+
+@njit(cache=True)
+def gguf_row_nbytes(kind, n):
+    """Bytes of one row of n weights of a gguf_rows kind (GGUF type id), as quant.formats.Format.row_nbytes."""
+    if kind == 6:
+        return n // 32 * 22
+    if kind == 7:
+        return n // 32 * 24
+    if kind == 12:
+        return n // 256 * 144
+    if kind == 13:
+        return n // 256 * 176
+    if kind == 14:
+        return n // 256 * 210
+    if kind == 20:
+        return n // 32 * 18
+    if kind == 23:
+        return n // 256 * 136
+    return 2 * n  # 30: bf16
+
+
+@njit(cache=True, inline="always")
+def _h16(src, o, b):
+    """The fp16 value at bytes src[o], src[o + 1] -> float32 (exact, subnormals included)."""
+    return _f16_scalar(np.uint32(src[o]) | (np.uint32(src[o + 1]) << np.uint32(8)), b)
+
+
+@njit(cache=True, inline="always")
+def _i8(v):
+    return np.int32(v) - 256 if v > 127 else np.int32(v)
+
+
+@njit(cache=True)
+def decode_gguf_row(kind, src, off, n, w):
+    """w[:n] = the row of n weights whose GGUF blocks of type `kind` start at src[off] (src: flat uint8), float32
+    as gguf.quants.dequantize computes it (dequantize_row_* of ggml-quants.c; block layouts in quant.quantize)."""
+    b = np.empty(1, np.uint32)
+    if kind == 12 or kind == 13:  # Q4_K, Q5_K: 8 sub-blocks of 32, w = (d * sc) * q - dmin * m
+        bb = 144 if kind == 12 else 176
+        for i in range(n // 256):
+            p = off + i * bb
+            d, dmin = _h16(src, p, b), _h16(src, p + 2, b)
+            qs = p + bb - 128
+            for j in range(8):
+                if j < 4:
+                    sc, m = src[p + 4 + j] & 63, src[p + 8 + j] & 63
+                else:
+                    sc = (src[p + 8 + j] & 15) | ((src[p + j] >> 6) << 4)
+                    m = (src[p + 8 + j] >> 4) | ((src[p + 4 + j] >> 6) << 4)
+                D, M = d * np.float32(sc), dmin * np.float32(m)
+                c, s, e = qs + (j // 2) * 32, 4 * (j % 2), i * 256 + j * 32
+                if kind == 12:
+                    for l in range(32):
+                        w[e + l] = D * np.float32((src[c + l] >> s) & 15) - M
+                else:
+                    for l in range(32):
+                        q = ((src[c + l] >> s) & 15) | (((src[p + 16 + l] >> j) & 1) << 4)
+                        w[e + l] = D * np.float32(q) - M
+    elif kind == 14:  # Q6_K: 16 sub-blocks of 16, w = (d * sc) * (q - 32); dequantize_row_q6_K's loop order
+        for i in range(n // 256):
+            p = off + i * 210
+            d = _h16(src, p + 208, b)
+            for h in range(2):  # halves of 128: ql[64 h + l] and ql[64 h + l + 32], qh[32 h + l], four outputs each
+                ql, qh, sp, e = p + 64 * h, p + 128 + 32 * h, p + 192 + 8 * h, i * 256 + 128 * h
+                for l in range(32):
+                    hb = src[qh + l]
+                    k = l // 16
+                    w[e + l] = (d * np.float32(_i8(src[sp + k]))) * np.float32(
+                        np.int32((src[ql + l] & 15) | ((hb & 3) << 4)) - 32)
+                    w[e + l + 32] = (d * np.float32(_i8(src[sp + k + 2]))) * np.float32(
+                        np.int32((src[ql + l + 32] & 15) | (((hb >> 2) & 3) << 4)) - 32)
+                    w[e + l + 64] = (d * np.float32(_i8(src[sp + k + 4]))) * np.float32(
+                        np.int32((src[ql + l] >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                    w[e + l + 96] = (d * np.float32(_i8(src[sp + k + 6]))) * np.float32(
+                        np.int32((src[ql + l + 32] >> 4) | (((hb >> 6) & 3) << 4)) - 32)
+    elif kind == 6 or kind == 7:  # Q5_0 w = d * (q - 16), Q5_1 w = d * q + m; bit j of qh the fifth bit
+        bb, qo = (22, 6) if kind == 6 else (24, 8)
+        for i in range(n // 32):
+            p = off + i * bb
+            d = _h16(src, p, b)
+            m = _h16(src, p + 2, b) if kind == 7 else np.float32(0.0)
+            qh = (np.uint32(src[p + qo - 4]) | (np.uint32(src[p + qo - 3]) << np.uint32(8))
+                  | (np.uint32(src[p + qo - 2]) << np.uint32(16)) | (np.uint32(src[p + qo - 1]) << np.uint32(24)))
+            for j in range(16):
+                v = src[p + qo + j]
+                lo = np.int32(v & 15) | np.int32(((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+                hi = np.int32(v >> 4) | np.int32(((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+                if kind == 6:
+                    w[i * 32 + j] = d * np.float32(lo - 16)
+                    w[i * 32 + j + 16] = d * np.float32(hi - 16)
+                else:
+                    w[i * 32 + j] = d * np.float32(lo) + m
+                    w[i * 32 + j + 16] = d * np.float32(hi) + m
+    elif kind == 20:  # IQ4_NL: w = d * _IQ4[nibble]
+        for i in range(n // 32):
+            p = off + i * 18
+            d = _h16(src, p, b)
+            for j in range(16):
+                v = src[p + 2 + j]
+                w[i * 32 + j] = d * _IQ4[v & 15]
+                w[i * 32 + j + 16] = d * _IQ4[v >> 4]
+    elif kind == 23:  # IQ4_XS: 8 sub-blocks of 32, 6-bit scale ls, w = (d * (ls - 32)) * _IQ4[nibble]
+        for i in range(n // 256):
+            p = off + i * 136
+            d = _h16(src, p, b)
+            sh = np.int32(src[p + 2]) | (np.int32(src[p + 3]) << 8)
+            for ib in range(8):
+                ls = ((np.int32(src[p + 4 + ib // 2]) >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
+                dl = d * np.float32(ls - 32)
+                for j in range(16):
+                    v = src[p + 8 + 16 * ib + j]
+                    w[i * 256 + 32 * ib + j] = dl * _IQ4[v & 15]
+                    w[i * 256 + 32 * ib + j + 16] = dl * _IQ4[v >> 4]
+    else:  # 30: BF16, the high half of a float32
+        wi = w.view(np.uint32)
+        for k in range(n):
+            wi[k] = (np.uint32(src[off + 2 * k]) | (np.uint32(src[off + 2 * k + 1]) << np.uint32(8))) << np.uint32(16)
+
+
+@njit(cache=True, fastmath=True)
+def _dot_k(kind, src, off, n, x, t):
+    """One Q4_K/Q5_K row . x[t] without decoding it: per sub-block (d sc) sum(q x) - (dmin m) sum(x)."""
+    b = np.empty(1, np.uint32)
+    bb = 144 if kind == 12 else 176
+    acc = np.float32(0.0)
+    for i in range(n // 256):
+        p = off + i * bb
+        d, dmin = _h16(src, p, b), _h16(src, p + 2, b)
+        for jj in range(4):  # 32 bytes of nibbles: sub-block 2 jj in the low nibbles, 2 jj + 1 in the high
+            c, e = p + bb - 128 + jj * 32, i * 256 + jj * 64
+            s0, s1, x0, x1 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+            if kind == 12:
+                for l in range(32):
+                    v = src[c + l]
+                    a0, a1 = x[t, e + l], x[t, e + 32 + l]
+                    s0 += np.float32(v & 15) * a0
+                    s1 += np.float32(v >> 4) * a1
+                    x0 += a0
+                    x1 += a1
+            else:
+                for l in range(32):
+                    v, hb = src[c + l], src[p + 16 + l] >> (2 * jj)
+                    a0, a1 = x[t, e + l], x[t, e + 32 + l]
+                    s0 += np.float32((v & 15) | ((hb & 1) << 4)) * a0
+                    s1 += np.float32((v >> 4) | ((hb & 2) << 3)) * a1
+                    x0 += a0
+                    x1 += a1
+            for h in range(2):
+                j = 2 * jj + h
+                if j < 4:
+                    sc, m = src[p + 4 + j] & 63, src[p + 8 + j] & 63
+                else:
+                    sc = (src[p + 8 + j] & 15) | ((src[p + j] >> 6) << 4)
+                    m = (src[p + 8 + j] >> 4) | ((src[p + 4 + j] >> 6) << 4)
+                acc += (d * np.float32(sc)) * (s1 if h else s0) - (dmin * np.float32(m)) * (x1 if h else x0)
+    return acc
+
+
+@njit(cache=True, fastmath=True)
+def _dot_q6_k(src, off, n, x, t):
+    """One Q6_K row . x[t] without decoding it: per sub-block of 16, (d sc) sum((q - 32) x)."""
+    b = np.empty(1, np.uint32)
+    acc = np.float32(0.0)
+    s = np.empty(4, np.float32)
+    for i in range(n // 256):
+        p = off + i * 210
+        d = _h16(src, p + 208, b)
+        for h in range(2):
+            ql, qh, sp, e = p + 64 * h, p + 128 + 32 * h, p + 192 + 8 * h, i * 256 + 128 * h
+            for k in range(2):  # l in [16 k, 16 k + 16): sub-blocks 8 h + k + 2 u for the four outputs u
+                s[:] = 0.0
+                for l in range(16 * k, 16 * k + 16):
+                    hb, lo, hi = src[qh + l], src[ql + l], src[ql + l + 32]
+                    s[0] += np.float32(np.int32((lo & 15) | ((hb & 3) << 4)) - 32) * x[t, e + l]
+                    s[1] += np.float32(np.int32((hi & 15) | (((hb >> 2) & 3) << 4)) - 32) * x[t, e + l + 32]
+                    s[2] += np.float32(np.int32((lo >> 4) | (((hb >> 4) & 3) << 4)) - 32) * x[t, e + l + 64]
+                    s[3] += np.float32(np.int32((hi >> 4) | (((hb >> 6) & 3) << 4)) - 32) * x[t, e + l + 96]
+                for u in range(4):
+                    acc += (d * np.float32(_i8(src[sp + k + 2 * u]))) * s[u]
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _rows_dot(src, kind, off, rb, n_rows, n_in, xf, toks, W, acc):
+    """acc[q, i] = row i of a gguf_rows matrix (rows of rb bytes from byte off of src) . xf[toks[q]], i < n_rows.
+    W (RB, n_in) float32 scratch: RB rows decoded, then every token passes them. One token (decode) of the
+    K-quants Q4_K_M files are made of: dot products on the blocks themselves (1.5-2.3x faster than decoding)."""
+    if toks.shape[0] == 1 and (kind == 12 or kind == 13 or kind == 14):
+        for i in range(n_rows):
+            o = off + i * rb
+            acc[0, i] = _dot_q6_k(src, o, n_in, xf, toks[0]) if kind == 14 else _dot_k(kind, src, o, n_in, xf, toks[0])
+        return
+    for i0 in range(0, n_rows, RB):
+        m = min(RB, n_rows - i0)
+        for i in range(m):
+            decode_gguf_row(kind, src, off + (i0 + i) * rb, n_in, W[i])
+        for q in range(toks.shape[0]):
+            t = toks[q]
+            for i in range(m):
+                s = np.float32(0.0)
+                for k in range(n_in):
+                    s += W[i, k] * xf[t, k]
+                acc[q, i0 + i] = s
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matmul_gguf_rows(codes, kind, x, out):
+    """out (T, n_out) = x (T, n_in) @ W.T for W in a gguf_rows format (kind: its GGUF type id).
+
+    codes (n_tiles, TILE, row bytes) uint8: GGUF's blocks row by row, rows padded to whole tiles.
+    """
+    rb = codes.shape[2]
+    src = codes.reshape(-1)
+    T, n_in = x.shape
+    n_out = out.shape[1]
+    toks = np.arange(T)
+    n_chunks = min(CHUNKS, n_out)
+    for c in prange(n_chunks):
+        lo, hi = _span(n_out, c, n_chunks)
+        W = np.empty((RB, n_in), np.float32)
+        acc = np.empty((T, hi - lo), np.float32)
+        _rows_dot(src, kind, lo * rb, rb, hi - lo, n_in, x, toks, W, acc)
+        for t in range(T):
+            for r in range(hi - lo):
+                out[t, lo + r] = acc[t, r]
 
 
 # --- SwiGLU: silu(g) * u with a vector exp --------------------------------------------------------------
@@ -749,17 +995,21 @@ def silu_mul(g, u, out):
 # Expert matrices are addressed inside one flat view of the container (buf8/buf16/buf32 are uint8, uint16
 # and float32 views of the same bytes) by per-expert byte offsets of their codes and scales, so that one
 # parallel call covers every selected expert's tiles: Python never loops over experts. `kind` is the weight
-# format's id (quant.formats.Format.kind: its GGUF type id).
+# format's id (quant.formats.Format.kind: its GGUF type id); gate and up may differ (gkind, ukind), and down from
+# both (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K).
 
 
 @njit(cache=True, inline="always")
-def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xp, xd, xs, xf, t, acc, bits, d):
+def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xp, xd, xs, xf, t, acc, bits, d, W):
     """acc (TILE,) = rows [tile*TILE, +TILE) of one interleaved matrix . activation row t (xp: act_pairs of the
-    quantized activations, xf: the float activations for f16/f32 weights)."""
+    quantized activations, xf: the float activations for f16/f32 and gguf_rows weights; W (RB, n_in) scratch)."""
     ng = n_in // GROUP
     for r in range(TILE):
         acc[r] = 0.0
-    if kind == 2 or kind == 3 or kind == 8:
+    if is_gguf_rows(kind):
+        rb = gguf_row_nbytes(kind, n_in)
+        _rows_dot(buf8, kind, coff + tile * TILE * rb, rb, TILE, n_in, xf, np.full(1, t), W, acc.reshape(1, TILE))
+    elif kind == 2 or kind == 3 or kind == 8:
         nsc = 2 if kind == 3 else 1
         cb = coff + tile * ng * (16 if kind != 8 else 32) * TILE
         sb = (soff + tile * ng * nsc * TILE * 2) // 2
@@ -776,7 +1026,7 @@ def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xp, xd, xs, xf, 
             a = xf[t, k]
             for r in range(TILE):
                 acc[r] += d[r] * a
-    else:
+    else:  # f32
         base = coff // 4 + tile * n_in * TILE
         for k in range(n_in):
             a = xf[t, k]
@@ -785,13 +1035,18 @@ def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xp, xd, xs, xf, 
 
 
 @njit(cache=True, inline="always")
-def _tile_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, rows, acc):
-    """acc (len(rows), TILE) = rows [tile*TILE, +TILE) of a q4_0/q4_1/q8_0 matrix . activation rows `rows`
-    (xp: act_pairs of the quantized activations). Prefill: weights unpacked once, reused for every token."""
+def _tile_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, xf, rows, acc, W):
+    """acc (len(rows), TILE) = rows [tile*TILE, +TILE) of a q4_0/q4_1/q8_0 or gguf_rows matrix . activation rows
+    `rows` (xp: act_pairs of the quantized activations; xf the float ones for gguf_rows, W (RB, n_in) scratch).
+    Prefill: weights unpacked once, reused for every token."""
     ng = n_in // GROUP
     for q in range(rows.shape[0]):
         for r in range(TILE):
             acc[q, r] = 0.0
+    if is_gguf_rows(kind):
+        rb = gguf_row_nbytes(kind, n_in)
+        _rows_dot(buf8, kind, coff + tile * TILE * rb, rb, TILE, n_in, xf, rows, W, acc)
+        return
     nsc = 2 if kind == 3 else 1
     cb = coff + tile * ng * (16 if kind != 8 else 32) * TILE
     sb = (soff + tile * ng * nsc * TILE * 2) // 2
@@ -804,8 +1059,8 @@ def _tile_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, rows, 
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def moe_gate_up(buf8, buf16, buf32, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_soff, sel, tok_ptr, tok_idx,
-                xq, xd, xs, xf, h2):
+def moe_gate_up(buf8, buf16, buf32, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_coff, u_soff, sel, tok_ptr,
+                tok_idx, xq, xd, xs, xf, h2):
     """h2[0, a] = gate_e . x[t] and h2[1, a] = up_e . x[t] for every assignment a of token t to expert e (the
     caller applies SiLU(gate) * up).
 
@@ -823,6 +1078,7 @@ def moe_gate_up(buf8, buf16, buf32, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_
         acc = np.empty(TILE, np.float32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
+        W = np.empty((RB, n_in), np.float32)
         lo, hi = _span(n_jobs, c, n_chunks)
         for job in range(lo, hi):
             i = job // (2 * n_tiles)
@@ -830,9 +1086,11 @@ def moe_gate_up(buf8, buf16, buf32, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_
             tile = job % n_tiles
             e = sel[i]
             coff, soff = (g_coff[e], g_soff[e]) if m == 0 else (u_coff[e], u_soff[e])
+            kind = gkind if m == 0 else ukind
             n_valid = min(TILE, n_ff - tile * TILE)
             for a in range(tok_ptr[i], tok_ptr[i + 1]):
-                _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xp, xd, xs, xf, tok_idx[a], acc, bits, d)
+                _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xp, xd, xs, xf, tok_idx[a], acc, bits, d,
+                          W)
                 for r in range(n_valid):
                     h2[m, a, tile * TILE + r] = acc[r]
 
@@ -849,6 +1107,7 @@ def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq
         acc = np.empty(TILE, np.float32)
         bits = np.empty(TILE, np.uint32)
         d = np.empty(TILE, np.float32)
+        W = np.empty((RB, n_in), np.float32)
         lo, hi = _span(n_jobs, c, n_chunks)
         for job in range(lo, hi):
             i = job // n_tiles
@@ -856,16 +1115,16 @@ def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq
             e = sel[i]
             n_valid = min(TILE, n_out - tile * TILE)
             for a in range(tok_ptr[i], tok_ptr[i + 1]):
-                _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, xp, hd, hs, hf, a, acc, bits, d)
+                _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, xp, hd, hs, hf, a, acc, bits, d, W)
                 for r in range(n_valid):
                     y[a, tile * TILE + r] = acc[r]
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def moe_gate_up_rows(buf8, buf16, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_soff, sel, tok_ptr, tok_idx,
-                     xq, xd, xs, h):
-    """moe_gate_up for prefill (q4_0/q4_1/q8_0): each tile's code groups are unpacked once for all the
-    tokens routed to the expert. Separate from the decode kernel, whose code it would slow down."""
+def moe_gate_up_rows(buf8, buf16, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_coff, u_soff, sel, tok_ptr, tok_idx,
+                     xq, xd, xs, xf, h):
+    """moe_gate_up for prefill (q4_0/q4_1/q8_0, gguf_rows): each tile's code groups are unpacked once for all
+    the tokens routed to the expert. Separate from the decode kernel, whose code it would slow down."""
     n_tiles = (n_ff + TILE - 1) // TILE
     xp = np.empty((xq.shape[0], n_in // 2), np.int32)
     act_pairs(xq, xp)
@@ -878,8 +1137,9 @@ def moe_gate_up_rows(buf8, buf16, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_so
         rows = tok_idx[a0:a1]
         ga = np.empty((a1 - a0, TILE), np.float32)
         ua = np.empty((a1 - a0, TILE), np.float32)
-        _tile_dot_rows(buf8, buf16, kind, g_coff[e], g_soff[e], n_in, tile, xp, xd, xs, rows, ga)
-        _tile_dot_rows(buf8, buf16, kind, u_coff[e], u_soff[e], n_in, tile, xp, xd, xs, rows, ua)
+        W = np.empty((RB, n_in), np.float32)
+        _tile_dot_rows(buf8, buf16, gkind, g_coff[e], g_soff[e], n_in, tile, xp, xd, xs, xf, rows, ga, W)
+        _tile_dot_rows(buf8, buf16, ukind, u_coff[e], u_soff[e], n_in, tile, xp, xd, xs, xf, rows, ua, W)
         for i in range(0, (a1 - a0) * TILE, 16):  # SwiGLU with the vector exp (libm's expf per element cost 3%)
             _silu_mul16(ga, ua, ga, i)
         for q in range(a1 - a0):
@@ -888,8 +1148,9 @@ def moe_gate_up_rows(buf8, buf16, kind, n_ff, n_in, g_coff, g_soff, u_coff, u_so
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, hd, hs, y):
-    """moe_down for prefill (q4_0/q4_1/q8_0), reusing each unpacked code group across the expert's tokens."""
+def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, hd, hs, hf, y):
+    """moe_down for prefill (q4_0/q4_1/q8_0, gguf_rows), reusing each unpacked code group across the expert's
+    tokens."""
     n_tiles = (n_out + TILE - 1) // TILE
     xp = np.empty((hq.shape[0], n_in // 2), np.int32)
     act_pairs(hq, xp)
@@ -901,7 +1162,8 @@ def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, 
         n_valid = min(TILE, n_out - tile * TILE)
         rows = np.arange(a0, a1)
         ya = np.empty((a1 - a0, TILE), np.float32)
-        _tile_dot_rows(buf8, buf16, kind, coff[e], soff[e], n_in, tile, xp, hd, hs, rows, ya)
+        W = np.empty((RB, n_in), np.float32)
+        _tile_dot_rows(buf8, buf16, kind, coff[e], soff[e], n_in, tile, xp, hd, hs, hf, rows, ya, W)
         for q in range(a1 - a0):
             for r in range(n_valid):
                 y[a0 + q, tile * TILE + r] = ya[q, r]

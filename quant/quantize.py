@@ -4,6 +4,16 @@ Block byte layouts follow ggml-common.h:
   Q4_0: d f16 | qs[16]      (w = d * (q - 8), low nibble = element j, high nibble = element j + 16)
   Q4_1: d f16 | m f16 | qs[16]   (w = d * q + m)
   Q8_0: d f16 | qs[32] int8      (w = d * q)
+GGUF types imported as they are (formats.ROWS: no encoder, rows kept in GGUF's blocks), decoded here with the
+float32 operations of gguf.quants (dequantize_row_* of ggml-quants.c), so the kernels can be checked bit for bit:
+  Q5_0: d | qh u32 | qs[16]      (w = d * (q - 16), q = nibble | bit j of qh << 4)
+  Q5_1: d | m | qh u32 | qs[16]  (w = d * q + m)
+  Q4_K: d | dmin | scales[12] | qs[128]   8 sub-blocks of 32, 6-bit scale and min each (w = d sc q - dmin m)
+  Q5_K: d | dmin | scales[12] | qh[32] | qs[128]   as Q4_K, bit j of qh[l] the fifth bit of sub-block j
+  Q6_K: ql[128] | qh[64] | scales int8[16] | d     16 sub-blocks of 16 (w = d sc (q - 32))
+  IQ4_NL: d | qs[16]             (w = d * KVALUES[nibble])
+  IQ4_XS: d | scales_h u16 | scales_l[4] | qs[128]   8 sub-blocks of 32, 6-bit scale minus 32
+  BF16: the high half of a float32
 """
 
 from __future__ import annotations
@@ -22,9 +32,9 @@ class Codec:
     """A format's numpy reference (formats.Format.codec): GGUF row-major data <-> float32, and its codes <->
     the tile layout. encode(x (..., n)) -> data (..., n // GROUP * block_bytes bytes, or n elements of a float
     format); decode(data, n) -> float32 (..., n); tile/untile: see interleave (None for float formats, whose
-    elements are transposed, not packed)."""
+    elements are transposed, not packed). encode is None for the types lmcli imports but does not write."""
 
-    encode: Callable[[np.ndarray], np.ndarray]
+    encode: Callable[[np.ndarray], np.ndarray] | None
     decode: Callable[[np.ndarray, int], np.ndarray]
     tile: Callable[[np.ndarray], np.ndarray] | None = None
     untile: Callable[[np.ndarray], np.ndarray] | None = None
@@ -112,10 +122,106 @@ def _decode_q8_0(raw: np.ndarray, n: int) -> np.ndarray:
     return (d * b[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(*raw.shape[:-1], n)
 
 
+# --- GGUF types kept in GGUF's rows (formats.ROWS) --------------------------------------------------------
+
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _halves(b: np.ndarray, off: int) -> np.ndarray:
+    """The fp16 field at byte off of every block (N, block_bytes) -> (N, 1) float32."""
+    return b[:, off : off + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles32(qs: np.ndarray) -> np.ndarray:
+    """(N, k * 32) bytes -> (N, 2k, 32): for each 32 bytes, the low nibbles then the high ones (K-quant order)."""
+    q = qs.reshape(qs.shape[0], -1, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (q & np.uint8(15)).reshape(qs.shape[0], -1, 32)
+
+
+def _fifth_bit(b: np.ndarray, off: int) -> np.ndarray:
+    """The little-endian u32 qh at byte off of each Q5_0/Q5_1 block -> (N, 32) bit j of qh << 4, as uint8."""
+    qh = b[:, off : off + 4].copy().view("<u4")
+    return (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+
+
+def _k_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 scale bytes (N, 12) -> 6-bit (scale, min) (N, 8) each (get_scale_min_k4)."""
+    lo, mid, hi = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
+    s = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=1)
+    m = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return s.astype(np.float32), m.astype(np.float32)
+
+
+def _decode_q5_0(raw: np.ndarray, n: int) -> np.ndarray:
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 22)
+    q = np.concatenate([b[:, 6:] & np.uint8(15), b[:, 6:] >> np.uint8(4)], axis=1) | _fifth_bit(b, 2)
+    return (_halves(b, 0) * (q.astype(np.float32) - np.float32(16))).reshape(*raw.shape[:-1], n)
+
+
+def _decode_q5_1(raw: np.ndarray, n: int) -> np.ndarray:
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 24)
+    q = np.concatenate([b[:, 8:] & np.uint8(15), b[:, 8:] >> np.uint8(4)], axis=1) | _fifth_bit(b, 4)
+    return (_halves(b, 0) * q.astype(np.float32) + _halves(b, 2)).reshape(*raw.shape[:-1], n)
+
+
+def _decode_k(raw: np.ndarray, n: int, bb: int) -> np.ndarray:
+    """Q4_K (bb 144) and Q5_K (bb 176): w = (d * sc) * q - dmin * m per sub-block of 32."""
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, bb)
+    sc, mn = _k_scales(b[:, 4:16])
+    q = _nibbles32(b[:, bb - 128 :])  # (N, 8, 32)
+    if bb == 176:
+        q = q | ((b[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & np.uint8(1)) << np.uint8(4)
+    d = (_halves(b, 0) * sc)[..., None]
+    dm = (_halves(b, 2) * mn)[..., None]
+    return (d * q.astype(np.float32) - dm).reshape(*raw.shape[:-1], n)
+
+
+def _decode_q6_k(raw: np.ndarray, n: int) -> np.ndarray:
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 210)
+    N = b.shape[0]
+    # element e = 128 h + p: low nibbles from ql[64 h + p % 64] >> 4 (p // 64), high bits from qh[32 h + p % 32]
+    ql = (b[:, :128].reshape(N, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(15)
+    qh = (b[:, 128:192].reshape(N, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
+    q = (ql.reshape(N, 256) | (qh.reshape(N, 256) << np.uint8(4))).astype(np.float32) - np.float32(32)
+    d = _halves(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)  # (N, 16)
+    return (d[..., None] * q.reshape(N, 16, 16)).reshape(*raw.shape[:-1], n)
+
+
+def _decode_iq4_nl(raw: np.ndarray, n: int) -> np.ndarray:
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 18)
+    q = np.concatenate([b[:, 2:] & np.uint8(15), b[:, 2:] >> np.uint8(4)], axis=1)
+    return (_halves(b, 0) * IQ4_VALUES[q].astype(np.float32)).reshape(*raw.shape[:-1], n)
+
+
+def _decode_iq4_xs(raw: np.ndarray, n: int) -> np.ndarray:
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 136)
+    N = b.shape[0]
+    sh = b[:, 2:4].copy().view("<u2").astype(np.int32)  # (N, 1)
+    j = np.arange(8)
+    ls = ((b[:, 4 + j // 2] >> (4 * (j % 2)).astype(np.uint8)) & 15).astype(np.int32) | (((sh >> (2 * j)) & 3) << 4)
+    dl = _halves(b, 0) * (ls - 32).astype(np.float32)  # (N, 8)
+    qs = b[:, 8:].reshape(N, 8, 16)
+    q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=2)  # (N, 8, 32)
+    return (dl[..., None] * IQ4_VALUES[q].astype(np.float32)).reshape(*raw.shape[:-1], n)
+
+
+def _decode_bf16(raw: np.ndarray, n: int) -> np.ndarray:
+    h = np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << np.uint32(16)
+    return h.view(np.float32).reshape(*raw.shape[:-1], n)
+
+
+def gguf_rows_finite(raw: np.ndarray, fmt: Format) -> bool:
+    """Every fp16 field of a gguf_rows format's blocks (every value of BF16) is finite."""
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, fmt.block_bytes)
+    if not fmt.half_fields:  # bf16: exponent all ones is inf or nan
+        return not np.any((b.view(np.uint16) & 0x7F80) == 0x7F80)
+    return all(np.isfinite(b[:, o : o + 2].copy().view(np.float16)).all() for o in fmt.half_fields)
+
+
 def quantize_blocks(x: np.ndarray, fmt: Format) -> np.ndarray:
     """Quantize rows of x (..., n) into GGUF block bytes (..., n // 32 * block_bytes), as llama.cpp's reference."""
-    if not fmt.quantized:
-        raise ValueError(f"{fmt.name} is not a block format")
+    if not fmt.quantized or fmt.codec.encode is None:
+        raise ValueError(f"lmcli does not write {fmt.name} blocks")
     return fmt.codec.encode(x)
 
 
@@ -147,6 +253,9 @@ def interleave(raw: np.ndarray, fmt: Format, n_out: int, n_in: int) -> tuple[np.
     """
     n_tiles = (n_out + TILE - 1) // TILE
     n_groups = n_in // GROUP
+    if fmt.gguf_rows:  # GGUF's rows as they are, zero rows padding the last tile; no separate scales
+        a = _pad_rows(np.ascontiguousarray(raw, dtype=np.uint8).reshape(n_out, fmt.row_nbytes(n_in)), n_tiles)
+        return a.reshape(fmt.codes_shape(n_out, n_in)), np.zeros((0, 1, 1, TILE), np.uint16)
     if not fmt.quantized:
         a = _pad_rows(np.ascontiguousarray(raw).view(fmt.code_dtype).reshape(n_out, n_in), n_tiles)
         codes = np.ascontiguousarray(a.reshape(n_tiles, TILE, n_in).transpose(0, 2, 1))
@@ -219,6 +328,8 @@ def _q8_rows(codes: np.ndarray) -> np.ndarray:
 def deinterleave(codes: np.ndarray, scales: np.ndarray, fmt: Format, n_out: int, n_in: int) -> np.ndarray:
     """Inverse of interleave: back to row-major GGUF data (bytes for block formats)."""
     n_tiles = codes.shape[0]
+    if fmt.gguf_rows:
+        return np.ascontiguousarray(codes.reshape(n_tiles * TILE, -1)[:n_out])
     if not fmt.quantized:
         a = codes.transpose(0, 2, 1).reshape(n_tiles * TILE, n_in)[:n_out]
         return np.ascontiguousarray(a)
@@ -270,3 +381,11 @@ F16_CODEC = Codec(_encode_f16, _decode_f16)
 Q4_0_CODEC = Codec(_encode_q4_0, _decode_q4_0, _q4_tile, _q4_rows)
 Q4_1_CODEC = Codec(_encode_q4_1, _decode_q4_1, _q4_tile, _q4_rows)
 Q8_0_CODEC = Codec(_encode_q8_0, _decode_q8_0, _q8_tile, _q8_rows)
+Q5_0_CODEC = Codec(None, _decode_q5_0)
+Q5_1_CODEC = Codec(None, _decode_q5_1)
+Q4_K_CODEC = Codec(None, lambda raw, n: _decode_k(raw, n, 144))
+Q5_K_CODEC = Codec(None, lambda raw, n: _decode_k(raw, n, 176))
+Q6_K_CODEC = Codec(None, _decode_q6_k)
+IQ4_NL_CODEC = Codec(None, _decode_iq4_nl)
+IQ4_XS_CODEC = Codec(None, _decode_iq4_xs)
+BF16_CODEC = Codec(None, _decode_bf16)

@@ -8,11 +8,12 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gq
 
 from quant import kernels
-from quant.formats import BY_GGUF_TYPE, FORMATS, GROUP, TILE, matrix_parts
-from quant.quantize import Codec, dequantize_blocks, dequantize_interleaved, quantize_blocks, quantize_matrix
+from quant.formats import BY_GGUF_TYPE, FORMATS, GROUP, ROWS, TILE, matrix_parts
+from quant.quantize import (Codec, deinterleave, dequantize_blocks, dequantize_interleaved, interleave,
+                            quantize_blocks, quantize_matrix)
 
 ALL = list(FORMATS.values())
-BLOCK = [f for f in ALL if f.quantized]
+BLOCK = [f for f in ALL if f.quantized and not f.gguf_rows]  # the block formats lmcli writes
 
 
 def _data(rng, n_out, n_in):
@@ -25,6 +26,30 @@ def _data(rng, n_out, n_in):
 
 def _qt(fmt) -> GGMLQuantizationType:
     return GGMLQuantizationType(fmt.gguf_type)
+
+
+def _random_rows(rng, fmt, n_out, n_in) -> np.ndarray:
+    """GGUF data of a gguf_rows format as llama.cpp's files hold it: random code and scale bytes, with finite fp16
+    scales of a sane size (some zero, some negative) and, for BF16, the bfloat16 halves of normal floats."""
+    if not fmt.half_fields:
+        v = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        return (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(n_out, -1)
+    raw = rng.integers(0, 256, (n_out, fmt.row_nbytes(n_in)), dtype=np.uint8)
+    b = raw.reshape(-1, fmt.block_bytes)
+    for o in fmt.half_fields:
+        h = (rng.standard_normal((b.shape[0], 1)) * 0.02).astype(np.float16)
+        h[::7] = 0  # d = 0 (an all-zero block) and dmin = 0
+        b[:, o : o + 2] = h.view(np.uint8)
+    return raw
+
+
+def _matrix(rng, fmt, n_out, n_in):
+    """(codes, scales) of an (n_out, n_in) matrix in fmt and its weights as gguf.quants dequantizes them."""
+    if fmt.gguf_rows:
+        raw = _random_rows(rng, fmt, n_out, n_in)
+        return (*interleave(raw, fmt, n_out, n_in), gq.dequantize(raw, _qt(fmt)))
+    codes, scales = quantize_matrix(_data(rng, n_out, n_in), fmt)
+    return codes, scales, dequantize_interleaved(codes, scales, fmt, n_out, n_in)
 
 
 # --- the codec against gguf.quants (llama.cpp's reference rounding) ---------------------------------------
@@ -46,7 +71,7 @@ def test_dequantize_equals_gguf_quants(fmt):
     assert np.array_equal(dequantize_blocks(raw, fmt, 128), gq.dequantize(raw, _qt(fmt)))
 
 
-@pytest.mark.parametrize("fmt", ALL, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [f for f in ALL if not f.gguf_rows], ids=lambda f: f.name)
 @pytest.mark.parametrize("n_out", [64, 100])
 def test_matrix_codec_round_trips_as_gguf_quants(fmt, n_out):
     """Format.codec through the interleaved layout: encode -> interleave -> decode equals gguf.quants'
@@ -60,6 +85,44 @@ def test_matrix_codec_round_trips_as_gguf_quants(fmt, n_out):
     assert np.array_equal(dequantize_interleaved(codes, scales, fmt, n_out, 96), gq.dequantize(raw, _qt(fmt)))
 
 
+@pytest.mark.parametrize("fmt", ROWS, ids=lambda f: f.name)
+@pytest.mark.parametrize("n_out", [1, 37, 64, 129])
+def test_gguf_rows_codec_equals_gguf_quants_and_keeps_the_bytes(fmt, n_out):
+    """Imported-only types: the numpy decoder equals gguf.quants bit for bit on random blocks (odd row counts, rows
+    of several blocks), and the container layout keeps GGUF's bytes (interleave -> deinterleave is the identity)."""
+    n_in = 3 * fmt.block_size if fmt.block_size > 1 else 70
+    raw = _random_rows(np.random.default_rng(n_out), fmt, n_out, n_in)
+    ref = gq.dequantize(raw, _qt(fmt))
+    assert np.array_equal(dequantize_blocks(raw, fmt, n_in), ref)
+    codes, scales = interleave(raw, fmt, n_out, n_in)
+    assert codes.shape == fmt.codes_shape(n_out, n_in)
+    assert codes.nbytes + scales.nbytes == sum(matrix_parts(fmt, n_out, n_in))
+    assert np.array_equal(deinterleave(codes, scales, fmt, n_out, n_in), raw)
+    assert np.array_equal(dequantize_interleaved(codes, scales, fmt, n_out, n_in), ref)
+    assert not codes.reshape(-1)[raw.size :].any()  # padding rows are zero bytes (they decode to 0)
+
+
+@pytest.mark.parametrize("fmt", ROWS, ids=lambda f: f.name)
+@pytest.mark.parametrize("T", [1, 2, 17])
+def test_gguf_rows_matmul_matches_float64_of_gguf_dequantization(fmt, T):
+    """One token (decode: the K-quants dot their blocks without decoding them) and several (prefill: rows decoded
+    once), against float64 numpy of gguf.quants' weights; 131 rows (not whole tiles)."""
+    rng = np.random.default_rng(T)
+    n_out, n_in = 131, 2 * max(GROUP, fmt.row_multiple)
+    codes, _, wd = _matrix(rng, fmt, n_out, n_in)
+    x = rng.standard_normal((T, n_in)).astype(np.float32)
+    out = np.full((T, n_out), np.nan, np.float32)
+    fmt.matmul(codes, fmt.kind, x, out)
+    ref = x.astype(np.float64) @ wd.T.astype(np.float64)
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", ROWS, ids=lambda f: f.name)
+def test_gguf_rows_formats_refuse_to_encode(fmt):
+    with pytest.raises(ValueError, match="does not write"):
+        quantize_blocks(np.zeros((1, 256), np.float32), fmt)
+
+
 # --- every format has every part ---------------------------------------------------------------------------
 
 
@@ -69,8 +132,10 @@ def test_format_has_its_gguf_mapping(fmt):
     assert qt.name.lower() == fmt.name
     assert BY_GGUF_TYPE[fmt.gguf_type] is fmt
     assert GGML_QUANT_SIZES[qt] == (fmt.block_size, fmt.block_bytes)
-    assert LlamaFileType(fmt.file_type).name in (f"MOSTLY_{fmt.name.upper()}", f"ALL_{fmt.name.upper()}")
-    assert fmt.row_nbytes(4 * GROUP) * 8 == 4 * GROUP * fmt.bits
+    up = fmt.name.upper()  # a K-quant's file type is its _M mix (Q4_K_M: mostly Q4_K)
+    assert LlamaFileType(fmt.file_type).name in (f"MOSTLY_{up}", f"ALL_{up}", f"MOSTLY_{up}_M")
+    n = 4 * max(GROUP, fmt.row_multiple)
+    assert fmt.row_nbytes(n) * 8 == n * fmt.bits
 
 
 def test_formats_are_told_apart_by_every_id():
@@ -82,13 +147,11 @@ def test_formats_are_told_apart_by_every_id():
 def test_format_has_its_codec_and_kernels(fmt):
     """A half-defined format fails here: codec parts, the matmul and the any-format kernels (embed_rows, the
     expert kernels, by fmt.kind) must all exist and agree with the codec's dequantization."""
-    assert isinstance(fmt.codec, Codec) and fmt.codec.encode and fmt.codec.decode
-    assert (fmt.codec.tile is not None and fmt.codec.untile is not None) == fmt.quantized
+    assert isinstance(fmt.codec, Codec) and fmt.codec.decode and (fmt.codec.encode is not None) != fmt.gguf_rows
+    assert (fmt.codec.tile is not None and fmt.codec.untile is not None) == (fmt.quantized and not fmt.gguf_rows)
     rng = np.random.default_rng(5)
-    n_out, n_in, T = 130, 64, 3
-    w = _data(rng, n_out, n_in)
-    codes, scales = quantize_matrix(w, fmt)
-    wd = dequantize_interleaved(codes, scales, fmt, n_out, n_in)
+    n_out, n_in, T = 130, max(64, 2 * fmt.row_multiple), 3
+    codes, scales, wd = _matrix(rng, fmt, n_out, n_in)
 
     x = rng.standard_normal((T, n_in)).astype(np.float32)
     xq, xd = np.empty((T, n_in), np.int16), np.empty((T, n_in // GROUP), np.float32)
@@ -97,6 +160,8 @@ def test_format_has_its_codec_and_kernels(fmt):
     out = np.full((T, n_out), np.nan, np.float32)
     if fmt.int_act:
         fmt.matmul(codes, scales, xq, xd, xs, out)
+    elif fmt.gguf_rows:
+        fmt.matmul(codes, fmt.kind, x, out)
     else:
         fmt.matmul(codes, x, out)
     ref = x.astype(np.float64) @ wd.T.astype(np.float64)
@@ -120,7 +185,7 @@ def test_format_has_its_codec_and_kernels(fmt):
     if fmt.expert_rows:
         y = np.full((T, n_out), np.nan, np.float32)
         kernels.moe_down_rows(buf8, buf8.view(np.uint16), fmt.kind, n_out, n_in, coff, soff, sel, tok_ptr,
-                              xq, xd, xs, y)
+                              xq, xd, xs, x, y)
         assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
 
 

@@ -57,6 +57,8 @@ class Linear:
             kernels.matmul_rows(self.rows_f32, act.x, out)
         elif self.fmt.int_act:
             self.fmt.matmul(self.codes, self.scales, *act.quantized(), out)
+        elif self.fmt.gguf_rows:
+            self.fmt.matmul(self.codes, self.fmt.kind, act.x, out)
         else:
             self.fmt.matmul(self.codes, act.x, out)
         if self.bias is not None:
@@ -75,7 +77,7 @@ class Linear:
 class Experts:
     """A layer's routed experts: gate/up/down of every expert inside one bundle per expert (byte offsets)."""
 
-    fmt: Format
+    fmts: dict  # "gate"/"up"/"down" -> Format (GGUF mixes such as Q4_K_M store ffn_down in a wider type)
     n_expert: int
     n_ff: int
     n_embd: int
@@ -181,23 +183,21 @@ class _Loader:
     def experts(self, prefix: str) -> Experts:
         infos = {k: self._info(f"{prefix}ffn_{k}_exps.weight") for k in ("gate", "up", "down")}
         E, F, D = infos["gate"].shape
-        fmts = {t.fmt for t in infos.values()}
         strides = {t.stride for t in infos.values()}
-        if len(fmts) != 1 or len(strides) != 1:
-            raise ModelFileError(f"{self.c.path}: {prefix} expert tensors differ in format or bundle stride")
-        fmt = fmts.pop()
+        if len(strides) != 1:
+            raise ModelFileError(f"{self.c.path}: {prefix} expert tensors differ in bundle stride")
         stride = strides.pop()
         offsets = {}
         for k, t in infos.items():
             n_out, n_in = t.shape[1:]
             cb, _ = matrix_parts(t.fmt, n_out, n_in)
             co = t.offset + np.arange(E, dtype=np.int64) * stride
-            if not fmt.quantized and co[0] % 4:  # the float expert kernels read 16/32-bit views
+            if not t.fmt.quantized and co[0] % 4:  # the float expert kernels read 16/32-bit views
                 raise ModelFileError(f"{self.c.path}: {k} experts are misaligned")
             offsets[k] = (co, co + cb)
         base = min(t.offset for t in infos.values())
         end = max(t.offset + t.nbytes for t in infos.values())
-        return Experts(fmt, E, F, D, offsets, end - base, stride, base)
+        return Experts({k: t.fmt for k, t in infos.items()}, E, F, D, offsets, end - base, stride, base)
 
 
 def _split_kv_b(lin: Linear, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,181 @@
+"""GGUF files made by llama.cpp's own quantizer (llama_cpp.llama_model_quantize) in the types lmcli keeps in GGUF's
+rows (K-quants, Q5_0/Q5_1, IQ4_NL/IQ4_XS, BF16): imported losslessly, and run as llama.cpp runs them.
+
+References: gguf.quants' dequantization of every tensor of the file, and llama.cpp (llama-cpp-python) on the same
+file and on llama.cpp's own F32 dequantization of it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+
+import numpy as np
+import pytest
+import tiny_models
+from gguf import GGUFReader, LlamaFileType
+from gguf import quants as gq
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+# Stated tolerances, as max |lmcli - llama.cpp| / max |llama.cpp| over a position's logits.
+# Against llama.cpp on the F32 weights it dequantized from the file (float activations on both sides; lmcli keeps
+# int16 activations only for the file's Q8_0 tensors): measured <= 4.2e-4 (tiny MoE), 1.6e-4 (tiny llama).
+F32_TOL = 2e-3
+# Against llama.cpp on the quantized file itself: llama.cpp quantizes activations to 8 bits (Q8_K / Q8_0) for
+# these weights, lmcli does not, so they differ by that rounding (measured 5e-3 to 7e-3 on the tiny llama,
+# 1.5e-2 to 2.7e-2 on the tiny MoE; its F32 dequantization differs from the quantized run by the same amount).
+SAME_FILE_TOL = 4e-2
+IDS = list(range(5, 29))
+# SmolLM2 on real text: llama.cpp keeps its KV cache in F16 (measured 1.4e-3 against lmcli on the F32 weights), and
+# its 8-bit activations move this small model's logits by a tenth of their scale (measured 0.105 between llama.cpp's
+# own runs of the Q4_K_M file and of its F32 dequantization; 0.113 against lmcli).
+SMOL_F32_TOL = 5e-3
+SMOL_SAME_FILE_TOL = 0.2
+TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the capital of "
+        "Germany. In 1969, humans first walked on the Moon.")
+
+F = LlamaFileType
+# Rows are multiples of 256 so that llama.cpp keeps the K-quant (a row of SmolLM2's 576 falls back to Q5_0).
+TINY = {"llama": {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64},
+        "qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "head_dim": 64}}
+
+
+def quantize(src, dst, ftype: int, *, requantize: bool = False):
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread, p.allow_requantize = ftype, 2, requantize
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+    return dst
+
+
+def census(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def llama_logits(path, ids) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=64, n_threads=2)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def lmcli_logits(container, ids) -> np.ndarray:
+    """Prefill of all but the last three tokens, then three decode steps (the one-token kernels)."""
+    import lmcli
+
+    m = lmcli.load(str(container))
+    cache = m.new_cache()
+    head = m.transformer.forward(ids[:-3], cache, all_logits=True)
+    return np.concatenate([head] + [m.transformer.forward([t], cache) for t in ids[-3:]])
+
+
+def rel_err(ours, ref) -> np.ndarray:
+    return np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)
+
+
+def import_losslessly(gguf_path, dst):
+    """Import, then check every tensor of the container (every expert) against gguf.quants' dequantization of the
+    file's tensor, bit for bit. Returns the container's path."""
+    from quant.container import Container
+    from quant.gguf_io import import_gguf
+    from quant.quantize import dequantize_interleaved
+
+    c = Container(import_gguf(gguf_path, dst))
+    for t in GGUFReader(str(gguf_path)).tensors:
+        ref = gq.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+        info = c.info(t.name)
+        if len(info.shape) == 1:
+            got = c.vector(t.name)
+        elif len(info.shape) == 2:
+            got = dequantize_interleaved(*c.matrix(t.name), info.fmt, *info.shape)
+        else:
+            got = np.stack([dequantize_interleaved(*c.matrix(t.name, e), info.fmt, *info.shape[1:])
+                            for e in range(info.shape[0])])
+        assert np.array_equal(got.reshape(ref.shape), ref), t.name
+    c.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_f16(tmp_path_factory):
+    """arch -> an F16 GGUF of a tiny random model of it (lmcli's export of its f16 conversion), built once."""
+    from quant.convert import convert_hf
+    from quant.gguf_export import export_gguf
+
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            d = tmp_path_factory.mktemp(f"kq_{arch}")
+            src = tiny_models.build(arch, d / "hf", overrides=TINY[arch])
+            convert_hf(src, d / "f16.lmc", "f16")
+            built[arch] = export_gguf(d / "f16.lmc", d / "f16.gguf")
+        return built[arch]
+
+    return get
+
+
+# (arch, llama.cpp file type): every imported type on the dense model, the K-quant mixes and IQ4_XS on the MoE
+CASES = [("llama", f) for f in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_Q5_0, F.MOSTLY_Q5_1,
+                                F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS, F.MOSTLY_BF16)]
+CASES += [("qwen3_moe", f) for f in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_IQ4_XS)]
+# the type each file must hold for most of its layer matrices (what the test is about)
+MAIN = {F.MOSTLY_Q4_K_M: "Q4_K", F.MOSTLY_Q5_K_M: "Q5_K", F.MOSTLY_Q6_K: "Q6_K", F.MOSTLY_Q5_0: "Q5_0",
+        F.MOSTLY_Q5_1: "Q5_1", F.MOSTLY_IQ4_NL: "IQ4_NL", F.MOSTLY_IQ4_XS: "IQ4_XS", F.MOSTLY_BF16: "BF16"}
+
+
+@pytest.mark.parametrize("arch,ftype", CASES, ids=[f"{a}-{f.name[7:]}" for a, f in CASES])
+def test_llama_cpp_quantized_file_runs_as_llama_cpp_runs_it(tiny_f16, arch, ftype, tmp_path):
+    q = quantize(tiny_f16(arch), tmp_path / "q.gguf", ftype)
+    types = census(q)
+    layer = [v for k, v in types.items() if k.startswith("blk.") and k.endswith(".weight") and "norm" not in k
+             and "gate_inp" not in k]
+    assert collections.Counter(layer).most_common(1)[0][0] == MAIN[ftype], types
+    if arch == "qwen3_moe":  # the expert tensors themselves are in the K/IQ type
+        assert types["blk.0.ffn_gate_exps.weight"] == MAIN[ftype], types
+    ours = lmcli_logits(import_losslessly(q, tmp_path / "q.lmc"), IDS)
+    ref32 = llama_logits(quantize(q, tmp_path / "f32.gguf", F.ALL_F32, requantize=True), IDS)
+    assert rel_err(ours, ref32).max() <= F32_TOL, (arch, ftype.name, rel_err(ours, ref32).max())
+    ref = llama_logits(q, IDS)
+    assert rel_err(ours, ref).max() <= SAME_FILE_TOL, (arch, ftype.name, rel_err(ours, ref).max())
+    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
+
+
+def test_q4_k_m_keeps_a_wider_ffn_down_for_some_expert_layers(tiny_f16, tmp_path):
+    """llama.cpp's Q4_K_M stores some layers' ffn_down_exps in another type than gate/up: one layer, two formats
+    (the test above runs such a file)."""
+    types = census(quantize(tiny_f16("qwen3_moe"), tmp_path / "q.gguf", F.MOSTLY_Q4_K_M))
+    assert any(types[f"blk.{i}.ffn_down_exps.weight"] != types[f"blk.{i}.ffn_gate_exps.weight"] for i in range(2))
+
+
+def test_smollm2_q4_k_m_imports_losslessly_and_agrees_with_llama_cpp(smol_gguf, tmp_path):
+    """Issue 17's file: SmolLM2 quantized to Q4_K_M by llama.cpp (from the packaged Q4_1 weights, which llama.cpp
+    dequantizes first). Its 576-wide rows fall back to Q5_0 and Q8_0; the 1536-wide ones are Q4_K and Q6_K."""
+    import lmcli
+
+    q = quantize(smol_gguf, tmp_path / "q.gguf", F.MOSTLY_Q4_K_M, requantize=True)
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(census(q).values())
+    lmc = import_losslessly(q, tmp_path / "q.lmc")
+    ids = lmcli.load(str(lmc)).tokenize(TEXT)
+    ours = lmcli_logits(lmc, ids)
+    ref32 = llama_logits(quantize(q, tmp_path / "f32.gguf", F.ALL_F32, requantize=True), ids)
+    assert rel_err(ours, ref32).max() <= SMOL_F32_TOL, rel_err(ours, ref32).max()
+    ref = llama_logits(q, ids)
+    assert rel_err(ours, ref).max() <= SMOL_SAME_FILE_TOL, rel_err(ours, ref).max()
+    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
+
+
+def test_imported_k_quant_file_exports_to_the_same_tensor_bytes(tiny_f16, tmp_path):
+    """The container keeps GGUF's blocks: lmcli's export of an imported Q4_K_M MoE file gives back every tensor's
+    type, shape and bytes (experts included)."""
+    from quant.gguf_export import export_gguf
+    from quant.gguf_io import import_gguf
+
+    q = quantize(tiny_f16("qwen3_moe"), tmp_path / "q.gguf", F.MOSTLY_Q4_K_M)
+    out = export_gguf(import_gguf(q, tmp_path / "q.lmc"), tmp_path / "back.gguf")
+    src, back = GGUFReader(str(q)), GGUFReader(str(out))
+    assert sorted(t.name for t in back.tensors) == sorted(t.name for t in src.tensors)
+    by = {t.name: t for t in back.tensors}
+    for a in src.tensors:
+        b = by[a.name]
+        assert (b.tensor_type, list(b.shape)) == (a.tensor_type, list(a.shape)), a.name
+        assert np.asarray(b.data).tobytes() == np.asarray(a.data).tobytes(), a.name
