@@ -402,8 +402,11 @@ def cached_import(src: Path, name: str, source: dict | None = None) -> Path:
         if source is None:  # a GGUF path: the same bytes under another file name are not stored twice
             with model_file_errors():
                 parts = _gguf_parts(src)
-            digest = _sha256(*parts)
-            twin = _same_gguf(digest, name)
+            try:
+                digest = _sha256(*parts)
+            except OSError:  # a missing part: the import below says so in its words
+                digest = None
+            twin = _same_gguf(digest, name) if digest is not None else None
             if twin is not None:
                 warnings.warn(f"{src.name} has the same bytes as the store's model {twin!r}: running that one "
                               "(no second copy)", LmcliWarning, stacklevel=2)
