@@ -18,12 +18,14 @@ from .engine.options import EngineOptions
 from .errors import LmcliWarning, UsageError, model_file_errors
 from .generate import Generation
 from .sampling import Sampler, SamplerParams
+from .threads import ThreadPolicy, configure_pool
 
 from .memory import DEFAULT_CTX, context_size, env_int  # noqa: F401 (DEFAULT_CTX: the API's documented default)
 
 
 def set_threads(threads: int | None) -> int:
     """Set the kernels' thread count (default: LMCLI_THREADS, else every core Numba sees)."""
+    configure_pool()  # before Numba starts its pool
     import numba
 
     n = threads if threads is not None else env_int("LMCLI_THREADS")
@@ -58,6 +60,9 @@ class Model:
             warnings.warn(f"a context of {n_ctx} tokens is beyond the {self.config.n_ctx_train} this model was trained "
                           "for: what it writes past that point may degrade", LmcliWarning, stacklevel=2)
         self.threads = set_threads(opts.threads)
+        # an explicit count is kept; else decode moves between counts by what the machine gives (lmcli.threads)
+        fixed = opts.threads is not None or env_int("LMCLI_THREADS") is not None
+        self.thread_policy = ThreadPolicy(self.threads, fixed=fixed)
         self.options = replace(opts, n_ctx=n_ctx, threads=self.threads)
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
         self.chat_template: str | None = md.get("chat_template")
@@ -123,7 +128,7 @@ class Model:
                                   hint="raise --ctx-size or shorten the prompt")
         params = sampler if sampler is not None else SamplerParams(**sampling)
         return Generation(self.transformer, self.tokenizer, Sampler(params), cache, ids, max_tokens=max_tokens,
-                          stop=stop, ignore_eos=ignore_eos)
+                          stop=stop, ignore_eos=ignore_eos, threads=self.thread_policy)
 
 
 def load(name_or_path: str, options: EngineOptions | None = None, **engine) -> Model:

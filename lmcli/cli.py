@@ -511,6 +511,9 @@ def _first_compile_note(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import configure_pool
+
+    configure_pool()  # before anything loads libgomp
     warnings.showwarning = _note
     _first_compile_note(list(sys.argv[1:] if argv is None else argv))
     cmd = typer.main.get_command(app)

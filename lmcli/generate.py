@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from .sampling import Sampler
+from .threads import ThreadPolicy
 
 
 @dataclass
@@ -120,11 +121,13 @@ class Generation:
     context. The final event carries the run's statistics; stats() gives them for a run cut short as well.
 
     ignore_eos masks the end-of-text tokens out of sampling (llama.cpp's --ignore-eos).
+    threads: the thread count for each step, set in the thread that iterates (Numba's count is per thread); None
+    leaves it as it is.
     """
 
     def __init__(self, transformer, tokenizer, sampler: Sampler, cache, prompt_ids: list[int], *, max_tokens: int,
-                 stop: list[str] | None = None, ignore_eos: bool = False):
-        self.transformer, self.prompt_tokens = transformer, len(prompt_ids)
+                 stop: list[str] | None = None, ignore_eos: bool = False, threads: ThreadPolicy | None = None):
+        self.transformer, self.prompt_tokens, self.threads = transformer, len(prompt_ids), threads
         self.out_ids: list[int] = []
         self.decode_steps = 0  # single-token forward passes
         self._marks: list = []  # (time, engine counters) at the start, after the prompt, at the end
@@ -157,8 +160,10 @@ class Generation:
                         tr.expert_cache_stats(), tr.routing_trace(c0.traced)[: c2.traced - c0.traced])
 
     def _run(self, tokenizer, sampler, cache, history, max_tokens, stops, ignore_eos) -> Iterator[Event]:
-        tr, out_ids = self.transformer, self.out_ids
+        tr, out_ids, pol = self.transformer, self.out_ids, self.threads
         self._mark()
+        if pol is not None:
+            pol.begin()
         logits = tr.forward(history, cache)[-1]
         self._mark()
         dec = tokenizer.stream()
@@ -190,7 +195,10 @@ class Generation:
             yield Event(tok, piece)
             if len(out_ids) >= max_tokens or cache.n_past >= cache.n_ctx:
                 break
-            logits = tr.forward([tok], cache)[-1]
+            if pol is None:
+                logits = tr.forward([tok], cache)[-1]
+            else:
+                logits = pol.step(lambda: tr.forward([tok], cache)[-1])
             self.decode_steps += 1
         self._mark()
         if not stopped_by_string:

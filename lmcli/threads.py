@@ -1,0 +1,152 @@
+"""Kernel threads on a machine shared with other programs: idle threads that sleep, and a decode thread count
+chosen from the step times each count gives right now.
+
+Why: every decode token runs a few hundred parallel kernel launches, and each waits for all its threads. Beside
+busy processes one of them is often descheduled, and with OpenMP's default wait policy the others spin at the
+barrier (and between launches) on time the neighbours compete for. Measured on 2 cores beside 2 busy processes
+(SmolLM2, under load from other processes): 2 threads 0.5-2.8 tok/s spinning, 38-83 with passive waiting, 1 thread
+18-82. So idle threads sleep (configure_pool), and ThreadPolicy keeps measuring whether fewer threads are faster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections import deque
+from typing import Callable, TypeVar
+
+R = TypeVar("R")
+
+
+def configure_pool() -> None:
+    """Let Numba's idle OpenMP threads sleep instead of spin (OMP_WAIT_POLICY=passive), unless the user chose.
+
+    libgomp reads it once, when it is loaded (Numba loads it with its thread pool, on the first set or launch), so
+    this must run before that: the CLI calls it first thing, lmcli.api before it sizes the pool.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+def ladder(max_threads: int) -> list[int]:
+    """The counts the policy moves between, largest first: max_threads, then halving down to 1 ([2, 1], [8, 4, 2, 1])."""
+    out = [max_threads]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _use(n: int) -> None:
+    import numba
+
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+class ThreadPolicy:
+    """The thread count for each decode step: fixed (-t/--threads, LMCLI_THREADS), or adaptive.
+
+    Adaptive starts at max_threads (a quiet machine's best), and after every `interval` steps it probes a
+    neighbouring count on the ladder for `probe_steps` steps (one, if that one took over twice the current count's
+    time); it moves there when the probe's median step time beats the current count's by `margin`. A probe that
+    loses at least doubles the interval, and more if needed to keep what probes lose under `budget` of the time
+    (up to max_interval steps), so a much slower count costs little; a win resets the interval, and the current
+    count's step time moving by more than `drift` from where it settled (the load changed) probes at once.
+    Pure logic: `next()` says the count, `record()` takes the measured seconds; `step()` does both around a call.
+    """
+
+    def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 4, probe_steps: int = 2,
+                 first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, drift: float = 1.3,
+                 budget: float = 0.02):
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be at least 1, got {max_threads}")
+        self.max_threads, self.fixed = max_threads, fixed
+        self.counts = ladder(max_threads)
+        self.probe_steps, self.first_interval, self.max_interval = probe_steps, first_interval, max_interval
+        self.margin, self.drift, self.budget = margin, drift, budget
+        self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count
+        self.current = max_threads
+        self.probing: int | None = None  # the count under trial
+        self.interval = first_interval  # steps between probes
+        self.until_probe = first_interval
+        self.settled: float | None = None  # the current count's median step time when it was last chosen
+        self._down = True  # which neighbour the next probe tries, when there are two
+        self.switches = 0
+
+    @property
+    def adaptive(self) -> bool:
+        return not self.fixed and len(self.counts) > 1
+
+    def next(self) -> int:
+        """The thread count for the next step (starts a probe when one is due)."""
+        if not self.adaptive:
+            return self.current
+        if self.probing is None and self.until_probe <= 0:
+            self.probing = self._neighbour()
+            self.times[self.probing].clear()  # judge it on what the machine gives now
+        return self.probing if self.probing is not None else self.current
+
+    def _neighbour(self) -> int:
+        i = self.counts.index(self.current)
+        lower = self.counts[i + 1] if i + 1 < len(self.counts) else None
+        higher = self.counts[i - 1] if i > 0 else None
+        self._down = not self._down
+        if lower is None or (higher is not None and self._down):
+            return higher
+        return lower
+
+    def record(self, n: int, seconds: float) -> None:
+        """The step just run at n threads took `seconds`."""
+        if not self.adaptive or n not in self.times:
+            return
+        self.times[n].append(seconds)
+        if n == self.probing:
+            cur = self.times[self.current]
+            if len(self.times[n]) >= self.probe_steps or (cur and seconds > 2 * statistics.median(cur)):
+                self._decide()
+            return
+        if n != self.current:
+            return
+        self.until_probe -= 1
+        now = statistics.median(self.times[n])
+        if self.settled is None:
+            if len(self.times[n]) == self.times[n].maxlen:
+                self.settled = now
+        elif not 1 / self.drift < now / self.settled < self.drift:  # the load changed: look again now
+            self.settled = now
+            self.until_probe = min(self.until_probe, 0)
+
+    def _decide(self) -> None:
+        probe, cur = self.probing, self.current
+        self.probing = None
+        t_probe = statistics.median(self.times[probe])
+        t_cur = statistics.median(self.times[cur]) if self.times[cur] else float("inf")
+        if t_probe < self.margin * t_cur:
+            self.current, self.settled = probe, t_probe
+            self.interval = self.first_interval
+            self.switches += 1
+        else:  # what this probe lost, over what the interval may lose
+            lost = sum(self.times[probe]) - len(self.times[probe]) * t_cur
+            self.interval = min(max(2 * self.interval, math.ceil(lost / (self.budget * t_cur))), self.max_interval)
+        self.until_probe = self.interval
+
+    def begin(self) -> None:
+        """Before a prompt (prefill): every thread allowed, in this thread (Numba's count is per thread). A batch
+        of tokens is compute-bound work that parallel launches pay off on; decode steps are what step() adapts."""
+        _use(self.max_threads)
+
+    def step(self, fn: Callable[[], R]) -> R:
+        """fn() at the count next() chooses, set for this thread, timed and recorded."""
+        n = self.next()
+        _use(n)
+        t = time.perf_counter()
+        out = fn()
+        self.record(n, time.perf_counter() - t)
+        return out
+
+    def describe(self) -> str:
+        """"2 (fixed)" or "1 of 2 (adaptive)", for `/show info` and `run -v`."""
+        if not self.adaptive:
+            return f"{self.current} (fixed)" if self.fixed else str(self.current)
+        return f"{self.current} of {self.max_threads} (adaptive)"

@@ -1,0 +1,152 @@
+"""The thread policy: its decisions from injected step times (no clocks), and generation under it giving the same
+greedy tokens as a fixed thread count (the kernels' results do not depend on the count)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numba
+import pytest
+
+from lmcli.threads import ThreadPolicy, configure_pool, ladder
+
+
+def drive(pol: ThreadPolicy, cost, steps: int, start: int = 0) -> list[int]:
+    """Run `steps` decode steps where a step at n threads takes cost(step, n) seconds; the counts used."""
+    used = []
+    for i in range(start, start + steps):
+        n = pol.next()
+        used.append(n)
+        pol.record(n, cost(i, n))
+    return used
+
+
+def test_ladder_halves_from_the_maximum_down_to_one():
+    assert ladder(1) == [1]
+    assert ladder(2) == [2, 1]
+    assert ladder(8) == [8, 4, 2, 1]
+    assert ladder(6) == [6, 3, 1]
+
+
+def test_a_fixed_count_never_changes_whatever_the_timings():
+    pol = ThreadPolicy(2, fixed=True)
+    used = drive(pol, lambda i, n: 1.0 if n == 2 else 0.001, 500)
+    assert set(used) == {2} and pol.describe() == "2 (fixed)"
+
+
+def test_one_core_has_nothing_to_choose():
+    pol = ThreadPolicy(1)
+    assert set(drive(pol, lambda i, n: 0.01, 100)) == {1} and not pol.adaptive
+
+
+def test_on_a_quiet_machine_it_stays_at_every_core_and_probes_rarely():
+    # quiet: 2 threads 1.6x faster than 1 (a large MoE); the probes at 1 thread back off
+    pol = ThreadPolicy(2)
+    used = drive(pol, lambda i, n: 0.010 if n == 2 else 0.016, 2000)
+    assert used[:4] == [2] * 4  # starts at every core
+    assert used[-1] == 2 and pol.switches == 0
+    assert used[:64].count(1) == 2  # one probe of 2 steps in the first 64: 2% of a short run's time
+    assert used.count(1) <= 2 * 6  # then at intervals of 60, 120, 240, ... steps
+    cost = sum(0.010 if n == 2 else 0.016 for n in used)
+    assert cost < 1.01 * 2000 * 0.010
+
+
+def test_beside_busy_neighbours_it_moves_to_fewer_threads_and_loses_little_probing():
+    # spinning barriers beside busy processes: 2 threads 20x slower than 1 (as measured with the default wait policy)
+    pol = ThreadPolicy(2)
+    used = drive(pol, lambda i, n: 0.2 if n == 2 else 0.01, 2000)
+    first_one = used.index(1)
+    assert first_one == 4 and used[first_one:first_one + 2] == [1, 1]
+    assert pol.current == 1 and pol.describe() == "1 of 2 (adaptive)"
+    cost = sum(0.2 if n == 2 else 0.01 for n in used)
+    assert cost < 1.1 * 2000 * 0.01  # re-probing 2 threads costs under a tenth of the best fixed count's time
+
+
+def test_a_tie_keeps_the_current_count():
+    pol = ThreadPolicy(2)
+    used = drive(pol, lambda i, n: 0.010 if n == 2 else 0.0099, 600)  # 1% apart: within the margin
+    assert used[-1] == 2 and pol.switches == 0
+
+
+def test_when_the_load_arrives_and_leaves_it_follows():
+    def cost(i, n):
+        busy = 300 <= i < 900
+        return (0.2 if n == 2 else 0.024) if busy else (0.010 if n == 2 else 0.016)
+
+    pol = ThreadPolicy(2)
+    used = drive(pol, cost, 1500)
+    assert used[290:300] == [2] * 10  # quiet: every core
+    assert used[330:340] == [1] * 10  # the load came: the step time at 2 drifted, a probe ran at once and won
+    assert used[1000:1010].count(2) == 10  # the load went: the step time at 1 dropped, a probe of 2 won
+
+
+def test_eight_cores_move_one_rung_at_a_time_to_the_best():
+    pol = ThreadPolicy(8)
+    best = {8: 0.05, 4: 0.02, 2: 0.01, 1: 0.015}
+    used = drive(pol, lambda i, n: best[n], 400)
+    assert used[-1] == 2 and pol.current == 2
+    assert set(used) == {8, 4, 2, 1}
+
+
+def test_steps_at_counts_off_the_ladder_are_ignored():
+    pol = ThreadPolicy(4)
+    pol.record(3, 100.0)
+    assert 3 not in pol.times and drive(pol, lambda i, n: 0.01, 4) == [4] * 4
+
+
+def test_step_sets_numbas_count_in_the_calling_thread_and_records_it():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no thread count to adapt")
+    pol = ThreadPolicy(2, first_interval=1, probe_steps=1)
+    before = numba.get_num_threads()
+    try:
+        seen = [pol.step(numba.get_num_threads) for _ in range(2)]  # one step at 2, then the probe at 1
+    finally:
+        numba.set_num_threads(before)
+    assert seen == [2, 1]
+    assert len(pol.times[2]) == 1 and len(pol.times[1]) == 1
+
+
+def test_configure_pool_keeps_a_users_wait_policy(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    configure_pool()
+    assert os.environ["OMP_WAIT_POLICY"] == "active"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    configure_pool()
+    assert os.environ["OMP_WAIT_POLICY"] == "passive"
+
+
+def test_adaptive_generation_visits_both_counts_and_matches_one_thread(smol_container):
+    import lmcli
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no thread count to adapt")
+    m = lmcli.load(str(smol_container), n_ctx=128)
+    assert m.thread_policy.adaptive
+    counts = []
+    step = m.thread_policy.step
+    m.thread_policy.step = lambda fn: step(lambda: (counts.append(numba.get_num_threads()), fn())[1])
+    ids = m.tokenize("The quick brown fox")
+    got = list(m.generate(ids, max_tokens=40, temp=0.0, ignore_eos=True))[-1].tokens
+    assert {1, 2} <= set(counts)  # the probe at step 4 ran 1 thread whatever the timings
+    one = lmcli.load(str(smol_container), n_ctx=128, threads=1)
+    assert not one.thread_policy.adaptive
+    want = list(one.generate(ids, max_tokens=40, temp=0.0, ignore_eos=True))[-1].tokens
+    assert got == want and len(got) == 40
+
+
+def test_cli_default_threads_give_the_same_greedy_tokens_as_t1(lmcli_home):
+    def run(*extra):
+        e = dict(os.environ, LMCLI_HOME=str(lmcli_home))
+        e.pop("LMCLI_THREADS", None)
+        r = subprocess.run([sys.executable, "-m", "lmcli.cli", "run", "smollm2", "Tell me about the sea.", "--temp",
+                            "0", "-n", "40", "--ignore-eos", "--json", *extra], capture_output=True, text=True, env=e,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["tokens"]
+
+    default, one = run(), run("-t", "1")
+    assert default == one and len(default) == 40
