@@ -10,6 +10,7 @@ barrier (and between launches) on time the neighbours compete for. Measured on 2
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -27,6 +28,41 @@ def configure_pool() -> None:
     this must run before that: the CLI calls it first thing, lmcli.api before it sizes the pool.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+# A decode matmul over fewer weight bytes than this runs on the calling thread alone: one thread reads 256 KiB in
+# about 20 us, and waking a sleeping thread took 8-33 us per launch here (passive waits, under load from other
+# processes), so below it a second thread cannot pay for itself, and every launch is a barrier that waits for a
+# thread that may be descheduled. SmolLM2-135M: 241 parallel launches per decode token before, 121 after.
+SERIAL_BYTES = 256 << 10
+
+
+@functools.cache
+def _count_fns() -> tuple[Callable[[], int], Callable[[int], None]]:
+    """Get and set the calling thread's count: Numba's own C functions when present (numba.get/set_num_threads add
+    about 3 us of checks, and a decode token makes hundreds of these calls), else the public ones."""
+    import numba
+
+    try:
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()
+        return parallel._get_num_threads, parallel._set_num_threads
+    except (ImportError, AttributeError):
+        return numba.get_num_threads, numba.set_num_threads
+
+
+def serially(fn: Callable[..., R], *args) -> R:
+    """fn(*args) on the calling thread alone (a kernel too small to pay for waking the others), then the count back."""
+    get, put = _count_fns()
+    n = get()
+    if n <= 1:
+        return fn(*args)
+    put(1)
+    try:
+        return fn(*args)
+    finally:
+        put(n)
 
 
 def ladder(max_threads: int) -> list[int]:

@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import numba
+import numpy as np
 import pytest
 
-from lmcli.threads import ThreadPolicy, configure_pool, ladder
+from lmcli.threads import SERIAL_BYTES, ThreadPolicy, configure_pool, ladder, serially
 
 
 def drive(pol: ThreadPolicy, cost, steps: int, start: int = 0) -> list[int]:
@@ -150,3 +151,32 @@ def test_cli_default_threads_give_the_same_greedy_tokens_as_t1(lmcli_home):
 
     default, one = run(), run("-t", "1")
     assert default == one and len(default) == 40
+
+
+def test_serially_runs_on_one_thread_and_gives_the_count_back():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core")
+    numba.set_num_threads(2)
+    assert serially(numba.get_num_threads) == 1
+    assert numba.get_num_threads() == 2
+    with pytest.raises(ZeroDivisionError):
+        serially(lambda: 1 / 0)
+    assert numba.get_num_threads() == 2
+
+
+def test_small_decode_matmuls_run_on_one_thread_large_ones_and_prefill_on_all(smol_container):
+    import lmcli
+    from lmcli.engine.weights import Act
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core")
+    m = lmcli.load(str(smol_container), n_ctx=64, threads=2)
+    L = m.transformer.weights.layers[0]
+    small, large = L.attn.wq, L.ffn.gate
+    assert small.nbytes < SERIAL_BYTES <= large.nbytes
+    x = np.random.default_rng(0).standard_normal((1, small.n_in)).astype(np.float32)
+    seen = {}
+    for lin in (small, large):
+        lin._matmul = lambda act, out, lin=lin: seen.setdefault(lin.name, []).append(numba.get_num_threads())
+    small(Act(x)), large(Act(x)), small(Act(np.repeat(x, 3, axis=0)))
+    assert seen[small.name] == [1, 2] and seen[large.name] == [2]
