@@ -66,7 +66,7 @@ def serially(fn: Callable[..., R], *args) -> R:
 
 
 def ladder(max_threads: int) -> list[int]:
-    """The counts the policy moves between, largest first: max_threads, then halving down to 1 ([2, 1], [8, 4, 2, 1])."""
+    """The counts the policy moves between, largest first: max_threads, halving down to 1 ([2, 1], [8, 4, 2, 1])."""
     out = [max_threads]
     while out[-1] > 1:
         out.append(out[-1] // 2)
