@@ -144,13 +144,15 @@ def test_cli_default_threads_give_the_same_greedy_tokens_as_t1(lmcli_home):
         e = dict(os.environ, LMCLI_HOME=str(lmcli_home))
         e.pop("LMCLI_THREADS", None)
         r = subprocess.run([sys.executable, "-m", "lmcli.cli", "run", "smollm2", "Tell me about the sea.", "--temp",
-                            "0", "-n", "40", "--ignore-eos", "--json", *extra], capture_output=True, text=True, env=e,
-                           timeout=600)
+                            "0", "-n", "40", "--ignore-eos", "--json", "-v", *extra], capture_output=True, text=True,
+                           env=e, timeout=600)
         assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["tokens"]
+        return json.loads(r.stdout)["tokens"], r.stderr
 
-    default, one = run(), run("-t", "1")
+    (default, said), (one, said_one) = run(), run("-t", "1")
     assert default == one and len(default) == 40
+    assert "threads: 1 (fixed)" in said_one
+    assert f"of {numba.config.NUMBA_NUM_THREADS} (adaptive)" in said or numba.config.NUMBA_NUM_THREADS < 2
 
 
 def test_serially_runs_on_one_thread_and_gives_the_count_back():
