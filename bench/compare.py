@@ -87,7 +87,8 @@ def kernel_gbs(threads: int, reps: int) -> list[float]:
 @contextlib.contextmanager
 def busy_neighbours(n: int):
     """n CPU-bound processes beside the measurement (a desktop with a browser or a build going), stopped after."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    spin = "import os\np = os.getppid()\nwhile os.getppid() == p:\n    for _ in range(10**6): pass"  # ends with us
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
     try:
         yield
     finally:

@@ -83,30 +83,36 @@ def _use(n: int) -> None:
 class ThreadPolicy:
     """The thread count for each decode step: fixed (-t/--threads, LMCLI_THREADS), or adaptive.
 
-    Adaptive starts at max_threads (a quiet machine's best), and after every `interval` steps it probes a
-    neighbouring count on the ladder for `probe_steps` steps (one, if that one took over twice the current count's
-    time); it moves there when the probe's median step time beats the current count's by `margin`. A probe that
-    loses at least doubles the interval, and more if needed to keep what probes lose under `budget` of the time
-    (up to max_interval steps), so a much slower count costs little; a win resets the interval, and the current
-    count's step time moving by more than `drift` from where it settled (the load changed) probes at once.
+    Adaptive starts at max_threads (a quiet machine's best). Every `interval` steps it probes a neighbouring count
+    on the ladder: probe and current steps alternate, and each probe step is paired with the current step after it,
+    so a load that comes and goes between them hits both alike (step times beside busy processes vary 5x from one
+    token to the next). It decides on the median of the pairs' ratios after `pairs` pairs, or at once when the
+    first pair is clearer than `clear` either way, and moves when the probe is faster by `margin`. A probe that
+    loses at least doubles the interval, more when needed to keep what it lost under `budget` of the time (up to
+    max_interval steps); a win resets it. When the current count's step time moves by more than `drift` from
+    where it settled (the load changed), it probes at once unless probes so far lost over 3x the budget.
     Pure logic: `next()` says the count, `record()` takes the measured seconds; `step()` does both around a call.
     """
 
-    def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 4, probe_steps: int = 2,
-                 first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, drift: float = 1.3,
-                 budget: float = 0.02):
+    def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 4, pairs: int = 3,
+                 first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, clear: float = 1.5,
+                 drift: float = 1.3, budget: float = 0.02):
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
         self.max_threads, self.fixed = max_threads, fixed
         self.counts = ladder(max_threads)
-        self.probe_steps, self.first_interval, self.max_interval = probe_steps, first_interval, max_interval
-        self.margin, self.drift, self.budget = margin, drift, budget
+        self.pairs, self.first_interval, self.max_interval = pairs, first_interval, max_interval
+        self.margin, self.clear, self.drift, self.budget = margin, clear, drift, budget
         self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count
         self.current = max_threads
         self.probing: int | None = None  # the count under trial
+        self._pairs: list[tuple[float, float]] = []  # (probe step, the current step after it) seconds
+        self._probe_s: float | None = None  # a probe step waiting for its pair
         self.interval = first_interval  # steps between probes
         self.until_probe = first_interval
         self.settled: float | None = None  # the current count's median step time when it was last chosen
+        self.elapsed = 0.0  # seconds of every step recorded
+        self.lost = 0.0  # seconds probes cost over the current count
         self._down = True  # which neighbour the next probe tries, when there are two
         self.switches = 0
 
@@ -119,9 +125,10 @@ class ThreadPolicy:
         if not self.adaptive:
             return self.current
         if self.probing is None and self.until_probe <= 0:
-            self.probing = self._neighbour()
-            self.times[self.probing].clear()  # judge it on what the machine gives now
-        return self.probing if self.probing is not None else self.current
+            self.probing, self._pairs, self._probe_s = self._neighbour(), [], None
+        if self.probing is not None and self._probe_s is None:
+            return self.probing
+        return self.current
 
     def _neighbour(self) -> int:
         i = self.counts.index(self.current)
@@ -136,11 +143,16 @@ class ThreadPolicy:
         """The step just run at n threads took `seconds`."""
         if not self.adaptive or n not in self.times:
             return
+        self.elapsed += seconds
         self.times[n].append(seconds)
-        if n == self.probing:
-            cur = self.times[self.current]
-            if len(self.times[n]) >= self.probe_steps or (cur and seconds > 2 * statistics.median(cur)):
-                self._decide()
+        if self.probing is not None:
+            if n == self.probing and self._probe_s is None:
+                self._probe_s = seconds
+            elif n == self.current and self._probe_s is not None:
+                self._pairs.append((self._probe_s, seconds))
+                self.lost += max(self._probe_s - seconds, 0.0)
+                self._probe_s = None
+                self._judge()
             return
         if n != self.current:
             return
@@ -151,19 +163,25 @@ class ThreadPolicy:
                 self.settled = now
         elif not 1 / self.drift < now / self.settled < self.drift:  # the load changed: look again now
             self.settled = now
-            self.until_probe = min(self.until_probe, 0)
+            if self.lost <= 3 * self.budget * self.elapsed:  # a looser cap than the interval's: loads do change
+                self.until_probe = min(self.until_probe, 0)
 
-    def _decide(self) -> None:
-        probe, cur = self.probing, self.current
+    def _judge(self) -> None:
+        ratio = statistics.median(p / c for p, c in self._pairs)
+        if len(self._pairs) < self.pairs and 1 / self.clear < ratio < self.clear:
+            return  # not clear yet: another pair
+        probe = self.probing
         self.probing = None
-        t_probe = statistics.median(self.times[probe])
-        t_cur = statistics.median(self.times[cur]) if self.times[cur] else float("inf")
-        if t_probe < self.margin * t_cur:
-            self.current, self.settled = probe, t_probe
+        if ratio < self.margin:
+            self.current = probe
+            self.settled = statistics.median(p for p, _ in self._pairs)
+            self.times[probe].clear()
+            self.times[probe].extend(p for p, _ in self._pairs)
             self.interval = self.first_interval
             self.switches += 1
-        else:  # what this probe lost, over what the interval may lose
-            lost = sum(self.times[probe]) - len(self.times[probe]) * t_cur
+        else:  # what this probe lost, over what an interval may lose
+            t_cur = statistics.median(c for _, c in self._pairs)
+            lost = sum(p - c for p, c in self._pairs)
             self.interval = min(max(2 * self.interval, math.ceil(lost / (self.budget * t_cur))), self.max_interval)
         self.until_probe = self.interval
 

@@ -60,7 +60,7 @@ def test_beside_busy_neighbours_it_moves_to_fewer_threads_and_loses_little_probi
     pol = ThreadPolicy(2)
     used = drive(pol, lambda i, n: 0.2 if n == 2 else 0.01, 2000)
     first_one = used.index(1)
-    assert first_one == 4 and used[first_one:first_one + 2] == [1, 1]
+    assert first_one == 4 and used[4:10] == [1, 2] + [1] * 4  # one clear pair (probe, current), then moved
     assert pol.current == 1 and pol.describe() == "1 of 2 (adaptive)"
     cost = sum(0.2 if n == 2 else 0.01 for n in used)
     assert cost < 1.1 * 2000 * 0.01  # re-probing 2 threads costs under a tenth of the best fixed count's time
@@ -81,7 +81,7 @@ def test_when_the_load_arrives_and_leaves_it_follows():
     used = drive(pol, cost, 1500)
     assert used[290:300] == [2] * 10  # quiet: every core
     assert used[330:340] == [1] * 10  # the load came: the step time at 2 drifted, a probe ran at once and won
-    assert used[1000:1010].count(2) == 10  # the load went: the step time at 1 dropped, a probe of 2 won
+    assert used[910:1010].count(2) >= 95  # the load went: the step time at 1 dropped, a probe of 2 won
 
 
 def test_eight_cores_move_one_rung_at_a_time_to_the_best():
@@ -101,7 +101,7 @@ def test_steps_at_counts_off_the_ladder_are_ignored():
 def test_step_sets_numbas_count_in_the_calling_thread_and_records_it():
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one core: no thread count to adapt")
-    pol = ThreadPolicy(2, first_interval=1, probe_steps=1)
+    pol = ThreadPolicy(2, first_interval=1, pairs=1)
     before = numba.get_num_threads()
     try:
         seen = [pol.step(numba.get_num_threads) for _ in range(2)]  # one step at 2, then the probe at 1
