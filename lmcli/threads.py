@@ -85,24 +85,27 @@ class ThreadPolicy:
 
     Adaptive starts at max_threads (a quiet machine's best). Every `interval` steps it probes a neighbouring count
     on the ladder: probe and current steps alternate, and each probe step is paired with the current step after it,
-    so a load that comes and goes between them hits both alike (step times beside busy processes vary 5x from one
-    token to the next). It decides on the median of the pairs' ratios after `pairs` pairs, or at once when the
-    first pair is clearer than `clear` either way, and moves when the probe is faster by `margin`. A probe that
-    loses at least doubles the interval, more when needed to keep what it lost under `budget` of the time (up to
-    max_interval steps); a win resets it. When the current count's step time moves by more than `drift` from
-    where it settled (the load changed), it probes at once unless probes so far lost over 3x the budget.
+    so a load that comes and goes between them hits both alike (beside busy processes step times swing 5-10x from
+    one token to the next). After `pairs` pairs it moves when the median ratio says the probe is faster by `margin`
+    (by `margin_down` to fewer threads: a wrong move down costs more than a wrong move up). A probe stops early when
+    it is clearly slower (median ratio over `clear`: that is what probes cost) or clearly faster (every pair of at
+    least two below 1 / `clear_win`). A probe that loses at least doubles the interval, more when needed to keep what
+    it lost under `budget` of the time (up to max_interval steps); a win resets it. When the median of the current
+    count's last `window` steps moves by more than `drift` from where it settled (the load changed; a median, so
+    that bursts do not count), it probes at once unless probes so far lost over 3x the budget.
     Pure logic: `next()` says the count, `record()` takes the measured seconds; `step()` does both around a call.
     """
 
-    def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 4, pairs: int = 3,
-                 first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, clear: float = 1.5,
-                 drift: float = 1.3, budget: float = 0.02):
+    def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 8, pairs: int = 5,
+                 first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, margin_down: float = 0.85,
+                 clear: float = 1.5, clear_win: float = 3.0, drift: float = 1.3, budget: float = 0.02):
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
         self.max_threads, self.fixed = max_threads, fixed
         self.counts = ladder(max_threads)
         self.pairs, self.first_interval, self.max_interval = pairs, first_interval, max_interval
-        self.margin, self.clear, self.drift, self.budget = margin, clear, drift, budget
+        self.margin, self.margin_down, self.clear, self.clear_win = margin, margin_down, clear, clear_win
+        self.drift, self.budget = drift, budget
         self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count
         self.current = max_threads
         self.probing: int | None = None  # the count under trial
@@ -167,12 +170,14 @@ class ThreadPolicy:
                 self.until_probe = min(self.until_probe, 0)
 
     def _judge(self) -> None:
-        ratio = statistics.median(p / c for p, c in self._pairs)
-        if len(self._pairs) < self.pairs and 1 / self.clear < ratio < self.clear:
+        ratios = [p / c for p, c in self._pairs]
+        ratio = statistics.median(ratios)
+        clear_win = len(ratios) >= 2 and max(ratios) < 1 / self.clear_win
+        if len(ratios) < self.pairs and ratio <= self.clear and not clear_win:
             return  # not clear yet: another pair
         probe = self.probing
         self.probing = None
-        if ratio < self.margin:
+        if ratio < (self.margin if probe > self.current else self.margin_down):
             self.current = probe
             self.settled = statistics.median(p for p, _ in self._pairs)
             self.times[probe].clear()
