@@ -84,33 +84,34 @@ class ThreadPolicy:
     """The thread count for each decode step: fixed (-t/--threads, LMCLI_THREADS), or adaptive.
 
     Adaptive starts at max_threads (a quiet machine's best). Every `interval` steps it probes a neighbouring count
-    on the ladder: probe and current steps alternate, and each probe step is paired with the current step after it,
-    so a load that comes and goes between them hits both alike (beside busy processes step times swing 5-10x from
-    one token to the next). After `pairs` pairs it moves when the median ratio says the probe is faster by `margin`
-    (by `margin_down` to fewer threads: a wrong move down costs more than a wrong move up). A probe stops early when
-    it is clearly slower (median ratio over `clear`: that is what probes cost) or clearly faster (every pair of at
-    least two below 1 / `clear_win`). A probe that loses at least doubles the interval, more when needed to keep what
-    it lost under `budget` of the time (up to max_interval steps); a win resets it. When the median of the current
-    count's last `window` steps moves by more than `drift` from where it settled (the load changed; a median, so
-    that bursts do not count), it probes at once unless probes so far lost over 3x the budget.
+    on the ladder for up to `probe_steps` consecutive steps, and compares their median with the median of the
+    current count's last `window` steps. The step after a change of count is left out of every median: measured
+    here beside busy processes, it is slower than its neighbours whichever way the count changed. It moves when the
+    probe is faster by `margin` (by `margin_down` to fewer threads: a wrong move down costs more than a wrong move
+    up), and stops a probe early once two steps are both clearly slower (by `clear`: that is what probes cost);
+    it probes only with a full window of the current count's steps to judge by. A probe that loses at least doubles
+    the interval, more when needed to keep what it lost under `budget` of the time (up to max_interval steps); a
+    win resets it. When the current count's median moves by more than `drift` from where it
+    settled (the load changed; a median, so that bursts of load do not count), it probes at once unless probes so
+    far lost over 3x the budget.
     Pure logic: `next()` says the count, `record()` takes the measured seconds; `step()` does both around a call.
     """
 
-    def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 8, pairs: int = 5,
+    def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 8, probe_steps: int = 4,
                  first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, margin_down: float = 0.85,
-                 clear: float = 1.5, clear_win: float = 3.0, drift: float = 1.3, budget: float = 0.02):
+                 clear: float = 1.5, drift: float = 1.3, budget: float = 0.02):
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
         self.max_threads, self.fixed = max_threads, fixed
         self.counts = ladder(max_threads)
-        self.pairs, self.first_interval, self.max_interval = pairs, first_interval, max_interval
-        self.margin, self.margin_down, self.clear, self.clear_win = margin, margin_down, clear, clear_win
+        self.probe_steps, self.first_interval, self.max_interval = probe_steps, first_interval, max_interval
+        self.margin, self.margin_down, self.clear = margin, margin_down, clear
         self.drift, self.budget = drift, budget
-        self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count
+        self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count (no transitions)
         self.current = max_threads
         self.probing: int | None = None  # the count under trial
-        self._pairs: list[tuple[float, float]] = []  # (probe step, the current step after it) seconds
-        self._probe_s: float | None = None  # a probe step waiting for its pair
+        self._probe: list[float] = []  # its steps' seconds, the transition first
+        self._last: int | None = None  # the count of the step before
         self.interval = first_interval  # steps between probes
         self.until_probe = first_interval
         self.settled: float | None = None  # the current count's median step time when it was last chosen
@@ -127,11 +128,10 @@ class ThreadPolicy:
         """The thread count for the next step (starts a probe when one is due)."""
         if not self.adaptive:
             return self.current
-        if self.probing is None and self.until_probe <= 0:
-            self.probing, self._pairs, self._probe_s = self._neighbour(), [], None
-        if self.probing is not None and self._probe_s is None:
-            return self.probing
-        return self.current
+        cur = self.times[self.current]
+        if self.probing is None and self.until_probe <= 0 and len(cur) == cur.maxlen:  # a full window to judge by
+            self.probing, self._probe = self._neighbour(), []
+        return self.probing if self.probing is not None else self.current
 
     def _neighbour(self) -> int:
         i = self.counts.index(self.current)
@@ -146,19 +146,15 @@ class ThreadPolicy:
         """The step just run at n threads took `seconds`."""
         if not self.adaptive or n not in self.times:
             return
+        transition, self._last = self._last is not None and n != self._last, n
         self.elapsed += seconds
+        if n == self.probing:
+            self._probe.append(seconds)
+            self._judge()
+            return
+        if n != self.current or transition:
+            return
         self.times[n].append(seconds)
-        if self.probing is not None:
-            if n == self.probing and self._probe_s is None:
-                self._probe_s = seconds
-            elif n == self.current and self._probe_s is not None:
-                self._pairs.append((self._probe_s, seconds))
-                self.lost += max(self._probe_s - seconds, 0.0)
-                self._probe_s = None
-                self._judge()
-            return
-        if n != self.current:
-            return
         self.until_probe -= 1
         now = statistics.median(self.times[n])
         if self.settled is None:
@@ -170,23 +166,23 @@ class ThreadPolicy:
                 self.until_probe = min(self.until_probe, 0)
 
     def _judge(self) -> None:
-        ratios = [p / c for p, c in self._pairs]
-        ratio = statistics.median(ratios)
-        clear_win = len(ratios) >= 2 and max(ratios) < 1 / self.clear_win
-        if len(ratios) < self.pairs and ratio <= self.clear and not clear_win:
-            return  # not clear yet: another pair
+        steps = self._probe[1:]  # the transition set aside
+        if not steps:
+            return
+        t_probe, t_cur = statistics.median(steps), statistics.median(self.times[self.current])
+        if len(self._probe) < self.probe_steps and (len(steps) < 2 or min(steps) <= self.clear * t_cur):
+            return  # not clear yet (one slow step may be a burst of load): another step
         probe = self.probing
         self.probing = None
-        if ratio < (self.margin if probe > self.current else self.margin_down):
-            self.current = probe
-            self.settled = statistics.median(p for p, _ in self._pairs)
+        self.lost += max(sum(self._probe) - len(self._probe) * t_cur, 0.0)
+        if t_probe < (self.margin if probe > self.current else self.margin_down) * t_cur:
+            self.current, self.settled = probe, t_probe
             self.times[probe].clear()
-            self.times[probe].extend(p for p, _ in self._pairs)
+            self.times[probe].extend(steps)
             self.interval = self.first_interval
             self.switches += 1
         else:  # what this probe lost, over what an interval may lose
-            t_cur = statistics.median(c for _, c in self._pairs)
-            lost = sum(p - c for p, c in self._pairs)
+            lost = sum(self._probe) - len(self._probe) * t_cur
             self.interval = min(max(2 * self.interval, math.ceil(lost / (self.budget * t_cur))), self.max_interval)
         self.until_probe = self.interval
 
