@@ -87,18 +87,19 @@ class ThreadPolicy:
     on the ladder for up to `probe_steps` consecutive steps, and compares their median with the median of the
     current count's last `window` steps. The step after a change of count is left out of every median: measured
     here beside busy processes, it is slower than its neighbours whichever way the count changed. It moves when the
-    probe is faster by `margin` (by `margin_down` to fewer threads: a wrong move down costs more than a wrong move
-    up), and stops a probe early once two steps are both clearly slower (by `clear`: that is what probes cost);
-    it probes only with a full window of the current count's steps to judge by. A probe that loses at least doubles
-    the interval, more when needed to keep what it lost under `budget` of the time (up to max_interval steps); a
-    win resets it. When the current count's median moves by more than `drift` from where it
+    probe is faster by `margin`, or by `margin_down` to fewer threads (a wrong move down costs more than a wrong
+    move up, and one thread beside busy processes starts faster than it goes on, as measured here); the new count
+    is then judged afresh. A probe stops early once two steps are both clearly slower (by `clear`: that is what
+    probes cost), and runs only with a full window of the current count's steps to judge by. A probe that loses at
+    least doubles the interval, more when needed to keep what it lost under `budget` of the time (up to
+    max_interval steps); a win resets it. When the current count's median moves by more than `drift` from where it
     settled (the load changed; a median, so that bursts of load do not count), it probes at once unless probes so
     far lost over 3x the budget.
     Pure logic: `next()` says the count, `record()` takes the measured seconds; `step()` does both around a call.
     """
 
     def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 8, probe_steps: int = 4,
-                 first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, margin_down: float = 0.85,
+                 first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, margin_down: float = 0.8,
                  clear: float = 1.5, drift: float = 1.3, budget: float = 0.02):
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
@@ -177,8 +178,7 @@ class ThreadPolicy:
         self.lost += max(sum(self._probe) - len(self._probe) * t_cur, 0.0)
         if t_probe < (self.margin if probe > self.current else self.margin_down) * t_cur:
             self.current, self.settled = probe, t_probe
-            self.times[probe].clear()
-            self.times[probe].extend(steps)
+            self.times[probe].clear()  # judged afresh: one thread's first steps beside busy processes ran faster
             self.interval = self.first_interval
             self.switches += 1
         else:  # what this probe lost, over what an interval may lose
