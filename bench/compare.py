@@ -1,8 +1,8 @@
 """lmcli vs llama.cpp (llama-cpp-python) on the same weights, side by side in one process, medians of N.
 
-Measures, for 1 and 2 threads: decode tokens/s, 128-token prefill tokens/s, and their ratios; a 4-bit
-matvec kernel on a 14336x4096 matrix in GB/s against the machine's measured read bandwidth; warm start to
-first token (a fresh `lmcli run` process with the Numba cache present).
+Measures, for lmcli's default thread policy and 1 and 2 threads: decode tokens/s, 128-token prefill tokens/s,
+and their ratios; a 4-bit matvec kernel on a 14336x4096 matrix in GB/s against the machine's measured read
+bandwidth; warm start to first token (a fresh `lmcli run` process with the Numba cache present).
 
     python bench/compare.py [--model smollm2] [--gguf FILE] [--reps 5] [--decode 64] [--prefill 128]
 
@@ -15,6 +15,13 @@ llama.cpp built for AVX2 only, in its own venv, loaded through LLAMA_CPP_LIB_PAT
         LLAMA_CPP_LIB_PATH=<that venv>/lib/python3.11/site-packages/llama_cpp/lib python bench/compare.py
 
 Both sides print the instruction set they run (lmcli's kernel path, llama.cpp's system info).
+
+Threads on a busy machine (issue 18): --threads auto,1,2 --busy N measures lmcli's default ("auto": the adaptive
+ThreadPolicy, fresh each repetition as in a new `lmcli run`) against its fixed counts, and llama.cpp's default
+(llama-cpp-python: decode on cpu_count // 2 threads, prefill on all) against its fixed counts, every configuration
+of both engines alternating within each repetition, beside N CPU-bound processes. The process sets
+OMP_WAIT_POLICY=passive as the CLI does (lmcli.threads.configure_pool) unless it is set; both engines share the
+one libgomp, so llama.cpp runs under the same policy (its threads wait in its own barriers within a token).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -79,7 +87,8 @@ def kernel_gbs(threads: int, reps: int) -> list[float]:
 @contextlib.contextmanager
 def busy_neighbours(n: int):
     """n CPU-bound processes beside the measurement (a desktop with a browser or a build going), stopped after."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    spin = "import os\np = os.getppid()\nwhile os.getppid() == p:\n    for _ in range(10**6): pass"  # ends with us
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
     try:
         yield
     finally:
@@ -98,21 +107,70 @@ def describe() -> str:
             f"{llama_cpp.llama_print_system_info().decode().strip()}")
 
 
-def bench_lmcli(model, threads, prompt_ids, n_decode):
+def thread_policy(threads):
+    """lmcli's policy for a configuration: "auto" is the default (adaptive over every core), a number is -t N."""
     import numba
 
-    numba.set_num_threads(threads)
+    from lmcli.threads import ThreadPolicy
+
+    if threads == "auto":
+        return ThreadPolicy(numba.config.NUMBA_NUM_THREADS)
+    return ThreadPolicy(int(threads), fixed=True)
+
+
+def parse_threads(spec: str) -> list:
+    """"auto,1,2" -> ["auto", 1, 2]."""
+    return [t if t == "auto" else int(t) for t in (x.strip() for x in spec.split(",")) if t]
+
+
+def llama_threads(llm, threads) -> None:
+    """Set llama.cpp's decode and batch threads for a configuration ("auto": llama-cpp-python's defaults)."""
+    import multiprocessing
+
+    n = multiprocessing.cpu_count()
+    dec, batch = (max(n // 2, 1), n) if threads == "auto" else (int(threads), int(threads))
+    llm._ctx.set_n_threads(dec, batch)
+
+
+def bench_lmcli(model, threads, prompt_ids, n_decode):
+    """Prefill and decode tokens/s; threads: a count, or "auto" (a fresh ThreadPolicy), as Generation runs them."""
+    pol = thread_policy(threads)
     tr = model.transformer
     cache = tr.new_cache(len(prompt_ids) + n_decode + 8)
+    pol.begin()
     t = time.perf_counter()
     logits = tr.forward(prompt_ids, cache)
     pre = len(prompt_ids) / (time.perf_counter() - t)
     tok = int(logits[-1].argmax())
     t = time.perf_counter()
     for _ in range(n_decode):
-        tok = int(tr.forward([tok], cache)[-1].argmax())
+        tok = int(pol.step(lambda: tr.forward([tok], cache))[-1].argmax())
     dec = n_decode / (time.perf_counter() - t)
     return pre, dec
+
+
+def report_threads(L, C, configs) -> dict:
+    """Print each configuration's decode and prefill of both engines, and lmcli's default against the best fixed
+    counts of both (medians); the summary as a dict."""
+    for th in configs:
+        print(f"\n== threads {th}")
+        print(f"  lmcli     decode  tok/s {fmt(L[th]['dec'])}")
+        print(f"  llama.cpp decode  tok/s {fmt(C[th]['dec'])}")
+        print(f"  lmcli     prefill tok/s {fmt(L[th]['pre'])}")
+        print(f"  llama.cpp prefill tok/s {fmt(C[th]['pre'])}")
+    out = {}
+    fixed = [t for t in configs if t != "auto"]
+    if "auto" in configs and fixed:
+        best_l = max(fixed, key=lambda t: med(L[t]["dec"]))
+        best_c = max(configs, key=lambda t: med(C[t]["dec"]))
+        auto = med(L["auto"]["dec"])
+        out = {"default_over_best_fixed": auto / med(L[best_l]["dec"]), "best_fixed": best_l,
+               "default_over_llama_default": auto / med(C["auto"]["dec"]),
+               "default_over_llama_best": auto / med(C[best_c]["dec"]), "llama_best": best_c}
+        print(f"\n  lmcli default decode / lmcli best fixed (-t {best_l}): {out['default_over_best_fixed']:.2f}x; "
+              f"/ llama.cpp default: {out['default_over_llama_default']:.2f}x; / llama.cpp best ({best_c}): "
+              f"{out['default_over_llama_best']:.2f}x")
+    return out
 
 
 def llama_no_repack(**kw):
@@ -168,10 +226,14 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=128)
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--threads", default="auto,1,2", help="configurations: auto (the default policy) and counts")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--busy", type=int, default=0, help="CPU-bound neighbour processes running beside both engines")
+    ap.add_argument("--decode-only", action="store_true", help="skip the kernel, bandwidth and warm-start figures")
     a = ap.parse_args()
+    from lmcli.threads import configure_pool
+
+    configure_pool()  # as the CLI does, before anything loads libgomp
     with busy_neighbours(a.busy):
         run(a)
 
@@ -190,31 +252,34 @@ def run(a):
     prompt = [int(t) for t in rng.integers(100, model.config.vocab_size - 100, a.prefill)]
     results = {"model": a.model, "gguf": gguf, "reps": a.reps, "isa": describe(), "busy": a.busy}
     print(results["isa"] + (f"; {a.busy} busy neighbour process(es)" if a.busy else ""))
-    for th in [int(t) for t in a.threads.split(",")]:
-        llm = Llama(model_path=gguf, n_ctx=a.prefill + a.decode + 16, n_threads=th, n_threads_batch=th,
-                    n_batch=512, logits_all=False, verbose=False)
-        bench_lmcli(model, th, prompt[:16], 4)  # warm up both
+    configs = parse_threads(a.threads)
+    llm = Llama(model_path=gguf, n_ctx=a.prefill + a.decode + 16, n_batch=512, logits_all=False, verbose=False)
+    for th in configs:  # warm up both
+        bench_lmcli(model, th, prompt[:16], 4)
+        llama_threads(llm, th)
         bench_llama(llm, prompt[:16], 4)
-        L = {"pre": [], "dec": []}
-        C = {"pre": [], "dec": []}
-        for _ in range(a.reps):  # alternate so machine noise hits both alike
+    L = {th: {"pre": [], "dec": []} for th in configs}
+    C = {th: {"pre": [], "dec": []} for th in configs}
+    for _ in range(a.reps):  # alternate engines and configurations so machine noise hits all alike
+        for th in configs:
             p, d = bench_lmcli(model, th, prompt, a.decode)
-            L["pre"].append(p)
-            L["dec"].append(d)
+            L[th]["pre"].append(p)
+            L[th]["dec"].append(d)
+            llama_threads(llm, th)
             p, d = bench_llama(llm, prompt, a.decode)
-            C["pre"].append(p)
-            C["dec"].append(d)
-        del llm
-        results[f"t{th}"] = {"lmcli": L, "llama_cpp": C,
-                             "decode_ratio": med(L["dec"]) / med(C["dec"]),
-                             "prefill_ratio": med(L["pre"]) / med(C["pre"])}
-        print(f"\n== {th} thread(s), {a.prefill}-token prefill, {a.decode}-token decode, {a.reps} reps")
-        print(f"  lmcli     decode  tok/s {fmt(L['dec'])}")
-        print(f"  llama.cpp decode  tok/s {fmt(C['dec'])}")
-        print(f"  lmcli     prefill tok/s {fmt(L['pre'])}")
-        print(f"  llama.cpp prefill tok/s {fmt(C['pre'])}")
-        print(f"  ratio lmcli/llama.cpp: decode {results[f't{th}']['decode_ratio']:.2f}x, "
-              f"prefill {results[f't{th}']['prefill_ratio']:.2f}x")
+            C[th]["pre"].append(p)
+            C[th]["dec"].append(d)
+    print(f"{a.prefill}-token prefill, {a.decode}-token decode, {a.reps} reps, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')}")
+    for th in configs:
+        results[f"t{th}"] = {"lmcli": L[th], "llama_cpp": C[th],
+                             "decode_ratio": med(L[th]["dec"]) / med(C[th]["dec"]),
+                             "prefill_ratio": med(L[th]["pre"]) / med(C[th]["pre"])}
+    results["threads_summary"] = report_threads(L, C, configs)
+    if a.decode_only:
+        if a.json:
+            print(json.dumps(results))
+        return
     for th in (1, 2):
         bw = read_bandwidth(th, a.reps)
         kg = kernel_gbs(th, a.reps)

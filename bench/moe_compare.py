@@ -6,11 +6,16 @@ plus lmcli's roofline fraction: (bytes read per decode token) x tokens/s / measu
 
     python bench/moe_compare.py --shape small   # hidden 2048, expert FFN 5632, 8 experts, top-2, 8 layers (~1.5 GB)
     python bench/moe_compare.py --shape mixtral # hidden 4096, expert FFN 14336, 6 layers (~5.3 GB)
+
+--threads auto,1,2 --busy N: lmcli's default thread policy against its fixed counts, and llama.cpp's default
+against its own, every configuration alternating within each repetition, beside N CPU-bound processes (as
+bench/compare.py does; the bandwidth and roofline figures are those of the last count given).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -19,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import bench_llama, busy_neighbours, describe, fmt, llama_no_repack, med, read_bandwidth  # noqa: E402
+from compare import (bench_llama, busy_neighbours, describe, fmt, llama_no_repack, llama_threads, med,  # noqa: E402
+                     parse_threads, read_bandwidth, report_threads, thread_policy)
 
 SHAPES = {
     "small": dict(n_layer=8, n_embd=2048, n_ff_exp=5632, n_head=16, n_head_kv=4),
@@ -34,10 +40,13 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="auto,1,2", help="configurations: auto (the default policy) and counts")
     ap.add_argument("--no-repack", action="store_true", help="also run llama.cpp with its weights left in the mmap")
     ap.add_argument("--busy", type=int, default=0, help="CPU-bound neighbour processes running beside both engines")
     a = ap.parse_args()
+    from lmcli.threads import configure_pool
+
+    configure_pool()  # as the CLI does, before anything loads libgomp
     with busy_neighbours(a.busy):
         run(a)
 
@@ -61,18 +70,20 @@ def run(a):
     if not gguf.exists():
         export_gguf(lmc, gguf)
     print(describe() + (f"; {a.busy} busy neighbour process(es)" if a.busy else ""))
-    numba.set_num_threads(a.threads)
-    m = lmcli.load(str(lmc), n_ctx=a.prefill + a.decode + 16, threads=a.threads)
+    configs = parse_threads(a.threads)
+    last = int(configs[-1]) if configs[-1] != "auto" else numba.config.NUMBA_NUM_THREADS
+    m = lmcli.load(str(lmc), n_ctx=a.prefill + a.decode + 16)
     tr = m.transformer
-    kw = dict(model_path=str(gguf), n_ctx=a.prefill + a.decode + 16, n_threads=a.threads,
-              n_threads_batch=a.threads, n_batch=512, verbose=False)
+    kw = dict(model_path=str(gguf), n_ctx=a.prefill + a.decode + 16, n_batch=512, verbose=False)
     llm = Llama(**kw)
     llm_map = llama_no_repack(**kw) if a.no_repack else None
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(300, 31000, a.prefill)]
 
-    def run_lmcli():
+    def run_lmcli(th):
+        pol = thread_policy(th)
         cache = tr.new_cache(a.prefill + a.decode + 8)
+        pol.begin()
         t = time.perf_counter()
         logits = tr.forward(prompt, cache)
         pre = a.prefill / (time.perf_counter() - t)
@@ -80,34 +91,42 @@ def run(a):
         c0 = tr.counters()
         t = time.perf_counter()
         for _ in range(a.decode):
-            tok = int(tr.forward([tok], cache)[-1].argmax())
+            tok = int(pol.step(lambda: tr.forward([tok], cache))[-1].argmax())
         dec = a.decode / (time.perf_counter() - t)
         return pre, dec, (tr.counters() - c0).expert_bytes / a.decode
 
-    run_lmcli()
-    bench_llama(llm, prompt[:16], 4)
-    if llm_map is not None:
-        bench_llama(llm_map, prompt[:16], 4)
-    L = {"pre": [], "dec": []}
-    C = {"pre": [], "dec": []}
+    for th in configs:  # warm up
+        run_lmcli(th)
+        for x in (llm, llm_map) if llm_map is not None else (llm,):
+            llama_threads(x, th)
+            bench_llama(x, prompt[:16], 4)
+    LL = {th: {"pre": [], "dec": []} for th in configs}
+    CC = {th: {"pre": [], "dec": []} for th in configs}
     M = {"pre": [], "dec": []}
     ebytes = []
-    for _ in range(a.reps):
-        p, dd, eb = run_lmcli()
-        L["pre"].append(p)
-        L["dec"].append(dd)
-        ebytes.append(eb)
-        p, dd = bench_llama(llm, prompt, a.decode)
-        C["pre"].append(p)
-        C["dec"].append(dd)
+    for _ in range(a.reps):  # alternate engines and configurations so machine noise hits all alike
+        for th in configs:
+            p, dd, eb = run_lmcli(th)
+            LL[th]["pre"].append(p)
+            LL[th]["dec"].append(dd)
+            ebytes.append(eb)
+            llama_threads(llm, th)
+            p, dd = bench_llama(llm, prompt, a.decode)
+            CC[th]["pre"].append(p)
+            CC[th]["dec"].append(dd)
         if llm_map is not None:
+            llama_threads(llm_map, configs[-1])
             p, dd = bench_llama(llm_map, prompt, a.decode)
             M["pre"].append(p)
             M["dec"].append(dd)
+    L, C = LL[configs[-1]], CC[configs[-1]]
     dense = tr.weights.nbytes_dense if hasattr(tr.weights, "nbytes_dense") else None
     per_tok = statistics.median(ebytes) + (dense or 0)
-    bw = read_bandwidth(a.threads, 3)
-    print(f"\n== {a.shape}: {lmc.stat().st_size / 1e9:.2f} GB, {a.threads} threads, {a.reps} reps")
+    bw = read_bandwidth(last, 3)
+    print(f"\n{a.shape}: {lmc.stat().st_size / 1e9:.2f} GB, {a.reps} reps, {a.prefill}-token prefill, "
+          f"{a.decode}-token decode, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    report_threads(LL, CC, configs)
+    print(f"\n== {a.shape}: threads {configs[-1]}")
     print(f"  lmcli     decode  tok/s {fmt(L['dec'])}")
     print(f"  llama.cpp decode  tok/s {fmt(C['dec'])}")
     print(f"  lmcli     prefill tok/s {fmt(L['pre'])}")

@@ -18,6 +18,7 @@ from .engine.options import EngineOptions
 from .errors import LmcliWarning, UsageError, model_file_errors
 from .generate import Generation
 from .sampling import Sampler, SamplerParams
+from .threads import ThreadPolicy, configure_pool
 
 from .memory import kv_cache_type
 from .memory import DEFAULT_CTX, context_size, env_int  # noqa: F401 (DEFAULT_CTX: the API's documented default)
@@ -25,6 +26,7 @@ from .memory import DEFAULT_CTX, context_size, env_int  # noqa: F401 (DEFAULT_CT
 
 def set_threads(threads: int | None) -> int:
     """Set the kernels' thread count (default: LMCLI_THREADS, else every core Numba sees)."""
+    configure_pool()  # before Numba starts its pool
     import numba
 
     n = threads if threads is not None else env_int("LMCLI_THREADS")
@@ -59,6 +61,9 @@ class Model:
             warnings.warn(f"a context of {n_ctx} tokens is beyond the {self.config.n_ctx_train} this model was trained "
                           "for: what it writes past that point may degrade", LmcliWarning, stacklevel=2)
         self.threads = set_threads(opts.threads)
+        # an explicit count is kept; else decode moves between counts by what the machine gives (lmcli.threads)
+        fixed = opts.threads is not None or env_int("LMCLI_THREADS") is not None
+        self.thread_policy = ThreadPolicy(self.threads, fixed=fixed)
         self.options = replace(opts, n_ctx=n_ctx, threads=self.threads, kv_type=kv_cache_type(opts.kv_type))
         self.tokenizer = Tokenizer.from_metadata(md.get("tokenizer") or {})
         self.chat_template: str | None = md.get("chat_template")
@@ -138,7 +143,8 @@ class Model:
         params = sampler if sampler is not None else SamplerParams(**sampling)
         constraint = self.constraint(json_schema) if json_schema is not None else None
         return Generation(self.transformer, self.tokenizer, Sampler(params), cache, ids, max_tokens=max_tokens,
-                          stop=stop, ignore_eos=ignore_eos, constraint=constraint, top_logprobs=top_logprobs)
+                          stop=stop, ignore_eos=ignore_eos, constraint=constraint, top_logprobs=top_logprobs,
+                          threads=self.thread_policy)
 
     def constraint(self, json_schema: dict | str):
         """A fresh grammar state for one generation under json_schema (UsageError if it is not a usable one)."""

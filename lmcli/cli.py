@@ -39,7 +39,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # Flags declared once, in groups: parameter -> (type, option). A command offers a group (flag_group) and receives
 # it as one value.
 ENGINE_FLAGS = {  # -> EngineOptions; the parameters are its fields
-    "threads": (Optional[int], typer.Option(None, "-t", "--threads", help="default: LMCLI_THREADS or all cores")),
+    "threads": (Optional[int], typer.Option(None, "-t", "--threads",
+                                            help="fix the thread count (default: LMCLI_THREADS, else chosen "
+                                                 "while decoding from what the machine gives)")),
     "n_ctx": (Optional[int], typer.Option(None, "-c", "--ctx-size", help="default: LMCLI_CTX_SIZE or 4096")),
     "moe_topk": (Optional[int], typer.Option(None, "--moe-topk", help="experts per token (MoE models)")),
     "expert_cache_mib": (Optional[int], typer.Option(None, "--expert-cache-mib",
@@ -236,7 +238,7 @@ def _answer(m, model: str, text: str, *, mode: str, raw: bool, system, max_token
     if verbose:
         prompt_speed, gen_speed = final.timings.speeds()
         sys.stderr.write(f"prompt: {prompt_speed} | generation: {gen_speed} | load {m.load_s:.2f} s | "
-                         f"finish: {final.finish_reason}\n")
+                         f"threads: {m.thread_policy.describe()} | finish: {final.finish_reason}\n")
     return final.stats.trace
 
 
@@ -586,6 +588,9 @@ def _first_compile_note(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import configure_pool
+
+    configure_pool()  # before anything loads libgomp
     warnings.showwarning = _note
     _first_compile_note(list(sys.argv[1:] if argv is None else argv))
     cmd = typer.main.get_command(app)

@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from .sampling import Sampler
+from .threads import ThreadPolicy
 
 
 @dataclass
@@ -132,14 +133,16 @@ class Generation:
     context. The final event carries the run's statistics; stats() gives them for a run cut short as well.
 
     ignore_eos masks the end-of-text tokens out of sampling (llama.cpp's --ignore-eos).
+    threads: the thread count for each step, set in the thread that iterates (Numba's count is per thread); None
+    leaves it as it is.
     constraint (lmcli.structured.Constraint) masks what a grammar forbids and ends the run when it is complete.
     top_logprobs: None for no log-probabilities, else how many alternatives each token event lists.
     """
 
     def __init__(self, transformer, tokenizer, sampler: Sampler, cache, prompt_ids: list[int], *, max_tokens: int,
                  stop: list[str] | None = None, ignore_eos: bool = False, constraint=None,
-                 top_logprobs: int | None = None):
-        self.transformer, self.prompt_tokens = transformer, len(prompt_ids)
+                 top_logprobs: int | None = None, threads: ThreadPolicy | None = None):
+        self.transformer, self.prompt_tokens, self.threads = transformer, len(prompt_ids), threads
         self.out_ids: list[int] = []
         self.decode_steps = 0  # single-token forward passes
         self._marks: list = []  # (time, engine counters) at the start, after the prompt, at the end
@@ -173,8 +176,10 @@ class Generation:
 
     def _run(self, tokenizer, sampler, cache, history, max_tokens, stops, ignore_eos, constraint,
              top_logprobs) -> Iterator[Event]:
-        tr, out_ids = self.transformer, self.out_ids
+        tr, out_ids, pol = self.transformer, self.out_ids, self.threads
         self._mark()
+        if pol is not None:
+            pol.begin()
         logits = tr.forward(history, cache)[-1]
         self._mark()
         dec = tokenizer.stream()
@@ -215,7 +220,10 @@ class Generation:
             yield Event(tok, piece, logprobs=lp)
             if len(out_ids) >= max_tokens or cache.n_past >= cache.n_ctx:
                 break
-            logits = tr.forward([tok], cache)[-1]
+            if pol is None:
+                logits = tr.forward([tok], cache)[-1]
+            else:
+                logits = pol.step(lambda: tr.forward([tok], cache)[-1])
             self.decode_steps += 1
         self._mark()
         if not stopped_by_string:

@@ -470,7 +470,7 @@ class ChatUI:
             q = quantization(m.metadata, m.container.tensors.values()) or "?"
             self.out(f"model: {conv.name}\npath: {m.path}\narchitecture: {cfg.arch}, {cfg.n_layer} layers, "
                      f"n_embd {cfg.n_embd}, {experts}\nquantization: {q}\nfile: {m.container.file_size / 1e6:.1f} MB\n"
-                     f"context: {conv.n_ctx} tokens\nthreads: {m.threads}\nloaded in {m.load_s:.2f} s")
+                     f"context: {conv.n_ctx} tokens\nthreads: {m.thread_policy.describe()}\nloaded in {m.load_s:.2f} s")
         elif what == "template":
             self.out(m.chat_template or "(the model has no chat template: ChatML is used)")
         elif what == "parameters":

@@ -13,7 +13,7 @@ class EngineOptions:
 
     # tokens of context; None: LMCLI_CTX_SIZE, else 4096 capped at the training context (lmcli.api resolves it)
     n_ctx: int | None = None
-    threads: int | None = None  # kernel threads; None: LMCLI_THREADS, else every core Numba sees
+    threads: int | None = None  # kernel threads; None: LMCLI_THREADS, else adaptive up to every core (lmcli.threads)
     moe_topk: int | None = None  # experts per token; None: the model's own
     # expert cache size; None: automatic (on when the file does not fit in memory), 0: off
     expert_cache_mib: int | None = None

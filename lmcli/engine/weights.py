@@ -12,6 +12,7 @@ from quant.formats import TILE, Format, matrix_parts
 from quant.schema import ModelConfig, expected_tensors
 
 from ..errors import ModelFileError, model_file_errors
+from ..threads import SERIAL_BYTES, serially
 
 
 class Act:
@@ -53,6 +54,15 @@ class Linear:
         T = act.x.shape[0]
         if out is None:
             out = np.empty((T, self.n_out), np.float32)
+        if T == 1 and self.rows_f32 is None and self.nbytes < SERIAL_BYTES:  # not worth a parallel launch
+            serially(self._matmul, act, out)
+        else:
+            self._matmul(act, out)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def _matmul(self, act: Act, out: np.ndarray) -> None:
         if self.rows_f32 is not None:
             kernels.matmul_rows(self.rows_f32, act.x, out)
         elif self.fmt.int_act:
@@ -61,9 +71,6 @@ class Linear:
             self.fmt.matmul(self.codes, self.fmt.kind, act.x, out)
         else:
             self.fmt.matmul(self.codes, act.x, out)
-        if self.bias is not None:
-            out += self.bias
-        return out
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows (embedding lookup) -> (len(ids), n_in) float32."""

@@ -1,0 +1,207 @@
+"""Kernel threads on a machine shared with other programs: idle threads that sleep, and a decode thread count
+chosen from the step times each count gives right now.
+
+Why: every decode token runs a few hundred parallel kernel launches, and each waits for all its threads. Beside
+busy processes one of them is often descheduled, and with OpenMP's default wait policy the others spin at the
+barrier (and between launches) on time the neighbours compete for. Measured on 2 cores beside 2 busy processes
+(SmolLM2, under load from other processes): 2 threads 0.5-2.8 tok/s spinning, 38-83 with passive waiting, 1 thread
+18-82. So idle threads sleep (configure_pool), and ThreadPolicy keeps measuring whether fewer threads are faster.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import statistics
+import time
+from collections import deque
+from typing import Callable, TypeVar
+
+R = TypeVar("R")
+
+
+def configure_pool() -> None:
+    """Let Numba's idle OpenMP threads sleep instead of spin (OMP_WAIT_POLICY=passive), unless the user chose.
+
+    libgomp reads it once, when it is loaded (Numba loads it with its thread pool, on the first set or launch), so
+    this must run before that: the CLI calls it first thing, lmcli.api before it sizes the pool.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+# A decode matmul over fewer weight bytes than this runs on the calling thread alone: one thread reads 256 KiB in
+# about 20 us, and waking a sleeping thread took 8-33 us per launch here (passive waits, under load from other
+# processes), so below it a second thread cannot pay for itself, and every launch is a barrier that waits for a
+# thread that may be descheduled. SmolLM2-135M: 241 parallel launches per decode token before, 121 after.
+SERIAL_BYTES = 256 << 10
+
+
+@functools.cache
+def _count_fns() -> tuple[Callable[[], int], Callable[[int], None]]:
+    """Get and set the calling thread's count: Numba's own C functions when present (numba.get/set_num_threads add
+    about 3 us of checks, and a decode token makes hundreds of these calls), else the public ones."""
+    import numba
+
+    try:
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()
+        return parallel._get_num_threads, parallel._set_num_threads
+    except (ImportError, AttributeError):
+        return numba.get_num_threads, numba.set_num_threads
+
+
+def serially(fn: Callable[..., R], *args) -> R:
+    """fn(*args) on the calling thread alone (a kernel too small to pay for waking the others), then the count back."""
+    get, put = _count_fns()
+    n = get()
+    if n <= 1:
+        return fn(*args)
+    put(1)
+    try:
+        return fn(*args)
+    finally:
+        put(n)
+
+
+def ladder(max_threads: int) -> list[int]:
+    """The counts the policy moves between, largest first: max_threads, halving down to 1 ([2, 1], [8, 4, 2, 1])."""
+    out = [max_threads]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _use(n: int) -> None:
+    import numba
+
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+class ThreadPolicy:
+    """The thread count for each decode step: fixed (-t/--threads, LMCLI_THREADS), or adaptive.
+
+    Adaptive starts at max_threads (a quiet machine's best). Every `interval` steps it probes a neighbouring count
+    on the ladder for up to `probe_steps` consecutive steps, and compares their median with the median of the
+    current count's last `window` steps. The step after a change of count is left out of every median: measured
+    here beside busy processes, it is slower than its neighbours whichever way the count changed. It moves when the
+    probe is faster by `margin`, or by `margin_down` to fewer threads (a wrong move down costs more than a wrong
+    move up, and one thread beside busy processes starts faster than it goes on, as measured here); the new count
+    is then judged afresh. A probe stops early once two steps are both clearly slower (by `clear`: that is what
+    probes cost), and runs only with a full window of the current count's steps to judge by. A probe that loses at
+    least doubles the interval, more when needed to keep what it lost under `budget` of the time (up to
+    max_interval steps); a win resets it. When the current count's median moves by more than `drift` from where it
+    settled (the load changed; a median, so that bursts of load do not count), it probes at once unless probes so
+    far lost over 3x the budget.
+    Pure logic: `next()` says the count, `record()` takes the measured seconds; `step()` does both around a call.
+    """
+
+    def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 8, probe_steps: int = 4,
+                 first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, margin_down: float = 0.8,
+                 clear: float = 1.5, drift: float = 1.3, budget: float = 0.02):
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be at least 1, got {max_threads}")
+        self.max_threads, self.fixed = max_threads, fixed
+        self.counts = ladder(max_threads)
+        self.probe_steps, self.first_interval, self.max_interval = probe_steps, first_interval, max_interval
+        self.margin, self.margin_down, self.clear = margin, margin_down, clear
+        self.drift, self.budget = drift, budget
+        self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count (no transitions)
+        self.current = max_threads
+        self.probing: int | None = None  # the count under trial
+        self._probe: list[float] = []  # its steps' seconds, the transition first
+        self._last: int | None = None  # the count of the step before
+        self.interval = first_interval  # steps between probes
+        self.until_probe = first_interval
+        self.settled: float | None = None  # the current count's median step time when it was last chosen
+        self.elapsed = 0.0  # seconds of every step recorded
+        self.lost = 0.0  # seconds probes cost over the current count
+        self._down = True  # which neighbour the next probe tries, when there are two
+        self.switches = 0
+
+    @property
+    def adaptive(self) -> bool:
+        return not self.fixed and len(self.counts) > 1
+
+    def next(self) -> int:
+        """The thread count for the next step (starts a probe when one is due)."""
+        if not self.adaptive:
+            return self.current
+        cur = self.times[self.current]
+        if self.probing is None and self.until_probe <= 0 and len(cur) == cur.maxlen:  # a full window to judge by
+            self.probing, self._probe = self._neighbour(), []
+        return self.probing if self.probing is not None else self.current
+
+    def _neighbour(self) -> int:
+        i = self.counts.index(self.current)
+        lower = self.counts[i + 1] if i + 1 < len(self.counts) else None
+        higher = self.counts[i - 1] if i > 0 else None
+        self._down = not self._down
+        if lower is None or (higher is not None and self._down):
+            return higher
+        return lower
+
+    def record(self, n: int, seconds: float) -> None:
+        """The step just run at n threads took `seconds`."""
+        if not self.adaptive or n not in self.times:
+            return
+        transition, self._last = self._last is not None and n != self._last, n
+        self.elapsed += seconds
+        if n == self.probing:
+            self._probe.append(seconds)
+            self._judge()
+            return
+        if n != self.current or transition:
+            return
+        self.times[n].append(seconds)
+        self.until_probe -= 1
+        now = statistics.median(self.times[n])
+        if self.settled is None:
+            if len(self.times[n]) == self.times[n].maxlen:
+                self.settled = now
+        elif not 1 / self.drift < now / self.settled < self.drift:  # the load changed: look again now
+            self.settled = now
+            if self.lost <= 3 * self.budget * self.elapsed:  # a looser cap than the interval's: loads do change
+                self.until_probe = min(self.until_probe, 0)
+
+    def _judge(self) -> None:
+        steps = self._probe[1:]  # the transition set aside
+        if not steps:
+            return
+        t_probe, t_cur = statistics.median(steps), statistics.median(self.times[self.current])
+        if len(self._probe) < self.probe_steps and (len(steps) < 2 or min(steps) <= self.clear * t_cur):
+            return  # not clear yet (one slow step may be a burst of load): another step
+        probe = self.probing
+        self.probing = None
+        self.lost += max(sum(self._probe) - len(self._probe) * t_cur, 0.0)
+        if t_probe < (self.margin if probe > self.current else self.margin_down) * t_cur:
+            self.current, self.settled = probe, t_probe
+            self.times[probe].clear()  # judged afresh: one thread's first steps beside busy processes ran faster
+            self.interval = self.first_interval
+            self.switches += 1
+        else:  # what this probe lost, over what an interval may lose
+            lost = sum(self._probe) - len(self._probe) * t_cur
+            self.interval = min(max(2 * self.interval, math.ceil(lost / (self.budget * t_cur))), self.max_interval)
+        self.until_probe = self.interval
+
+    def begin(self) -> None:
+        """Before a prompt (prefill): every thread allowed, in this thread (Numba's count is per thread). A batch
+        of tokens is compute-bound work that parallel launches pay off on; decode steps are what step() adapts."""
+        _use(self.max_threads)
+
+    def step(self, fn: Callable[[], R]) -> R:
+        """fn() at the count next() chooses, set for this thread, timed and recorded."""
+        n = self.next()
+        _use(n)
+        t = time.perf_counter()
+        out = fn()
+        self.record(n, time.perf_counter() - t)
+        return out
+
+    def describe(self) -> str:
+        """"2 (fixed)" or "1 of 2 (adaptive)", for `/show info` and `run -v`."""
+        if not self.adaptive:
+            return f"{self.current} (fixed)" if self.fixed else str(self.current)
+        return f"{self.current} of {self.max_threads} (adaptive)"

@@ -1,0 +1,207 @@
+"""The thread policy: its decisions from injected step times (no clocks), and generation under it giving the same
+greedy tokens as a fixed thread count (the kernels' results do not depend on the count)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from lmcli.threads import SERIAL_BYTES, ThreadPolicy, configure_pool, ladder, serially
+
+
+def drive(pol: ThreadPolicy, cost, steps: int, start: int = 0) -> list[int]:
+    """Run `steps` decode steps where a step at n threads takes cost(step, n) seconds; the counts used."""
+    used = []
+    for i in range(start, start + steps):
+        n = pol.next()
+        used.append(n)
+        pol.record(n, cost(i, n))
+    return used
+
+
+def test_ladder_halves_from_the_maximum_down_to_one():
+    assert ladder(1) == [1]
+    assert ladder(2) == [2, 1]
+    assert ladder(8) == [8, 4, 2, 1]
+    assert ladder(6) == [6, 3, 1]
+
+
+def test_a_fixed_count_never_changes_whatever_the_timings():
+    pol = ThreadPolicy(2, fixed=True)
+    used = drive(pol, lambda i, n: 1.0 if n == 2 else 0.001, 500)
+    assert set(used) == {2} and pol.describe() == "2 (fixed)"
+
+
+def test_one_core_has_nothing_to_choose():
+    pol = ThreadPolicy(1)
+    assert set(drive(pol, lambda i, n: 0.01, 100)) == {1} and not pol.adaptive
+
+
+def test_on_a_quiet_machine_it_stays_at_every_core_and_probes_rarely():
+    # quiet: 2 threads 1.6x faster than 1 (a large MoE); the probes at 1 thread back off
+    pol = ThreadPolicy(2)
+    used = drive(pol, lambda i, n: 0.010 if n == 2 else 0.016, 2000)
+    assert used[:8] == [2] * 8  # starts at every core
+    assert used[-1] == 2 and pol.switches == 0
+    assert used[:64].count(1) == 3  # one probe of 3 steps in the first 64 (stopped early: clearly slower)
+    assert used.count(1) <= 3 * 6  # then at intervals of 90, 180, 360, ... steps
+    cost = sum(0.010 if n == 2 else 0.016 for n in used)
+    assert cost < 1.01 * 2000 * 0.010
+
+
+def test_beside_busy_neighbours_it_moves_to_fewer_threads_and_loses_little_probing():
+    # spinning barriers beside busy processes: 2 threads 20x slower than 1 (as measured with the default wait policy)
+    pol = ThreadPolicy(2)
+    used = drive(pol, lambda i, n: 0.2 if n == 2 else 0.01, 2000)
+    first_one = used.index(1)
+    assert first_one == 8 and used[8:14] == [1] * 6  # a full window at 2, a probe block of 4, then moved
+    assert pol.current == 1 and pol.describe() == "1 of 2 (adaptive)"
+    cost = sum(0.2 if n == 2 else 0.01 for n in used)
+    # the first window and the re-probes of 2 threads cost under 15% of the best fixed count's time, at 20x
+    assert cost < 1.15 * 2000 * 0.01
+
+
+def test_a_tie_keeps_the_current_count():
+    pol = ThreadPolicy(2)
+    used = drive(pol, lambda i, n: 0.010 if n == 2 else 0.0099, 600)  # 1% apart: within the margin
+    assert used[-1] == 2 and pol.switches == 0
+
+
+def test_fewer_threads_must_win_clearly_more_threads_need_only_win():
+    pol = ThreadPolicy(2)
+    used = drive(pol, lambda i, n: 0.010 if n == 2 else 0.009, 600)  # 1 thread 10% faster: not enough to move down
+    assert used[-1] == 2 and pol.switches == 0
+    pol = ThreadPolicy(2)
+    pol.current = 1
+    used = drive(pol, lambda i, n: 0.009 if n == 2 else 0.010, 600)  # 2 threads 10% faster: moves up
+    assert used[-1] == 2 and pol.switches == 1
+
+
+def test_bursts_of_load_that_hit_every_count_alike_do_not_move_it():
+    # other programs' bursts slow whatever step they land on 8x (as measured here); between them 2 threads are
+    # 1.8x faster. Pairing each probe step with the next current step keeps a burst from deciding alone.
+    def cost(i, n):
+        burst = 8.0 if (i * 7919) % 13 < 3 else 1.0
+        return burst * (0.010 if n == 2 else 0.018)
+
+    pol = ThreadPolicy(2)
+    used = drive(pol, cost, 2000)
+    assert used.count(2) >= 0.97 * 2000
+
+
+def test_when_the_load_arrives_and_leaves_it_follows():
+    def cost(i, n):
+        busy = 300 <= i < 900
+        return (0.2 if n == 2 else 0.024) if busy else (0.010 if n == 2 else 0.016)
+
+    pol = ThreadPolicy(2)
+    used = drive(pol, cost, 1500)
+    assert used[290:300] == [2] * 10  # quiet: every core
+    assert used[330:340] == [1] * 10  # the load came: the step time at 2 drifted, a probe ran at once and won
+    assert used[910:1010].count(2) >= 95  # the load went: the step time at 1 dropped, a probe of 2 won
+
+
+def test_eight_cores_move_one_rung_at_a_time_to_the_best():
+    pol = ThreadPolicy(8)
+    best = {8: 0.05, 4: 0.02, 2: 0.01, 1: 0.015}
+    used = drive(pol, lambda i, n: best[n], 1000)
+    assert used[-1] == 2 and pol.current == 2
+    assert set(used) == {8, 4, 2, 1}
+
+
+def test_steps_at_counts_off_the_ladder_are_ignored():
+    pol = ThreadPolicy(4)
+    pol.record(3, 100.0)
+    assert 3 not in pol.times and drive(pol, lambda i, n: 0.01, 4) == [4] * 4
+
+
+def test_step_sets_numbas_count_in_the_calling_thread_and_records_it():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no thread count to adapt")
+    pol = ThreadPolicy(2, first_interval=1, window=1)
+    before = numba.get_num_threads()
+    try:
+        seen = [pol.step(numba.get_num_threads) for _ in range(2)]  # one step at 2, then the probe at 1
+    finally:
+        numba.set_num_threads(before)
+    assert seen == [2, 1]
+    assert len(pol.times[2]) == 1 and pol.probing == 1 and len(pol._probe) == 1  # the probe's first step recorded
+
+
+def test_configure_pool_keeps_a_users_wait_policy(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    configure_pool()
+    assert os.environ["OMP_WAIT_POLICY"] == "active"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    configure_pool()
+    assert os.environ["OMP_WAIT_POLICY"] == "passive"
+
+
+def test_adaptive_generation_visits_both_counts_and_matches_one_thread(smol_container):
+    import lmcli
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no thread count to adapt")
+    m = lmcli.load(str(smol_container), n_ctx=128)
+    assert m.thread_policy.adaptive
+    counts = []
+    step = m.thread_policy.step
+    m.thread_policy.step = lambda fn: step(lambda: (counts.append(numba.get_num_threads()), fn())[1])
+    ids = m.tokenize("The quick brown fox")
+    got = list(m.generate(ids, max_tokens=40, temp=0.0, ignore_eos=True))[-1].tokens
+    assert {1, 2} <= set(counts)  # the probe at step 4 ran 1 thread whatever the timings
+    one = lmcli.load(str(smol_container), n_ctx=128, threads=1)
+    assert not one.thread_policy.adaptive
+    want = list(one.generate(ids, max_tokens=40, temp=0.0, ignore_eos=True))[-1].tokens
+    assert got == want and len(got) == 40
+
+
+def test_cli_default_threads_give_the_same_greedy_tokens_as_t1(lmcli_home):
+    def run(*extra):
+        e = dict(os.environ, LMCLI_HOME=str(lmcli_home))
+        e.pop("LMCLI_THREADS", None)
+        r = subprocess.run([sys.executable, "-m", "lmcli.cli", "run", "smollm2", "Tell me about the sea.", "--temp",
+                            "0", "-n", "40", "--ignore-eos", "--json", "-v", *extra], capture_output=True, text=True,
+                           env=e, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["tokens"], r.stderr
+
+    (default, said), (one, said_one) = run(), run("-t", "1")
+    assert default == one and len(default) == 40
+    assert "threads: 1 (fixed)" in said_one
+    assert f"of {numba.config.NUMBA_NUM_THREADS} (adaptive)" in said or numba.config.NUMBA_NUM_THREADS < 2
+
+
+def test_serially_runs_on_one_thread_and_gives_the_count_back():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core")
+    numba.set_num_threads(2)
+    assert serially(numba.get_num_threads) == 1
+    assert numba.get_num_threads() == 2
+    with pytest.raises(ZeroDivisionError):
+        serially(lambda: 1 / 0)
+    assert numba.get_num_threads() == 2
+
+
+def test_small_decode_matmuls_run_on_one_thread_large_ones_and_prefill_on_all(smol_container):
+    import lmcli
+    from lmcli.engine.weights import Act
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core")
+    m = lmcli.load(str(smol_container), n_ctx=64, threads=2)
+    L = m.transformer.weights.layers[0]
+    small, large = L.attn.wq, L.ffn.gate
+    assert small.nbytes < SERIAL_BYTES <= large.nbytes
+    x = np.random.default_rng(0).standard_normal((1, small.n_in)).astype(np.float32)
+    seen = {}
+    for lin in (small, large):
+        lin._matmul = lambda act, out, lin=lin: seen.setdefault(lin.name, []).append(numba.get_num_threads())
+    small(Act(x)), large(Act(x)), small(Act(np.repeat(x, 3, axis=0)))
+    assert seen[small.name] == [1, 2] and seen[large.name] == [2]
