@@ -483,6 +483,9 @@ def locate(name_or_path: str) -> Located:
         if pulled is not None:  # pulled by an older lmcli under the repo's short name
             return Located("container", models_dir() / pulled / CONTAINER, pulled)
         if not p.is_file():
+            if key is not None:  # ORG/REPO[:TAG] that was never pulled (and no such path)
+                raise ModelNotFound(f"model {key!r} is not in the store (and {name_or_path} is no file)",
+                                    hint=f"pull it first: `lmcli pull {name_or_path}`")
             raise ModelNotFound(f"{name_or_path}: no such file")
         if PARTIAL in p.resolve().parts or p.name.endswith(".part"):  # pre-sized: valid header, zero weights
             raise ModelFileError(f"{name_or_path} is an unfinished pull's file, not a model",

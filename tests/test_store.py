@@ -78,6 +78,13 @@ def test_a_pulled_repo_is_named_as_pulled_and_never_a_registry_name():
     assert not any("/" in name for name in load_registry())  # so no pulled name is a registry name
 
 
+def test_a_hub_name_never_pulled_says_to_pull_it(home):
+    with pytest.raises(ModelNotFound) as e:
+        resolve("hf.co/org/repo-GGUF:q4_0")
+    assert "'org/repo-GGUF:Q4_0' is not in the store" in str(e.value)
+    assert e.value.hint == "pull it first: `lmcli pull hf.co/org/repo-GGUF:q4_0`"
+
+
 def test_what_a_killed_writer_left_is_removed_by_the_next_store_command(home, smol_gguf, tmp_path):
     """Issue 19 (11): kill -9 left hidden temporaries nothing removed. Dead writers' go; a live process's stay."""
     import os
