@@ -247,7 +247,7 @@ def _costs(cfg, tensors, file_size: int, kv_type: str) -> dict:
             "n_ctx_train": cfg.n_ctx_train, "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes}
 
 
-def registry_config_costs(entry) -> dict:
+def registry_config_costs(entry, kv_type: str = DEFAULT_KV_TYPE) -> dict:
     """Sizes from the config.json keys a registry entry lists: the tensors the converter writes for that config, in
     the entry's quantization (quant.hf_tensors' policy), counted as a container's index counts them; the file's
     size as the container lays them out (page-aligned tensors and expert bundles), its header left out."""
@@ -265,14 +265,14 @@ def registry_config_costs(entry) -> dict:
         else:
             n = matrix_nbytes(tensor_format(name, shape, FORMATS[entry.quant]), *shape[-2:])
             tensors.append(TensorSize(name, shape, n, shape[0] if len(shape) == 3 else 0))
-    c = _costs(cfg, tensors, 0)
+    c = _costs(cfg, tensors, 0, kv_type)
     bundles = len(c["moe_layers"]) * cfg.n_expert * c["bundle_bytes"]
     return {**c, "file_bytes": sum(align_up(t.nbytes, ALIGN) for t in tensors if not t.n_expert) + bundles}
 
 
-def _registry_costs(entry) -> dict:
+def _registry_costs(entry, kv_type: str = DEFAULT_KV_TYPE) -> dict:
     if entry.config is not None:
-        return registry_config_costs(entry)
+        return registry_config_costs(entry, kv_type)
     total, active = registry_params(entry.notes)
     bpw = REGISTRY_BITS_PER_WEIGHT / 8
     m = re.search(r"(\d+) experts, top-(\d+)", entry.notes)
@@ -378,7 +378,7 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
     elif kind == "gguf":
         c, source = gguf_costs(loc.path, kv_type), "GGUF header (not imported yet)"
     elif loc.entry is not None:
-        c = _registry_costs(loc.entry)
+        c = _registry_costs(loc.entry, kv_type)
         source = (f"registry config ({loc.entry.repo}, {loc.entry.quant}); not downloaded" if loc.entry.config
                   else f"registry notes ({loc.entry.notes}); not downloaded")
     else:

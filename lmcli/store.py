@@ -474,7 +474,7 @@ def locate(name_or_path: str) -> Located:
         if p.is_dir() and (p / "config.json").is_file():
             raise ModelFileError(f"{name_or_path} is a Hugging Face checkpoint, not a converted model",
                                  hint=f"convert it once: `lmcli quantize {name_or_path} model.lmc`, then run model.lmc")
-        key = hub_name(name_or_path) if not p.exists() else None
+        key = hub_name(name_or_path) if not (p.exists() or name_or_path.endswith((".gguf", ".lmc"))) else None
         if key is not None and in_store(key):  # `lmcli pull org/repo` then `lmcli run org/repo`, as with ollama
             return Located("container", models_dir() / key / CONTAINER, key)
         if key is not None and (models_dir() / key / PARTIAL).is_dir():

@@ -183,7 +183,7 @@ def test_pull_converts_the_fp8_checkpoint_shard_by_shard_and_never_downloads_the
         h.add_repo("org/tiny-fp8", fp8)
         r = pull(h, tmp_path / "home", "org/tiny-fp8", "--type", "q8_0")
         assert r.returncode == 0, r.stderr
-        assert_same_model(tmp_path / "home" / "models" / "tiny-fp8" / "model.lmc", ref)
+        assert_same_model(tmp_path / "home" / "models" / "org" / "tiny-fp8" / "model.lmc", ref)
         fetched = lambda shard: [e for e in h.requests(shard) if e["range"] is None]  # noqa: E731 (not a header read)
         assert fetched("model-00001-of-00003.safetensors") and not fetched("model-00003-of-00003.safetensors")
     finally:

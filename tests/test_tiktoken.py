@@ -366,7 +366,7 @@ def test_pull_fetches_the_ranks_file_and_the_class_source_as_text_and_converts_l
     assert {"tiktoken.model", "tokenization_kimi.py", "tokenizer_config.json"} <= requested
     assert "modeling_deepseek.py" not in requested
     convert_hf(kimi_model, tmp_path / "local.lmc", "f16")
-    pulled = Container(home / "models" / "kimi-tiny" / "model.lmc")
+    pulled = Container(home / "models" / "org" / "kimi-tiny" / "model.lmc")
     assert pulled.metadata["tokenizer"] == Container(tmp_path / "local.lmc").metadata["tokenizer"]
     assert pulled.metadata["chat_template"] == KIMI_TEMPLATE
 
