@@ -132,7 +132,8 @@ def split_gguf(src: Path, out: Path, per_part: int) -> list[Path]:
         if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
             continue
         vtype = f.types[0]
-        w.add_key_value(f.name, f.contents(), vtype, sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
     w.write_header_to_file(out)
