@@ -108,7 +108,7 @@ class Event:
         return self.stats.timings if self.stats is not None else None
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def held_back(text: str, stops) -> int:
     """Length of the longest suffix of text that is a proper prefix of a stop string (not yet safe to emit)."""
     n = 0
     for s in stops:
@@ -215,7 +215,7 @@ class Generation:
                 finish = "stop"
                 stopped_by_string = True
                 break
-            keep = _held_back(text, stops)
+            keep = held_back(text, stops)
             piece, text = text[: len(text) - keep], text[len(text) - keep:]
             yield Event(tok, piece, logprobs=lp)
             if len(out_ids) >= max_tokens or cache.n_past >= cache.n_ctx:

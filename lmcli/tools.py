@@ -24,6 +24,7 @@ import secrets
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .generate import held_back as stop_held_back
 
 
 class ToolCallError(UsageError):
@@ -157,13 +158,7 @@ def held_back(text: str, fmt: CallFormat) -> int:
     if fmt.at_start_only:
         s = text.lstrip()
         return len(text) if any(m.startswith(s) or s.startswith(m) for m in fmt.starts) else 0
-    n = 0
-    for m in fmt.starts:
-        for k in range(min(len(m) - 1, len(text)), 0, -1):
-            if text.endswith(m[:k]):
-                n = max(n, k)
-                break
-    return n
+    return stop_held_back(text, fmt.starts)  # the rule stop strings follow, with the markers as the stops
 
 
 def parse(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
