@@ -117,14 +117,14 @@ def main() -> None:
     import lmcli
 
     base_path, _ = parse_spec(a.base)
-    tok_model = lmcli.load(base_path, n_ctx=a.ctx)
+    base = scorer(a.base, a.ctx)
+    tok_model = base.model if isinstance(base, LmcliScorer) else lmcli.load(base_path, n_ctx=a.ctx)  # loaded once
     ids = tok_model.tokenize(Path(a.text).read_text(encoding="utf-8"))
     if len(ids) < a.ctx:
         raise SystemExit(f"the text has {len(ids)} tokens, fewer than one chunk of --ctx {a.ctx}")
     from quant.schema import token_costs
 
     params = token_costs(tok_model.config, tok_model.transformer.container.tensor_sizes()).params_total
-    base = scorer(a.base, a.ctx)
     variants = {spec: scorer(spec, a.ctx) for spec in a.variants}
     res = evaluate(base, variants, ids, a.ctx, a.max_tokens)
     for spec, r in res.items():
