@@ -202,3 +202,15 @@ def test_importing_formats_loads_no_kernels():
 def test_interleaved_codes_keep_their_tile_count():
     for fmt in ALL:
         assert fmt.codes_shape(130, 64)[0] == (130 + TILE - 1) // TILE
+
+
+def test_the_kernels_gguf_row_table_is_the_formats_geometry():
+    """quant.kernels keeps the gguf_rows types' row sizes as literals (Numba's cache is keyed by kernels.py's own
+    source, so a table read from quant.formats could go stale in a cache): they must equal the formats'."""
+    from quant import kernels
+
+    for fmt in FORMATS.values():
+        assert bool(kernels.is_gguf_rows(fmt.kind)) == fmt.gguf_rows, fmt.name
+        for n in (fmt.block_size, 256 * 3, 256 * 11):
+            if fmt.gguf_rows and n % fmt.block_size == 0:
+                assert kernels.gguf_row_nbytes(fmt.kind, n) == fmt.row_nbytes(n), (fmt.name, n)
