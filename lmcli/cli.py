@@ -582,9 +582,18 @@ def _first_compile_note(args: list[str]) -> None:
         return
     from .doctor import numba_cache_dirs, numba_cache_files
 
+    from . import warm
+
     if numba_cache_files(numba_cache_dirs()) == 0:
-        sys.stderr.write("compiling lmcli's kernels for this CPU: once, about a minute (later runs start at once)\n")
+        sys.stderr.write("compiling lmcli's kernels for this CPU: once, under a minute (later runs start at once)\n")
         sys.stderr.flush()
+    warm.REPORT = _compile_progress
+
+
+def _compile_progress(done: int, total: int) -> None:
+    """The line a first run shows while worker processes compile the model's kernels (lmcli.warm)."""
+    sys.stderr.write(f"\rcompiling kernels for this model: {done}/{total}" + ("\n" if done == total else ""))
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

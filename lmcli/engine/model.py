@@ -84,6 +84,9 @@ class Transformer:
         self.expert_cache = self._make_cache(top_k, opts.cache_policy, opts.prefetch)
         moe = [i for i, L in enumerate(self.weights.layers) if L.ffn.experts is not None]
         self._next_moe = {a: (b, self.weights.layers[b].ffn) for a, b in zip(moe, moe[1:])}
+        from .. import warm
+
+        warm.warm_model(self, progress=warm.REPORT)  # a first run compiles its kernels in parallel processes
 
     def _make_cache(self, top_k: int, policy: str, prefetch: bool):
         """The expert cache residency() decided on, over the mapping's MoE layers; None without one."""
