@@ -24,6 +24,9 @@ TEXTS = [
     "   leading and trailing spaces   ",
     "multiple\n\n\nnewlines\r\nand\ttabs\t\there",
     "Numbers: 1234567890, 3.14159, 1e-9, $1,000,000 and 007",
+    # a blank line before a digit: GPT-2's split gives "\n" "\n" (198 198) as transformers does; llama.cpp's
+    # smollm pre-tokenizer merges "\n\n" (1116), the 4-in-48,990 difference issue 17 saw
+    "Intro\n\n1. first\n\n\n3 and\n\n10 items\n\n 5\n\n\n\n42",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
     "text<|im_end|>glued<|endoftext|> to words",
     "\u00a0non-breaking\u2009thin space\u200bzero-width",
