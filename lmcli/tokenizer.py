@@ -68,6 +68,11 @@ _PRE_SPLITS = {
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O),
 }
 
+# Pre-tokenizers that split every digit off before GPT-2's split (tokenizer.json: Digits(individual_digits) then
+# ByteLevel; llama.cpp: "\p{N}" then the GPT-2 pattern). Without the first step a run of blank lines before a digit
+# splits "\n" "\n" instead of "\n\n" (SmolLM2).
+_DIGITS_FIRST = frozenset(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"))
+
 
 def _gpt2_byte_spelling() -> tuple[str, ...]:
     """GPT-2's printable spelling of each byte value, indexed by byte."""
@@ -357,8 +362,13 @@ def _byte_level_backend(tok: Mapping[str, Any], tokens: list[str], types: list[i
         vocab, _merges(tok, vocab), dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
     )
     backend = tokenizers.Tokenizer(bpe)
-    split = _PRE_SPLITS.get(tok.get("pre") or "")
-    if split is None:
+    pre = tok.get("pre") or ""
+    split = _PRE_SPLITS.get(pre)
+    if pre in _DIGITS_FIRST:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    elif split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence(

@@ -24,9 +24,6 @@ TEXTS = [
     "   leading and trailing spaces   ",
     "multiple\n\n\nnewlines\r\nand\ttabs\t\there",
     "Numbers: 1234567890, 3.14159, 1e-9, $1,000,000 and 007",
-    # a blank line before a digit: GPT-2's split gives "\n" "\n" (198 198) as transformers does; llama.cpp's
-    # smollm pre-tokenizer merges "\n\n" (1116), the 4-in-48,990 difference issue 17 saw
-    "Intro\n\n1. first\n\n\n3 and\n\n10 items\n\n 5\n\n\n\n42",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
     "text<|im_end|>glued<|endoftext|> to words",
     "\u00a0non-breaking\u2009thin space\u200bzero-width",
@@ -79,6 +76,27 @@ def test_smollm_metadata_is_byte_level_bpe(smol_meta):
 @pytest.mark.parametrize("text", TEXTS)
 def test_token_ids_equal_transformers_gguf_tokenizer(smol, hf_smol, text):
     assert smol.encode(text) == hf_smol(text)["input_ids"]
+
+
+BLANK_THEN_DIGIT = ["Intro\n\n1. first\n\n\n3 and\n\n10 items\n\n 5\n\n\n\n42", "a\n\n2024 was", "ok\n \n7"]
+
+
+@pytest.fixture(scope="module")
+def llama_vocab(smol_path):
+    import llama_cpp
+
+    ll = llama_cpp.Llama(str(smol_path), vocab_only=True, verbose=False)
+    yield ll
+    ll.close()
+
+
+@pytest.mark.parametrize("text", TEXTS + BLANK_THEN_DIGIT)
+def test_token_ids_equal_llama_cpp(smol, llama_vocab, text):
+    """SmolLM2's pre-tokenizer ("smollm") splits each digit off before GPT-2's split, as its tokenizer.json does
+    (Digits, then ByteLevel) and llama.cpp does ("\\p{N}", then the GPT-2 pattern): a blank line before a digit is
+    one "\\n\\n" token. transformers' GGUF loader drops the digit step (198 198 there), so llama.cpp is the
+    reference for these texts."""
+    assert smol.encode(text, add_bos=False) == llama_vocab.tokenize(text.encode(), add_bos=False, special=True)
 
 
 @pytest.mark.parametrize("text", TEXTS)
