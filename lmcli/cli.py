@@ -436,6 +436,8 @@ def quantize(
     src: Path = typer.Argument(..., help="a local Hugging Face model directory (safetensors)"),
     out: Path = typer.Argument(..., help="the container to write (.lmc)"),
     qtype: str = typer.Option("q4_0", "--type", help="q4_0 | q4_1 | q8_0 | f16"),
+    mix: str = typer.Option("uniform", "--mix", help="uniform | moe (MoE: routed experts at --type, attention, "
+                            "shared experts and dense layers at q8_0)"),
     force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
     as_json: bool = typer.Option(False, "--json", help="print a summary with per-tensor RMS quantization error"),
 ):
@@ -457,7 +459,7 @@ def quantize(
         progress = bar.update
     try:
         with model_file_errors():
-            summary = convert_hf(src, out, qtype, overwrite=force, progress=progress)
+            summary = convert_hf(src, out, qtype, overwrite=force, progress=progress, mix=mix)
     finally:
         if bar is not None:
             bar.close()

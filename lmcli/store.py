@@ -568,7 +568,9 @@ def _tensor_class(name: str, n_expert: int, ndim: int) -> str:
 def quantization(metadata: dict, tensors) -> str | None:
     """What `show` and the REPL's /show info call the model's quantization: the type it was quantized to, else
     (a GGUF import records only llama.cpp's file type) the format holding most of its matrix bytes."""
-    return (metadata.get("quant") or {}).get("type") or _main_format(tensors)
+    quant = metadata.get("quant") or {}
+    base, mix = quant.get("type") or _main_format(tensors), quant.get("mix")
+    return f"{base} ({mix} mix)" if base and isinstance(mix, str) and mix != "uniform" else base
 
 
 def _main_format(tensors) -> str | None:

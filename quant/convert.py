@@ -73,8 +73,10 @@ def _piece_bytes(src: TensorSource, p: Piece) -> int:
 
 
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q4_0", *,
-               overwrite: bool = False, progress: Callable[[int, int, int, int], None] | None = None) -> dict:
+               overwrite: bool = False, progress: Callable[[int, int, int, int], None] | None = None,
+               mix: str = "uniform") -> dict:
     """Convert a local Hugging Face model directory into an lmcli container at out_path (written atomically).
+    mix: how precision is spread over the matrices (hf_tensors.tensor_format: "uniform" or "moe").
 
     progress(done_tensors, total_tensors, done_bytes, total_bytes) counts container tensors and source bytes;
     it is called after each tensor and, inside an expert layer, after each expert.
@@ -97,9 +99,9 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     cfg = read_config(hf_cfg)
     metadata = _metadata(directory, hf_cfg, cfg, {"format": "hf", "dir": directory.resolve().name})
     with open_model_dir(directory) as src:
-        plan = plan_tensors(src, cfg, fmt, hf_cfg)
+        plan = plan_tensors(src, cfg, fmt, hf_cfg, mix)
         skipped = skipped_tensors(src.names(), cfg, hf_cfg)
-        metadata["quant"] = _quant_info(plan, qtype)
+        metadata["quant"] = _quant_info(plan, qtype, mix)
         total_bytes = sum(_piece_bytes(src, p) for o in plan for p in o.pieces)
         try:
             rms = _write(src, plan, out, overwrite, metadata, progress, total_bytes)
@@ -136,16 +138,18 @@ def _metadata(directory: Path, hf_cfg: dict, cfg: ModelConfig, source: dict) -> 
     }
 
 
-def _quant_info(plan: list[Out], qtype: str) -> dict:
+def _quant_info(plan: list[Out], qtype: str, mix: str = "uniform") -> dict:
     fmt = FORMATS[qtype]
     formats: dict[str, int] = {}
     for o in plan:
         formats[o.fmt.name] = formats.get(o.fmt.name, 0) + 1
     embd_fmt = tensor_format("token_embd.weight", (2, GROUP), fmt).name
+    other = tensor_format("blk.0.attn_q.weight", (2, GROUP), fmt, mix).name
     return {
         "type": qtype,
+        "mix": mix,
         "policy": {"vectors": "f32", "ffn_gate_inp": "f32", "token_embd": embd_fmt, "output": embd_fmt,
-                   "other": qtype},
+                   "experts": qtype, "other": other},
         "formats": formats,
         # matrices whose rows are not whole blocks of qtype, kept at F16 (hf_tensors.tensor_format)
         "fallback": {o.name: o.fmt.name for o in plan if len(o.shape) > 1 and o.fmt is F16 and fmt is not F16},
@@ -238,7 +242,7 @@ def check_config(src_dir: str | os.PathLike) -> ModelConfig:
 
 
 def plan_shards(src_dir: str | os.PathLike, headers: dict[str, list[TensorEntry]], weight_map: dict[str, str] | None,
-                qtype: str, source: dict) -> ShardJob:
+                qtype: str, source: dict, mix: str = "uniform") -> ShardJob:
     """Plan a conversion from a directory holding config.json and the tokenizer files, and the validated headers
     of every shard (safetensors_io.parse_header); `source` goes into the container's metadata."""
     if qtype not in QTYPES:
@@ -248,8 +252,8 @@ def plan_shards(src_dir: str | os.PathLike, headers: dict[str, list[TensorEntry]
     cfg = read_config(hf_cfg)
     metadata = _metadata(directory, hf_cfg, cfg, {"format": "hf", **source})
     table = TensorTable(collect_entries([headers[s] for s in sorted(headers)], weight_map))
-    plan = plan_tensors(table, cfg, FORMATS[qtype], hf_cfg)
-    metadata["quant"] = _quant_info(plan, qtype)
+    plan = plan_tensors(table, cfg, FORMATS[qtype], hf_cfg, mix)
+    metadata["quant"] = _quant_info(plan, qtype, mix)
     units: dict[str, list] = {s: [] for s in headers}
     for i, o in enumerate(plan):
         for e, p in enumerate(o.pieces):

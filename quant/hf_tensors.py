@@ -124,13 +124,21 @@ def _assignments(name: str, shape: tuple[int, ...], cfg: ModelConfig, ignore_lay
             for e in range(n_expert) for k, part in enumerate(("gate", "up"))]
 
 
-def tensor_format(name: str, shape: tuple[int, ...], qtype: Format) -> Format:
+MIXES = ("uniform", "moe")  # how quantize spreads precision over a model's matrices (tensor_format)
+
+
+def tensor_format(name: str, shape: tuple[int, ...], qtype: Format, mix: str = "uniform") -> Format:
     """The precision policy (as llama.cpp and mlx-lm): vectors and routers F32; embeddings and output at least
     8-bit; everything else qtype; a matrix whose rows a block format cannot hold (a length that is not a whole
-    number of blocks) falls back to F16, which holds any (llama.cpp falls back per tensor the same way)."""
+    number of blocks) falls back to F16, which holds any (llama.cpp falls back per tensor the same way).
+
+    mix "moe": only the routed experts (3-D tensors) take qtype; attention, shared experts and dense FFN layers take
+    at least 8 bits. Every token reads all of those but only top-k of the experts, and the experts hold most of an
+    MoE's bytes, so the file grows a little and the error every token sees shrinks a lot."""
     if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
         return F32
-    fmt = Q8_0 if name in ("token_embd.weight", "output.weight") and qtype.bits < 8 else qtype
+    wide = name in ("token_embd.weight", "output.weight") or (mix == "moe" and len(shape) == 2)
+    fmt = Q8_0 if wide and qtype.bits < 8 else qtype
     return fmt if shape[-1] % fmt.row_multiple == 0 else F16
 
 
@@ -175,10 +183,15 @@ def _with_scale(src: TensorTable, p: Piece, scales: dict[str, str], block: tuple
     return replace(p, scale=sname, block=block)
 
 
-def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict) -> list[Out]:
+def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict, mix: str = "uniform") -> list[Out]:
     """Match every source tensor to a container tensor and check every name and shape (nanoGPT's habit):
     an unknown or unexpected source tensor, a missing one, or a shape mismatch is an error. A float8 tensor's
-    <name>_scale_inv goes with it into its pieces."""
+    <name>_scale_inv goes with it into its pieces. mix: see tensor_format."""
+    if mix not in MIXES:
+        raise ConvertError(f"unknown precision mix {mix!r} (choose from {', '.join(MIXES)})")
+    if mix == "moe" and not cfg.is_moe:
+        raise ConvertError(f"the moe mix is for Mixture-of-Experts models; this {cfg.arch} model is dense "
+                           "(use the uniform mix)")
     ignore = mtp_layers(cfg, hf_cfg)
     block = fp8_blocks(hf_cfg)
     names = src.names()
@@ -227,5 +240,5 @@ def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict
         if len(shape) == 3 and shape[-1] % qtype.row_multiple:  # the expert kernels take one format per layer
             raise ConvertError(f"{target}: row length {shape[-1]} is not a multiple of {GROUP} (experts of "
                                f"{qtype.name} need whole blocks; convert with --type f16)")
-        plan.append(Out(target, shape, tensor_format(target, shape, qtype), pieces))
+        plan.append(Out(target, shape, tensor_format(target, shape, qtype, mix), pieces))
     return plan
