@@ -338,6 +338,8 @@ def pull(
     name: Optional[str] = typer.Option(None, "--name", help="store name (default: the short name or repo name)"),
     revision: Optional[str] = typer.Option(None, "--revision", help="branch, tag or commit to pin"),
     qtype: Optional[str] = typer.Option(None, "--type", help="q4_0 | q4_1 | q8_0 | f16 (default: the registry's)"),
+    mix: Optional[str] = typer.Option(None, "--mix", help="uniform | moe (MoE: routed experts at --type, the rest "
+                                      "at q8_0)"),
     keep_source: bool = typer.Option(False, "--keep-source", help="keep the downloaded source files"),
     force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
 ):
@@ -346,7 +348,7 @@ def pull(
     from .pull_ui import PullProgress
 
     path = _pull(spec, name=name, revision=revision, qtype=qtype, keep_source=keep_source, force=force,
-                 ui=PullProgress() if sys.stderr.isatty() else None)
+                 ui=PullProgress() if sys.stderr.isatty() else None, mix=mix)
     typer.echo(f"pulled {spec} -> {path}")
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 from quant import jsonio
 from quant.convert import QTYPES
+from quant.hf_tensors import MIXES
 from quant.hf_tiktoken import FAMILIES as TIKTOKEN_FAMILIES, RANKS_FILE
 
 from . import store
@@ -62,6 +63,7 @@ class Spec:
     revision: str
     name: str  # the store name
     qtype: str | None = None
+    mix: str = "uniform"  # quant.hf_tensors.MIXES
     gguf_tag: str | None = None
     registry: str | None = None
     packaged: str | None = None  # "module:file" of a GGUF an installed package ships (registry)
@@ -82,7 +84,7 @@ class Remote:
 
 
 def parse_spec(spec: str, *, name: str | None = None, revision: str | None = None,
-               qtype: str | None = None) -> Spec:
+               qtype: str | None = None, mix: str | None = None) -> Spec:
     """NAME (models.toml) | ORG/REPO[@REVISION] | hf.co/ORG/REPO:QUANT (a GGUF repo) -> Spec, validated."""
     text = spec.strip()
     low = text.lower()
@@ -91,28 +93,32 @@ def parse_spec(spec: str, *, name: str | None = None, revision: str | None = Non
             text, low = text[len(prefix):], low[len(prefix):]
     if qtype is not None and qtype not in QTYPES:
         raise UsageError(f"unknown --type {qtype!r}", hint=f"choose from {', '.join(QTYPES)}")
+    if mix is not None and mix not in MIXES:
+        raise UsageError(f"unknown --mix {mix!r}", hint=f"choose from {', '.join(MIXES)}")
     host = next((h for h in _GGUF_HOSTS if low.startswith(h)), None)
     if host is not None:
         repo, _, tag = text[len(host):].partition(":")
         _check_repo(repo, spec)
         if not tag:
             raise UsageError(f"{spec}: name the quantization to pull, e.g. hf.co/{repo}:Q4_0")
-        if qtype is not None:
-            raise UsageError("--type does not apply to a GGUF repo: its file is imported as it is quantized")
+        if qtype is not None or mix is not None:
+            raise UsageError(f"{'--type' if qtype is not None else '--mix'} does not apply to a GGUF repo: its file "
+                             "is imported as it is quantized")
         return Spec(repo, revision or "main", _store_name(name, f"{repo}:{tag.upper()}"), gguf_tag=tag, text=spec)
     if "/" in text:
         repo, _, rev = text.partition("@")
         _check_repo(repo, spec)
         if rev and revision and rev != revision:
             raise UsageError(f"{spec} pins revision {rev!r} but --revision says {revision!r}")
-        return Spec(repo, revision or rev or "main", _store_name(name, repo), qtype=qtype or "q4_0", text=spec)
+        return Spec(repo, revision or rev or "main", _store_name(name, repo), qtype=qtype or "q4_0",
+                    mix=mix or "uniform", text=spec)
     entry = load_registry().get(text)
     if entry is None:
         known = ", ".join(sorted(load_registry()))
         raise ModelNotFound(f"unknown model {spec!r}", hint=f"known names: {known}; or give ORG/REPO")
     return Spec(entry.repo, revision or entry.revision, _store_name(name, entry.name), qtype=qtype or entry.quant,
-                registry=entry.name, packaged=entry.packaged if revision is None and qtype is None else None,
-                text=spec)
+                mix=mix or "uniform", registry=entry.name,
+                packaged=entry.packaged if revision is None and qtype is None and mix is None else None, text=spec)
 
 
 def _check_repo(repo: str, spec: str) -> None:
@@ -134,13 +140,13 @@ def _store_name(given: str | None, default: str) -> str:
 
 
 def pull(spec: str, *, name: str | None = None, revision: str | None = None, qtype: str | None = None,
-         keep_source: bool = False, force: bool = False, ui=None) -> Path:
+         keep_source: bool = False, force: bool = False, ui=None, mix: str | None = None) -> Path:
     """Download `spec` from the Hub and convert (or import) it into the store -> the container's path.
 
     ui: where progress goes, as the caller chooses (the CLI: lmcli.pull_ui.PullProgress on a terminal); None
     shows nothing. Ctrl+C leaves the store as it was, with the pull resumable.
     """
-    s = parse_spec(spec, name=name, revision=revision, qtype=qtype)
+    s = parse_spec(spec, name=name, revision=revision, qtype=qtype, mix=mix)
     ui = ui if ui is not None else _Quiet()
     try:
         with _quiet_hub():
@@ -178,11 +184,13 @@ def _pull(s: Spec, *, keep_source: bool, force: bool, ui) -> Path:
     if gguf is not None:
         _check_gguf(s, commit, [files[f] for f in gguf], [f for f in files if f.lower().endswith(".gguf")], ui)
     ident = {"kind": kind, "repo": s.repo, "commit": commit, "qtype": s.qtype, "file": gguf and gguf[0]}
+    if s.mix != "uniform":  # (absent from a uniform pull's record, as before mixes existed)
+        ident["mix"] = s.mix
     with store.lock_model(s.name, on_wait=lambda: ui.note(f"waiting for another pull of {s.name} to finish")) as d:
         man = store.read_manifest(s.name)
         if man is not None and (d / store.CONTAINER).is_file() and not force:
             src = man.get("source") or {}
-            if {k: src.get(k) for k in ident} == ident:
+            if {k: src.get(k) for k in ident} == ident and src.get("mix", "uniform") == s.mix:
                 return d / store.CONTAINER  # already pulled from this very commit
             was = (f"{src.get('repo')}@{str(src.get('commit'))[:12]}, {src.get('qtype') or src.get('file')}"
                    if src.get("repo") else "elsewhere")
@@ -482,7 +490,7 @@ def _pull_hf(s: Spec, commit: str, files: dict[str, Remote], d: Path, staging: P
     check_config(src)  # refused before any shard is touched
     shards, weight_map = _shards(files, src)
     job = plan_shards(src, _headers(s, commit, shards, staging), weight_map, s.qtype,
-                      {"repo": s.repo, "revision": commit})
+                      {"repo": s.repo, "revision": commit}, mix=s.mix)
     if job.skipped:
         ui.note(skipped_line(job.skipped))
         # a shard holding nothing but the skipped layers is never downloaded

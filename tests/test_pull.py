@@ -365,6 +365,26 @@ def test_another_type_replaces_a_model_only_with_force(hub, tmp_path):
     assert Container(d / "model.lmc").metadata["quant"]["type"] == "q8_0"
 
 
+def test_pull_with_the_moe_mix_gives_what_quantize_gives_and_is_its_own_record(hub, tmp_path, model_dir):
+    """--mix moe over the Hub equals `lmcli quantize --mix moe` tensor for tensor; a uniform pull of the same repo
+    is another model (already exists), and the mix pulled again downloads nothing."""
+    ref = tmp_path / "mix.lmc"
+    r = subprocess.run([sys.executable, "-m", "lmcli.cli", "quantize", str(model_dir), str(ref), "--mix", "moe"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    home = tmp_path / "home"
+    r = pull(hub, home, REPO, "--mix", "moe")
+    assert r.returncode == 0, r.stderr
+    path = home / "models" / "org" / "tiny-moe" / "model.lmc"
+    assert_same_model(path, ref)
+    assert {t.fmt.name for n, t in Container(path).tensors.items() if ".attn_" in n and len(t.shape) == 2} == {"q8_0"}
+    hub.log.clear()
+    assert pull(hub, home, REPO, "--mix", "moe").returncode == 0
+    assert not any(".safetensors" in line for line in map(str, hub.log))
+    assert_clean_failure(pull(hub, home, REPO), "already exists")
+    assert_clean_failure(pull(hub, home, "hf.co/org/tiny-GGUF:Q8_0", "--mix", "moe"), "does not apply")
+
+
 def test_a_pinned_revision_is_recorded_and_keep_source_keeps_the_verified_files(hub, tmp_path, shards, reference):
     commit = hub.repos[REPO].commit
     home = tmp_path / "home"
