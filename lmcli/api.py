@@ -114,6 +114,25 @@ class Model:
         cache = self.transformer.new_cache(max(len(ids), 1))
         return self.transformer.forward(ids, cache, all_logits=True)
 
+    def embed(self, text_or_ids: str | list[int], *, pooling: str = "mean", normalize: bool = True) -> np.ndarray:
+        """One embedding (n_embd,) float32: the final-normed hidden states of the text (tokenized raw, with the
+        model's BOS) or of the ids, pooled ("mean" over tokens, as llama.cpp's default for a decoder; or "last"),
+        L2-normalized unless normalize=False (OpenAI's embeddings are unit vectors)."""
+        ids = self.tokenize(text_or_ids) if isinstance(text_or_ids, str) else [int(t) for t in text_or_ids]
+        if not ids:
+            raise UsageError("nothing to embed: the input is empty")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise UsageError(f"token ids must be in [0, {self.config.vocab_size})")
+        if len(ids) > self.n_ctx:
+            raise UsageError(f"the input has {len(ids)} tokens; this model's context holds {self.n_ctx}")
+        if pooling not in ("mean", "last"):
+            raise UsageError(f"pooling must be mean or last, not {pooling!r}")
+        h = self.transformer.hidden_states(ids, self.transformer.new_cache(len(ids)))
+        v = h.mean(axis=0, dtype=np.float64) if pooling == "mean" else h[-1].astype(np.float64)
+        if normalize:
+            v = v / max(float(np.linalg.norm(v)), 1e-12)
+        return v.astype(np.float32)
+
     def new_cache(self):
         return self.transformer.new_cache(self.n_ctx)
 

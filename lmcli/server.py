@@ -749,6 +749,29 @@ def _sampler(model_id: str, sampling: dict):
     return SamplerParams(**{**defaults, **sampling}).validate()
 
 
+MAX_EMBED_INPUTS = 2048  # OpenAI's own cap on inputs per embeddings request
+
+
+def embedding_inputs(value: Any, param: str) -> list[str | list[int]]:
+    """An embeddings request's input: a string, a list of strings, a list of token ids or a list of such lists."""
+    def ids(v):
+        return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+    if isinstance(value, str):
+        items = [value]
+    elif ids(value):
+        items = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, str) or ids(v) for v in value):
+        items = list(value)
+    else:
+        raise _bad(f"{param} must be a string, a list of strings, or token ids (a list of integers, or lists of "
+                   f"them), got {_show(value)}", param)
+    if len(items) > MAX_EMBED_INPUTS:
+        raise _bad(f"{param} holds {len(items)} inputs; at most {MAX_EMBED_INPUTS} per request", param)
+    if any(isinstance(v, str) and not v for v in items):
+        raise _bad(f"{param} holds an empty string", param)
+    return items
+
+
 def _not_found(name: str | None) -> ApiError:
     return ApiError(404, f"The model {_show(name)} does not exist" if name else "The model does not exist",
                     param="model", code="model_not_found")
@@ -1086,6 +1109,74 @@ class Api:
 
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def _embed(self, model_name, items: list, normalize: bool, param: str) -> tuple[list, int, str, float]:
+        """Embeddings of items on the engine's thread -> (float32 vectors, tokens, model id, load seconds)."""
+        from starlette.concurrency import run_in_threadpool
+
+        target = _target(model_name, self.default)
+
+        def work():
+            t0 = time.perf_counter()
+            try:
+                model = self.engine.get_model(target)
+            except ModelNotFound:
+                raise _not_found(model_name) from None
+            loaded = time.perf_counter() - t0
+            vecs, n = [], 0
+            for item in items:
+                ids = model.tokenize(item) if isinstance(item, str) else item
+                try:
+                    vecs.append(model.embed(ids, normalize=normalize))
+                except UsageError as e:
+                    raise _bad(str(e), param, "context_length_exceeded" if "context" in str(e) else None) from None
+                n += len(ids)
+            return vecs, n, target.id, loaded
+        return await run_in_threadpool(self.engine.call, work)
+
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI's /v1/embeddings: mean-pooled final hidden states, unit length; encoding_format float or base64
+        (little-endian float32, what the openai package asks for by default)."""
+        import base64
+
+        body = await read_json(request, self.max_body)
+        items = embedding_inputs(body.get("input"), "input")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise _bad(f"encoding_format must be float or base64, got {_show(fmt)}", "encoding_format")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _bad("model must be a string", "model")
+        vecs, n, mid, _ = await self._embed(model, items, True, "input")
+        dims = body.get("dimensions")
+        if dims is not None and dims != len(vecs[0]):
+            raise _bad(f"dimensions: this model's embeddings have {len(vecs[0])}, got {_show(dims)}", "dimensions")
+        data = [{"object": "embedding", "index": i,
+                 "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64"
+                               else [float(x) for x in v])} for i, v in enumerate(vecs)]
+        return JSONResponse({"object": "list", "data": data, "model": mid,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    async def ollama_embed(self, request: Request) -> Response:
+        """Ollama's /api/embed (input: a string or strings; unit vectors) and the older /api/embeddings (prompt:
+        one string; the vector as the model gives it)."""
+        t0 = time.perf_counter()
+        body = await read_json(request, self.max_body)
+        legacy = request.url.path.endswith("/embeddings")
+        param = "prompt" if legacy else "input"
+        value = body.get(param)
+        if legacy and not isinstance(value, str):
+            raise _bad(f"prompt must be a string, got {_show(value)}", "prompt")
+        items = embedding_inputs(value, param)
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _bad("model must be a string", "model")
+        vecs, n, mid, loaded = await self._embed(model, items, not legacy, param)
+        if legacy:
+            return JSONResponse({"embedding": [float(x) for x in vecs[0]]})
+        return JSONResponse({"model": mid, "embeddings": [[float(x) for x in v] for v in vecs],
+                             "total_duration": int((time.perf_counter() - t0) * 1e9),
+                             "load_duration": int(loaded * 1e9), "prompt_eval_count": n})
+
     async def ollama_version(self, request: Request) -> Response:
         from . import __version__
 
@@ -1313,6 +1404,9 @@ def create_app(default_model: str | None, *, api_key: str | None = None, cors_or
         Route("/v1/models/{model:path}", _endpoint(api.model), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(api.chat), methods=["POST"]),
         Route("/v1/completions", _endpoint(api.text), methods=["POST"]),
+        Route("/v1/embeddings", _endpoint(api.embeddings), methods=["POST"]),
+        Route("/api/embed", _endpoint(api.ollama_embed), methods=["POST"]),
+        Route("/api/embeddings", _endpoint(api.ollama_embed), methods=["POST"]),
         # the Ollama API beside OpenAI's (Open WebUI and many plugins speak only this one)
         Route("/api/chat", _endpoint(api.ollama_chat), methods=["POST"]),
         Route("/api/generate", _endpoint(api.ollama_generate), methods=["POST"]),

@@ -147,6 +147,22 @@ class Transformer:
                 outs.append(self._head(h[-1:]))
         return np.concatenate(outs, axis=0)
 
+    def hidden_states(self, ids, cache: KVCache) -> np.ndarray:
+        """The final-normed hidden states (T, n_embd) of token ids at positions cache.n_past... (what the head
+        reads): the per-token vectors that embeddings pool."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if cache.n_past + len(ids) > cache.n_ctx:
+            raise ContextOverflow(f"{cache.n_past + len(ids)} tokens do not fit in the context of {cache.n_ctx}")
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise ValueError("token id out of range")
+        outs = []
+        for s in range(0, len(ids), PREFILL_CHUNK):
+            h = self._forward_chunk(ids[s : s + PREFILL_CHUNK], cache)
+            x = np.empty_like(h)
+            ops.rmsnorm(h, self.weights.output_norm, self.cfg.norm_eps, x)
+            outs.append(x)
+        return np.concatenate(outs, axis=0)
+
     def _head(self, h: np.ndarray) -> np.ndarray:
         w = self.weights
         x = np.empty_like(h)
