@@ -440,6 +440,8 @@ def quantize(
     qtype: str = typer.Option("q4_0", "--type", help="q4_0 | q4_1 | q8_0 | f16"),
     mix: str = typer.Option("uniform", "--mix", help="uniform | moe (MoE: routed experts at --type, attention, "
                             "shared experts and dense layers at q8_0)"),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="importance matrix from `lmcli imatrix`: q4_0/q4_1 "
+                                           "rounding weighted by it, as llama.cpp's"),
     force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
     as_json: bool = typer.Option(False, "--json", help="print a summary with per-tensor RMS quantization error"),
 ):
@@ -452,6 +454,12 @@ def quantize(
         raise UsageError("the container is not a GGUF file; name it .lmc (use `lmcli export` for GGUF)")
     if out.exists() and not force:
         raise UsageError(f"{out} exists", hint="pass --force to replace it")
+    imp = None
+    if imatrix is not None:
+        from quant.imatrix import load as load_imatrix
+
+        with model_file_errors():
+            imp = load_imatrix(imatrix)
     progress = None
     bar = None
     if sys.stderr.isatty() and not as_json:
@@ -461,7 +469,7 @@ def quantize(
         progress = bar.update
     try:
         with model_file_errors():
-            summary = convert_hf(src, out, qtype, overwrite=force, progress=progress, mix=mix)
+            summary = convert_hf(src, out, qtype, overwrite=force, progress=progress, mix=mix, imatrix=imp)
     finally:
         if bar is not None:
             bar.close()
@@ -476,6 +484,55 @@ def quantize(
             typer.echo(f"{len(kept)} matrices kept at f16, their rows not whole {qtype} blocks: {names}")
         if summary["skipped"]:
             typer.echo(skipped_line(summary["skipped"]))
+        if imp is not None:
+            typer.echo(f"{summary['imatrix']} matrices rounded with the importance matrix")
+
+
+@app.command()
+def imatrix(
+    model: str = typer.Argument(..., help="the model to measure (name or path; best an f16 or q8_0 conversion)"),
+    text: Path = typer.Argument(..., help="calibration text (a UTF-8 file)"),
+    out: Path = typer.Option(..., "-o", "--out", help="the importance matrix to write (.npz)"),
+    ctx: int = typer.Option(512, "--ctx", help="tokens per chunk"),
+    chunks: int = typer.Option(0, "--chunks", help="at most this many chunks (0: the whole text)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
+):
+    """Measure each matrix's input activations on a text (for quantize --imatrix), with lmcli's forward pass."""
+    from quant.imatrix import Collector
+
+    from .api import load
+    from .engine import weights
+    from .engine.options import EngineOptions
+
+    if ctx < 2:
+        raise UsageError(f"--ctx must be at least 2, got {ctx}")
+    if chunks < 0:
+        raise UsageError(f"--chunks must be 0 or more, got {chunks}")
+    if out.suffix != ".npz":
+        raise UsageError(f"{out.name}: name the importance matrix .npz")
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists", hint="pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent} is not a directory")
+    try:
+        body = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {text}: {getattr(e, 'strerror', None) or e}") from None
+    m = load(model, EngineOptions(n_ctx=ctx))
+    ids = m.tokenize(body)
+    parts = [ids[i:i + ctx] for i in range(0, len(ids) - 1, ctx)]
+    parts = [p for p in parts if len(p) >= 2][: chunks or None]
+    if not parts:
+        raise UsageError(f"{text} is too short: it has {len(ids)} tokens")
+    col = Collector()
+    weights.OBSERVER = col
+    try:
+        for p in parts:
+            m.transformer.forward(p, m.transformer.new_cache(len(p)))
+    finally:
+        weights.OBSERVER = None
+    n = col.save(out)
+    typer.echo(f"wrote {out}: {n} matrices from {sum(map(len, parts))} tokens in {len(parts)} chunks")
 
 
 @app.command()

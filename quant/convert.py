@@ -19,6 +19,7 @@ from .formats import F16, F32, FORMATS, GROUP, TILE, Format
 from .hf_config import read_config
 from .hf_tensors import Out, Piece, plan_tensors, skipped_tensors, tensor_format
 from .hf_tokenizer import read_json, read_chat_template, read_tokenizer
+from .imatrix import for_matrix, weighted
 from .quantize import dequantize_interleaved, quantize_matrix
 from .safetensors_io import DTYPES, TensorEntry, TensorSource, TensorTable, collect_entries, open_model_dir
 from .schema import ModelConfig
@@ -42,8 +43,8 @@ def _read_rows(src: TensorSource, p: Piece, start: int, stop: int) -> np.ndarray
     return w
 
 
-def _convert_rows(src: TensorSource, p: Piece, fmt: Format,
-                  measure: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+def _convert_rows(src: TensorSource, p: Piece, fmt: Format, measure: bool = True,
+                  importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """One matrix (a piece of a source tensor) -> interleaved (codes, scales) and its summed squared error
     (0.0 unless measure).
 
@@ -58,7 +59,7 @@ def _convert_rows(src: TensorSource, p: Piece, fmt: Format,
         if not np.isfinite(w).all():
             raise ConvertError(f"tensor {p.src} has non-finite values")
         try:
-            c, s = quantize_matrix(w, fmt)
+            c, s = quantize_matrix(w, fmt, importance)
         except ConvertError as e:
             raise ConvertError(f"tensor {p.src}: {e}") from None
         if measure and fmt is not F32:
@@ -74,9 +75,10 @@ def _piece_bytes(src: TensorSource, p: Piece) -> int:
 
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q4_0", *,
                overwrite: bool = False, progress: Callable[[int, int, int, int], None] | None = None,
-               mix: str = "uniform") -> dict:
+               mix: str = "uniform", imatrix: dict | None = None) -> dict:
     """Convert a local Hugging Face model directory into an lmcli container at out_path (written atomically).
     mix: how precision is spread over the matrices (hf_tensors.tensor_format: "uniform" or "moe").
+    imatrix: importances per matrix (quant.imatrix.load): Q4_0/Q4_1 rounding weighted by them, as llama.cpp's.
 
     progress(done_tensors, total_tensors, done_bytes, total_bytes) counts container tensors and source bytes;
     it is called after each tensor and, inside an expert layer, after each expert.
@@ -102,16 +104,22 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         plan = plan_tensors(src, cfg, fmt, hf_cfg, mix)
         skipped = skipped_tensors(src.names(), cfg, hf_cfg)
         metadata["quant"] = _quant_info(plan, qtype, mix)
+        if imatrix is not None:
+            used = sorted(o.name for o in plan if o.name in imatrix and weighted(o.fmt))
+            if not any(o.name in imatrix for o in plan):
+                raise ConvertError("the importance matrix names none of this model's matrices (was it computed on "
+                                   "another model?)")
+            metadata["quant"]["imatrix"] = used
         total_bytes = sum(_piece_bytes(src, p) for o in plan for p in o.pieces)
         try:
-            rms = _write(src, plan, out, overwrite, metadata, progress, total_bytes)
+            rms = _write(src, plan, out, overwrite, metadata, progress, total_bytes, imatrix)
         except ContainerError as e:
             raise ConvertError(str(e)) from None
         except OSError as e:
             raise ConvertError(f"cannot write {out}: {e.strerror or e}") from None
     return {"tensors": len(plan), "input_bytes": total_bytes, "output_bytes": out.stat().st_size,
             "seconds": time.perf_counter() - t0, "rms_error": rms, "fallback": metadata["quant"]["fallback"],
-            "skipped": _skipped_note(skipped)}
+            "skipped": _skipped_note(skipped), "imatrix": len(metadata["quant"].get("imatrix", []))}
 
 
 def skipped_line(skipped: dict) -> str:
@@ -170,7 +178,8 @@ def _plan_writer(w: ContainerWriter, plan: list[Out]) -> None:
             k += 1
 
 
-def _write(src, plan: list[Out], out: Path, overwrite: bool, metadata: dict, progress, total_bytes: int) -> dict:
+def _write(src, plan: list[Out], out: Path, overwrite: bool, metadata: dict, progress, total_bytes: int,
+           imatrix: dict | None = None) -> dict:
     rms: dict[str, float] = {}
     done_t = done_b = 0
     with ContainerWriter(out, overwrite=overwrite) as w:
@@ -188,7 +197,8 @@ def _write(src, plan: list[Out], out: Path, overwrite: bool, metadata: dict, pro
                 rms[o.name] = 0.0
                 group = [o]
             elif len(o.shape) == 2:
-                codes, scales, sq = _convert_rows(src, o.pieces[0], o.fmt)
+                imp = for_matrix(imatrix, o.name, o.shape[1])
+                codes, scales, sq = _convert_rows(src, o.pieces[0], o.fmt, importance=imp)
                 w.write(o.name, codes, scales)
                 rms[o.name] = float(np.sqrt(sq / (o.shape[0] * o.shape[1])))
                 group = [o]
@@ -197,7 +207,8 @@ def _write(src, plan: list[Out], out: Path, overwrite: bool, metadata: dict, pro
                 sq = {g.name: 0.0 for g in group}
                 for e in range(o.shape[0]):  # expert by expert: one bundle's reads, then its write
                     for g in group:
-                        codes, scales, s = _convert_rows(src, g.pieces[e], g.fmt)
+                        imp = for_matrix(imatrix, g.name, g.shape[2], e, g.shape[0])
+                        codes, scales, s = _convert_rows(src, g.pieces[e], g.fmt, importance=imp)
                         w.write(g.name, codes, scales, expert=e)
                         sq[g.name] += s
                         done_b += _piece_bytes(src, g.pieces[e])

@@ -344,11 +344,18 @@ def dequantize_interleaved(codes: np.ndarray, scales: np.ndarray, fmt: Format, n
     return fmt.codec.decode(deinterleave(codes, scales, fmt, n_out, n_in), n_in)
 
 
-def quantize_matrix(w: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+def quantize_matrix(w: np.ndarray, fmt: Format, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """float matrix (n_out, n_in) -> interleaved (codes, scales) in fmt. A value beyond what the format's 16-bit
-    scales (or, for f16, values) hold is a ConvertError, never an infinite scale written silently."""
+    scales (or, for f16, values) hold is a ConvertError, never an infinite scale written silently.
+    importance (n_in,): round as llama.cpp does with an importance matrix (quant.imatrix) where fmt takes one."""
     n_out, n_in = w.shape
-    codes, scales = interleave(fmt.codec.encode(w), fmt, n_out, n_in)
+    if importance is not None:
+        from . import imatrix
+
+        raw = imatrix.encode(w, fmt, importance) if imatrix.weighted(fmt) else fmt.codec.encode(w)
+    else:
+        raw = fmt.codec.encode(w)
+    codes, scales = interleave(raw, fmt, n_out, n_in)
     halves = scales if fmt.quantized else codes if fmt.bits == 16 else None
     if halves is not None and halves.size and not np.isfinite(halves.view(np.float16)).all():
         what = "scales" if fmt.quantized else "values"

@@ -10,7 +10,7 @@ from numba import njit
 
 from quant import kernels
 
-from . import ops
+from . import ops, weights
 from .weights import Act, FFN
 
 
@@ -202,6 +202,8 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
                     _experts(cache.buf8, cache.buf16, cache.buf32, offs, ex, sub[j:k],
                              tok_ptr[i0 + j : i0 + k + 1], tok_idx, a, hb, y)
                 j = k
+    if weights.OBSERVER is not None:  # lmcli imatrix: each expert's inputs
+        weights.OBSERVER.experts(layer, ex.n_expert, sel, tok_ptr, tok_idx, h, hb)
     out = np.zeros((T, ex.n_embd), np.float32)
     kernels.combine_experts(y, tok_idx, wsort, out)
     if ff.sh_gate is not None:

@@ -35,6 +35,11 @@ class Act:
         return self._q
 
 
+# Set while `lmcli imatrix` runs: a quant.imatrix.Collector that sees every matrix's input rows (dense(name, x))
+# and every routed expert's (experts(...), from moe_ffn).
+OBSERVER = None
+
+
 class Linear:
     """One (n_out, n_in) matrix in the interleaved layout; `y = lin(act)` computes act.x @ W.T (+ bias)."""
 
@@ -51,6 +56,8 @@ class Linear:
             self.rows_f32 = np.ascontiguousarray(fmt.codec.decode(codes[0, :, :n_out], n_out).T, dtype=np.float32)
 
     def __call__(self, act: Act, out: np.ndarray | None = None) -> np.ndarray:
+        if OBSERVER is not None:
+            OBSERVER.dense(self.name, act.x)
         T = act.x.shape[0]
         if out is None:
             out = np.empty((T, self.n_out), np.float32)
