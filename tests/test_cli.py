@@ -365,6 +365,11 @@ def test_the_first_run_on_a_terminal_says_it_is_compiling_within_a_second(lmcli_
                       encoding="utf-8", timeout=30)
     c.expect("compiling lmcli's kernels for this CPU")
     assert time.monotonic() - t < 5  # the interpreter's own start included
-    c.terminate(force=True)
+    # then the worker processes' progress (lmcli.warm), to the last kernel, and the answer
+    c.expect(r"compiling kernels for this model: (\d+)/\1", timeout=300)
+    assert int(c.match.group(1)) >= 5
+    c.expect(pexpect.EOF, timeout=120)
+    c.close()
+    assert c.exitstatus == 0
     r = lmcli("run", "smollm2", "hi", "-n", "1", home=lmcli_home)  # not a terminal: nothing extra on stderr
     assert r.returncode == 0 and r.stderr == ""
