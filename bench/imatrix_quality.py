@@ -2,6 +2,7 @@
 checkpoint, quantized plain and with `lmcli imatrix`, scored by bench/quality.py against the f16 model.
 
     python bench/imatrix_quality.py [--dir /tmp/lmcli-imatrix] [--calib FILE] [--text FILE] [--max-tokens 8192]
+                                    [--llama lmcli|llama]
 
 The float checkpoint: transformers dequantizes the Q4_1 file, then the hidden channels and each layer's FFN
 channels are permuted (an output-preserving change: RMSNorm weights, embeddings and every matrix follow the same
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--text", default=str(ROOT / "README.md"))
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--llama", choices=("lmcli", "llama"), default=None,
+                    help="also llama.cpp's Q4_K_M and IQ4_NL of the same weights, run by this engine")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,23 @@ def main() -> None:
         if not files[q + "+imatrix"].exists():
             lmcli("quantize", str(hf), str(files[q + "+imatrix"]), "--type", q, "--imatrix", str(imx))
     variants = [str(files[k]) for k in ("q8_0", "q4_1", "q4_1+imatrix", "q4_0", "q4_0+imatrix")]
+    if args.llama:  # llama.cpp's own types from the same float weights (its quantizer, no importance matrix)
+        import ctypes
+
+        import llama_cpp
+
+        f16 = d / "f16.gguf"
+        if not f16.exists():
+            lmcli("export", str(files["f16"]), str(f16))
+        for name, ftype in (("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
+                            ("IQ4_NL", llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL)):
+            dst = d / f"llama-{name}.gguf"
+            if not dst.exists():
+                p = llama_cpp.llama_model_quantize_default_params()
+                p.ftype, p.nthread = ftype, 2
+                if llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), ctypes.byref(p)) != 0:
+                    sys.exit(f"llama.cpp could not quantize {f16} to {name}")
+            variants.append(f"{dst}@{args.llama}")
     subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--base", str(files["f16"]), "--text",
                     args.text, "--ctx", str(args.ctx), "--max-tokens", str(args.max_tokens), *variants], check=True)
 
