@@ -11,6 +11,32 @@ import pytest
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
 
+def _llama_cpp_without_amx_buffers() -> None:
+    """llama.cpp (llama-cpp-python 0.3.36) dies with SIGSEGV at its first AMX instruction (ldtilecfg) on a virtual
+    machine whose CPU lists amx_tile (seen on Sapphire Rapids guests): its extra buffer types (AMX and repacked
+    weights) are turned off there, as `use_extra_bufts=False` does, so llama.cpp runs its plain CPU kernels on the
+    same file. Other machines keep llama.cpp's defaults."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            if "amx_tile" not in f.read():
+                return
+        import llama_cpp
+        import llama_cpp.llama
+    except (OSError, ImportError):
+        return
+    base = llama_cpp.llama_model_default_params
+
+    def params():
+        p = base()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = params
+
+
+_llama_cpp_without_amx_buffers()
+
+
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
     from lmcli.registry import load_registry
