@@ -87,7 +87,7 @@ class Model:
         self.threads = set_threads(opts.threads)
         # an explicit count is kept; else decode moves between counts by what the machine gives (lmcli.threads)
         fixed = opts.threads is not None or env_int("LMCLI_THREADS") is not None
-        self.thread_policy = ThreadPolicy(self.threads, fixed=fixed)
+        self.thread_policy = ThreadPolicy.default(self.threads, fixed=fixed)
         self.options = replace(opts, n_ctx=n_ctx, threads=self.threads, kv_type=kv_cache_type(opts.kv_type))
         self.tokenizer = _tokenizer(self.container)
         self.chat_template: str | None = md.get("chat_template")
