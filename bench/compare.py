@@ -114,8 +114,8 @@ def thread_policy(threads):
     from lmcli.threads import ThreadPolicy
 
     if threads == "auto":
-        return ThreadPolicy(numba.config.NUMBA_NUM_THREADS)
-    return ThreadPolicy(int(threads), fixed=True)
+        return ThreadPolicy.default(numba.config.NUMBA_NUM_THREADS)
+    return ThreadPolicy.default(int(threads), fixed=True)
 
 
 def parse_threads(spec: str) -> list:

@@ -31,6 +31,7 @@ CONTAINER = "model.lmc"
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # flock'ed by whoever writes the model directory (pull, import, cp, rm)
 PARTIAL = ".partial"  # an unfinished pull: its checkpoint, source files and container; never a model
+TOKENIZER_CACHE = "tokenizer.cache.json"  # the model's tokenizer as built from its container (lmcli.api)
 
 
 def home() -> Path:
@@ -105,6 +106,20 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def tokenizer_cache_path(container: Path) -> Path | None:
+    """Where the tokenizer built from a store model's container is kept, beside it (removed with the model); None
+    for a container outside the store (lmcli writes nothing beside a user's own files)."""
+    d = container.parent
+    if container.name != CONTAINER or not (d / MANIFEST).is_file():
+        return None
+    try:
+        if not d.resolve().is_relative_to(models_dir().resolve()):
+            return None
+    except OSError:
+        return None
+    return d / TOKENIZER_CACHE
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -65,6 +65,23 @@ def serially(fn: Callable[..., R], *args) -> R:
         put(n)
 
 
+def run_delay() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (the kernel's schedstat run delay,
+    summed over its threads), or None where the kernel does not report it. Idle threads add nothing, so this grows
+    only when other programs hold the cores our threads want. About 10 us to read."""
+    total = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split()[1])
+            except FileNotFoundError:
+                continue  # a thread that just ended
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
 def ladder(max_threads: int) -> list[int]:
     """The counts the policy moves between, largest first: max_threads, halving down to 1 ([2, 1], [8, 4, 2, 1])."""
     out = [max_threads]
@@ -95,12 +112,18 @@ class ThreadPolicy:
     max_interval steps); a win resets it. When the current count's median moves by more than `drift` from where it
     settled (the load changed; a median, so that bursts of load do not count), it probes at once unless probes so
     far lost over 3x the budget.
+    Fewer threads are probed only when ours waited for a CPU (waited(): run_delay, the kernel's count) for at least
+    `contended` of their time since the last look: when every thread had its core, fewer cannot be faster, and on a
+    quiet machine the probe's slow steps were pure cost (6% of a 32-token reply on the synthetic MoE). A first win
+    for fewer threads moves only if a second block, a few steps later, wins too, or if it won by `decisive`: beside
+    busy processes step times swing 2x in phases of a few steps, and a block can land in a fast one.
     Pure logic: `next()` says the count, `record()` takes the measured seconds; `step()` does both around a call.
     """
 
     def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 8, probe_steps: int = 4,
                  first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, margin_down: float = 0.8,
-                 clear: float = 1.5, drift: float = 1.3, budget: float = 0.02):
+                 clear: float = 1.5, drift: float = 1.3, budget: float = 0.02,
+                 decisive: float = 3.0, waited: Callable[[], float | None] | None = None, contended: float = 0.1):
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
         self.max_threads, self.fixed = max_threads, fixed
@@ -108,6 +131,9 @@ class ThreadPolicy:
         self.probe_steps, self.first_interval, self.max_interval = probe_steps, first_interval, max_interval
         self.margin, self.margin_down, self.clear = margin, margin_down, clear
         self.drift, self.budget = drift, budget
+        self.waited, self.contended, self.decisive = waited, contended, decisive
+        self._mark: tuple[float, float] | None = None  # (waited(), elapsed) when contention was last looked at
+        self.skipped = 0  # probes of fewer threads not run: nothing waited for a CPU
         self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count (no transitions)
         self.current = max_threads
         self.probing: int | None = None  # the count under trial
@@ -119,7 +145,13 @@ class ThreadPolicy:
         self.elapsed = 0.0  # seconds of every step recorded
         self.lost = 0.0  # seconds probes cost over the current count
         self._down = True  # which neighbour the next probe tries, when there are two
+        self._confirming, self._again = False, None  # a probe of fewer threads won once: probe `_again` to confirm
         self.switches = 0
+
+    @classmethod
+    def default(cls, max_threads: int, fixed: bool = False) -> ThreadPolicy:
+        """The policy lmcli decodes with: as the constructor's defaults, contention read from the kernel (run_delay)."""
+        return cls(max_threads, fixed, waited=run_delay)
 
     @property
     def adaptive(self) -> bool:
@@ -131,8 +163,25 @@ class ThreadPolicy:
             return self.current
         cur = self.times[self.current]
         if self.probing is None and self.until_probe <= 0 and len(cur) == cur.maxlen:  # a full window to judge by
-            self.probing, self._probe = self._neighbour(), []
+            probe = self._again if self._confirming else self._neighbour()
+            if probe < self.current and not self._confirming and not self._contended():
+                self.until_probe = self.interval  # every thread had its core: fewer cannot be faster, look later
+                self.skipped += 1
+            else:
+                self.probing, self._probe = probe, []
         return self.probing if self.probing is not None else self.current
+
+    def _contended(self) -> bool:
+        """Whether our threads waited for a CPU for at least `contended` of their time since the last look (True
+        when that is unknown: no waited() source, or a kernel that does not report it)."""
+        if self.waited is None or self._mark is None:
+            return True
+        w, e = self.waited(), self.elapsed
+        if w is None:
+            return True
+        (w0, e0), self._mark = self._mark, (w, e)
+        span = (e - e0) * self.current
+        return span <= 0 or (w - w0) / span >= self.contended
 
     def _neighbour(self) -> int:
         i = self.counts.index(self.current)
@@ -149,6 +198,9 @@ class ThreadPolicy:
             return
         transition, self._last = self._last is not None and n != self._last, n
         self.elapsed += seconds
+        if self._mark is None and self.waited is not None:  # after the first decode step: contention counts from here
+            w = self.waited()
+            self._mark = (w, self.elapsed) if w is not None else None
         if n == self.probing:
             self._probe.append(seconds)
             self._judge()
@@ -176,7 +228,17 @@ class ThreadPolicy:
         probe = self.probing
         self.probing = None
         self.lost += max(sum(self._probe) - len(self._probe) * t_cur, 0.0)
-        if t_probe < (self.margin if probe > self.current else self.margin_down) * t_cur:
+        wins = t_probe < (self.margin if probe > self.current else self.margin_down) * t_cur
+        if wins and probe < self.current and not self._confirming and t_probe * self.decisive > t_cur:
+            # a first win for fewer threads, not by `decisive`: look again after a few of the current count's steps.
+            # Beside busy processes the step time swings about 2x in phases of a few steps (which of our threads
+            # the scheduler leaves alone on a core), so a block of probe steps that lands in a fast phase wins by
+            # chance; two blocks apart rarely both do, and a wrong move down is the costly mistake.
+            self._confirming, self._again = True, probe
+            self.until_probe = self.probe_steps
+            return
+        self._confirming, self._again = False, None
+        if wins:
             self.current, self.settled = probe, t_probe
             self.times[probe].clear()  # judged afresh: one thread's first steps beside busy processes ran faster
             self.interval = self.first_interval

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Integral, Real
@@ -98,17 +101,24 @@ class Tokenizer:
         eos_ids: frozenset[int],
         add_bos: bool = False,
         add_eos_id: int | None = None,
+        special: frozenset[int] | None = None,
+        byte_ids: frozenset[int] | None = None,
     ):
+        """special, byte_ids: the control-token ids and the byte-piece ids ("<0x0A>"), when known (a cached
+        tokenizer: scanning the vocabulary for them takes tens of milliseconds); found from the backend if None."""
         self._backend = backend
         self._vocab_size = vocab_size
         self._bos_id = bos_id
         self._eos_ids = eos_ids
         self._add_bos = add_bos
         self._add_eos_id = add_eos_id
-        added = backend.get_added_tokens_decoder()
-        self._special = frozenset(i for i, token in added.items() if token.special)
-        vocab = backend.get_vocab(with_added_tokens=True)
-        self._byte_ids = frozenset(i for piece, i in vocab.items() if _BYTE_PIECE.fullmatch(piece))
+        if special is None:
+            added = backend.get_added_tokens_decoder()
+            special = frozenset(i for i, token in added.items() if token.special)
+        if byte_ids is None:
+            vocab = backend.get_vocab(with_added_tokens=True)
+            byte_ids = frozenset(i for piece, i in vocab.items() if _BYTE_PIECE.fullmatch(piece))
+        self._special, self._byte_ids = special, byte_ids
 
     @classmethod
     def from_metadata(cls, tok: Mapping[str, Any]) -> Tokenizer:
@@ -145,6 +155,28 @@ class Tokenizer:
             add_bos=_flag(tok, "add_bos_token", model == "llama"),
             add_eos_id=named["eos_token_id"] if add_eos else None,
         )
+
+    def to_cache(self) -> str:
+        """The whole tokenizer as one JSON text that from_cache() reads back (the backend as tokenizer.json, and the
+        ids from_metadata worked out), so that a model's later runs skip building it from the vocabulary."""
+        return json.dumps({"format": CACHE_FORMAT, "backend": self._backend.to_str(), "vocab_size": self._vocab_size,
+                           "bos_id": self._bos_id, "eos_ids": sorted(self._eos_ids), "add_bos": self._add_bos,
+                           "add_eos_id": self._add_eos_id, "special": sorted(self._special),
+                           "byte_ids": sorted(self._byte_ids)}, ensure_ascii=False)
+
+    @classmethod
+    def from_cache(cls, text: str) -> Tokenizer:
+        """A tokenizer from to_cache()'s text; TokenizerError if it is not one (a damaged or foreign file)."""
+        try:
+            d = json.loads(text)
+            if d.get("format") != CACHE_FORMAT:
+                raise ValueError("another format")
+            return cls(tokenizers.Tokenizer.from_str(d["backend"]), vocab_size=int(d["vocab_size"]),
+                       bos_id=d["bos_id"], eos_ids=frozenset(d["eos_ids"]), add_bos=bool(d["add_bos"]),
+                       add_eos_id=d["add_eos_id"], special=frozenset(d["special"]),
+                       byte_ids=frozenset(d["byte_ids"]))
+        except Exception as exc:  # anything unreadable is rebuilt from the metadata by the caller
+            raise TokenizerError(f"not a cached tokenizer: {_one_line(exc)}") from exc
 
     @property
     def vocab_size(self) -> int:
@@ -254,6 +286,17 @@ class StreamDecoder:
         self._ids = self._ids[self._done :]
         self._done = len(self._ids)
         return text[len(before) :]
+
+
+CACHE_FORMAT = 1  # to_cache()'s layout
+
+
+@functools.cache
+def build_key() -> str:
+    """What a tokenizer built by from_metadata depends on besides the metadata: this module's code (a change in how
+    it builds one must not be hidden by a cache) and the tokenizers library's version."""
+    code = hashlib.blake2b(open(__file__, "rb").read(), digest_size=8).hexdigest()
+    return f"{CACHE_FORMAT}-{tokenizers.__version__}-{code}"
 
 
 _ID_KEYS = ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id", "eot_token_id", "eom_token_id")

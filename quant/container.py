@@ -15,6 +15,7 @@ share one stride, so each expert's three matrices form one contiguous, aligned b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -97,8 +98,11 @@ class Container:
                 raise ContainerError(f"{self.path} has container version {version}, this lmcli reads {VERSION}: {how}")
             if hlen > MAX_HEADER or _PREFIX.size + hlen > size:
                 raise ContainerError(f"{self.path} is truncated or declares a header of {hlen} bytes")
+            raw = f.read(hlen)
+            # names this header's bytes (metadata, tensor index): what is derived from them can be cached under it
+            self.header_digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
             try:
-                header = jsonio.loads(f.read(hlen).decode("utf-8"))
+                header = jsonio.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise ContainerError(f"{self.path} has a corrupt header") from None
             self.file_size = size

@@ -67,6 +67,106 @@ def test_beside_busy_neighbours_it_moves_to_fewer_threads_and_loses_little_probi
     assert cost < 1.15 * 2000 * 0.01
 
 
+def test_a_probe_block_that_lands_in_a_fast_phase_does_not_move_it_down_alone():
+    # beside busy processes the step time swings about 2x in phases of a few steps (as measured here on the synthetic
+    # MoE: 2 threads 40 or 67 ms, 1 thread 40 or 81). The first probe of 1 thread lands in a fast phase and wins;
+    # every later step at 1 thread is slow. A second block, after a few steps at 2, must confirm before moving.
+    def cost(i, n):
+        return 0.067 if n == 2 else (0.040 if 8 <= i < 12 else 0.081)
+
+    pol = ThreadPolicy(2)
+    used = drive(pol, cost, 200)
+    assert used[8:12] == [1] * 4 and used[12:17] == [2] * 5  # the lucky block, then the current count again
+    assert used[17] == 1 and pol.switches == 0 and pol.current == 2  # the confirming block lost: no move
+    assert used[30:].count(1) <= 8
+
+
+def test_a_decisive_win_moves_down_without_confirming():
+    pol = ThreadPolicy(2)
+    used = drive(pol, lambda i, n: 0.2 if n == 2 else 0.05, 40)  # 4x: no phase of a busy machine swings that much
+    assert used[8:20] == [1] * 12 and pol.switches == 1
+
+
+class Waits:
+    """An injected run_delay(): our threads wait for a CPU `share` of the thread-seconds the policy records."""
+
+    def __init__(self, share: float):
+        self.share, self.total, self.pol = share, 0.0, None
+
+    def __call__(self) -> float:
+        return self.total
+
+    def drive(self, pol: ThreadPolicy, cost, steps: int) -> list[int]:
+        used = []
+        for i in range(steps):
+            n = pol.next()
+            used.append(n)
+            self.total += self.share * cost(i, n) * n
+            pol.record(n, cost(i, n))
+        return used
+
+
+def test_when_no_thread_waits_for_a_cpu_fewer_threads_are_never_probed():
+    # quiet machine: 2 threads 1.5x faster than 1 (the synthetic MoE here: 26.5 vs 40 ms). Without the signal the
+    # first probe of 1 thread costs 4 slow steps, 6% of a 32-token reply; with it none runs.
+    cost = lambda i, n: 0.0265 if n == 2 else 0.040  # noqa: E731
+    w = Waits(0.0)
+    pol = ThreadPolicy(2, waited=w)
+    used = w.drive(pol, cost, 2000)
+    assert set(used) == {2} and pol.skipped > 0
+    blind = drive(ThreadPolicy(2), cost, 32)
+    assert blind.count(1) >= 3  # what the signal saves
+
+
+def test_threads_that_wait_for_a_cpu_are_probed_and_moved_down_when_that_is_faster():
+    w = Waits(0.5)  # beside busy processes: half of our threads' time runnable but not running
+    pol = ThreadPolicy(2, waited=w)
+    used = w.drive(pol, lambda i, n: 0.2 if n == 2 else 0.01, 200)
+    assert used[8:14] == [1] * 6 and pol.current == 1 and pol.skipped == 0
+
+
+def test_the_load_arriving_after_a_quiet_start_is_still_noticed():
+    # quiet for 100 steps (no waits, probes skipped), then spinning barriers beside busy processes: 2 threads 20x slower
+    busy = lambda i: i >= 100  # noqa: E731
+    cost = lambda i, n: (0.2 if n == 2 else 0.01) if busy(i) else (0.010 if n == 2 else 0.016)  # noqa: E731
+    w = Waits(0.0)
+    pol = ThreadPolicy(2, waited=w)
+    used = []
+    for i in range(300):
+        w.share = 0.5 if busy(i) else 0.0
+        used += w.drive(pol, lambda _, n, i=i: cost(i, n), 1)
+    assert set(used[:100]) == {2} and used[-50:] == [1] * 50
+
+
+def test_run_delay_counts_the_time_our_threads_wait_for_a_busy_cpu():
+    # a child pinned to one CPU beside a busy sibling pinned to the same CPU: its thread waits about half the time
+    code = """
+import os, sys, time
+from lmcli.threads import run_delay
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+if os.fork() == 0:
+    t = time.time()
+    while time.time() - t < 1.0: pass
+    os._exit(0)
+w0, t = run_delay(), time.perf_counter()
+while time.perf_counter() - t < 0.6: pass
+print(run_delay() - w0)
+os.wait()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) > 0.1  # alone on its CPU it would be near 0
+
+
+def test_lmcli_decodes_with_the_contention_signal():
+    from lmcli.threads import run_delay
+
+    assert ThreadPolicy.default(2).waited is run_delay
+    w0 = run_delay()
+    assert w0 is not None and run_delay() >= w0  # this kernel reports it (Linux schedstat)
+
+
 def test_a_tie_keeps_the_current_count():
     pol = ThreadPolicy(2)
     used = drive(pol, lambda i, n: 0.010 if n == 2 else 0.0099, 600)  # 1% apart: within the margin
@@ -150,6 +250,7 @@ def test_adaptive_generation_visits_both_counts_and_matches_one_thread(smol_cont
         pytest.skip("one core: no thread count to adapt")
     m = lmcli.load(str(smol_container), n_ctx=128)
     assert m.thread_policy.adaptive
+    m.thread_policy = ThreadPolicy(m.threads)  # no contention signal: it probes one thread whatever the machine
     counts = []
     step = m.thread_policy.step
     m.thread_policy.step = lambda fn: step(lambda: (counts.append(numba.get_num_threads()), fn())[1])

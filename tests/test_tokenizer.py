@@ -464,3 +464,29 @@ def test_tokenizer_json_builds_from_huggingface_file(hf_smol):
 def test_bad_tokenizer_json_raises_tokenizer_error():
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         Tokenizer.from_metadata({"json": "{not json"})
+
+
+# --- the cached form (lmcli.api keeps it beside a store model's container) ---------------------------
+
+
+@pytest.mark.parametrize("which", ["smol", "spm"])
+def test_a_cached_tokenizer_gives_the_ids_and_text_of_the_one_built_from_metadata(which, request):
+    built = request.getfixturevalue(which)
+    cached = Tokenizer.from_cache(built.to_cache())
+    assert (cached.vocab_size, cached.bos_id, cached.eos_ids, cached.add_bos) == \
+        (built.vocab_size, built.bos_id, built.eos_ids, built.add_bos)
+    for text in TEXTS:
+        ids = built.encode(text)
+        assert cached.encode(text) == ids and cached.encode(text, add_bos=True) == built.encode(text, add_bos=True)
+        assert cached.decode(ids) == built.decode(ids)
+        assert cached.decode(ids, skip_special=True) == built.decode(ids, skip_special=True)
+        assert stream_pieces(cached, ids) == stream_pieces(built, ids)
+    every = range(built.vocab_size)
+    assert [cached.is_special(i) for i in every] == [built.is_special(i) for i in every]
+    assert cached._byte_ids == built._byte_ids and cached.to_json() == built.to_json()
+
+
+@pytest.mark.parametrize("text", ["", "{not json", '{"format": 999}', '{"format": 1, "backend": "{}"}'])
+def test_text_that_is_not_a_cached_tokenizer_is_refused(text):
+    with pytest.raises(TokenizerError):
+        Tokenizer.from_cache(text)
