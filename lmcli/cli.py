@@ -287,6 +287,8 @@ def serve(
     queue_size: int = typer.Option(8, "--queue-size", help="requests that may wait; more get 503"),
     prefix_cache: int = typer.Option(4, "--prefix-cache", help="KV caches of recent requests kept for a prompt "
                                                                "that continues one (0: off)"),
+    parallel: int = typer.Option(4, "--parallel", help="requests decoding together, one batched forward pass "
+                                                       "per token (1: one at a time)"),
     engine: EngineOptions = None,
 ):
     """Serve the OpenAI API (chat completions, completions, models) and the Ollama API on a local port."""
@@ -295,7 +297,7 @@ def serve(
     if not 0 < port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {port}")
     _serve(model, host=host, port=port, api_key=api_key, cors_origin=cors_origin, queue_size=queue_size,
-           prefix_cache=prefix_cache, options=engine)
+           prefix_cache=prefix_cache, parallel=parallel, options=engine)
 
 
 @app.command()

@@ -108,6 +108,42 @@ class Event:
         return self.stats.timings if self.stats is not None else None
 
 
+@dataclass(eq=False)
+class Step:
+    """A forward pass a generation needs: ids fed into its cache at cache.n_past (the prompt, or the token just
+    sampled); it goes on once it is sent the logits (vocab,) of the last id. Generation runs its own steps; a
+    driver that batches the steps of many generations (lmcli.server) takes them from Generation.raw()."""
+
+    ids: list[int]
+    cache: object
+    prompt: bool  # the prompt's prefill (compute-bound, every thread), else one decode step
+
+
+def run_steps(transformer, steps: list[Step], threads: ThreadPolicy | None = None) -> list[np.ndarray]:
+    """The logits each step asks for: prompts one at a time, then every single-token step in one batched forward
+    (Transformer.forward_batch; one step alone is Transformer.forward)."""
+    out: list = [None] * len(steps)
+    one = [i for i, s in enumerate(steps) if len(s.ids) == 1]
+    for i, s in enumerate(steps):
+        if len(s.ids) != 1:
+            if threads is not None:
+                threads.begin()
+            out[i] = transformer.forward(s.ids, s.cache)[-1]
+    if one:
+        def fwd():
+            return transformer.forward_batch([steps[i].ids[0] for i in one], [steps[i].cache for i in one])
+        if threads is None:
+            logits = fwd()
+        elif all(steps[i].prompt for i in one):
+            threads.begin()
+            logits = fwd()
+        else:
+            logits = threads.step(fwd)
+        for j, i in enumerate(one):
+            out[i] = logits[j]
+    return out
+
+
 def held_back(text: str, stops) -> int:
     """Length of the longest suffix of text that is a proper prefix of a stop string (not yet safe to emit)."""
     n = 0
@@ -153,7 +189,15 @@ class Generation:
         return self
 
     def __next__(self) -> Event:
-        return next(self._events)
+        item = next(self._events)
+        while type(item) is Step:
+            item = self._events.send(run_steps(self.transformer, [item], self.threads)[0])
+        return item
+
+    def raw(self) -> Iterator[Event | Step]:
+        """The events with the Steps between them, for a driver that runs the steps itself: send() each Step its
+        logits (run_steps computes them); do not mix with iterating the Generation."""
+        return self._events
 
     def close(self) -> None:
         self._events.close()
@@ -176,11 +220,9 @@ class Generation:
 
     def _run(self, tokenizer, sampler, cache, history, max_tokens, stops, ignore_eos, constraint,
              top_logprobs) -> Iterator[Event]:
-        tr, out_ids, pol = self.transformer, self.out_ids, self.threads
+        out_ids = self.out_ids
         self._mark()
-        if pol is not None:
-            pol.begin()
-        logits = tr.forward(history, cache)[-1]
+        logits = yield Step(list(history), cache, True)
         self._mark()
         dec = tokenizer.stream()
         text = ""  # generated text not yet emitted
@@ -220,10 +262,7 @@ class Generation:
             yield Event(tok, piece, logprobs=lp)
             if len(out_ids) >= max_tokens or cache.n_past >= cache.n_ctx:
                 break
-            if pol is None:
-                logits = tr.forward([tok], cache)[-1]
-            else:
-                logits = pol.step(lambda: tr.forward([tok], cache)[-1])
+            logits = yield Step([tok], cache, False)
             self.decode_steps += 1
         self._mark()
         if not stopped_by_string:

@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP server (Starlette + uvicorn): one model in memory, one generation at a time."""
+"""An OpenAI-compatible HTTP server (Starlette + uvicorn): one model in memory; up to --parallel generations
+decode together, one batched forward pass per step (continuous batching)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import socket
 import threading
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,7 @@ MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_STOP_LEN = 256
 MAX_TOKENS_LIMIT = 1 << 20  # the largest context lmcli.api accepts
 RETRY_AFTER_S = 2
+DEFAULT_PARALLEL = 4  # sequences decoding together (llama-server's -np)
 RECENT_REQUESTS = 256  # per-request counters kept in app.state.stats
 # Request fields lmcli cannot honour: refused rather than silently ignored.
 UNSUPPORTED = ("functions", "logit_bias", "suffix")
@@ -440,7 +442,7 @@ def sse(obj: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-# --- the worker: one thread loads models and runs generations, one at a time ----------------------
+# --- the worker: one thread loads models and runs generations, batched step by step -------------------
 
 @dataclass
 class RequestStat:
@@ -474,7 +476,7 @@ class Stats:
     """Server counters (app.state.stats): queue depth and the most recent requests by id."""
 
     waiting: int = 0  # admitted, not started
-    running: int = 0  # 0 or 1
+    running: int = 0  # generating now (at most --parallel)
     rejected: int = 0  # answered 503
     tokens: int = 0  # completion tokens generated since start
     requests: OrderedDict = field(default_factory=OrderedDict)  # id -> RequestStat
@@ -486,6 +488,9 @@ class Stats:
     decode_s: float = 0.0
     decode_tokens: int = 0  # completion tokens that came from decode steps (the first comes from the prefill)
     last_decode_tps: float = 0.0
+    steps: int = 0  # batched forward passes over single tokens (one per decoding sequence)
+    step_tokens: int = 0  # tokens those passes computed: step_tokens / steps is the mean batch
+    max_batch: int = 0  # the largest batch so far
 
     def ended(self, st: RequestStat, timings=None) -> None:
         """Count a finished request (the worker's thread), with its timings when it ran."""
@@ -524,11 +529,19 @@ class Job:
 
 
 class Engine:
-    """The single worker thread: Numba's thread count is per thread and the engine is not thread-safe."""
+    """The single worker thread: Numba's thread count is per thread and the engine is not thread-safe.
+
+    Continuous batching: up to `parallel` generations are active; each step runs one chunk of a waiting prompt
+    (lmcli.engine.model.PREFILL_CHUNK tokens) and one batched forward over the next token of every decoding
+    sequence (Transformer.forward_batch). Requests join between steps and leave as soon as they end or their
+    client goes away. Other work (loading a model, embeddings, a request for another model) waits until no
+    generation is active, so it never changes the model under them.
+    """
 
     def __init__(self, stats: Stats, *, queue_size: int, options: EngineOptions | None,
-                 load: Callable[..., Any], log: Callable[[str], None], prefix_cache: int = DEFAULT_PREFIX_CACHE):
-        self.stats, self.queue_size, self.options = stats, queue_size, options
+                 load: Callable[..., Any], log: Callable[[str], None], prefix_cache: int = DEFAULT_PREFIX_CACHE,
+                 parallel: int = DEFAULT_PARALLEL):
+        self.stats, self.queue_size, self.options, self.parallel = stats, queue_size, options, parallel
         self.prefix = PrefixCache(prefix_cache)  # recent requests' KV caches, reused by a prompt they begin
         self._load, self._log = load, log
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -538,11 +551,13 @@ class Engine:
         self.model = None
         self.model_id: str | None = None
 
-    def submit(self, fn: Callable[[], None], cancel: threading.Event | None = None, *, force: bool = False) -> bool:
-        """Queue fn for the worker; False (and nothing queued) when queue_size jobs already wait."""
+    def submit(self, fn: Callable[[], None] | Job, cancel: threading.Event | None = None, *,
+               force: bool = False) -> bool:
+        """Queue fn (or a generation Job) for the worker; False (and nothing queued) when `parallel` run and
+        queue_size wait already."""
         with self._lock:
-            if not force and self.stats.waiting + self.stats.running > self.queue_size:
-                return False  # one running and queue_size waiting already
+            if not force and self.stats.waiting + self.stats.running >= self.queue_size + self.parallel:
+                return False
             self.stats.waiting += 1
             if cancel is not None:
                 self._active.add(cancel)
@@ -572,23 +587,122 @@ class Engine:
         if self._thread is not None:
             self._jobs.put(None)
 
+    def _take(self, waiting: deque, block: bool) -> bool:
+        """Move what has arrived into waiting (first waiting for one item when block); False once closed."""
+        try:
+            item = self._jobs.get() if block else self._jobs.get_nowait()
+            while True:
+                if item is None:
+                    return False
+                waiting.append(item)
+                item = self._jobs.get_nowait()
+        except queue.Empty:
+            return True
+
     def _loop(self) -> None:
+        waiting: deque = deque()  # (fn or Job, cancel) taken from the queue, not started
+        active: dict = {}  # sequence coroutine -> [job, its Step, prompt ids done]
         while True:
-            item = self._jobs.get()
-            if item is None:
+            if not self._take(waiting, block=not active and not waiting):
+                for co in list(active):
+                    self._resume(active, co, None)
                 return
-            fn, cancel = item
-            with self._lock:
-                self.stats.waiting -= 1
-                self.stats.running = 1
-            try:
-                fn()
-            except BaseException:  # fn reports its own errors; never let the worker die
-                self._log("lmcli: worker error: " + traceback.format_exc().strip().replace("\n", " | "))
-            finally:
-                with self._lock:
-                    self.stats.running = 0
-                    self._active.discard(cancel)
+            while waiting:  # admit in arrival order
+                item, cancel = waiting[0]
+                if isinstance(item, Job):
+                    if active and (len(active) >= self.parallel or item.target.id != self.model_id):
+                        break
+                    waiting.popleft()
+                    with self._lock:
+                        self.stats.waiting -= 1
+                    self._start(active, item)
+                else:
+                    if active:
+                        break
+                    waiting.popleft()
+                    with self._lock:
+                        self.stats.waiting -= 1
+                        self.stats.running = 1
+                    try:
+                        item()
+                    except BaseException:  # fn reports its own errors; never let the worker die
+                        self._log("lmcli: worker error: " + traceback.format_exc().strip().replace("\n", " | "))
+                    finally:
+                        with self._lock:
+                            self.stats.running = 0
+                            self._active.discard(cancel)
+            if active:
+                self._step(active)
+
+    def _start(self, active: dict, job: Job) -> None:
+        co = self._sequence(job)
+        with self._lock:
+            self.stats.running = len(active) + 1
+        try:
+            active[co] = [job, next(co), 0]
+        except StopIteration:
+            self._finished(active, job)
+
+    def _finished(self, active: dict, job: Job) -> None:
+        with self._lock:
+            self.stats.running = len(active)
+            self._active.discard(job.cancel)
+
+    def _resume(self, active: dict, co, logits) -> None:
+        """Send co its step's logits (None: stop, its client left); keep its next step, or let it go."""
+        job = active[co][0]
+        try:
+            active[co] = [job, co.send(logits), 0]
+        except StopIteration:
+            del active[co]
+            self._finished(active, job)
+
+    def _step(self, active: dict) -> None:
+        """One step: up to PREFILL_CHUNK tokens of the prompts still prefilling (oldest first), then every other
+        sequence's next token in one batched forward pass."""
+        from .engine.model import PREFILL_CHUNK
+        from .generate import run_steps
+
+        for co, (job, _, _) in list(active.items()):
+            if job.cancel.is_set():  # gone while waiting for its step: leave now
+                self._resume(active, co, None)
+        model = self.model
+        if not active or model is None:
+            return
+        tr, pol = model.transformer, model.thread_policy
+        ready: list = []  # (coroutine, logits)
+        try:
+            budget = PREFILL_CHUNK  # a long prompt delays the others' next token by one chunk at most
+            for co, (_, st, done) in list(active.items()):
+                if len(st.ids) > 1 and budget > 0:
+                    chunk = st.ids[done : done + budget]
+                    budget -= len(chunk)
+                    pol.begin()
+                    logits = tr.forward(chunk, st.cache)[-1]
+                    if done + len(chunk) < len(st.ids):
+                        active[co][2] = done + len(chunk)
+                    else:
+                        ready.append((co, logits))
+            ones = [(co, st) for co, (_, st, _) in active.items() if len(st.ids) == 1]
+            if ones:
+                ready += zip([co for co, _ in ones], run_steps(tr, [st for _, st in ones], pol))
+                self.stats.steps += 1
+                self.stats.step_tokens += len(ones)
+                self.stats.max_batch = max(self.stats.max_batch, len(ones))
+        except Exception as e:  # a bug or a broken model file: every sequence of the step ends with the error
+            self._log(f"lmcli: error in a batched step: {type(e).__name__}: {e}")
+            for co in list(active):
+                try:
+                    co.throw(e)
+                except StopIteration:
+                    pass
+                except BaseException:
+                    pass
+                job = active.pop(co)[0]
+                self._finished(active, job)
+            return
+        for co, logits in ready:
+            self._resume(active, co, logits)
 
     def get_model(self, target: Target):
         """The model for target, loading it (and dropping the previous one first) when it is another."""
@@ -615,9 +729,12 @@ class Engine:
             pass
         return time.perf_counter() - t0
 
-    def run(self, job: Job) -> None:
+    def _sequence(self, job: Job):
         """Generate for job, emitting ("start", n_prompt), ("text", piece, logprob entries)..., ("end", finish,
-        usage)."""
+        usage). A coroutine: yields the Steps (forward passes) its generation needs and is sent their logits, or
+        None to stop (its client left); the worker runs the steps of all active sequences together."""
+        from .generate import Step
+
         st = job.stat
         timings = None  # the run's, once it has run
         try:
@@ -647,8 +764,18 @@ class Engine:
                                     json_schema=req.call_schema or req.json_schema, top_logprobs=req.top_logprobs)
             split = _CallSplit(model, req)
             lps: list[dict] = []  # logprob entries of tokens whose text is not out yet
+            raw = events.raw()
             try:
-                for ev in events:
+                item = next(raw)
+                while True:
+                    if type(item) is Step:
+                        logits = yield item
+                        if logits is None or job.cancel.is_set():  # the client went away
+                            st.finish_reason = "cancelled"
+                            break
+                        item = raw.send(logits)
+                        continue
+                    ev, item = item, None
                     if job.cancel.is_set():  # checked between tokens: the client went away
                         st.finish_reason = "cancelled"
                         break
@@ -674,6 +801,7 @@ class Engine:
                     if piece:
                         job.emit(("text", piece, lps))
                         lps = []
+                    item = next(raw)
             finally:
                 events.close()
                 timings = timings or events.stats().timings
@@ -857,6 +985,10 @@ class Metrics:
         yield CounterMetricFamily("lmcli_decode_tokens", "Tokens from decode steps", value=st.decode_tokens)
         yield GaugeMetricFamily("lmcli_decode_tokens_per_second", "Decode speed of the last request that decoded",
                                 value=st.last_decode_tps)
+        yield CounterMetricFamily("lmcli_batch_steps", "Batched forward passes over one token of each decoding "
+                                  "request", value=st.steps)
+        yield CounterMetricFamily("lmcli_batch_tokens", "Tokens those passes computed (over steps: the mean batch)",
+                                  value=st.step_tokens)
         yield GaugeMetricFamily("lmcli_queue_waiting", "Requests admitted and waiting", value=st.waiting)
         yield GaugeMetricFamily("lmcli_requests_running", "Requests generating now", value=st.running)
         model = self.engine.model
@@ -1199,7 +1331,7 @@ class Api:
             except RuntimeError:  # the event loop is closed: the server stopped
                 cancel.set()
         job = Job(req, target, st, cancel, emit)
-        if not self.engine.submit(partial(self.engine.run, job), cancel):
+        if not self.engine.submit(job, cancel):
             self.stats.rejected += 1
             st.finish_reason, st.done = "rejected", True
             raise ApiError(503, "the server is busy: too many requests are waiting; retry later",
@@ -1355,7 +1487,7 @@ def _is_wildcard(host: str) -> bool:
 
 
 def _check_options(api_key: str | None, cors_origin: str | None, max_body: int, queue_size: int,
-                   prefix_cache: int = 0) -> None:
+                   prefix_cache: int = 0, parallel: int = 1) -> None:
     if api_key is not None and (not api_key or not all(33 <= ord(c) < 127 for c in api_key)):
         raise UsageError("--api-key must be non-empty printable ASCII without spaces")
     if cors_origin is not None:
@@ -1366,7 +1498,8 @@ def _check_options(api_key: str | None, cors_origin: str | None, max_body: int, 
         elif not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?",
                               cors_origin):
             raise UsageError(f"--cors-origin must be an origin like http://localhost:5173, got {_show(cors_origin)}")
-    for name, v, lo in (("max_body", max_body, 1), ("queue_size", queue_size, 0), ("prefix_cache", prefix_cache, 0)):
+    for name, v, lo in (("max_body", max_body, 1), ("queue_size", queue_size, 0), ("prefix_cache", prefix_cache, 0),
+                        ("parallel", parallel, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise UsageError(f"{name} must be an integer of at least {lo}, got {_show(v)}")
 
@@ -1374,18 +1507,19 @@ def _check_options(api_key: str | None, cors_origin: str | None, max_body: int, 
 def create_app(default_model: str | None, *, api_key: str | None = None, cors_origin: str | None = None,
                max_body: int = 1 << 20, queue_size: int = 8, options: EngineOptions | None = None,
                log: Callable[[str], None] = print, host: str = "127.0.0.1", prefix_cache: int = DEFAULT_PREFIX_CACHE,
-               **engine) -> Starlette:
+               parallel: int = DEFAULT_PARALLEL, **engine) -> Starlette:
     """The Starlette app; host is the address it is bound to (allowed in Host when not loopback, with a key).
+    parallel: generations decoding together (1: one at a time); queue_size: requests waiting beyond those.
 
     options: how to run the models (EngineOptions); engine: single fields over it (n_ctx=..., threads=...).
     """
     from .api import load
     from .engine.options import EngineOptions
 
-    _check_options(api_key, cors_origin, max_body, queue_size, prefix_cache)
+    _check_options(api_key, cors_origin, max_body, queue_size, prefix_cache, parallel)
     stats = Stats()
     engine = Engine(stats, queue_size=queue_size, options=EngineOptions.of(options, **engine), load=load, log=log,
-                    prefix_cache=prefix_cache)
+                    prefix_cache=prefix_cache, parallel=parallel)
     default = Target(model_id(default_model), default_model) if default_model else None
     api = Api(default, engine, stats, max_body)
     allowed: frozenset[str] | None = LOOPBACK_HOSTS
@@ -1452,8 +1586,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
           cors_origin: str | None = None, *, max_body: int = 1 << 20, queue_size: int = 8,
-          prefix_cache: int = DEFAULT_PREFIX_CACHE, options: EngineOptions | None = None,
-          log: Callable[[str], None] = print, **engine) -> None:
+          prefix_cache: int = DEFAULT_PREFIX_CACHE, parallel: int = DEFAULT_PARALLEL,
+          options: EngineOptions | None = None, log: Callable[[str], None] = print, **engine) -> None:
     """Serve the OpenAI API until interrupted; refuses a non-loopback address without an API key.
 
     options, engine: how to run the models, as create_app takes them."""
@@ -1465,7 +1599,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 11435, 
     import uvicorn
 
     app = create_app(model, api_key=api_key, cors_origin=cors_origin, max_body=max_body, queue_size=queue_size,
-                     options=options, log=log, host=host, prefix_cache=prefix_cache, **engine)
+                     options=options, log=log, host=host, prefix_cache=prefix_cache, parallel=parallel, **engine)
     engine: Engine = app.state.engine
     if app.state.default is not None:  # a bad model fails here, before listening
         seconds = engine.call(partial(engine.warm_up, app.state.default))

@@ -71,8 +71,9 @@ def main(lmcli_home, log_lines):
 
 @pytest.fixture(scope="module")
 def busy(lmcli_home):
-    """smollm2 without a key, a 512-token context and room for one waiting request; (base URL, app)."""
-    app = create_app("smollm2", queue_size=1, n_ctx=512, log=lambda line: None)
+    """smollm2 without a key, a 512-token context, one generation at a time and room for one waiting request;
+    (base URL, app)."""
+    app = create_app("smollm2", queue_size=1, parallel=1, n_ctx=512, log=lambda line: None)
     with running(app) as url:
         yield url, app
 

@@ -147,6 +147,26 @@ class Transformer:
                 outs.append(self._head(h[-1:]))
         return np.concatenate(outs, axis=0)
 
+    def forward_batch(self, tokens, caches: list[KVCache]) -> np.ndarray:
+        """One decode step for B sequences: tokens[i] at position caches[i].n_past of its own cache; returns logits
+        (B, vocab). Every matrix runs once over the B rows (routed experts grouped by expert, so each chosen
+        expert's weights are read once for all the sequences that chose it); RoPE and attention run per sequence,
+        over its own cache. B == 1 is forward() itself."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(ids) != len(caches) or not len(ids):
+            raise ValueError(f"{len(ids)} tokens for {len(caches)} caches")
+        if len(ids) == 1:
+            return self.forward(ids, caches[0])
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a KV cache appears twice in one batch")
+        for c in caches:
+            if c.n_past + 1 > c.n_ctx:
+                raise ContextOverflow(f"{c.n_past + 1} tokens do not fit in the context of {c.n_ctx}",
+                                      hint="raise --ctx-size or shorten the prompt")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError("token id out of range")
+        return self._head(self._forward_chunk(ids, caches))
+
     def hidden_states(self, ids, cache: KVCache) -> np.ndarray:
         """The final-normed hidden states (T, n_embd) of token ids at positions cache.n_past... (what the head
         reads): the per-token vectors that embeddings pool."""
@@ -173,11 +193,16 @@ class Transformer:
             logits /= np.float32(self.cfg.logits_scaling)  # Granite divides logits by logits_scaling
         return logits
 
-    def _forward_chunk(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _forward_chunk(self, ids: np.ndarray, cache: KVCache | list[KVCache]) -> np.ndarray:
+        """Hidden states of ids: consecutive tokens of one sequence (cache), or one token of each of len(ids)
+        sequences (a list of caches, forward_batch)."""
         cfg, w = self.cfg, self.weights
         T, E = len(ids), cfg.n_embd
-        pos0 = cache.n_past
-        self.stats.pos0 = pos0
+        # segments (cache, first position, first row, rows): the rows of one sequence, which RoPE and attention
+        # take together
+        segs = [(cache, cache.n_past, 0, T)] if isinstance(cache, KVCache) else \
+            [(c, c.n_past, i, 1) for i, c in enumerate(cache)]
+        self.stats.pos0 = segs[0][1]
         x = w.tok_embd.rows(ids)  # (T, n_embd) residual stream
         if cfg.embedding_multiplier != 1.0:
             x *= np.float32(cfg.embedding_multiplier)
@@ -186,9 +211,9 @@ class Transformer:
         for li, L in enumerate(w.layers):
             ops.rmsnorm(x, L.attn_norm, cfg.norm_eps, hbuf)
             if cfg.kv_lora_rank:
-                o = self._mla(L.attn, hbuf, cache, li, pos0)
+                o = self._mla(L.attn, hbuf, segs, li)
             else:
-                o = self._gqa(L.attn, hbuf, cache, li, pos0)
+                o = self._gqa(L.attn, hbuf, segs, li)
             if rm != 1.0:
                 o *= rm
             ops.add_inplace(x, o)
@@ -201,7 +226,8 @@ class Transformer:
             if rm != 1.0:
                 f *= rm
             ops.add_inplace(x, f)
-        cache.n_past = pos0 + T
+        for c, pos0, _, n in segs:
+            c.n_past = pos0 + n
         return x
 
     def _dense(self, ff: FFN, h: np.ndarray) -> np.ndarray:
@@ -214,7 +240,7 @@ class Transformer:
     def _rope(self, x: np.ndarray, pos0: int) -> None:
         ops.rope(x, pos0, self.cos, self.sin, self.cfg.n_rot, self.cfg.rope_interleaved)
 
-    def _gqa(self, at: Attention, h: np.ndarray, cache: KVCache, li: int, pos0: int) -> np.ndarray:
+    def _gqa(self, at: Attention, h: np.ndarray, segs: list, li: int) -> np.ndarray:
         cfg = self.cfg
         T, H, KV, D = h.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
         a = Act(h)
@@ -228,11 +254,15 @@ class Transformer:
             ops.rmsnorm(q2, at.q_norm, cfg.norm_eps, q2)
             ops.rmsnorm(k2, at.k_norm, cfg.norm_eps, k2)
         q, k, v = q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
-        self._rope(q, pos0)
-        self._rope(k, pos0)
-        return self._attend(at, q, k, v, cache, li, pos0)
+        att = np.empty((T, H, cfg.cache_dims[2]), np.float32)
+        for cache, pos0, r0, n in segs:
+            self._rope(q[r0 : r0 + n], pos0)
+            self._rope(k[r0 : r0 + n], pos0)
+            self._attend(q[r0 : r0 + n], k[r0 : r0 + n], v[r0 : r0 + n], cache, li, pos0, att[r0 : r0 + n])
+        with (self.instrument or untimed)("matmul"):
+            return at.wo(Act(att.reshape(T, -1)))
 
-    def _mla(self, at: Attention, h: np.ndarray, cache: KVCache, li: int, pos0: int) -> np.ndarray:
+    def _mla(self, at: Attention, h: np.ndarray, segs: list, li: int) -> np.ndarray:
         """DeepSeek-V3 multi-head latent attention (DeepseekV3Attention): queries through an optional low-rank
         bottleneck; the cache holds each token's normed latent and its one shared RoPE key, and attention reads
         it directly, kv_b folded into the queries and the output (ops.mla_query, ops.mla_output)."""
@@ -255,30 +285,30 @@ class Transformer:
         kva[:, :rank] = ckv
         kpe = np.ascontiguousarray(kva[:, rank:]).reshape(T, 1, rope)
         qpe = np.ascontiguousarray(q[:, :, nope:])
-        self._rope(qpe, pos0)
-        self._rope(kpe, pos0)
+        for _, pos0, r0, n in segs:
+            self._rope(qpe[r0 : r0 + n], pos0)
+            self._rope(kpe[r0 : r0 + n], pos0)
         q[:, :, nope:] = qpe
         kva[:, rank:] = kpe.reshape(T, rope)
-        cache.k[li, 0, pos0 : pos0 + T] = kva
-        lat_c, _ = cache.layer(li)  # (1, n_ctx, rank + rope)
         with phase("attention"):
             ql = np.empty((T, H, rank + rope), np.float32)
             ops.mla_query(q, at.wk_b, ql)
             lat = np.empty((T, H, rank), np.float32)
-            ops.attention(ql, lat_c, lat_c, pos0, self.attn_scale, self.cfg.sliding_window, lat)
+            for cache, pos0, r0, n in segs:
+                cache.k[li, 0, pos0 : pos0 + n] = kva[r0 : r0 + n]
+                lat_c, _ = cache.layer(li)  # (1, n_ctx, rank + rope)
+                ops.attention(ql[r0 : r0 + n], lat_c, lat_c, pos0, self.attn_scale, self.cfg.sliding_window,
+                              lat[r0 : r0 + n])
             o = np.empty((T, H * cfg.v_head_dim), np.float32)
             ops.mla_output(lat, at.wv_b, o)
         with phase("matmul"):
             return at.wo(Act(o))
 
-    def _attend(self, at: Attention, q, k, v, cache: KVCache, li: int, pos0: int) -> np.ndarray:
-        T, H = q.shape[0], q.shape[1]
+    def _attend(self, q, k, v, cache: KVCache, li: int, pos0: int, att: np.ndarray) -> None:
+        """One sequence's T rows: their keys and values into its cache, then att (T, H, dv) over it."""
+        T = q.shape[0]
         cache.k[li, :, pos0 : pos0 + T] = k.transpose(1, 0, 2)
         cache.v[li, :, pos0 : pos0 + T] = v.transpose(1, 0, 2)
         kc, vc = cache.layer(li)  # (n_kv, n_ctx, dk), (n_kv, n_ctx, dv)
-        att = np.empty((T, H, vc.shape[2]), np.float32)
-        phase = self.instrument or untimed
-        with phase("attention"):
+        with (self.instrument or untimed)("attention"):
             ops.attention(q, kc, vc, pos0, self.attn_scale, self.cfg.sliding_window, att)
-        with phase("matmul"):
-            return at.wo(Act(att.reshape(T, -1)))
