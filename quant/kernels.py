@@ -233,6 +233,15 @@ def _lanes_q4(builder, cp, j, k, memo):
     return builder.and_(builder.lshr(v, _splat32(4 * s)) if s else v, _splat32(0x000F000F))
 
 
+def _lanes_q5(builder, cp, j, k, memo):
+    # q5_0 (quant.repack): the q4 pair of low nibbles, and bit 4 of each int16 half from the group's qh words
+    # (u = 4, after the nibble words): bit j of a row's qh is element j's fifth bit, bit j + 16 element j + 16's
+    v = _lanes_q4(builder, cp, j, k, memo)
+    h = _word(builder, cp, 4, k, memo)
+    h = builder.shl(h, _splat32(4 - j)) if j < 4 else builder.lshr(h, _splat32(j - 4)) if j > 4 else h
+    return builder.or_(v, builder.and_(h, _splat32(0x00100010)))
+
+
 def _lanes_q8(builder, cp, j, k, memo):
     # rows 16k.. of pair j = 2u + s: the word's int16 halves hold bytes (e[2u], e[2u+1]) and (e[2u+16], e[2u+17]);
     # sign-extend the low bytes (s = 0) or the high bytes (s = 1) of both halves
@@ -247,25 +256,75 @@ def _lanes_q8(builder, cp, j, k, memo):
 
 
 
-def _scaled(builder, kind, d, m, isum, sxi):
-    """d * isum + m * sx for one group and 16 rows (<16 x float>), the float side of the kernels:
-    q4_1 w = d q + m; q4_0 w = d (q - 8), the offset taken in exact integer arithmetic as d (isum - 8 sx);
-    q8_0 w = d q. d, m: the rows' fp16 scales as floats (m only for q4_1); sxi: the group's activation sum."""
+def _scaled(builder, kind, sv, isum, sxi):
+    """The float side of the kernels for one group and 16 rows (<16 x float>), from the integer sums isum and the
+    scale vectors sv of _group_scales: q4_1 w = d q + m: d isum + m sx; q4_0 w = d (q - 8) and q5_0 w = d (q - 16),
+    the offset taken in exact integer arithmetic: d (isum - 8 sx); q8_0 w = d q; q4_k w = D q - M: D isum - M sx;
+    q6_k (isum a pair: the group's two 16-weight sub-blocks) D_lo isum_lo + D_hi isum_hi. sxi: the group's
+    activation sum."""
     fvec = _vec(_F32, 16)
-    if kind == "q4_1":
-        sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
-        return _fma(builder, d, builder.sitofp(isum, fvec), builder.fmul(m, sxv))
-    if kind == "q4_0":
-        sx8 = _splat(builder, builder.mul(sxi, ir.Constant(_I32, 8)), _vec(_I32, 16))
-        return builder.fmul(d, builder.sitofp(builder.sub(isum, sx8), fvec))
-    return builder.fmul(d, builder.sitofp(isum, fvec))
+    if kind == "q6_k":
+        lo, hi = isum
+        return _fma(builder, sv[1], builder.sitofp(hi, fvec), builder.fmul(sv[0], builder.sitofp(lo, fvec)))
+    if kind == "q4_1" or kind == "q4_k":
+        sx = builder.sub(ir.Constant(_I32, 0), sxi) if kind == "q4_k" else sxi
+        sxv = _splat(builder, builder.sitofp(sx, _F32), fvec)
+        return _fma(builder, sv[0], builder.sitofp(isum, fvec), builder.fmul(sv[1], sxv))
+    if kind == "q4_0" or kind == "q5_0":
+        off = 8 if kind == "q4_0" else 16
+        sx8 = _splat(builder, builder.mul(sxi, ir.Constant(_I32, off)), _vec(_I32, 16))
+        return builder.fmul(sv[0], builder.sitofp(builder.sub(isum, sx8), fvec))
+    return builder.fmul(sv[0], builder.sitofp(isum, fvec))
 
 
 def _layout(kind):
-    """(code lanes, elements of codes per group of 64 rows, fp16 scale rows per group) of a format."""
-    if kind == "q8_0":
-        return _lanes_q8, 32 * 64, 1
-    return _lanes_q4, 16 * 64, 2 if kind == "q4_1" else 1
+    """(code lanes, bytes of codes per group of 64 rows) of a format."""
+    if kind == "q8_0" or kind == "q6_k":
+        return _lanes_q8, 32 * 64
+    if kind == "q5_0":
+        return _lanes_q5, 20 * 64
+    return _lanes_q4, 16 * 64
+
+
+# Scale rows (of 64 uint16) per K-quant super-block of 8 groups in the repacked layouts of quant.repack: q4_k
+# d, dmin (fp16), then per group its 64 rows' 6-bit sc and m as bytes; q6_k d (fp16), then per group the int8
+# scales of its two 16-weight sub-blocks
+_KROWS = {"q4_k": 10, "q6_k": 9}
+
+
+def _bytes16(builder, bp, off, signed):
+    """The 16 bytes at bp[off] (i8*), zero- or sign-extended, as <16 x float> (exact)."""
+    v = builder.load(builder.bitcast(builder.gep(bp, [_c64(off)]), _vec(_I8, 16).as_pointer()), align=1)
+    return builder.sitofp((builder.sext if signed else builder.zext)(v, _vec(_I32, 16)), _vec(_F32, 16))
+
+
+def _group_scales(builder, kind, sp0, g):
+    """k -> the scale vectors (<16 x float>) of rows 16k..16k+15 of group g, for _scaled: (d,), (d, m) for q4_1,
+    (D, M) = (d sc, dmin m) for q4_k, (D_lo, D_hi) = (d sc_lo, d sc_hi) for q6_k (products exact in float32:
+    an fp16 times a 6- or 8-bit integer). sp0: i16* at the tile's first scale row."""
+    if kind in _KROWS:
+        base = builder.gep(sp0, [builder.mul(builder.lshr(g, _c64(3)), _c64(_KROWS[kind] * 64))])
+        boff = builder.add(builder.mul(builder.and_(g, _c64(7)), _c64(128)), _c64(256 if kind == "q4_k" else 128))
+        bp = builder.gep(builder.bitcast(base, _I8.as_pointer()), [boff])
+
+        def at_k(k):
+            d = _f16x16(builder, base, 16 * k)
+            if kind == "q4_k":
+                dmin = _f16x16(builder, base, 64 + 16 * k)
+                return (builder.fmul(d, _bytes16(builder, bp, 16 * k, False)),
+                        builder.fmul(dmin, _bytes16(builder, bp, 64 + 16 * k, False)))
+            return (builder.fmul(d, _bytes16(builder, bp, 16 * k, True)),
+                    builder.fmul(d, _bytes16(builder, bp, 64 + 16 * k, True)))
+
+        return at_k
+    nsc = 2 if kind == "q4_1" else 1
+    sp = builder.gep(sp0, [builder.mul(g, _c64(nsc * 64))])
+
+    def at(k):
+        d = _f16x16(builder, sp, 16 * k)
+        return (d, _f16x16(builder, sp, 64 + 16 * k)) if kind == "q4_1" else (d,)
+
+    return at
 
 
 PREFETCH = 8192  # bytes ahead of the group being read that decode kernels prefetch (one line per 64 bytes)
@@ -284,7 +343,8 @@ def _tile_codegen(kind, pf=PREFETCH):
     """acc[r] = sum over groups g of xd[g] * (d[g, r] * isum[g, r] + m[g, r] * xs[g]) for the 64 rows r of a
     tile; d and m (q4_1 only; q4_0: m = -8 d; q8_0: m = 0) are fp16 scales converted by _f16x16 (vcvtph2ps with F16C).
     The accumulators stay in registers across groups (allocas promoted by LLVM's mem2reg)."""
-    lanes, cstride, nsc = _layout(kind)
+    lanes, cstride = _layout(kind)
+    split = kind == "q6_k"  # pairs j < 8 and j >= 8 meet different sub-blocks (act_pairs_sub16): two sums
 
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xp, xoff, xd, xs, xgoff, out = args
@@ -293,11 +353,12 @@ def _tile_codegen(kind, pf=PREFETCH):
         accp = [cgutils.alloca_once(builder, fvec) for _ in range(4)]
         for p in accp:
             builder.store(ir.Constant(fvec, [0.0] * 16), p)
+        sp0 = _ptr(context, builder, ta[2], sc, sb, _I16)
         with cgutils.for_range(builder, ng) as loop:
             g = loop.index
             cp = _ptr(context, builder, ta[0], codes, builder.add(cb, builder.mul(g, _c64(cstride))), _I8)
             pp = _ptr(context, builder, ta[5], xp, builder.add(xoff, builder.mul(g, _c64(16))), _I32)
-            sp = _ptr(context, builder, ta[2], sc, builder.add(sb, builder.mul(g, _c64(nsc * 64))), _I16)
+            scales_at = _group_scales(builder, kind, sp0, g)
             # activation pair j broadcast from memory (_bcast): no shuffles, and no shuffle-index vectors to keep
             # in registers (on AVX2 they were spilled to the stack)
             for o in range(0, cstride, 64) if pf else ():
@@ -308,30 +369,35 @@ def _tile_codegen(kind, pf=PREFETCH):
                 for j in range(16):
                     b = _bcast(builder, pp, j)
                     for k in range(4):
-                        c = 2 * k + j % 2
+                        c = 2 * k + (j >= 8 if split else j % 2)
                         part[c] = _pmadd(builder, part[c], lanes(builder, cp, j, k, memo), b)
-                accs = [builder.add(part[2 * k], part[2 * k + 1]) for k in range(4)]
+                if split:
+                    accs = [(part[2 * k], part[2 * k + 1]) for k in range(4)]
+                else:
+                    accs = [builder.add(part[2 * k], part[2 * k + 1]) for k in range(4)]
             else:
                 # one chain per chunk, each word used up before the next is loaded. Where multiply and add are
                 # separate instructions the add's 1-cycle latency needs no second chain; on 256-bit targets
                 # (AVX2, AVX-VNNI) eight 512-bit chains took all 16 ymm registers and spilled 96-128 vectors per
                 # group to the stack (AVX-VNNI: 688 -> 586 instructions per group, its 8 ymm chains of
                 # vpdpwssd are independent enough)
-                per = 4 if lanes is _lanes_q4 else 2  # pairs per 32-bit word
+                per = 2 if lanes is _lanes_q8 else 4  # pairs per 32-bit word
                 accs = [_splat32(0)] * 4
                 for u in range(16 // per):
+                    if split and u * per == 8:
+                        first, accs = accs, [_splat32(0)] * 4
                     bs = [_bcast(builder, pp, j) for j in range(u * per, (u + 1) * per)]
                     for k in range(4):
                         for sft in range(per):
                             accs[k] = _pmadd(builder, accs[k], lanes(builder, cp, u * per + sft, k, memo), bs[sft])
+                if split:
+                    accs = list(zip(first, accs))
             gi = builder.add(xgoff, g)
             dx = builder.load(_ptr(context, builder, ta[7], xd, gi, _F32))
             sxi = builder.load(_ptr(context, builder, ta[8], xs, gi, _I32))
             dxv = _splat(builder, dx, fvec)
             for k in range(4):
-                d = _f16x16(builder, sp, 16 * k)
-                m = _f16x16(builder, sp, 64 + 16 * k) if kind == "q4_1" else None
-                inner = _scaled(builder, kind, d, m, accs[k], sxi)
+                inner = _scaled(builder, kind, scales_at(k), accs[k], sxi)
                 builder.store(_fma(builder, dxv, inner, builder.load(accp[k])), accp[k])
         op = _ptr(context, builder, ta[10], out, _c64(0), _F32)
         for k in range(4):
@@ -363,6 +429,9 @@ def _tile_intrinsic(kind, pf=PREFETCH):
 tile_q4_0 = _tile_intrinsic("q4_0")
 tile_q4_1 = _tile_intrinsic("q4_1")
 tile_q8_0 = _tile_intrinsic("q8_0")
+tile_q5_0 = _tile_intrinsic("q5_0")  # the GGUF types repacked at load time (quant.repack)
+tile_q4_k = _tile_intrinsic("q4_k")
+tile_q6_k = _tile_intrinsic("q6_k")
 
 
 # --- one tile of a matrix . several activation rows (prefill): weights held in registers ----------------
@@ -372,7 +441,8 @@ def _rows_codegen(kind):
     """acc[q, r] += sum over groups of xd[t, g] * (d * isum + m * xs[t, g]) for rows t = rows[q]: for each group
     and 16-row chunk, the 16 unpacked weight vectors stay in registers while every token streams past them,
     each token costing 16 multiply-adds with its activation pairs broadcast from memory."""
-    lanes, cstride, nsc = _layout(kind)
+    lanes, cstride = _layout(kind)
+    split = kind == "q6_k"
 
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xp, rows, xd, xs, acc = args
@@ -380,15 +450,15 @@ def _rows_codegen(kind):
         fvec = _vec(_F32, 16)
         rows_arr = context.make_array(ta[6])(context, builder, rows)
         nr = builder.extract_value(rows_arr.shape, 0)
+        sp0 = _ptr(context, builder, ta[2], sc, sb, _I16)
         with cgutils.for_range(builder, ng) as gl:
             g = gl.index
             cp = _ptr(context, builder, ta[0], codes, builder.add(cb, builder.mul(g, _c64(cstride))), _I8)
-            sp = _ptr(context, builder, ta[2], sc, builder.add(sb, builder.mul(g, _c64(nsc * 64))), _I16)
+            scales_at = _group_scales(builder, kind, sp0, g)
             memo = {}
             for k in range(4):
                 w = [lanes(builder, cp, j, k, memo) for j in range(16)]
-                d = _f16x16(builder, sp, 16 * k)
-                m = _f16x16(builder, sp, 64 + 16 * k) if kind == "q4_1" else None
+                sv = scales_at(k)
                 with cgutils.for_range(builder, nr) as ql:
                     q = ql.index
                     t = builder.load(_ptr(context, builder, ta[6], rows, q, _I64))
@@ -397,11 +467,15 @@ def _rows_codegen(kind):
                     part = [_splat32(0)] * 4  # four independent chains: a multiply-add has ~5 cycles latency
                     for j in range(16):
                         b = _bcast(builder, pp, j)
-                        part[j % 4] = _pmadd(builder, part[j % 4], w[j], b)
-                    isum = builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
+                        c = 2 * (j >= 8) + j % 2 if split else j % 4
+                        part[c] = _pmadd(builder, part[c], w[j], b)
+                    if split:
+                        isum = (builder.add(part[0], part[1]), builder.add(part[2], part[3]))
+                    else:
+                        isum = builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
                     dx = _splat(builder, builder.load(_ptr(context, builder, ta[7], xd, gi, _F32)), fvec)
                     sxi = builder.load(_ptr(context, builder, ta[8], xs, gi, _I32))
-                    inner = _scaled(builder, kind, d, m, isum, sxi)
+                    inner = _scaled(builder, kind, sv, isum, sxi)
                     ap = builder.bitcast(_ptr(context, builder, ta[9], acc, builder.add(builder.mul(q, _c64(64)),
                                                                                         _c64(16 * k)), _F32),
                                          fvec.as_pointer())
@@ -433,6 +507,9 @@ def _rows_intrinsic(kind):
 rows_q4_0 = _rows_intrinsic("q4_0")
 rows_q4_1 = _rows_intrinsic("q4_1")
 rows_q8_0 = _rows_intrinsic("q8_0")
+rows_q5_0 = _rows_intrinsic("q5_0")
+rows_q4_k = _rows_intrinsic("q4_k")
+rows_q6_k = _rows_intrinsic("q6_k")
 
 
 @njit(cache=True, inline="always")
@@ -486,6 +563,20 @@ def act_pairs(xq, xp):
             for j in range(16):
                 lo = np.uint32(np.uint16(xq[t, g * GROUP + j]))
                 hi = np.uint32(np.uint16(xq[t, g * GROUP + j + 16]))
+                xp[t, g * 16 + j] = np.int32(lo | (hi << np.uint32(16)))
+
+
+@njit(cache=True)
+def act_pairs_sub16(xq, xp):
+    """act_pairs for q6_k (quant.repack): lane j holds (x[j], x[j+8]) for j < 8 and (x[j+8], x[j+16]) for
+    8 <= j < 16, so that both halves of a lane lie in one of the group's two 16-weight sub-blocks."""
+    T, n = xq.shape
+    for t in range(T):
+        for g in range(n // GROUP):
+            for j in range(16):
+                a = g * GROUP + (j if j < 8 else j + 8)
+                lo = np.uint32(np.uint16(xq[t, a]))
+                hi = np.uint32(np.uint16(xq[t, a + 8]))
                 xp[t, g * 16 + j] = np.int32(lo | (hi << np.uint32(16)))
 
 
@@ -569,6 +660,51 @@ def matmul_q8(codes, scales, xq, xd, xs, out):
         n_valid = min(TILE, n_out - tile * TILE)
         rows_q8_0(codes, tile * n_groups * GROUP * TILE, scales, tile * n_groups * TILE, n_groups, xp, rows,
                        xd, xs, acc)
+        for t in range(T):
+            for r in range(n_valid):
+                out[t, tile * TILE + r] = acc[t, r]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
+    """out (T, n_out) = x (T, n_in) @ W.T for W repacked from GGUF rows into tiles (quant.repack; kind: the GGUF
+    type id, 6 Q5_0, 12 Q4_K, 14 Q6_K). codes (n_tiles, code rows, TILE) uint8, scales (n_tiles, scale rows,
+    TILE) uint16, both in quant.repack's layouts; decode and prefill as matmul_q4."""
+    n_tiles = codes.shape[0]
+    cpt, spt = codes.shape[1] * TILE, scales.shape[1] * TILE
+    T, n_in = xq.shape
+    ng = n_in // GROUP
+    n_out = out.shape[1]
+    xp = np.empty((T, n_in // 2), np.int32)
+    if kind == 14:
+        act_pairs_sub16(xq, xp)
+    else:
+        act_pairs(xq, xp)
+    if T == 1:
+        n_chunks = min(CHUNKS, n_tiles)
+        for c in prange(n_chunks):
+            acc1 = np.empty(TILE, np.float32)
+            lo, hi = _span(n_tiles, c, n_chunks)
+            for tile in range(lo, hi):
+                if kind == 12:
+                    tile_q4_k(codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xs, 0, acc1)
+                elif kind == 14:
+                    tile_q6_k(codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xs, 0, acc1)
+                else:
+                    tile_q5_0(codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xs, 0, acc1)
+                for r in range(min(TILE, n_out - tile * TILE)):
+                    out[0, tile * TILE + r] = acc1[r]
+        return
+    rows = np.arange(T)
+    for tile in prange(n_tiles):
+        acc = np.zeros((T, TILE), np.float32)
+        n_valid = min(TILE, n_out - tile * TILE)
+        if kind == 12:
+            rows_q4_k(codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xs, acc)
+        elif kind == 14:
+            rows_q6_k(codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xs, acc)
+        else:
+            rows_q5_0(codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xs, acc)
         for t in range(T):
             for r in range(n_valid):
                 out[t, tile * TILE + r] = acc[t, r]

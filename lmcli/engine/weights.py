@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from quant import kernels
+from quant import kernels, repack
 from quant.container import Container
 from quant.formats import TILE, Format, matrix_parts
 from quant.schema import ModelConfig, expected_tensors
@@ -49,6 +49,12 @@ class Linear:
         self.n_out, self.n_in = n_out, n_in
         self.bias = bias  # (n_out,) or None
         self.nbytes = codes.nbytes + scales.nbytes
+        # Q5_0/Q4_K/Q6_K (GGUF's rows in the file): repacked once into tiles in RAM, (codes, scales) for
+        # kernels.matmul_tiles (quant.repack); the file's rows still serve rows() (embedding lookups)
+        self.tiles = None
+        if repack.repackable(fmt):
+            self.tiles = repack.repack(fmt, codes, n_in)
+            self.nbytes = self.tiles[0].nbytes + self.tiles[1].nbytes
         # a router (8-64 float rows, padded to a 64-row tile in the file): a compact float32 copy, so a token reads
         # its rows (64 KiB, L2-resident) instead of one strided 512 KiB tile on one thread (20 us per layer)
         self.rows_f32 = None
@@ -74,6 +80,8 @@ class Linear:
             kernels.matmul_rows(self.rows_f32, act.x, out)
         elif self.fmt.int_act:
             self.fmt.matmul(self.codes, self.scales, *act.quantized(), out)
+        elif self.tiles is not None:
+            kernels.matmul_tiles(*self.tiles, self.fmt.kind, *act.quantized(), out)
         elif self.fmt.gguf_rows:
             self.fmt.matmul(self.codes, self.fmt.kind, act.x, out)
         else:

@@ -1,0 +1,100 @@
+"""GGUF rows (Q5_0, Q4_K, Q6_K) repacked at load time into tiles for quant.kernels.matmul_tiles.
+
+The container keeps these types as GGUF's own blocks (quant.formats.ROWS: lossless import, byte-exact export); a
+dense matrix in one of them is repacked here into anonymous RAM once, as llama.cpp repacks Q4_0/Q4_K for its
+CPU kernels, so that it is multiplied like Q4_0/Q8_0: 64 rows side by side per group of 32 weights, int16
+activations, exact integer multiply-adds. Nothing is rounded: the repacked codes and scales are the file's
+(codes q as 4-bit words, 6-bit scales and mins as bytes, fp16 d as fp16), and a weight is the same float32
+product d * sc * q - dmin * m as gguf.quants' dequantization.
+
+Layouts, per tile of TILE = 64 rows (row r of the tile in lane r; words as quant.quantize._tile_words):
+  q5_0  codes (n_tiles, 20 n_groups, TILE) uint8: per group the 4-bit words of the low nibbles (quantize._q4_tile)
+        then one 32-bit word per row of qh (bit j the fifth bit of element j); scales (n_tiles, n_groups, TILE)
+        fp16 d. w = d (q - 16).
+  q4_k  codes (n_tiles, 16 n_groups, TILE) uint8: per group (a 32-weight sub-block) its 4-bit words; scales
+        (n_tiles, 10 n_superblocks, TILE) uint16: per super-block of 256 weights d, dmin (fp16), then per group
+        the bytes sc[64 rows], m[64 rows]. w = (d sc) q - (dmin m).
+  q6_k  codes (n_tiles, 32 n_groups, TILE) uint8: per group the 8-bit words (quantize._q8_tile) of q - 32 (int8)
+        in slot order SLOTS, so that each int16 lane pairs two weights of one 16-weight sub-block (the kernel
+        pairs activations to match, kernels.act_pairs_sub16); scales (n_tiles, 9 n_superblocks, TILE): per
+        super-block d (fp16), then per group the int8 scales of its two sub-blocks, sc_lo[64], sc_hi[64].
+        w = (d sc) (q - 32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .formats import GROUP, TILE, Format
+from .quantize import _q4_tile, _q8_tile, _tile_words
+
+# q6_k: slot s of a group holds element SLOTS[s]; slots j and j + 16 (one int16 lane) are elements (j, j + 8) for
+# j < 8 (sub-block 0) and (j + 8, j + 16) for 8 <= j < 16 (sub-block 1)
+SLOTS = np.r_[0:8, 16:24, 8:16, 24:32]
+
+
+def _half(b: np.ndarray) -> np.ndarray:
+    """Two bytes (..., 2) -> their little-endian uint16 (...,)."""
+    return np.ascontiguousarray(b).view(np.uint16)[..., 0]
+
+
+def _scale_rows(halves: list[np.ndarray], per_group: np.ndarray) -> np.ndarray:
+    """Scales of a K-quant layout: halves, each (nt, TILE, nsb) uint16, then per group two bytes per row,
+    per_group (nt, TILE, nsb, 8, 2) uint8 -> (nt, (len(halves) + 8) nsb, TILE) uint16."""
+    nt, _, nsb = halves[0].shape
+    s = np.empty((nt, nsb, len(halves) + 8, TILE), np.uint16)
+    for i, h in enumerate(halves):
+        s[:, :, i] = h.transpose(0, 2, 1)
+    b = np.ascontiguousarray(per_group.transpose(0, 2, 3, 4, 1)).reshape(nt, nsb, 8, 2 * TILE)
+    s[:, :, len(halves):] = b.view(np.uint16)
+    return s.reshape(nt, -1, TILE)
+
+
+def _q5_0(rows: np.ndarray, n_in: int):
+    nt, ng = rows.shape[0] // TILE, n_in // GROUP
+    b = rows.reshape(nt, TILE, ng, 22)
+    nib = _q4_tile(np.ascontiguousarray(b[..., 6:]))  # Q5_0's low nibbles are ordered as Q4_0's
+    qh = _tile_words(np.ascontiguousarray(b[..., 2:6]).reshape(nt, TILE, ng, 1, 4))
+    codes = np.concatenate([nib, qh], axis=2).reshape(nt, ng * 20, TILE)
+    return codes, np.ascontiguousarray(_half(b[..., :2]).transpose(0, 2, 1))
+
+
+def _q4_k(rows: np.ndarray, n_in: int):
+    nt, nsb = rows.shape[0] // TILE, n_in // 256
+    b = rows.reshape(nt, TILE, nsb, 144)
+    s = b[..., 4:16]  # get_scale_min_k4 of ggml-quants.c
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = b[..., 16:].reshape(nt, TILE, nsb, 4, 1, 32)  # sub-block 2 jj: low nibbles of bytes 32 jj.., 2 jj + 1 high
+    q = np.concatenate([qs & 15, qs >> 4], axis=4).reshape(nt, TILE, nsb * 8, 32)
+    codes = _q4_tile(q[..., :16] | (q[..., 16:] << 4)).reshape(nt, nsb * 8 * 16, TILE)
+    return codes, _scale_rows([_half(b[..., 0:2]), _half(b[..., 2:4])], np.stack([sc, m], axis=-1))
+
+
+def _q6_k(rows: np.ndarray, n_in: int):
+    nt, nsb = rows.shape[0] // TILE, n_in // 256
+    b = rows.reshape(nt, TILE, nsb, 210)
+    ql = b[..., :128].reshape(nt, TILE, nsb, 2, 2, 32)  # [half h][c][l]: ql[64 h + 32 c + l]
+    qh = b[..., 128:192].reshape(nt, TILE, nsb, 2, 32)
+    # element 128 h + 32 u + l (dequantize_row_q6_K)
+    q = np.stack([(ql[..., 0, :] & 15) | ((qh & 3) << 4), (ql[..., 1, :] & 15) | (((qh >> 2) & 3) << 4),
+                  (ql[..., 0, :] >> 4) | (((qh >> 4) & 3) << 4), (ql[..., 1, :] >> 4) | (((qh >> 6) & 3) << 4)],
+                 axis=4)
+    w = (q.astype(np.int16) - 32).astype(np.int8).reshape(nt, TILE, nsb * 8, 32)[..., SLOTS]
+    codes = _q8_tile(np.ascontiguousarray(w).view(np.uint8)).view(np.uint8).reshape(nt, nsb * 8 * 32, TILE)
+    sc = b[..., 192:208].reshape(nt, TILE, nsb, 8, 2)
+    return codes, _scale_rows([_half(b[..., 208:210])], sc)
+
+
+_REPACK = {6: _q5_0, 12: _q4_k, 14: _q6_k}
+
+
+def repackable(fmt: Format) -> bool:
+    return fmt.gguf_rows and fmt.gguf_type in _REPACK
+
+
+def repack(fmt: Format, codes: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """A gguf_rows matrix's codes (n_tiles, TILE, row bytes) -> (codes, scales) for kernels.matmul_tiles."""
+    rows = np.asarray(codes, dtype=np.uint8).reshape(-1, fmt.row_nbytes(n_in))
+    c, s = _REPACK[fmt.gguf_type](rows, n_in)
+    return np.ascontiguousarray(c), np.ascontiguousarray(s)
