@@ -26,11 +26,21 @@ from __future__ import annotations
 import numpy as np
 
 from .formats import GROUP, TILE, Format
-from .quantize import _q4_tile, _q8_tile, _tile_words
 
 # q6_k: slot s of a group holds element SLOTS[s]; slots j and j + 16 (one int16 lane) are elements (j, j + 8) for
 # j < 8 (sub-block 0) and (j + 8, j + 16) for 8 <= j < 16 (sub-block 1)
 SLOTS = np.r_[0:8, 16:24, 8:16, 24:32]
+
+
+_q4_tile = _q8_tile = _tile_words = None
+
+
+def _tile_helpers() -> None:
+    """quant.quantize's tile layout helpers, imported on the first repack: a run of a model with no K-quant matrix
+    never imports the encoders (tests/test_startup.py)."""
+    global _q4_tile, _q8_tile, _tile_words
+    if _tile_words is None:
+        from .quantize import _q4_tile, _q8_tile, _tile_words  # noqa: F811
 
 
 def _half(b: np.ndarray) -> np.ndarray:
@@ -95,6 +105,7 @@ def repackable(fmt: Format) -> bool:
 
 def repack(fmt: Format, codes: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
     """A gguf_rows matrix's codes (n_tiles, TILE, row bytes) -> (codes, scales) for kernels.matmul_tiles."""
+    _tile_helpers()
     rows = np.asarray(codes, dtype=np.uint8).reshape(-1, fmt.row_nbytes(n_in))
     c, s = _REPACK[fmt.gguf_type](rows, n_in)
     return np.ascontiguousarray(c), np.ascontiguousarray(s)

@@ -336,7 +336,10 @@ def test_pull_fetches_only_the_needed_files_and_records_what_it_verified(pulled,
     assert not requested & set(DECOYS)  # no pickles, no code, no README
     assert {s.name for s in shards} <= requested
     d = home / "models" / "org" / "tiny-moe"
-    assert sorted(p.name for p in d.iterdir()) == [".lock", "manifest.json", "model.lmc"]  # sources deleted
+    # sources deleted (tokenizer.cache.json is written by the first run of the model, which other tests of this
+    # fixture make)
+    left = sorted(p.name for p in d.iterdir() if p.name != "tokenizer.cache.json")
+    assert left == [".lock", "manifest.json", "model.lmc"]
     man = json.loads((d / "manifest.json").read_text())
     src = man["source"]
     assert (src["repo"], src["commit"], src["revision"], man["quant"]) == (REPO, hub.repos[REPO].commit, "main", "q4_0")
