@@ -1,11 +1,15 @@
-"""Kernel threads on a machine shared with other programs: idle threads that sleep, and a decode thread count
-chosen from the step times each count gives right now.
+"""Kernel threads on a machine shared with other programs: idle threads that spin briefly, then sleep, and a decode
+thread count chosen from what the machine gives right now.
 
-Why: every decode token runs a few hundred parallel kernel launches, and each waits for all its threads. Beside
-busy processes one of them is often descheduled, and with OpenMP's default wait policy the others spin at the
-barrier (and between launches) on time the neighbours compete for. Measured on 2 cores beside 2 busy processes
-(SmolLM2, under load from other processes): 2 threads 0.5-2.8 tok/s spinning, 38-83 with passive waiting, 1 thread
-18-82. So idle threads sleep (configure_pool), and ThreadPolicy keeps measuring whether fewer threads are faster.
+Why: every decode token runs about a hundred parallel kernel launches, and each waits for all its threads. How the
+idle threads wait decides both the quiet and the busy case. Spinning for long (libgomp's default, about 3 ms) beside
+busy processes burns the time the neighbours compete for: SmolLM2 on 2 cores beside 2 busy processes decoded 11
+tok/s (8.7-26.8) [AVX-512 VNNI]. Sleeping at once (OMP_WAIT_POLICY=passive) makes every launch wake a sleeping
+thread, which on the virtual machines measured here (an idle vCPU halts; waking it is an inter-processor interrupt
+through the hypervisor) costs tens of microseconds: on a quiet machine 2 threads then decoded SmolLM2 at 63 tok/s,
+half of one thread's 124, against 177 with a short spin. So idle threads spin about 0.1 ms, then sleep
+(configure_pool: GOMP_SPINCOUNT), and the count starts from the CPUs other programs left free (free_cpus) and keeps
+being measured (ThreadPolicy): beside busy processes fewer threads are faster.
 """
 
 from __future__ import annotations
@@ -21,13 +25,76 @@ from typing import Callable, TypeVar
 R = TypeVar("R")
 
 
-def configure_pool() -> None:
-    """Let Numba's idle OpenMP threads sleep instead of spin (OMP_WAIT_POLICY=passive), unless the user chose.
+# libgomp's spin before an idle thread sleeps, in its own units (it estimates 100000 per ms); 10000 is about 0.1 ms:
+# long enough to bridge the gaps between a token's launches, short enough that a thread left waiting beside busy
+# processes soon gives its core back. Measured beside the alternatives in bench/wait_policy.py.
+SPINCOUNT = "10000"
 
-    libgomp reads it once, when it is loaded (Numba loads it with its thread pool, on the first set or launch), so
-    this must run before that: the CLI calls it first thing, lmcli.api before it sizes the pool.
+
+def configure_pool() -> None:
+    """Let Numba's idle OpenMP threads spin briefly, then sleep, unless the user chose how they wait.
+
+    GOMP_SPINCOUNT for libgomp (Linux), KMP_BLOCKTIME (milliseconds) for the LLVM/Intel OpenMP runtimes. Either
+    runtime reads them once, when it is loaded (Numba loads it with its thread pool, on the first set or launch),
+    so this must run before that: the CLI calls it first thing, lmcli.api before it sizes the pool. A user's
+    OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME is left alone (GOMP_SPINCOUNT would override their policy).
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    if not any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")):
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+        os.environ["KMP_BLOCKTIME"] = "1"
+
+
+def _busy_ticks(cpus: set[int]) -> int | None:
+    """Clock ticks the given CPUs spent busy since boot (/proc/stat: user, nice, system, irq, softirq and steal:
+    everything but idle and iowait), or None where that is not readable."""
+    total, seen = 0, 0
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if not line.startswith(b"cpu") or line[3:4] == b" ":
+                    continue
+                name, *vals = line.split()
+                if int(name[3:]) in cpus:
+                    v = [int(x) for x in vals[:8]]
+                    total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+                    seen += 1
+    except (OSError, ValueError, IndexError):
+        return None
+    return total if seen == len(cpus) else None
+
+
+class FreeCpus:
+    """How many of our CPUs other programs left free since the last look: the CPUs' busy time (/proc/stat) minus
+    this process's own (all its threads), over the wall time between. None until a long enough span has passed,
+    or where /proc is not there."""
+
+    def __init__(self, min_span: float = 0.1):
+        try:
+            self.cpus = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            self.cpus = None
+        self.min_span = min_span
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._mark = self._now()
+
+    def _now(self) -> tuple[float, int, float] | None:
+        busy = _busy_ticks(self.cpus) if self.cpus else None
+        if busy is None:
+            return None
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system
+
+    def __call__(self) -> float | None:
+        now = self._now()
+        if now is None or self._mark is None:
+            self._mark = now
+            return None
+        (t0, b0, o0), (t1, b1, o1) = self._mark, now
+        if t1 - t0 < self.min_span:
+            return None
+        self._mark = now
+        others = max((b1 - b0) / self.hz - (o1 - o0), 0.0) / (t1 - t0)
+        return max(len(self.cpus) - others, 0.0)
 
 
 # A decode matmul over fewer weight bytes than this runs on the calling thread alone: one thread reads 256 KiB in
@@ -123,7 +190,8 @@ class ThreadPolicy:
     def __init__(self, max_threads: int, fixed: bool = False, *, window: int = 8, probe_steps: int = 4,
                  first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, margin_down: float = 0.8,
                  clear: float = 1.5, drift: float = 1.3, budget: float = 0.02,
-                 decisive: float = 3.0, waited: Callable[[], float | None] | None = None, contended: float = 0.1):
+                 decisive: float = 3.0, waited: Callable[[], float | None] | None = None, contended: float = 0.1,
+                 free: Callable[[], float | None] | None = None):
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
         self.max_threads, self.fixed = max_threads, fixed
@@ -132,6 +200,7 @@ class ThreadPolicy:
         self.margin, self.margin_down, self.clear = margin, margin_down, clear
         self.drift, self.budget = drift, budget
         self.waited, self.contended, self.decisive = waited, contended, decisive
+        self.free = free  # CPUs other programs left free lately (FreeCpus), or None when unknown or too soon to say
         self._mark: tuple[float, float] | None = None  # (waited(), elapsed) when contention was last looked at
         self.skipped = 0  # probes of fewer threads not run: nothing waited for a CPU
         self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count (no transitions)
@@ -151,7 +220,7 @@ class ThreadPolicy:
     @classmethod
     def default(cls, max_threads: int, fixed: bool = False) -> ThreadPolicy:
         """The policy lmcli decodes with: as the constructor's defaults, contention read from the kernel (run_delay)."""
-        return cls(max_threads, fixed, waited=run_delay)
+        return cls(max_threads, fixed, waited=run_delay, free=None if fixed else FreeCpus())
 
     @property
     def adaptive(self) -> bool:
@@ -249,9 +318,26 @@ class ThreadPolicy:
         self.until_probe = self.interval
 
     def begin(self) -> None:
-        """Before a prompt (prefill): every thread allowed, in this thread (Numba's count is per thread). A batch
-        of tokens is compute-bound work that parallel launches pay off on; decode steps are what step() adapts."""
-        _use(self.max_threads)
+        """Before a prompt (prefill): start from the CPUs other programs left free since the last look (free()): the
+        largest count on the ladder that fits them, every thread on a quiet machine, fewer beside busy processes,
+        where a thread that shares its core holds every launch back. The prompt runs at that count, and decode
+        starts there; step() goes on measuring (more threads are still probed: a neighbour may leave)."""
+        if self.adaptive and self.free is not None:
+            f = self.free()
+            if f is not None:
+                start = next((n for n in self.counts if n <= f + 0.25), self.counts[-1])
+                if start != self.current:
+                    self._restart(start)
+        _use(self.current if self.adaptive else self.max_threads)
+
+    def _restart(self, n: int) -> None:
+        """Move to n threads and judge every count afresh (what was measured before was another load)."""
+        self.current, self.settled, self.probing, self._probe = n, None, None, []
+        self._confirming, self._again = False, None
+        for q in self.times.values():
+            q.clear()
+        self.interval = self.until_probe = self.first_interval
+        self.switches += 1
 
     def step(self, fn: Callable[[], R]) -> R:
         """fn() at the count next() chooses, set for this thread, timed and recorded."""

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numba
 import numpy as np
 import pytest
 
-from lmcli.threads import SERIAL_BYTES, ThreadPolicy, configure_pool, ladder, serially
+from lmcli import threads
+from lmcli.threads import SERIAL_BYTES, SPINCOUNT, FreeCpus, ThreadPolicy, configure_pool, ladder, serially
 
 
 def drive(pol: ThreadPolicy, cost, steps: int, start: int = 0) -> list[int]:
@@ -234,13 +236,111 @@ def test_step_sets_numbas_count_in_the_calling_thread_and_records_it():
     assert len(pol.times[2]) == 1 and pol.probing == 1 and len(pol._probe) == 1  # the probe's first step recorded
 
 
-def test_configure_pool_keeps_a_users_wait_policy(monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+@pytest.mark.parametrize("users", [("OMP_WAIT_POLICY", "active"), ("GOMP_SPINCOUNT", "0"), ("KMP_BLOCKTIME", "0")])
+def test_configure_pool_keeps_a_users_wait_choice(monkeypatch, users):
+    for k in WAIT_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(*users)
     configure_pool()
-    assert os.environ["OMP_WAIT_POLICY"] == "active"
-    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert {k: os.environ.get(k) for k in WAIT_VARS} == {k: users[1] if k == users[0] else None for k in WAIT_VARS}
+
+
+def test_configure_pool_spins_briefly_then_sleeps(monkeypatch):
+    for k in WAIT_VARS:
+        monkeypatch.delenv(k, raising=False)
     configure_pool()
-    assert os.environ["OMP_WAIT_POLICY"] == "passive"
+    # not OMP_WAIT_POLICY=passive: sleeping at once made every launch wake a halted vCPU (2 threads at half of 1's
+    # speed on a quiet machine); not libgomp's default 3 ms spin, which starves busy neighbours
+    assert os.environ.get("OMP_WAIT_POLICY") is None and os.environ["GOMP_SPINCOUNT"] == SPINCOUNT == "10000"
+    assert os.environ["KMP_BLOCKTIME"] == "1"
+
+
+def test_the_cli_process_runs_its_pool_under_the_short_spin(lmcli_home):
+    # what libgomp reads is the process environment before Numba loads it: the CLI's own, seen from a kernel thread
+    code = ("import os; from lmcli import cli; cli.main(['--version']); "
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARS}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.stdout.split()[-2:] == [SPINCOUNT, "None"], r.stderr
+
+
+def fake_proc(monkeypatch, cpus: int):
+    """FreeCpus over a fake /proc/stat and os.times: returns a function that advances the clock by `dt` seconds
+    in which other programs kept `others` CPUs busy and this process `ours` CPU seconds busy."""
+    state = {"t": 100.0, "busy": 0, "ours": 0.0}
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(threads, "_busy_ticks", lambda c: state["busy"] if c == set(range(cpus)) else None)
+    monkeypatch.setattr(threads.time, "monotonic", lambda: state["t"])
+    monkeypatch.setattr(threads.os, "times", lambda: os.times_result((state["ours"], 0.0, 0.0, 0.0, 0.0)))
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def advance(dt: float, others: float, ours: float):
+        state["t"] += dt
+        state["ours"] += ours
+        state["busy"] += round((others * dt + ours) * hz)
+
+    return advance
+
+
+def test_free_cpus_counts_what_other_programs_used_not_this_process(monkeypatch):
+    advance = fake_proc(monkeypatch, cpus=4)
+    free = FreeCpus(min_span=0.1)
+    advance(1.0, others=1.5, ours=2.0)  # our own threads busy on 2 CPUs do not count against us
+    assert free() == pytest.approx(2.5, abs=0.02)
+    advance(0.05, others=4.0, ours=0.0)
+    assert free() is None  # too short a span to say: the next look spans from the last answer
+    advance(0.95, others=0.0, ours=0.0)
+    assert free() == pytest.approx(4 - 0.2, abs=0.02)  # 4 CPUs for 0.05 s over the whole 1 s span
+
+
+def test_free_cpus_sees_a_real_busy_neighbour():
+    cpus = sorted(os.sched_getaffinity(0))
+    spin = "import os\np = os.getppid()\nwhile os.getppid() == p:\n    pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        os.sched_setaffinity(busy.pid, {cpus[0]})
+        free = FreeCpus(min_span=0.1)
+        t = time.monotonic()
+        while time.monotonic() - t < 0.5:
+            pass  # this process busy too: not counted
+        f = free()
+    finally:
+        busy.kill()
+        busy.wait()
+    # the neighbour holds one CPU (other load on the machine can only lower what is free)
+    assert f is not None and f <= len(cpus) - 0.8
+
+
+def test_a_prompt_starts_from_the_cpus_left_free_and_decode_still_probes_more():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no thread count to adapt")
+    frees = iter([1.0, 2.0, None])
+    pol = ThreadPolicy(2, free=lambda: next(frees))
+    try:
+        pol.begin()
+        assert pol.current == 1 and numba.get_num_threads() == 1  # the prompt runs on the free CPU too
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    # decode starts at 1 and, 2 threads being twice as fast now (the neighbour left), moves up on its first probe
+    used = drive(pol, lambda i, n: 0.01 if n == 2 else 0.02, 40)
+    assert used[:8] == [1] * 8 and pol.current == 2
+    pol._restart(1)
+    try:
+        pol.begin()  # the machine is quiet again: back to every core
+        assert pol.current == 2
+        pol.begin()  # too soon to say: keeps what it has
+        assert pol.current == 2
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_a_fixed_count_ignores_the_free_cpus():
+    pol = ThreadPolicy(2, fixed=True, free=lambda: 0.5)
+    pol.begin()
+    assert pol.current == 2 and ThreadPolicy.default(2, fixed=True).free is None
 
 
 def test_adaptive_generation_visits_both_counts_and_matches_one_thread(smol_container):
