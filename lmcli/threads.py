@@ -63,26 +63,40 @@ def _busy_ticks(cpus: set[int]) -> int | None:
     return total if seen == len(cpus) else None
 
 
+def _affinity() -> set[int] | None:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+
+
+def _sample(cpus: set[int] | None) -> tuple[float, int, float] | None:
+    """(monotonic seconds, the CPUs' busy ticks, this process's CPU seconds), or None where /proc/stat is not there."""
+    busy = _busy_ticks(cpus) if cpus else None
+    if busy is None:
+        return None
+    t = os.times()
+    return time.monotonic(), busy, t.user + t.system
+
+
+_affinity_at_import = _affinity()
+_EARLY = _sample(_affinity_at_import)  # when lmcli was imported: a model's load is the first span looked at
+
+
 class FreeCpus:
     """How many of our CPUs other programs left free since the last look: the CPUs' busy time (/proc/stat) minus
-    this process's own (all its threads), over the wall time between. None until a long enough span has passed,
-    or where /proc is not there."""
+    this process's own (all its threads), over the wall time between. The first look spans from lmcli's import (the
+    model's load: nothing to wait for). None until a span of at least min_span, or where /proc is not there."""
 
     def __init__(self, min_span: float = 0.1):
-        try:
-            self.cpus = os.sched_getaffinity(0)
-        except (AttributeError, OSError):
-            self.cpus = None
+        self.cpus = _affinity()
         self.min_span = min_span
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._mark = self._now()
+        self._mark = _EARLY if _EARLY is not None and self.cpus == _affinity_at_import else self._now()
+        self.works = self._mark is not None  # /proc/stat is there (Linux)
 
     def _now(self) -> tuple[float, int, float] | None:
-        busy = _busy_ticks(self.cpus) if self.cpus else None
-        if busy is None:
-            return None
-        t = os.times()
-        return time.monotonic(), busy, t.user + t.system
+        return _sample(self.cpus)
 
     def __call__(self) -> float | None:
         now = self._now()
@@ -179,6 +193,9 @@ class ThreadPolicy:
     max_interval steps); a win resets it. When the current count's median moves by more than `drift` from where it
     settled (the load changed; a median, so that bursts of load do not count), it probes at once unless probes so
     far lost over 3x the budget.
+    More threads are probed only when the CPUs other programs left free since the last look (free(), FreeCpus)
+    could hold them: beside a busy neighbour each step at 2 threads took 4x one thread's, so one probe of 3 steps
+    cost 20% of a 64-token reply. Each prompt starts from that count too (begin()).
     Fewer threads are probed only when ours waited for a CPU (waited(): run_delay, the kernel's count) for at least
     `contended` of their time since the last look: when every thread had its core, fewer cannot be faster, and on a
     quiet machine the probe's slow steps were pure cost (6% of a 32-token reply on the synthetic MoE). A first win
@@ -220,7 +237,8 @@ class ThreadPolicy:
     @classmethod
     def default(cls, max_threads: int, fixed: bool = False) -> ThreadPolicy:
         """The policy lmcli decodes with: as the constructor's defaults, contention read from the kernel (run_delay)."""
-        return cls(max_threads, fixed, waited=run_delay, free=None if fixed else FreeCpus())
+        free = None if fixed else FreeCpus()
+        return cls(max_threads, fixed, waited=run_delay, free=free if free is not None and free.works else None)
 
     @property
     def adaptive(self) -> bool:
@@ -235,6 +253,9 @@ class ThreadPolicy:
             probe = self._again if self._confirming else self._neighbour()
             if probe < self.current and not self._confirming and not self._contended():
                 self.until_probe = self.interval  # every thread had its core: fewer cannot be faster, look later
+                self.skipped += 1
+            elif probe > self.current and not self._room_for(probe):
+                self.until_probe = self.interval  # the other programs still hold the CPUs more threads would need
                 self.skipped += 1
             else:
                 self.probing, self._probe = probe, []
@@ -251,6 +272,14 @@ class ThreadPolicy:
         (w0, e0), self._mark = self._mark, (w, e)
         span = (e - e0) * self.current
         return span <= 0 or (w - w0) / span >= self.contended
+
+    def _room_for(self, n: int) -> bool:
+        """Whether the CPUs other programs left free since the last look could hold n threads (True when there is
+        no such source; False when the span since the last look is too short to say: asked again later)."""
+        if self.free is None:
+            return True
+        f = self.free()
+        return f is not None and f >= n - 0.5
 
     def _neighbour(self) -> int:
         i = self.counts.index(self.current)

@@ -271,6 +271,7 @@ def fake_proc(monkeypatch, cpus: int):
     """FreeCpus over a fake /proc/stat and os.times: returns a function that advances the clock by `dt` seconds
     in which other programs kept `others` CPUs busy and this process `ours` CPU seconds busy."""
     state = {"t": 100.0, "busy": 0, "ours": 0.0}
+    monkeypatch.setattr(threads, "_EARLY", None)  # the first look spans from the FreeCpus, not from lmcli's import
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(cpus)))
     monkeypatch.setattr(threads, "_busy_ticks", lambda c: state["busy"] if c == set(range(cpus)) else None)
     monkeypatch.setattr(threads.time, "monotonic", lambda: state["t"])
@@ -303,6 +304,7 @@ def test_free_cpus_sees_a_real_busy_neighbour():
     try:
         os.sched_setaffinity(busy.pid, {cpus[0]})
         free = FreeCpus(min_span=0.1)
+        free()  # the span since lmcli's import ends here
         t = time.monotonic()
         while time.monotonic() - t < 0.5:
             pass  # this process busy too: not counted
@@ -314,27 +316,42 @@ def test_free_cpus_sees_a_real_busy_neighbour():
     assert f is not None and f <= len(cpus) - 0.8
 
 
-def test_a_prompt_starts_from_the_cpus_left_free_and_decode_still_probes_more():
+def test_a_prompt_starts_from_the_cpus_left_free_and_more_threads_are_probed_only_when_they_are_free():
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one core: no thread count to adapt")
-    frees = iter([1.0, 2.0, None])
-    pol = ThreadPolicy(2, free=lambda: next(frees))
+    free = {"now": 1.0}  # a busy neighbour holds one of the two CPUs
+    pol = ThreadPolicy(2, free=lambda: free["now"])
     try:
         pol.begin()
         assert pol.current == 1 and numba.get_num_threads() == 1  # the prompt runs on the free CPU too
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    # decode starts at 1 and, 2 threads being twice as fast now (the neighbour left), moves up on its first probe
-    used = drive(pol, lambda i, n: 0.01 if n == 2 else 0.02, 40)
-    assert used[:8] == [1] * 8 and pol.current == 2
+    # beside the neighbour 2 threads are 4x slower: never tried while it holds its CPU
+    assert drive(pol, lambda i, n: 0.04 if n == 2 else 0.01, 200) == [1] * 200 and pol.skipped > 10
+    free["now"] = 2.0  # the neighbour left: 2 threads twice as fast, tried at the next probe and kept
+    used = drive(pol, lambda i, n: 0.005 if n == 2 else 0.01, 200, start=200)
+    assert 2 in used[:64] and pol.current == 2
+    free["now"] = None  # too soon to say: no probe of more threads now (asked again later)
     pol._restart(1)
+    assert drive(pol, lambda i, n: 0.005 if n == 2 else 0.01, 40) == [1] * 40
+    free["now"] = 2.0
     try:
-        pol.begin()  # the machine is quiet again: back to every core
+        pol.begin()  # the machine is quiet again: the next prompt starts at every core
         assert pol.current == 2
+        free["now"] = None
         pol.begin()  # too soon to say: keeps what it has
         assert pol.current == 2
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_the_first_look_spans_the_models_load(monkeypatch):
+    advance = fake_proc(monkeypatch, cpus=2)
+    monkeypatch.setattr(threads, "_affinity_at_import", set(range(2)))
+    monkeypatch.setattr(threads, "_EARLY", threads._sample(set(range(2))))  # "import lmcli"
+    advance(0.5, others=1.0, ours=0.5)  # the load, beside a busy neighbour
+    pol = ThreadPolicy.default(2)  # the model's policy, made at the end of its load: begin() follows at once
+    assert pol.free() == pytest.approx(1.0, abs=0.02)
 
 
 def test_a_fixed_count_ignores_the_free_cpus():
