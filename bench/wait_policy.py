@@ -7,8 +7,10 @@ several OpenMP wait settings, on a quiet machine and beside busy neighbours, eac
 
 A setting: "passive" (OMP_WAIT_POLICY=passive: idle threads sleep at once), "active" (they spin),
 "spin=N" (GOMP_SPINCOUNT=N: spin about N iterations, then sleep; libgomp's estimate is 100000 per ms),
-"default" (neither set: libgomp spins about 3 ms when there are no more threads than CPUs).
-A suffix ",t=N" runs -t N (fixed) instead of the default adaptive policy: "passive,t=1".
+"default" (neither set: libgomp spins about 3 ms when there are no more threads than CPUs),
+"cli" (what the checkout's configure_pool sets, as `lmcli run` runs).
+A suffix ",t=N" runs -t N (fixed) instead of the default adaptive policy: "passive,t=1"; a last suffix
+",src=DIR" runs another checkout of lmcli (say, `git worktree add DIR main` before a change): "cli,src=/tmp/old".
 Prints each setting's median (min, max) per load, and every setting's ratio to the first one.
 """
 
@@ -54,10 +56,13 @@ print(json.dumps([out[-1], pol.describe()]))
 
 
 def env_for(setting: str) -> dict:
+    setting, _, src = setting.partition(",src=")
     setting = setting.split(",")[0]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    if setting in ("passive", "active"):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    env["PYTHONPATH"] = src or str(Path(__file__).resolve().parents[1])
+    if setting == "cli":
+        pass  # what the checkout's lmcli.threads.configure_pool sets
+    elif setting in ("passive", "active"):
         env["OMP_WAIT_POLICY"] = setting
     elif setting.startswith("spin="):
         env["GOMP_SPINCOUNT"] = setting[5:]
@@ -67,7 +72,7 @@ def env_for(setting: str) -> dict:
 
 
 def run(model: str, n: int, setting: str) -> tuple[float, str]:
-    wait, _, threads = setting.partition(",t=")
+    wait, _, threads = setting.split(",src=")[0].partition(",t=")
     r = subprocess.run([sys.executable, "-c", CHILD, model, str(n), wait, threads or "auto"], capture_output=True, text=True,
                        env=env_for(setting), timeout=1800)
     if r.returncode:

@@ -193,9 +193,10 @@ class ThreadPolicy:
     max_interval steps); a win resets it. When the current count's median moves by more than `drift` from where it
     settled (the load changed; a median, so that bursts of load do not count), it probes at once unless probes so
     far lost over 3x the budget.
-    More threads are probed only when the CPUs other programs left free since the last look (free(), FreeCpus)
-    could hold them: beside a busy neighbour each step at 2 threads took 4x one thread's, so one probe of 3 steps
-    cost 20% of a 64-token reply. Each prompt starts from that count too (begin()).
+    Each prompt starts from the count the CPUs other programs left free could hold (begin(), FreeCpus), and more
+    threads are still probed from there: whether they win beside a neighbour depends on the model (SmolLM2's
+    small launches ran 4x slower at 2 threads beside one busy process, a synthetic MoE's large ones 1.4x faster).
+    A probe that is `decisive` times slower in one step stops there (a probe up beside a neighbour costs little).
     Fewer threads are probed only when ours waited for a CPU (waited(): run_delay, the kernel's count) for at least
     `contended` of their time since the last look: when every thread had its core, fewer cannot be faster, and on a
     quiet machine the probe's slow steps were pure cost (6% of a 32-token reply on the synthetic MoE). A first win
@@ -254,9 +255,6 @@ class ThreadPolicy:
             if probe < self.current and not self._confirming and not self._contended():
                 self.until_probe = self.interval  # every thread had its core: fewer cannot be faster, look later
                 self.skipped += 1
-            elif probe > self.current and not self._room_for(probe):
-                self.until_probe = self.interval  # the other programs still hold the CPUs more threads would need
-                self.skipped += 1
             else:
                 self.probing, self._probe = probe, []
         return self.probing if self.probing is not None else self.current
@@ -272,14 +270,6 @@ class ThreadPolicy:
         (w0, e0), self._mark = self._mark, (w, e)
         span = (e - e0) * self.current
         return span <= 0 or (w - w0) / span >= self.contended
-
-    def _room_for(self, n: int) -> bool:
-        """Whether the CPUs other programs left free since the last look could hold n threads (True when there is
-        no such source; False when the span since the last look is too short to say: asked again later)."""
-        if self.free is None:
-            return True
-        f = self.free()
-        return f is not None and f >= n - 0.5
 
     def _neighbour(self) -> int:
         i = self.counts.index(self.current)
@@ -321,7 +311,8 @@ class ThreadPolicy:
         if not steps:
             return
         t_probe, t_cur = statistics.median(steps), statistics.median(self.times[self.current])
-        if len(self._probe) < self.probe_steps and (len(steps) < 2 or min(steps) <= self.clear * t_cur):
+        if (len(self._probe) < self.probe_steps and (len(steps) < 2 or min(steps) <= self.clear * t_cur)
+                and steps[-1] < self.decisive * t_cur):
             return  # not clear yet (one slow step may be a burst of load): another step
         probe = self.probing
         self.probing = None
