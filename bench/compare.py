@@ -19,9 +19,10 @@ Both sides print the instruction set they run (lmcli's kernel path, llama.cpp's 
 Threads on a busy machine (issue 18): --threads auto,1,2 --busy N measures lmcli's default ("auto": the adaptive
 ThreadPolicy, fresh each repetition as in a new `lmcli run`) against its fixed counts, and llama.cpp's default
 (llama-cpp-python: decode on cpu_count // 2 threads, prefill on all) against its fixed counts, every configuration
-of both engines alternating within each repetition, beside N CPU-bound processes. The process sets
-OMP_WAIT_POLICY=passive as the CLI does (lmcli.threads.configure_pool) unless it is set; both engines share the
-one libgomp, so llama.cpp runs under the same policy (its threads wait in its own barriers within a token).
+of both engines alternating within each repetition, beside N CPU-bound processes. The process sets the CLI's
+wait settings (lmcli.threads.configure_pool: a 0.1 ms spin, GOMP_SPINCOUNT) unless OMP_WAIT_POLICY, GOMP_SPINCOUNT
+or KMP_BLOCKTIME is set; both engines share the one libgomp, so llama.cpp runs under the same settings, not its
+own default (a 3 ms spin): to give it that, run the bench again with GOMP_SPINCOUNT=300000.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def run(a):
             C[th]["pre"].append(p)
             C[th]["dec"].append(d)
     print(f"{a.prefill}-token prefill, {a.decode}-token decode, {a.reps} reps, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}")
+          f"{os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     for th in configs:
         results[f"t{th}"] = {"lmcli": L[th], "llama_cpp": C[th],
                              "decode_ratio": med(L[th]["dec"]) / med(C[th]["dec"]),

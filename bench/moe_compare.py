@@ -124,7 +124,8 @@ def run(a):
     per_tok = statistics.median(ebytes) + (dense or 0)
     bw = read_bandwidth(last, 3)
     print(f"\n{a.shape}: {lmc.stat().st_size / 1e9:.2f} GB, {a.reps} reps, {a.prefill}-token prefill, "
-          f"{a.decode}-token decode, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"{a.decode}-token decode, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     report_threads(LL, CC, configs)
     print(f"\n== {a.shape}: threads {configs[-1]}")
     print(f"  lmcli     decode  tok/s {fmt(L['dec'])}")

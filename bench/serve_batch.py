@@ -124,7 +124,7 @@ def main() -> None:
     from quant.kernels import kernel_path
 
     print(f"lmcli kernels: {kernel_path()['kernel_path']}; {os.cpu_count()} CPUs; {a.decode} tokens per client, "
-          f"{a.reps} reps, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'passive (lmcli default)')}")
+          f"{a.reps} reps, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '10000 (lmcli default)')}")
     for spec in a.model or ["synthetic", "smollm2"]:
         run(a, spec)
 
