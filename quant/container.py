@@ -191,7 +191,8 @@ class Container:
         """Each tensor as quant.schema.token_costs reads it (one matrix's bytes, the expert count and stride)."""
         from .schema import TensorSize
 
-        return [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride) for t in self.tensors.values()]
+        return [TensorSize(t.name, t.shape, t.nbytes, t.n_expert, t.stride, t.fmt.gguf_type)
+                for t in self.tensors.values()]
 
     def info(self, name: str) -> TensorInfo:
         try:

@@ -259,16 +259,24 @@ def _lanes_q8(builder, cp, j, k, memo):
 def _scaled(builder, kind, sv, isum, sxi):
     """The float side of the kernels for one group and 16 rows (<16 x float>), from the integer sums isum and the
     scale vectors sv of _group_scales: q4_1 w = d q + m: d isum + m sx; q4_0 w = d (q - 8) and q5_0 w = d (q - 16),
-    the offset taken in exact integer arithmetic: d (isum - 8 sx); q8_0 w = d q; q4_k w = D q - M: D isum - M sx;
-    q6_k (isum a pair: the group's two 16-weight sub-blocks) D_lo isum_lo + D_hi isum_hi. sxi: the group's
+    the offset taken in exact integer arithmetic: d (isum - 8 sx); q8_0 w = d q; q4_k w = (d sc) q - (dmin m):
+    d (sc isum) - dmin (m sx); q6_k (isum a pair: the group's two 16-weight sub-blocks) w = (d sc) q:
+    d (sc_lo isum_lo) + d (sc_hi isum_hi). The K-quants' integer products are exact in int32 (|sc isum| < 2^30,
+    |m sx| < 2^26, |sc_lo isum_lo| < 2^31), then each rounded once to float: as float products of products, LLVM
+    reordered them differently for targets with and without F16C (results one ulp apart). sxi: the group's
     activation sum."""
-    fvec = _vec(_F32, 16)
+    fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
     if kind == "q6_k":
+        d, sc_lo, sc_hi = sv
         lo, hi = isum
-        return _fma(builder, sv[1], builder.sitofp(hi, fvec), builder.fmul(sv[0], builder.sitofp(lo, fvec)))
-    if kind == "q4_1" or kind == "q4_k":
-        sx = builder.sub(ir.Constant(_I32, 0), sxi) if kind == "q4_k" else sxi
-        sxv = _splat(builder, builder.sitofp(sx, _F32), fvec)
+        return _fma(builder, d, builder.sitofp(builder.mul(sc_hi, hi), fvec),
+                    builder.fmul(d, builder.sitofp(builder.mul(sc_lo, lo), fvec)))
+    if kind == "q4_k":
+        d, dmin, sc, m = sv
+        msx = builder.mul(m, _splat(builder, builder.sub(ir.Constant(_I32, 0), sxi), ivec))
+        return _fma(builder, d, builder.sitofp(builder.mul(sc, isum), fvec), builder.fmul(dmin, builder.sitofp(msx, fvec)))
+    if kind == "q4_1":
+        sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
         return _fma(builder, sv[0], builder.sitofp(isum, fvec), builder.fmul(sv[1], sxv))
     if kind == "q4_0" or kind == "q5_0":
         off = 8 if kind == "q4_0" else 16
@@ -293,15 +301,15 @@ _KROWS = {"q4_k": 10, "q6_k": 9}
 
 
 def _bytes16(builder, bp, off, signed):
-    """The 16 bytes at bp[off] (i8*), zero- or sign-extended, as <16 x float> (exact)."""
+    """The 16 bytes at bp[off] (i8*), zero- or sign-extended, as <16 x i32>."""
     v = builder.load(builder.bitcast(builder.gep(bp, [_c64(off)]), _vec(_I8, 16).as_pointer()), align=1)
-    return builder.sitofp((builder.sext if signed else builder.zext)(v, _vec(_I32, 16)), _vec(_F32, 16))
+    return (builder.sext if signed else builder.zext)(v, _vec(_I32, 16))
 
 
 def _group_scales(builder, kind, sp0, g):
-    """k -> the scale vectors (<16 x float>) of rows 16k..16k+15 of group g, for _scaled: (d,), (d, m) for q4_1,
-    (D, M) = (d sc, dmin m) for q4_k, (D_lo, D_hi) = (d sc_lo, d sc_hi) for q6_k (products exact in float32:
-    an fp16 times a 6- or 8-bit integer). sp0: i16* at the tile's first scale row."""
+    """k -> the scale vectors of rows 16k..16k+15 of group g, for _scaled: (d,), (d, m) for q4_1 (<16 x float>);
+    (d, dmin, sc, m) for q4_k and (d, sc_lo, sc_hi) for q6_k, the fp16 scales as <16 x float>, the 6- or 8-bit
+    sub-block scales as <16 x i32>. sp0: i16* at the tile's first scale row."""
     if kind in _KROWS:
         base = builder.gep(sp0, [builder.mul(builder.lshr(g, _c64(3)), _c64(_KROWS[kind] * 64))])
         boff = builder.add(builder.mul(builder.and_(g, _c64(7)), _c64(128)), _c64(256 if kind == "q4_k" else 128))
@@ -310,11 +318,9 @@ def _group_scales(builder, kind, sp0, g):
         def at_k(k):
             d = _f16x16(builder, base, 16 * k)
             if kind == "q4_k":
-                dmin = _f16x16(builder, base, 64 + 16 * k)
-                return (builder.fmul(d, _bytes16(builder, bp, 16 * k, False)),
-                        builder.fmul(dmin, _bytes16(builder, bp, 64 + 16 * k, False)))
-            return (builder.fmul(d, _bytes16(builder, bp, 16 * k, True)),
-                    builder.fmul(d, _bytes16(builder, bp, 64 + 16 * k, True)))
+                return (d, _f16x16(builder, base, 64 + 16 * k), _bytes16(builder, bp, 16 * k, False),
+                        _bytes16(builder, bp, 64 + 16 * k, False))
+            return d, _bytes16(builder, bp, 16 * k, True), _bytes16(builder, bp, 64 + 16 * k, True)
 
         return at_k
     nsc = 2 if kind == "q4_1" else 1

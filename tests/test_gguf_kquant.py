@@ -19,8 +19,9 @@ from gguf import quants as gq
 llama_cpp = pytest.importorskip("llama_cpp")
 
 # Stated tolerances, as max |lmcli - llama.cpp| / max |llama.cpp| over a position's logits.
-# Against llama.cpp on the F32 weights it dequantized from the file (float activations on both sides; lmcli keeps
-# int16 activations only for the file's Q8_0 tensors): measured <= 4.2e-4 (tiny MoE), 1.6e-4 (tiny llama).
+# Against llama.cpp on the F32 weights it dequantized from the file (llama.cpp's activations in float; lmcli's in
+# int16 per 32 for Q8_0 and for the Q5_0/Q4_K/Q6_K matrices it repacks into tiles, dense ones and routed experts
+# read into RAM, in float for the other types' rows): measured <= 4.2e-4 (tiny MoE), 1.6e-4 (tiny llama).
 F32_TOL = 2e-3
 # Against llama.cpp on the quantized file itself: llama.cpp quantizes activations to 8 bits (Q8_K / Q8_0) for
 # these weights, lmcli does not, so they differ by that rounding (measured 5e-3 to 7e-3 on the tiny llama,
