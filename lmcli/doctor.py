@@ -230,17 +230,19 @@ def gguf_costs(path: Path, kv_type: str = DEFAULT_KV_TYPE) -> dict:
     for t in r.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         n_exp = shape[0] if len(shape) == 3 else 0
-        tensors.append(TensorSize(t.name, shape, int(t.n_bytes) // max(n_exp, 1), n_exp))
+        tensors.append(TensorSize(t.name, shape, int(t.n_bytes) // max(n_exp, 1), n_exp, None, int(t.tensor_type)))
     return _costs(cfg, tensors, path.stat().st_size, kv_type)
 
 
 def _costs(cfg, tensors, file_size: int, kv_type: str) -> dict:
     """plan's view of quant.schema.token_costs: bytes read per token, dense and expert bytes, the layers with
     routed experts and the bytes of one expert's bundle (what one expert cache miss reads)."""
-    from quant.schema import token_costs
+    from quant.schema import repacked_ram, token_costs
 
     t = token_costs(cfg, tensors, kv_type=kv_type)
+    ram_extra, dense_tiles = repacked_ram(tensors)
     return {"arch": cfg.arch, "n_layer": cfg.n_layer, "n_expert": cfg.n_expert, "n_expert_used": cfg.n_expert_used,
+            "ram_extra": ram_extra, "dense_tiles": dense_tiles,
             "file_bytes": file_size, "dense_bytes": t.dense_bytes, "expert_bytes": t.expert_bytes,
             "dense_bytes_per_token": t.dense_bytes_per_token, "expert_bytes_per_token": t.expert_bytes_per_token,
             "bytes_per_token": t.bytes_per_token, "kv_bytes_per_token": t.kv_bytes_per_token,
@@ -388,9 +390,11 @@ def plan(model: str, memory: str | None = None, trace: Path | str | None = None,
     n_ctx = context_size(getattr(options, "n_ctx", None), c["n_ctx_train"]) if c["n_ctx_train"] else None
     steps, n_tokens = read_trace(Path(trace), c, model) if trace is not None else (None, None)
     kv = c["kv_bytes_per_token"] * n_ctx if c["kv_bytes_per_token"] is not None else 0
-    need = c["file_bytes"] + kv
-    # what `lmcli run` decides on a machine with `budget` available: the engine's own rule (lmcli.memory)
-    decision = residency(file_bytes=c["file_bytes"], kv_bytes=kv, dense_bytes=c["dense_bytes"] or 0, avail=budget,
+    need = c["file_bytes"] + c.get("ram_extra", 0) + kv
+    # what `lmcli run` decides on a machine with `budget` available: the engine's own rule (lmcli.memory), with the
+    # memory its load-time repack adds (quant.schema.repacked_ram), as the engine counts it
+    decision = residency(file_bytes=c["file_bytes"] + c.get("ram_extra", 0), kv_bytes=kv,
+                         dense_bytes=(c["dense_bytes"] or 0) + c.get("dense_tiles", 0), avail=budget,
                          is_moe=bool(c["n_expert"]), use_mmap=use_mmap, expert_cache_mib=expert_cache_mib)
     n_bundles = len(c["moe_layers"]) * c["n_expert"] if c["moe_layers"] else 0
     capacity = None

@@ -259,16 +259,24 @@ def _lanes_q8(builder, cp, j, k, memo):
 def _scaled(builder, kind, sv, isum, sxi):
     """The float side of the kernels for one group and 16 rows (<16 x float>), from the integer sums isum and the
     scale vectors sv of _group_scales: q4_1 w = d q + m: d isum + m sx; q4_0 w = d (q - 8) and q5_0 w = d (q - 16),
-    the offset taken in exact integer arithmetic: d (isum - 8 sx); q8_0 w = d q; q4_k w = D q - M: D isum - M sx;
-    q6_k (isum a pair: the group's two 16-weight sub-blocks) D_lo isum_lo + D_hi isum_hi. sxi: the group's
+    the offset taken in exact integer arithmetic: d (isum - 8 sx); q8_0 w = d q; q4_k w = (d sc) q - (dmin m):
+    d (sc isum) - dmin (m sx); q6_k (isum a pair: the group's two 16-weight sub-blocks) w = (d sc) q:
+    d (sc_lo isum_lo) + d (sc_hi isum_hi). The K-quants' integer products are exact in int32 (|sc isum| < 2^30,
+    |m sx| < 2^26, |sc_lo isum_lo| < 2^31), then each rounded once to float: as float products of products, LLVM
+    reordered them differently for targets with and without F16C (results one ulp apart). sxi: the group's
     activation sum."""
-    fvec = _vec(_F32, 16)
+    fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
     if kind == "q6_k":
+        d, sc_lo, sc_hi = sv
         lo, hi = isum
-        return _fma(builder, sv[1], builder.sitofp(hi, fvec), builder.fmul(sv[0], builder.sitofp(lo, fvec)))
-    if kind == "q4_1" or kind == "q4_k":
-        sx = builder.sub(ir.Constant(_I32, 0), sxi) if kind == "q4_k" else sxi
-        sxv = _splat(builder, builder.sitofp(sx, _F32), fvec)
+        return _fma(builder, d, builder.sitofp(builder.mul(sc_hi, hi), fvec),
+                    builder.fmul(d, builder.sitofp(builder.mul(sc_lo, lo), fvec)))
+    if kind == "q4_k":
+        d, dmin, sc, m = sv
+        msx = builder.mul(m, _splat(builder, builder.sub(ir.Constant(_I32, 0), sxi), ivec))
+        return _fma(builder, d, builder.sitofp(builder.mul(sc, isum), fvec), builder.fmul(dmin, builder.sitofp(msx, fvec)))
+    if kind == "q4_1":
+        sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
         return _fma(builder, sv[0], builder.sitofp(isum, fvec), builder.fmul(sv[1], sxv))
     if kind == "q4_0" or kind == "q5_0":
         off = 8 if kind == "q4_0" else 16
@@ -293,15 +301,15 @@ _KROWS = {"q4_k": 10, "q6_k": 9}
 
 
 def _bytes16(builder, bp, off, signed):
-    """The 16 bytes at bp[off] (i8*), zero- or sign-extended, as <16 x float> (exact)."""
+    """The 16 bytes at bp[off] (i8*), zero- or sign-extended, as <16 x i32>."""
     v = builder.load(builder.bitcast(builder.gep(bp, [_c64(off)]), _vec(_I8, 16).as_pointer()), align=1)
-    return builder.sitofp((builder.sext if signed else builder.zext)(v, _vec(_I32, 16)), _vec(_F32, 16))
+    return (builder.sext if signed else builder.zext)(v, _vec(_I32, 16))
 
 
 def _group_scales(builder, kind, sp0, g):
-    """k -> the scale vectors (<16 x float>) of rows 16k..16k+15 of group g, for _scaled: (d,), (d, m) for q4_1,
-    (D, M) = (d sc, dmin m) for q4_k, (D_lo, D_hi) = (d sc_lo, d sc_hi) for q6_k (products exact in float32:
-    an fp16 times a 6- or 8-bit integer). sp0: i16* at the tile's first scale row."""
+    """k -> the scale vectors of rows 16k..16k+15 of group g, for _scaled: (d,), (d, m) for q4_1 (<16 x float>);
+    (d, dmin, sc, m) for q4_k and (d, sc_lo, sc_hi) for q6_k, the fp16 scales as <16 x float>, the 6- or 8-bit
+    sub-block scales as <16 x i32>. sp0: i16* at the tile's first scale row."""
     if kind in _KROWS:
         base = builder.gep(sp0, [builder.mul(builder.lshr(g, _c64(3)), _c64(_KROWS[kind] * 64))])
         boff = builder.add(builder.mul(builder.and_(g, _c64(7)), _c64(128)), _c64(256 if kind == "q4_k" else 128))
@@ -310,11 +318,9 @@ def _group_scales(builder, kind, sp0, g):
         def at_k(k):
             d = _f16x16(builder, base, 16 * k)
             if kind == "q4_k":
-                dmin = _f16x16(builder, base, 64 + 16 * k)
-                return (builder.fmul(d, _bytes16(builder, bp, 16 * k, False)),
-                        builder.fmul(dmin, _bytes16(builder, bp, 64 + 16 * k, False)))
-            return (builder.fmul(d, _bytes16(builder, bp, 16 * k, True)),
-                    builder.fmul(d, _bytes16(builder, bp, 64 + 16 * k, True)))
+                return (d, _f16x16(builder, base, 64 + 16 * k), _bytes16(builder, bp, 16 * k, False),
+                        _bytes16(builder, bp, 64 + 16 * k, False))
+            return d, _bytes16(builder, bp, 16 * k, True), _bytes16(builder, bp, 64 + 16 * k, True)
 
         return at_k
     nsc = 2 if kind == "q4_1" else 1
@@ -1132,17 +1138,74 @@ def silu_mul(g, u, out):
 # and float32 views of the same bytes) by per-expert byte offsets of their codes and scales, so that one
 # parallel call covers every selected expert's tiles: Python never loops over experts. `kind` is the weight
 # format's id (quant.formats.Format.kind: its GGUF type id); gate and up may differ (gkind, ukind), and down from
-# both (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K).
+# both (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K). TILED + a Q5_0/Q4_K/Q6_K id is that matrix
+# repacked into tiles (repack_rows below, quant.repack): codes then scales, as matmul_tiles takes them.
+
+TILED = 100
+
+
+@njit(cache=True, inline="always")
+def tiled_rows(kind, ng):
+    """(code rows, scale rows) of TILE per tile of a Q5_0 (6), Q4_K (12) or Q6_K (14) matrix of ng groups repacked
+    into tiles (quant.repack's layouts)."""
+    if kind == 12:
+        return 16 * ng, 10 * (ng // 8)
+    if kind == 14:
+        return 32 * ng, 9 * (ng // 8)
+    return 20 * ng, ng
+
+
+@njit(cache=True, inline="always")
+def _tiled_dot(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, t, acc):
+    """acc (TILE,) = one tile of a matrix repacked into tiles (kind TILED + GGUF id) . activation row t."""
+    ng = n_in // GROUP
+    cr, sr = tiled_rows(kind - TILED, ng)
+    cb, sb = coff + tile * cr * TILE, (soff + tile * sr * TILE * 2) // 2
+    if kind == TILED + 12:
+        tile_q4_k(buf8, cb, buf16, sb, ng, xp, t * (n_in // 2), xd, xs, t * ng, acc)
+    elif kind == TILED + 14:
+        tile_q6_k(buf8, cb, buf16, sb, ng, xp, t * (n_in // 2), xd, xs, t * ng, acc)
+    else:
+        tile_q5_0(buf8, cb, buf16, sb, ng, xp, t * (n_in // 2), xd, xs, t * ng, acc)
+
+
+@njit(cache=True, inline="always")
+def _tiled_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, rows, acc):
+    """_tiled_dot for several activation rows (prefill); acc (len(rows), TILE) zeroed by the caller."""
+    ng = n_in // GROUP
+    cr, sr = tiled_rows(kind - TILED, ng)
+    cb, sb = coff + tile * cr * TILE, (soff + tile * sr * TILE * 2) // 2
+    if kind == TILED + 12:
+        rows_q4_k(buf8, cb, buf16, sb, ng, xp, rows, xd, xs, acc)
+    elif kind == TILED + 14:
+        rows_q6_k(buf8, cb, buf16, sb, ng, xp, rows, xd, xs, acc)
+    else:
+        rows_q5_0(buf8, cb, buf16, sb, ng, xp, rows, xd, xs, acc)
+
+
+@njit(cache=True)
+def expert_pairs(xq, kind_a, kind_b):
+    """(xp, xp16): act_pairs of xq, and act_pairs_sub16 when kind_a or kind_b is Q6_K repacked (else xp again)."""
+    xp = np.empty((xq.shape[0], xq.shape[1] // 2), np.int32)
+    act_pairs(xq, xp)
+    if kind_a != TILED + 14 and kind_b != TILED + 14:
+        return xp, xp
+    xp16 = np.empty_like(xp)
+    act_pairs_sub16(xq, xp16)
+    return xp, xp16
 
 
 @njit(cache=True, inline="always")
 def _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xp, xd, xs, xf, t, acc, bits, d, W):
     """acc (TILE,) = rows [tile*TILE, +TILE) of one interleaved matrix . activation row t (xp: act_pairs of the
-    quantized activations, xf: the float activations for f16/f32 and gguf_rows weights; W (RB, n_in) scratch)."""
+    quantized activations (act_pairs_sub16 for repacked Q6_K), xf: the float activations for f16/f32 and gguf_rows
+    weights; W (RB, n_in) scratch)."""
     ng = n_in // GROUP
     for r in range(TILE):
         acc[r] = 0.0
-    if is_gguf_rows(kind):
+    if kind >= TILED:
+        _tiled_dot(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, t, acc)
+    elif is_gguf_rows(kind):
         rb = gguf_row_nbytes(kind, n_in)
         _rows_dot(buf8, kind, coff + tile * TILE * rb, rb, TILE, n_in, xf, np.full(1, t), W, acc.reshape(1, TILE))
     elif kind == 2 or kind == 3 or kind == 8:
@@ -1179,6 +1242,9 @@ def _tile_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, xf, ro
     for q in range(rows.shape[0]):
         for r in range(TILE):
             acc[q, r] = 0.0
+    if kind >= TILED:
+        _tiled_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, rows, acc)
+        return
     if is_gguf_rows(kind):
         rb = gguf_row_nbytes(kind, n_in)
         _rows_dot(buf8, kind, coff + tile * TILE * rb, rb, TILE, n_in, xf, rows, W, acc)
@@ -1206,8 +1272,7 @@ def moe_gate_up(buf8, buf16, buf32, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_
     of them reads one matrix front to back (two interleaved matrices per job read ~30% slower).
     """
     n_tiles = (n_ff + TILE - 1) // TILE
-    xp = np.empty((xq.shape[0], n_in // 2), np.int32)
-    act_pairs(xq, xp)
+    xp, xp16 = expert_pairs(xq, gkind, ukind)
     n_jobs = sel.shape[0] * 2 * n_tiles
     n_chunks = min(CHUNKS, n_jobs)
     for c in prange(n_chunks):
@@ -1224,8 +1289,9 @@ def moe_gate_up(buf8, buf16, buf32, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_
             coff, soff = (g_coff[e], g_soff[e]) if m == 0 else (u_coff[e], u_soff[e])
             kind = gkind if m == 0 else ukind
             n_valid = min(TILE, n_ff - tile * TILE)
+            xk = xp16 if kind == TILED + 14 else xp
             for a in range(tok_ptr[i], tok_ptr[i + 1]):
-                _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xp, xd, xs, xf, tok_idx[a], acc, bits, d,
+                _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xk, xd, xs, xf, tok_idx[a], acc, bits, d,
                           W)
                 for r in range(n_valid):
                     h2[m, a, tile * TILE + r] = acc[r]
@@ -1235,8 +1301,7 @@ def moe_gate_up(buf8, buf16, buf32, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_
 def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, hd, hs, hf, y):
     """y[a] = down_e . h[a] for every assignment a (rows of hq/hf) of expert sel[i]; y (n_assign, n_out)."""
     n_tiles = (n_out + TILE - 1) // TILE
-    xp = np.empty((hq.shape[0], n_in // 2), np.int32)
-    act_pairs(hq, xp)
+    xp = expert_pairs(hq, kind, kind)[1]
     n_jobs = sel.shape[0] * n_tiles
     n_chunks = min(CHUNKS, n_jobs)
     for c in prange(n_chunks):
@@ -1259,11 +1324,10 @@ def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq
 @njit(cache=True, parallel=True, fastmath=True)
 def moe_gate_up_rows(buf8, buf16, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_coff, u_soff, sel, tok_ptr, tok_idx,
                      xq, xd, xs, xf, h):
-    """moe_gate_up for prefill (q4_0/q4_1/q8_0, gguf_rows): each tile's code groups are unpacked once for all
+    """moe_gate_up for prefill (q4_0/q4_1/q8_0, repacked, gguf_rows): each tile's code groups are unpacked once for all
     the tokens routed to the expert. Separate from the decode kernel, whose code it would slow down."""
     n_tiles = (n_ff + TILE - 1) // TILE
-    xp = np.empty((xq.shape[0], n_in // 2), np.int32)
-    act_pairs(xq, xp)
+    xp, xp16 = expert_pairs(xq, gkind, ukind)
     for job in prange(sel.shape[0] * n_tiles):
         i = job // n_tiles
         tile = job % n_tiles
@@ -1274,8 +1338,10 @@ def moe_gate_up_rows(buf8, buf16, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_co
         ga = np.empty((a1 - a0, TILE), np.float32)
         ua = np.empty((a1 - a0, TILE), np.float32)
         W = np.empty((RB, n_in), np.float32)
-        _tile_dot_rows(buf8, buf16, gkind, g_coff[e], g_soff[e], n_in, tile, xp, xd, xs, xf, rows, ga, W)
-        _tile_dot_rows(buf8, buf16, ukind, u_coff[e], u_soff[e], n_in, tile, xp, xd, xs, xf, rows, ua, W)
+        _tile_dot_rows(buf8, buf16, gkind, g_coff[e], g_soff[e], n_in, tile, xp16 if gkind == TILED + 14 else xp,
+                       xd, xs, xf, rows, ga, W)
+        _tile_dot_rows(buf8, buf16, ukind, u_coff[e], u_soff[e], n_in, tile, xp16 if ukind == TILED + 14 else xp,
+                       xd, xs, xf, rows, ua, W)
         for i in range(0, (a1 - a0) * TILE, 16):  # SwiGLU with the vector exp (libm's expf per element cost 3%)
             _silu_mul16(ga, ua, ga, i)
         for q in range(a1 - a0):
@@ -1285,11 +1351,10 @@ def moe_gate_up_rows(buf8, buf16, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_co
 
 @njit(cache=True, parallel=True, fastmath=True)
 def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, hd, hs, hf, y):
-    """moe_down for prefill (q4_0/q4_1/q8_0, gguf_rows), reusing each unpacked code group across the expert's
+    """moe_down for prefill (q4_0/q4_1/q8_0, repacked, gguf_rows), reusing each unpacked code group across the expert's
     tokens."""
     n_tiles = (n_out + TILE - 1) // TILE
-    xp = np.empty((hq.shape[0], n_in // 2), np.int32)
-    act_pairs(hq, xp)
+    xp = expert_pairs(hq, kind, kind)[1]
     for job in prange(sel.shape[0] * n_tiles):
         i = job // n_tiles
         tile = job % n_tiles
@@ -1391,3 +1456,98 @@ def read_probe(a, out):
     step = n // nc
     for c in prange(nc):
         out[c] = _or_reduce(a, c * step, (c + 1) * step)
+
+
+# --- GGUF rows -> tiles (quant.repack's layouts, which its numpy reference builds; tests compare the bytes) ------
+# Words of a group (quantize._tile_words): word u of tile row r at byte u * 256 + 4 r of the group's codes. 4-bit
+# words hold elements (4u, 4u+1 | 4u+2, 4u+3 | 4u+16, 4u+17 | 4u+18, 4u+19), low nibble first; 8-bit words
+# bytes (v[2u], v[2u+1], v[2u+16], v[2u+17]) of the slot-ordered int8 values (q6_k, repack.SLOTS).
+
+
+@njit(cache=True, inline="always")
+def _put_q4(dst, gb, r, q):
+    """The four 4-bit words of one row's 32 codes q (int32, 0..15) into the group at dst[gb]."""
+    for u in range(4):
+        o = gb + u * 256 + 4 * r
+        dst[o] = q[4 * u] | (q[4 * u + 1] << 4)
+        dst[o + 1] = q[4 * u + 2] | (q[4 * u + 3] << 4)
+        dst[o + 2] = q[4 * u + 16] | (q[4 * u + 17] << 4)
+        dst[o + 3] = q[4 * u + 18] | (q[4 * u + 19] << 4)
+
+
+_SLOTS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23, 8, 9, 10, 11, 12, 13, 14, 15,
+                   24, 25, 26, 27, 28, 29, 30, 31], np.int64)  # quant.repack.SLOTS
+
+
+@njit(cache=True, nogil=True)
+def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
+    """A Q5_0 (6), Q4_K (12) or Q6_K (14) matrix of n_tiles * TILE GGUF rows at src[soff] (flat uint8) -> its
+    tiles at dst[doff]: codes (n_tiles, code rows, TILE) bytes then scales (n_tiles, scale rows, TILE) uint16
+    (tiled_rows), quant.repack's layouts byte for byte. Codes and scales are copied, never rounded. nogil: the
+    expert cache repacks in its read threads."""
+    rb = gguf_row_nbytes(kind, n_in)
+    ng = n_in // GROUP
+    cr, sr = tiled_rows(kind, ng)
+    gbytes = cr // ng * TILE  # code bytes of one group of a tile
+    sbase0 = doff + n_tiles * cr * TILE
+    q = np.empty(32, np.int32)
+    for tile in range(n_tiles):
+        cbase = doff + tile * cr * TILE
+        sbase = sbase0 + tile * sr * TILE * 2
+        for r in range(TILE):
+            p0 = soff + (tile * TILE + r) * rb
+            if kind == 12:
+                for i in range(n_in // 256):
+                    p = p0 + i * 144
+                    s = sbase + i * 1280
+                    for b in range(2):
+                        dst[s + 2 * r + b] = src[p + b]  # d
+                        dst[s + 128 + 2 * r + b] = src[p + 2 + b]  # dmin
+                    for j in range(8):  # get_scale_min_k4
+                        if j < 4:
+                            sc, m = src[p + 4 + j] & 63, src[p + 8 + j] & 63
+                        else:
+                            sc = (src[p + 8 + j] & 15) | ((src[p + j] >> 6) << 4)
+                            m = (src[p + 8 + j] >> 4) | ((src[p + 4 + j] >> 6) << 4)
+                        dst[s + 256 + 128 * j + r] = sc
+                        dst[s + 256 + 128 * j + 64 + r] = m
+                        c, sh = p + 16 + (j // 2) * 32, 4 * (j % 2)
+                        for l in range(32):
+                            q[l] = (np.int32(src[c + l]) >> sh) & 15
+                        _put_q4(dst, cbase + (8 * i + j) * gbytes, r, q)
+            elif kind == 14:
+                for i in range(n_in // 256):
+                    p = p0 + i * 210
+                    s = sbase + i * 1152
+                    dst[s + 2 * r] = src[p + 208]
+                    dst[s + 2 * r + 1] = src[p + 209]
+                    for j in range(8):
+                        dst[s + 128 + 128 * j + r] = src[p + 192 + 2 * j]
+                        dst[s + 128 + 128 * j + 64 + r] = src[p + 193 + 2 * j]
+                        h, u = j // 4, j % 4  # group j: elements 128 h + 32 u + l (dequantize_row_q6_K)
+                        ql = p + 64 * h + 32 * (u % 2)
+                        qh = p + 128 + 32 * h
+                        for l in range(32):
+                            lo = np.int32(src[ql + l])
+                            lo = lo & 15 if u < 2 else lo >> 4
+                            q[l] = (lo | (((np.int32(src[qh + l]) >> (2 * u)) & 3) << 4)) - 32
+                        gb = cbase + (8 * i + j) * gbytes
+                        for w in range(8):
+                            o = gb + w * 256 + 4 * r
+                            dst[o] = np.uint8(q[_SLOTS[2 * w]] & 255)
+                            dst[o + 1] = np.uint8(q[_SLOTS[2 * w + 1]] & 255)
+                            dst[o + 2] = np.uint8(q[_SLOTS[2 * w + 16]] & 255)
+                            dst[o + 3] = np.uint8(q[_SLOTS[2 * w + 17]] & 255)
+            else:  # 6: Q5_0
+                for g in range(ng):
+                    p = p0 + g * 22
+                    dst[sbase + g * 128 + 2 * r] = src[p]
+                    dst[sbase + g * 128 + 2 * r + 1] = src[p + 1]
+                    for l in range(16):
+                        v = np.int32(src[p + 6 + l])
+                        q[l] = v & 15
+                        q[l + 16] = v >> 4
+                    gb = cbase + g * gbytes
+                    _put_q4(dst, gb, r, q)
+                    for b in range(4):
+                        dst[gb + 1024 + 4 * r + b] = src[p + 2 + b]  # qh: the fifth bits, word 4

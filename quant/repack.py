@@ -97,6 +97,7 @@ def _q6_k(rows: np.ndarray, n_in: int):
 
 
 _REPACK = {6: _q5_0, 12: _q4_k, 14: _q6_k}
+TILED = 100  # kernels.TILED: the expert kernels' kind of a matrix repacked here is TILED + its GGUF type id
 
 
 def repackable(fmt: Format) -> bool:
@@ -104,8 +105,40 @@ def repackable(fmt: Format) -> bool:
 
 
 def repack(fmt: Format, codes: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
-    """A gguf_rows matrix's codes (n_tiles, TILE, row bytes) -> (codes, scales) for kernels.matmul_tiles."""
+    """A gguf_rows matrix's codes (n_tiles, TILE, row bytes) -> (codes, scales) for kernels.matmul_tiles (numpy:
+    the reference that kernels.repack_rows, which the engine runs, is tested against byte for byte)."""
     _tile_helpers()
     rows = np.asarray(codes, dtype=np.uint8).reshape(-1, fmt.row_nbytes(n_in))
     c, s = _REPACK[fmt.gguf_type](rows, n_in)
     return np.ascontiguousarray(c), np.ascontiguousarray(s)
+
+
+def tiled_rows(fmt: Format, n_in: int) -> tuple[int, int]:
+    """(code rows, scale rows) of TILE bytes / uint16 per tile of the repacked layout (kernels.tiled_rows)."""
+    ng = n_in // GROUP
+    return {6: (20 * ng, ng), 12: (16 * ng, 10 * (ng // 8)), 14: (32 * ng, 9 * (ng // 8))}[fmt.gguf_type]
+
+
+def tiled_parts(fmt: Format, n_out: int, n_in: int) -> tuple[int, int]:
+    """Bytes of (codes, scales) of an (n_out, n_in) matrix repacked into tiles."""
+    nt = (n_out + TILE - 1) // TILE
+    cr, sr = tiled_rows(fmt, n_in)
+    return nt * cr * TILE, nt * sr * TILE * 2
+
+
+def repack_into(fmt: Format, src: np.ndarray, soff: int, n_out: int, n_in: int, dst: np.ndarray, doff: int) -> None:
+    """The matrix whose GGUF rows start at byte soff of src (flat uint8) -> its tiles (codes then scales) at byte
+    doff of dst (flat uint8, doff even), by kernels.repack_rows."""
+    from . import kernels
+
+    kernels.repack_rows(fmt.gguf_type, src, soff, (n_out + TILE - 1) // TILE, n_in, dst, doff)
+
+
+def repack_matrix(fmt: Format, codes: np.ndarray, n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """repack()'s result by kernels.repack_rows (what the engine uses: numpy's temporaries cost 10-30x the time):
+    (codes (n_tiles, code rows, TILE) uint8, scales (n_tiles, scale rows, TILE) uint16), one allocation."""
+    cb, sb = tiled_parts(fmt, n_out, n_in)
+    buf = np.empty(cb + sb, np.uint8)
+    repack_into(fmt, np.ascontiguousarray(codes).reshape(-1).view(np.uint8), 0, n_out, n_in, buf, 0)
+    nt = (n_out + TILE - 1) // TILE
+    return buf[:cb].reshape(nt, -1, TILE), buf[cb:].view(np.uint16).reshape(nt, -1, TILE)

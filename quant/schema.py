@@ -276,6 +276,36 @@ class TensorSize:
     nbytes: int
     n_expert: int = 0
     stride: int | None = None  # a container's expert bundle stride; None: the bundle an import will lay out
+    gguf_type: int | None = None  # the weight format's GGUF type id (None: not known, counted as not repacked)
+
+
+def repacked_ram(tensors: Iterable[TensorSize]) -> tuple[int, int]:
+    """What the engine's load-time repack (quant.repack: Q5_0/Q4_K/Q6_K matrices into tiles) adds to memory:
+    (bytes beyond the file when it is read into RAM, bytes of dense tiles beside a mapped file). Read into RAM, a
+    repacked matrix's file rows are given back except the token embedding's (its rows serve lookups), and a layer's
+    experts are repacked, the others of its bundle copied, when any of them is repackable. Mapped, only dense
+    matrices are repacked (experts keep GGUF's rows), into anonymous memory beside the page cache's rows."""
+    from .formats import BY_GGUF_TYPE
+    from .repack import repackable, tiled_parts
+
+    def tiled(t):
+        fmt = BY_GGUF_TYPE.get(t.gguf_type) if t.gguf_type is not None else None
+        if fmt is None or len(t.shape) < 2 or not repackable(fmt):
+            return None
+        return sum(tiled_parts(fmt, *t.shape[-2:]))
+
+    resident, mapped, layers = 0, 0, {}
+    for t in tensors:
+        n = tiled(t)
+        if t.n_expert:
+            layers.setdefault(t.name.split(".ffn_")[0], []).append((t, n))
+        elif n is not None:
+            mapped += n
+            resident += n if t.name == "token_embd.weight" else n - t.nbytes
+    for exps in layers.values():
+        if any(n is not None for _, n in exps):
+            resident += sum(t.n_expert * (n - t.nbytes) for t, n in exps if n is not None)
+    return resident, mapped
 
 
 @dataclass(frozen=True)

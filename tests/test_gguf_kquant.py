@@ -19,8 +19,9 @@ from gguf import quants as gq
 llama_cpp = pytest.importorskip("llama_cpp")
 
 # Stated tolerances, as max |lmcli - llama.cpp| / max |llama.cpp| over a position's logits.
-# Against llama.cpp on the F32 weights it dequantized from the file (float activations on both sides; lmcli keeps
-# int16 activations only for the file's Q8_0 tensors): measured <= 4.2e-4 (tiny MoE), 1.6e-4 (tiny llama).
+# Against llama.cpp on the F32 weights it dequantized from the file (llama.cpp's activations in float; lmcli's in
+# int16 per 32 for Q8_0 and for the Q5_0/Q4_K/Q6_K matrices it repacks into tiles, dense ones and routed experts
+# read into RAM, in float for the other types' rows): measured <= 4.2e-4 (tiny MoE), 1.6e-4 (tiny llama).
 F32_TOL = 2e-3
 # Against llama.cpp on the quantized file itself: llama.cpp quantizes activations to 8 bits (Q8_K / Q8_0) for
 # these weights, lmcli does not, so they differ by that rounding (measured 5e-3 to 7e-3 on the tiny llama,
@@ -210,3 +211,121 @@ def test_repacked_tile_kernel_matches_gguf_dequantization(gtype):
         kernels.matmul_tiles(codes, scales, gtype, xq, xd, xs, out)
         ref = x.astype(np.float64) @ w.T
         assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4, (fmt.name, T)
+
+
+def _random_rows(rng, fmt, n_out, n_in):
+    """Random GGUF blocks of fmt (finite fp16 scales), rows padded with zero bytes to whole tiles:
+    (rows (n_tiles, TILE, row bytes), float64 weights (n_out, n_in) by gguf.quants)."""
+    from gguf import GGMLQuantizationType
+
+    from quant.formats import TILE
+
+    raw = rng.integers(0, 256, (n_out, fmt.row_nbytes(n_in)), dtype=np.uint8)
+    b = raw.reshape(n_out, n_in // fmt.block_size, fmt.block_bytes)
+    for o in fmt.half_fields:
+        b[..., o:o + 2] = (rng.random(b.shape[:2]) * 0.01).astype(np.float16).view(np.uint8).reshape(*b.shape[:2], 2)
+    w = gq.dequantize(raw, GGMLQuantizationType(fmt.gguf_type)).astype(np.float64).reshape(n_out, n_in)
+    nt = (n_out + TILE - 1) // TILE
+    rows = np.zeros((nt * TILE, raw.shape[1]), np.uint8)
+    rows[:n_out] = raw
+    return rows.reshape(nt, TILE, -1), w
+
+
+@pytest.mark.parametrize("gtype", [6, 12, 14], ids=["q5_0", "q4_k", "q6_k"])
+def test_compiled_repack_writes_the_numpy_reference_bytes(gtype):
+    """kernels.repack_rows (what the engine runs) gives quant.repack's numpy layout byte for byte, padding rows
+    included."""
+    from quant import repack
+    from quant.formats import BY_GGUF_TYPE
+
+    fmt = BY_GGUF_TYPE[gtype]
+    rows, _ = _random_rows(np.random.default_rng(gtype + 1), fmt, 130, 512)
+    c0, s0 = repack.repack(fmt, rows, 512)
+    c1, s1 = repack.repack_matrix(fmt, rows, 130, 512)
+    assert c1.dtype == np.uint8 and np.array_equal(c0.view(np.uint8), c1)
+    assert np.array_equal(s0, s1)
+
+
+@pytest.mark.parametrize("down", [6, 12, 14], ids=["down_q5_0", "down_q4_k", "down_q6_k"])
+def test_repacked_expert_kernels_match_gguf_dequantization(down):
+    """Routed experts repacked into tiles (gate/up Q4_K as in Q4_K_M, down in each repacked type): the decode
+    kernels (moe_gate_up, moe_down) and the prefill ones (moe_*_rows, SwiGLU fused) against float64 with weights
+    from gguf.quants' dequantization, for tokens routed to 2 of 3 experts."""
+    from quant import kernels, repack
+    from quant.formats import BY_GGUF_TYPE, Q4_K
+
+    rng = np.random.default_rng(down + 7)
+    E, n_embd, n_ff = 3, 512, 256
+    fmts = {"gate": Q4_K, "up": Q4_K, "down": BY_GGUF_TYPE[down]}
+    shapes = {"gate": (n_ff, n_embd), "up": (n_ff, n_embd), "down": (n_embd, n_ff)}
+    # every expert's three matrices, each 64-aligned, in one buffer
+    parts, pos, ref = {}, 0, {k: [] for k in fmts}
+    for k, fmt in fmts.items():
+        cb, sb = repack.tiled_parts(fmt, *shapes[k])
+        parts[k] = [(pos + e * (cb + sb), pos + e * (cb + sb) + cb) for e in range(E)]
+        pos += E * (cb + sb) + 64
+    buf = np.zeros(pos, np.uint8)
+    for k, fmt in fmts.items():
+        for e in range(E):
+            rows, w = _random_rows(rng, fmt, *shapes[k])
+            ref[k].append(w)
+            repack.repack_into(fmt, rows.reshape(-1), 0, *shapes[k], buf, parts[k][e][0])
+    off = {k: (np.array([p[0] for p in v], np.int64), np.array([p[1] for p in v], np.int64)) for k, v in parts.items()}
+    kind = {k: f.gguf_type + kernels.TILED for k, f in fmts.items()}
+    b16, b32 = buf.view(np.uint16), buf[: len(buf) // 4 * 4].view(np.float32)
+    for T in (1, 6):
+        x = rng.standard_normal((T, n_embd)).astype(np.float32)
+        ids = np.array([[2, 0], [0, 1], [2, 1], [0, 2], [1, 0], [2, 0]][:T], np.int64)
+        sel, tok_ptr, tok_idx, _ = kernels.group_by_expert(ids, E)
+        xq, xd, xs = (np.empty((T, n_embd), np.int16), np.empty((T, n_embd // 32), np.float32),
+                      np.empty((T, n_embd // 32), np.int32))
+        kernels.quantize_act(x, xq, xd, xs)
+        n_a = len(tok_idx)
+        h = np.empty((n_a, n_ff), np.float32)
+        if T == 1:
+            h2 = np.empty((2, n_a, n_ff), np.float32)
+            kernels.moe_gate_up(buf, b16, b32, kind["gate"], kind["up"], n_ff, n_embd, *off["gate"], *off["up"], sel,
+                                tok_ptr, tok_idx, xq, xd, xs, x, h2)
+            kernels.silu_mul(h2[0], h2[1], h)
+        else:
+            kernels.moe_gate_up_rows(buf, b16, kind["gate"], kind["up"], n_ff, n_embd, *off["gate"], *off["up"], sel,
+                                     tok_ptr, tok_idx, xq, xd, xs, x, h)
+        a_exp = np.repeat(sel, np.diff(tok_ptr))  # expert of each assignment
+        x64 = x.astype(np.float64)[tok_idx]
+        g = np.einsum("ai,afi->af", x64, np.stack(ref["gate"])[a_exp])
+        u = np.einsum("ai,afi->af", x64, np.stack(ref["up"])[a_exp])
+        h_ref = g / (1 + np.exp(-g)) * u
+        assert np.abs(h - h_ref).max() / np.abs(h_ref).max() <= 1e-4, T
+        hq, hd, hs = (np.empty((n_a, n_ff), np.int16), np.empty((n_a, n_ff // 32), np.float32),
+                      np.empty((n_a, n_ff // 32), np.int32))
+        kernels.quantize_act(h, hq, hd, hs)
+        y = np.empty((n_a, n_embd), np.float32)
+        fn = kernels.moe_down if T == 1 else kernels.moe_down_rows
+        args = (buf, b16, b32) if T == 1 else (buf, b16)
+        fn(*args, kind["down"], n_embd, n_ff, *off["down"], sel, tok_ptr, hq, hd, hs, h, y)
+        y_ref = np.einsum("af,aef->ae", h.astype(np.float64), np.stack(ref["down"])[a_exp])
+        assert np.abs(y - y_ref).max() / np.abs(y_ref).max() <= 1e-4, T
+
+
+def test_repacked_experts_run_as_the_files_rows_and_free_their_file_copy(tiny_f16, tmp_path):
+    """A Q4_K_M MoE read into RAM runs its experts repacked (weights.repack_experts), mapped it runs the file's rows
+    (the rows kernels, float activations), and through the expert cache the same rows: the logits agree within the
+    int16 activation rounding (1e-3 of their scale), and the resident copy of the repacked bundles reads as zeros
+    (given back to the system)."""
+    import lmcli
+
+    lmc = import_losslessly(quantize(tiny_f16("qwen3_moe"), tmp_path / "q.gguf", F.MOSTLY_Q4_K_M), tmp_path / "q.lmc")
+    ram = lmcli.load(str(lmc))
+    ex = ram.transformer.weights.layers[0].ffn.experts
+    assert ex.tiles is not None and ex.kinds["gate"] == 112
+    assert not ram.transformer.container._buf[ex.base + 4096 : ex.base + 8192].any()
+    mapped = lmcli.load(str(lmc), use_mmap=True)
+    assert mapped.transformer.weights.layers[0].ffn.experts.tiles is None
+    cached = lmcli.load(str(lmc), expert_cache_mib=64)
+    assert cached.transformer.expert_cache is not None
+    ours = lmcli_logits(lmc, IDS)
+    for other in (mapped, cached):
+        c = other.new_cache()
+        ref = np.concatenate([other.transformer.forward(IDS[:-3], c, all_logits=True)]
+                             + [other.transformer.forward([t], c) for t in IDS[-3:]])
+        assert rel_err(ours, ref).max() <= 1e-3, rel_err(ours, ref).max()

@@ -112,7 +112,7 @@ run = sys.argv[1] == "run"
 rng = np.random.default_rng(7)
 n_out, n_in = 150, 192
 res = {"vnni": kernels._VNNI, "avxvnni": kernels._AVXVNNI, "avx512bw": kernels._AVX512BW, "avx2": kernels._AVX2,
-       "f16c": kernels._F16C, "err": 0.0, "asm": {}}
+       "f16c": kernels._F16C, "err": 0.0, "asm": {}, "err_tiles": 0.0, "asm_tiles": {}}
 digest = hashlib.sha256()
 mnemonic = re.compile(r"^\s+(?:\{vex\}\s+)?([a-z]\w*)\s+(.*)$", re.M)
 for fmt in (Q4_0, Q4_1, Q8_0):
@@ -137,6 +137,41 @@ for fmt in (Q4_0, Q4_1, Q8_0):
             fn(*args)
             ref = x.astype(np.float64) @ wd.T
             res["err"] = max(res["err"], float(np.abs(out - ref).max() / np.abs(ref).max()))
+            digest.update(out.tobytes())
+# GGUF's Q5_0, Q4_K, Q6_K rows repacked into tiles (quant.repack) and run by matmul_tiles (tile_* and rows_*)
+from gguf import GGMLQuantizationType, quants
+from quant import repack
+from quant.formats import BY_GGUF_TYPE
+n_in = 512
+for gtype in (6, 12, 14):
+    fmt = BY_GGUF_TYPE[gtype]
+    raw = rng.integers(0, 256, (n_out, fmt.row_nbytes(n_in)), dtype=np.uint8)
+    b = raw.reshape(n_out, n_in // fmt.block_size, fmt.block_bytes)
+    for o in fmt.half_fields:  # finite fp16 scales
+        b[..., o:o + 2] = (rng.random(b.shape[:2]) * 0.01).astype(np.float16).view(np.uint8).reshape(*b.shape[:2], 2)
+    wd = quants.dequantize(raw, GGMLQuantizationType(gtype)).astype(np.float64).reshape(n_out, n_in)
+    nt = (n_out + 63) // 64
+    rows = np.zeros((nt * 64, raw.shape[1]), np.uint8)
+    rows[:n_out] = raw
+    codes, scales = repack.repack(fmt, rows.reshape(nt, 64, -1), n_in)
+    fn = kernels.matmul_tiles
+    for T in (1, 5):
+        x = rng.standard_normal((T, n_in)).astype(np.float32)
+        xq, xd, xs = np.empty((T, n_in), np.int16), np.empty((T, n_in // 32), np.float32), np.empty((T, n_in // 32), np.int32)
+        out = np.full((T, n_out), np.nan, np.float32)
+        args = (codes, scales, gtype, xq, xd, xs, out)
+        sig = tuple(numba.typeof(a) for a in args)
+        if sig not in fn.overloads:
+            fn.compile(sig)
+            ops = collections.Counter(f"{m.group(1)}:{'zmm' if 'zmm' in m.group(2) else 'ymm' if 'ymm' in m.group(2) else 'x'}"
+                                      for m in mnemonic.finditer(fn.inspect_asm(sig)))
+            for k, v in ops.items():
+                res["asm_tiles"][k] = res["asm_tiles"].get(k, 0) + v
+        if run:
+            kernels.quantize_act(x, xq, xd, xs)
+            fn(*args)
+            ref = x.astype(np.float64) @ wd.T
+            res["err_tiles"] = max(res["err_tiles"], float(np.abs(out - ref).max() / np.abs(ref).max()))
             digest.update(out.tobytes())
 if run:
     g = (rng.standard_normal((3, 211)) * 20).astype(np.float32)
@@ -185,7 +220,8 @@ def _host_features() -> set:
 
 
 def test_kernels_agree_across_instruction_sets(tmp_path):
-    """Every instruction-set path compiles on every CPU, each in a fresh process for its target, and its assembly
+    """Every instruction-set path (of the Q4_0/Q4_1/Q8_0 matmuls and of matmul_tiles on Q5_0/Q4_K/Q6_K repacked
+    from GGUF rows, against gguf.quants' dequantization) compiles on every CPU, each in a fresh process for its target, and its assembly
     holds the expected multiply-add form (vpdpwssd on AVX-512 VNNI and AVX-VNNI, vpmaddwd on AVX-512BW and AVX2,
     pmaddwd on the portable target). The paths this CPU can execute are run: each matches the float64 reference,
     and all give bit-identical results (exact integer arithmetic, one activation scheme). Paths the CPU cannot
@@ -211,10 +247,12 @@ def test_kernels_agree_across_instruction_sets(tmp_path):
         assert r.returncode == 0, (isa, r.returncode, r.stderr[-2000:])
         got = json.loads(r.stdout)
         assert (got["vnni"], got["avxvnni"], got["avx512bw"], got["avx2"], got["f16c"]) == flags, isa
-        assert want <= set(got["asm"]), (isa, sorted(got["asm"]))
-        assert not avoid & set(got["asm"]), (isa, avoid & set(got["asm"]))
+        for asm in (got["asm"], got["asm_tiles"]):  # Q4_0/Q4_1/Q8_0, and the repacked GGUF types
+            assert want <= set(asm), (isa, sorted(asm))
+            assert not avoid & set(asm), (isa, avoid & set(asm))
         if runnable:
             assert got["err"] <= 1e-4, isa
+            assert got["err_tiles"] <= 1e-4, isa
             assert got["silu_err"] <= 1e-6, isa
             digests[isa] = got["digest"]
     # the host's own compile (no NUMBA_CPU_* set) always runs, and the portable path runs on any x86-64

@@ -14,7 +14,7 @@ import numpy as np
 
 from quant.container import Container
 from quant.rope import mla_softmax_mscale
-from quant.schema import ModelConfig, token_costs
+from quant.schema import ModelConfig, repacked_ram, token_costs
 
 from ..errors import ContextOverflow, UsageError
 from ..memory import available, kv_cache_type, residency
@@ -58,8 +58,11 @@ class Transformer:
         max_ctx, moe_topk, expert_cache_mib, use_mmap = opts.n_ctx, opts.moe_topk, opts.expert_cache_mib, opts.use_mmap
         # measured before the dense weights are read in (they count in a cgroup); lmcli plan applies the same rule
         self.kv_type = kv_cache_type(opts.kv_type)
-        self.residency = residency(file_bytes=container.file_size, kv_bytes=cfg.kv_bytes(self.kv_type) * max_ctx,
-                                   dense_bytes=token_costs(cfg, container.tensor_sizes()).dense_bytes,
+        # with what the load-time repack of Q5_0/Q4_K/Q6_K matrices adds (quant.schema.repacked_ram)
+        ram_extra, dense_tiles = repacked_ram(container.tensor_sizes())
+        self.residency = residency(file_bytes=container.file_size + ram_extra,
+                                   kv_bytes=cfg.kv_bytes(self.kv_type) * max_ctx,
+                                   dense_bytes=token_costs(cfg, container.tensor_sizes()).dense_bytes + dense_tiles,
                                    avail=available(), is_moe=cfg.is_moe, use_mmap=use_mmap,
                                    expert_cache_mib=expert_cache_mib)
         if self.residency.resident:

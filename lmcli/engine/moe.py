@@ -120,29 +120,31 @@ class RoutingStats:
             self.trace.clear()
 
 
-def _experts(b8, b16, b32, offs, ex, sel, tok_ptr, tok_idx, a, hb, y) -> None:
-    """gate/up (fused SiLU) then down for the assignments tok_ptr[0]..tok_ptr[-1] of experts `sel`."""
+def _experts(b8, b16, b32, offs, kinds, ex, sel, tok_ptr, tok_idx, a, hb, y) -> None:
+    """gate/up (fused SiLU) then down for the assignments tok_ptr[0]..tok_ptr[-1] of experts `sel`; kinds: the
+    kernels' kind of each matrix in these buffers (ex.kinds for ex's own, the formats' for the file's bytes)."""
     xq, xd, xs = a.quantized()
     (gc, gs), (uc, us), (dc, ds) = offs["gate"], offs["up"], offs["down"]
     g, u, dn = ex.fmts["gate"], ex.fmts["up"], ex.fmts["down"]
+    gk, uk, dk = kinds["gate"], kinds["up"], kinds["down"]
     # prefill (an expert with several tokens) of integer formats takes the kernels that reuse unpacked codes
     prefill = a.x.shape[0] > 1
     a0, a1 = int(tok_ptr[0]), int(tok_ptr[-1])  # this call's assignments
     if prefill and g.expert_rows and u.expert_rows:
-        kernels.moe_gate_up_rows(b8, b16, g.kind, u.kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
+        kernels.moe_gate_up_rows(b8, b16, gk, uk, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
                                  xq, xd, xs, a.x, hb)
     else:
         h2 = np.empty((2, hb.shape[0], ex.n_ff), np.float32)  # gate, up (rows a0..a1 written)
-        kernels.moe_gate_up(b8, b16, b32, g.kind, u.kind, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
+        kernels.moe_gate_up(b8, b16, b32, gk, uk, ex.n_ff, ex.n_embd, gc, gs, uc, us, sel, tok_ptr, tok_idx,
                             xq, xd, xs, a.x, h2)
         ops.silu_mul(h2[0, a0:a1], h2[1, a0:a1], hb[a0:a1])
     ha = Act(hb[a0:a1])
     hq, hd, hs = ha.quantized()
     if prefill and dn.expert_rows:
-        kernels.moe_down_rows(b8, b16, dn.kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr - a0, hq, hd, hs, ha.x,
+        kernels.moe_down_rows(b8, b16, dk, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr - a0, hq, hd, hs, ha.x,
                               y[a0:a1])
     else:
-        kernels.moe_down(b8, b16, b32, dn.kind, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr - a0, hq, hd, hs, ha.x,
+        kernels.moe_down(b8, b16, b32, dk, ex.n_embd, ex.n_ff, dc, ds, sel, tok_ptr - a0, hq, hd, hs, ha.x,
                          y[a0:a1])
 
 
@@ -177,8 +179,10 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
     y = np.empty((len(flat_e), ex.n_embd), np.float32)
     if cache is None:
         with phase("experts"):
-            _experts(w.buf8, w.buf16, w.buf32, ex.offsets, ex, sel, tok_ptr, tok_idx, a, hb, y)
-    else:
+            bufs = ex.bufs if ex.tiles is not None else (w.buf8, w.buf16, w.buf32)
+            _experts(*bufs, ex.offsets, ex.kinds, ex, sel, tok_ptr, tok_idx, a, hb, y)
+    else:  # the cache holds the file's bundles: GGUF's rows, never repacked (see expert_cache)
+        file_kinds = {k: f.kind for k, f in ex.fmts.items()}
         for i0 in range(0, len(sel), cache.max_batch):  # as many experts at a time as the cache holds
             sub = sel[i0 : i0 + cache.max_batch]
             slots, landing = cache.fetch_start(layer, sub)  # the misses' reads all start now
@@ -199,7 +203,7 @@ def moe_ffn(ff: FFN, h: np.ndarray, spec: RouterSpec, w, stats: RoutingStats | N
                     cache.wait(landing, k)
                     k += 1
                 with phase("experts"):
-                    _experts(cache.buf8, cache.buf16, cache.buf32, offs, ex, sub[j:k],
+                    _experts(cache.buf8, cache.buf16, cache.buf32, offs, file_kinds, ex, sub[j:k],
                              tok_ptr[i0 + j : i0 + k + 1], tok_idx, a, hb, y)
                 j = k
     if weights.OBSERVER is not None:  # lmcli imatrix: each expert's inputs

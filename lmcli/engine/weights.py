@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from quant import kernels, repack
-from quant.container import Container
-from quant.formats import TILE, Format, matrix_parts
+from quant.container import Container, huge_buffer
+from quant.formats import ALIGN, TILE, Format, align_up, matrix_parts
 from quant.schema import ModelConfig, expected_tensors
 
 from ..errors import ModelFileError, model_file_errors
@@ -53,7 +53,7 @@ class Linear:
         # kernels.matmul_tiles (quant.repack); the file's rows still serve rows() (embedding lookups)
         self.tiles = None
         if repack.repackable(fmt):
-            self.tiles = repack.repack(fmt, codes, n_in)
+            self.tiles = repack.repack_matrix(fmt, codes, n_out, n_in)
             self.nbytes = self.tiles[0].nbytes + self.tiles[1].nbytes
         # a router (8-64 float rows, padded to a 64-row tile in the file): a compact float32 copy, so a token reads
         # its rows (64 KiB, L2-resident) instead of one strided 512 KiB tile on one thread (20 us per layer)
@@ -107,6 +107,72 @@ class Experts:
     bundle_nbytes: int  # bytes of one expert's gate + up + down
     stride: int
     base: int  # byte offset of expert 0's bundle
+    kinds: dict = None  # "gate"/"up"/"down" -> the expert kernels' kind: Format.kind, TILED + it once repacked
+    tiles: np.ndarray | None = field(repr=False, default=None)  # repacked bundles (then `offsets` index these bytes)
+
+    def __post_init__(self):
+        if self.kinds is None:
+            self.kinds = {k: f.kind for k, f in self.fmts.items()}
+
+    @property
+    def bufs(self) -> tuple:
+        """(uint8, uint16, float32) views of the repacked bundles for the expert kernels (tiles set)."""
+        t = self.tiles
+        return t, t[: len(t) // 2 * 2].view(np.uint16), t[: len(t) // 4 * 4].view(np.float32)
+
+
+def repacked_layout(ex: Experts) -> tuple[dict, int] | None:
+    """Where each matrix of an expert's repacked bundle goes: ({"gate"/"up"/"down": (codes offset, scales offset,
+    repacked)}, bundle bytes, bundle stride), or None when no matrix of the layer is repackable (quant.repack). Matrices that are
+    not repackable are copied as they are. Parts start on 64 bytes, bundles on pages."""
+    if not any(repack.repackable(f) for f in ex.fmts.values()):
+        return None
+    shapes = {"gate": (ex.n_ff, ex.n_embd), "up": (ex.n_ff, ex.n_embd), "down": (ex.n_embd, ex.n_ff)}
+    where, pos = {}, 0
+    for k in ("gate", "up", "down"):
+        fmt = ex.fmts[k]
+        tiled = repack.repackable(fmt)
+        cb, sb = repack.tiled_parts(fmt, *shapes[k]) if tiled else matrix_parts(fmt, *shapes[k])
+        where[k] = (pos, align_up(pos + cb, 64), tiled)
+        pos = align_up(where[k][1] + sb, 64)
+    return where, pos, align_up(pos, ALIGN)
+
+
+def repacked_nbytes(ex: Experts) -> int:
+    """Bytes of a layer's experts once repacked (repack_experts); the file's bytes when nothing is repacked."""
+    lay = repacked_layout(ex)
+    return ex.n_expert * (lay[2] if lay else ex.stride)
+
+
+def repack_experts(c: Container, ex: Experts) -> None:
+    """Repack a layer's Q5_0/Q4_K/Q6_K experts into tiles in a buffer of their own (huge pages), as dense matrices
+    are (Linear), and give the resident file's copy of them back: the peak is the file plus one layer's bundles.
+    For files read into RAM only: over a mapping this would read every expert in and hold a second copy beside
+    the page cache (models larger than RAM keep GGUF's rows, read by the rows kernels)."""
+    lay = repacked_layout(ex)
+    if lay is None or not c.resident:
+        return
+    where, used, stride = lay
+    shapes = {"gate": (ex.n_ff, ex.n_embd), "up": (ex.n_ff, ex.n_embd), "down": (ex.n_embd, ex.n_ff)}
+    tiles = huge_buffer(ex.n_expert * stride)[1]  # the array keeps its mapping alive
+    src = c._buf
+    offsets, kinds = {}, {}
+    for k, (co, so, tiled) in where.items():
+        fmt, (n_out, n_in) = ex.fmts[k], shapes[k]
+        cb, sb = matrix_parts(fmt, n_out, n_in)
+        for e in range(ex.n_expert):
+            d, s0 = e * stride + co, int(ex.offsets[k][0][e])
+            if tiled:
+                repack.repack_into(fmt, src, s0, n_out, n_in, tiles, d)
+            else:
+                tiles[d : d + cb] = src[s0 : s0 + cb]
+                tiles[e * stride + so : e * stride + so + sb] = src[s0 + cb : s0 + cb + sb]
+        first = np.arange(ex.n_expert, dtype=np.int64) * stride
+        offsets[k] = (first + co, first + so)
+        kinds[k] = fmt.kind + repack.TILED if tiled else fmt.kind
+    c.release(ex.base, (ex.n_expert - 1) * ex.stride + ex.bundle_nbytes)
+    tiles.flags.writeable = False
+    ex.offsets, ex.kinds, ex.tiles, ex.stride, ex.bundle_nbytes = offsets, kinds, tiles, stride, used
 
 
 @dataclass
@@ -219,7 +285,9 @@ class _Loader:
             offsets[k] = (co, co + cb)
         base = min(t.offset for t in infos.values())
         end = max(t.offset + t.nbytes for t in infos.values())
-        return Experts({k: t.fmt for k, t in infos.items()}, E, F, D, offsets, end - base, stride, base)
+        ex = Experts({k: t.fmt for k, t in infos.items()}, E, F, D, offsets, end - base, stride, base)
+        repack_experts(self.c, ex)
+        return ex
 
 
 def _split_kv_b(lin: Linear, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -231,6 +299,17 @@ def _split_kv_b(lin: Linear, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     H, nope, dv = cfg.n_head, cfg.qk_nope_head_dim, cfg.v_head_dim
     w = lin.rows(np.arange(lin.n_out, dtype=np.int64)).reshape(H, nope + dv, lin.n_in).astype(np.float16)
     return np.ascontiguousarray(w[:, :nope]).view(np.uint16), np.ascontiguousarray(w[:, nope:]).view(np.uint16)
+
+
+def _repacked_linears(w: Weights) -> list[Linear]:
+    """The matrices with tiles whose file rows nothing reads after load: all but the token embedding (rows()),
+    MLA's kv_b included (split at load)."""
+    lins = {id(w.output): w.output}
+    for L in w.layers:
+        for obj in (L.attn, L.ffn):
+            lins.update((id(v), v) for v in vars(obj).values() if isinstance(v, Linear))
+    lins.pop(id(w.tok_embd), None)
+    return [v for v in lins.values() if v.tiles is not None]
 
 
 def load_weights(c: Container, cfg: ModelConfig) -> Weights:
@@ -288,6 +367,8 @@ def load_weights(c: Container, cfg: ModelConfig) -> Weights:
     if extra:
         raise ModelFileError(f"{c.path}: tensors the config does not use: {', '.join(extra[:4])}",
                              hint="the container's config and tensors disagree")
+    for lin in _repacked_linears(w):  # read through their tiles from now on (rows() only serves tok_embd)
+        c.release(lin.codes.ctypes.data - c._buf.ctypes.data, lin.codes.nbytes)
     for t in c.tensors.values():
         if t.n_expert == 0:
             c.advise("willneed", t.offset, t.nbytes)  # dense weights stay resident: one large read each
