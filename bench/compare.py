@@ -98,6 +98,33 @@ def busy_neighbours(n: int):
             p.wait()
 
 
+def amx_guard() -> bool:
+    """On a CPU that lists amx_tile, llama.cpp's extra buffer types (AMX and repacked weights) off, as
+    tests/conftest.py does: llama-cpp-python 0.3.36 dies at its first AMX instruction (ldtilecfg) on such virtual
+    machines. It then runs its plain CPU kernels (slower than with repacking: say so beside its figures). Not when
+    LLAMA_CPP_LIB_PATH names another build (say, AVX2-only, which has no AMX code). True when it was turned off."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            if "amx_tile" not in f.read() or os.environ.get("LLAMA_CPP_LIB_PATH"):
+                return False
+        import llama_cpp
+        import llama_cpp.llama
+    except (OSError, ImportError):
+        return False
+    base = llama_cpp.llama_model_default_params
+
+    def params():
+        p = base()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    return True
+
+
+AMX_GUARD = amx_guard()
+
+
 def describe() -> str:
     """The instruction sets both sides were built for, for the report's first line."""
     import llama_cpp
@@ -105,7 +132,8 @@ def describe() -> str:
     from quant.kernels import kernel_path
 
     return (f"lmcli kernels: {kernel_path()['kernel_path']}; llama.cpp: "
-            f"{llama_cpp.llama_print_system_info().decode().strip()}")
+            f"{llama_cpp.llama_print_system_info().decode().strip()}"
+            + ("; llama.cpp's extra buffer types (AMX, repack) off on this AMX CPU" if AMX_GUARD else ""))
 
 
 def thread_policy(threads):
