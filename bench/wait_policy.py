@@ -73,8 +73,9 @@ def env_for(setting: str) -> dict:
 
 def run(model: str, n: int, setting: str) -> tuple[float, str]:
     wait, _, threads = setting.split(",src=")[0].partition(",t=")
-    r = subprocess.run([sys.executable, "-c", CHILD, model, str(n), wait, threads or "auto"], capture_output=True, text=True,
-                       env=env_for(setting), timeout=1800)
+    env = env_for(setting)  # the child runs in the checkout: `-c` puts the working directory first on sys.path
+    r = subprocess.run([sys.executable, "-c", CHILD, model, str(n), wait, threads or "auto"], capture_output=True,
+                       text=True, env=env, cwd=env["PYTHONPATH"], timeout=1800)
     if r.returncode:
         raise SystemExit(f"{setting}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     tps, threads = json.loads(r.stdout.strip().splitlines()[-1])
