@@ -5,7 +5,8 @@ optionally beside llama.cpp's llama-server -np 4 on the same weights exported to
 Each configuration is a server in its own process (`lmcli serve --parallel 4`, `--parallel 1`, llama-server), driven
 by streaming /v1/completions clients (greedy, ignore_eos, distinct short prompts); configurations alternate within
 each repetition so machine noise hits all alike. Aggregate decode tokens/s = the clients' tokens after their first,
-over the time from the first client's first token to the last client's last; medians (min, max).
+over the time from the first client's first token to the last client's last (the other clients' prompts are
+prefilled inside it); beside it, the tokens/s while every client decodes (the batched decode alone); medians (min, max).
 
     python bench/serve_batch.py --model synthetic --model smollm2 [--reps 5] [--decode 64]
         [--llama-server PATH/llama-server]
@@ -47,10 +48,11 @@ def prompt(i: int, rep: int) -> str:
     return f"Story {rep}.{i}: " + " ".join(r.choice(WORDS) for _ in range(24))
 
 
-def stream(url: str, text: str, n: int) -> tuple[float, float, int]:
-    """(time of the first token, time of the last, tokens) of one streamed greedy completion of n tokens."""
+def stream(url: str, text: str, n: int) -> list[float]:
+    """The arrival times of the text chunks (one per token, but for text held back) of one streamed greedy
+    completion of n tokens."""
     body = {"prompt": text, "max_tokens": n, "n_predict": n, "temperature": 0, "ignore_eos": True, "stream": True}
-    first = last = None
+    times = []
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=1800) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -58,17 +60,22 @@ def stream(url: str, text: str, n: int) -> tuple[float, float, int]:
                 continue
             obj = json.loads(line[6:])
             if obj.get("choices") and obj["choices"][0].get("text"):
-                last = time.perf_counter()
-                first = first or last
-    return first, last, n
+                times.append(time.perf_counter())
+    return times
 
 
-def aggregate(url: str, clients: int, n: int, rep: int) -> float:
-    """Aggregate decode tokens/s of `clients` concurrent streamed completions of n tokens each."""
+def aggregate(url: str, clients: int, n: int, rep: int) -> tuple[float, float]:
+    """(aggregate, all decoding) tokens/s of `clients` concurrent streamed completions of n tokens each.
+
+    aggregate: every client's tokens after its first, over the time from the first client's first token to the last
+    client's last (the other clients' prompts are prefilled inside it). All decoding: the chunks that arrived while
+    every client was past its prompt and not yet done, over that span (the batched decode alone; 0 when no span)."""
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         res = list(pool.map(lambda i: stream(url, prompt(i, rep), n), range(clients)))
-    t0, t1 = min(r[0] for r in res), max(r[1] for r in res)
-    return sum(r[2] - 1 for r in res) / (t1 - t0)
+    t0, t1 = min(r[0] for r in res), max(r[-1] for r in res)
+    a, b = max(r[0] for r in res), min(r[-1] for r in res)
+    inside = sum(a < t <= b for r in res for t in r)
+    return clients * (n - 1) / (t1 - t0), (inside / (b - a) if b > a else 0.0)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, what: str) -> None:
@@ -158,16 +165,22 @@ def run(a, spec: str) -> None:
             for c in counts:
                 aggregate(url, c, 8, -1)
         res = {(label, c): [] for label, (_, counts) in servers.items() for c in counts}
+        steady = {k: [] for k in res}
         for rep in range(a.reps):
             for (label, c) in res:
-                res[(label, c)].append(aggregate(servers[label][0], c, a.decode, rep))
-        print(f"\n== {spec}: aggregate decode tokens/s")
+                agg, dec = aggregate(servers[label][0], c, a.decode, rep)
+                res[(label, c)].append(agg)
+                steady[(label, c)].append(dec)
+        print(f"\n== {spec}: aggregate decode tokens/s (prompts inside the span) | while all clients decode")
         for (label, c), xs in res.items():
-            print(f"  {label:24s} {c} client{'s' if c > 1 else ' '}  {fmt(xs)}")
+            dec = fmt(steady[(label, c)]) if any(steady[(label, c)]) else "-  (one at a time: never all decoding)"
+            print(f"  {label:24s} {c} client{'s' if c > 1 else ' '}  {fmt(xs)} | {dec}")
         base = med(res[(f"lmcli --parallel {a.clients}", 1)])
         for (label, c), xs in res.items():
             if c > 1:
-                print(f"  {label} with {c} clients over lmcli with 1 client: {med(xs) / base:.2f}x")
+                dec = med(steady[(label, c)]) / med(steady[(f"lmcli --parallel {a.clients}", 1)])
+                print(f"  {label} with {c} clients over lmcli with 1 client: {med(xs) / base:.2f}x"
+                      + (f"; while all decode: {dec:.2f}x" if dec else ""))
         ls = f"llama-server -np {a.clients}"
         if (ls, a.clients) in res:
             print(f"  lmcli over llama-server at {a.clients} clients: "

@@ -138,7 +138,7 @@ def run_steps(transformer, steps: list[Step], threads: ThreadPolicy | None = Non
             threads.begin()
             logits = fwd()
         else:
-            logits = threads.step(fwd)
+            logits = threads.step(fwd, len(one))
         for j, i in enumerate(one):
             out[i] = logits[j]
     return out

@@ -234,6 +234,7 @@ class ThreadPolicy:
         self._down = True  # which neighbour the next probe tries, when there are two
         self._confirming, self._again = False, None  # a probe of fewer threads won once: probe `_again` to confirm
         self.switches = 0
+        self._size = 1  # sequences per step (lmcli serve's batches): only steps of one size are compared
 
     @classmethod
     def default(cls, max_threads: int, fixed: bool = False) -> ThreadPolicy:
@@ -280,10 +281,12 @@ class ThreadPolicy:
             return higher
         return lower
 
-    def record(self, n: int, seconds: float) -> None:
-        """The step just run at n threads took `seconds`."""
+    def record(self, n: int, seconds: float, size: int = 1) -> None:
+        """The step just run at n threads over `size` sequences took `seconds`."""
         if not self.adaptive or n not in self.times:
             return
+        if size != self._size:  # a batch of another size takes another time: not a change of load, judged afresh
+            self._resize(size)
         transition, self._last = self._last is not None and n != self._last, n
         self.elapsed += seconds
         if self._mark is None and self.waited is not None:  # after the first decode step: contention counts from here
@@ -305,6 +308,14 @@ class ThreadPolicy:
             self.settled = now
             if self.lost <= 3 * self.budget * self.elapsed:  # a looser cap than the interval's: loads do change
                 self.until_probe = min(self.until_probe, 0)
+
+    def _resize(self, size: int) -> None:
+        """Forget the step times of the previous batch size (and a probe in flight); the count stays."""
+        self._size = size
+        for q in self.times.values():
+            q.clear()
+        self.settled, self.probing, self._probe = None, None, []
+        self._confirming, self._again = False, None
 
     def _judge(self) -> None:
         steps = self._probe[1:]  # the transition set aside
@@ -359,13 +370,14 @@ class ThreadPolicy:
         self.interval = self.until_probe = self.first_interval
         self.switches += 1
 
-    def step(self, fn: Callable[[], R]) -> R:
-        """fn() at the count next() chooses, set for this thread, timed and recorded."""
+    def step(self, fn: Callable[[], R], size: int = 1) -> R:
+        """fn() (a step over `size` sequences) at the count next() chooses, set for this thread, timed and
+        recorded."""
         n = self.next()
         _use(n)
         t = time.perf_counter()
         out = fn()
-        self.record(n, time.perf_counter() - t)
+        self.record(n, time.perf_counter() - t, size)
         return out
 
     def describe(self) -> str:

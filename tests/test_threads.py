@@ -169,6 +169,22 @@ def test_lmcli_decodes_with_the_contention_signal():
     assert w0 is not None and run_delay() >= w0  # this kernel reports it (Linux schedstat)
 
 
+def test_a_larger_batch_is_not_taken_for_a_change_of_load():
+    # lmcli serve: 4 sequences per step take twice the time of one; judged against one sequence's steps that is
+    # "the load changed" and a probe at once (which beside a neighbour can move it down for nothing)
+    pol = ThreadPolicy(2)
+    for _ in range(20):
+        n = pol.next()
+        pol.record(n, 0.010 if n == 2 else 0.016, 1)
+    assert pol.probing is None
+    used = []
+    for _ in range(pol.times[2].maxlen):  # a full window at the new size before anything is judged
+        n = pol.next()
+        used.append(n)
+        pol.record(n, 0.020 if n == 2 else 0.032, 4)
+    assert used == [2] * pol.times[2].maxlen and pol.current == 2
+
+
 def test_a_tie_keeps_the_current_count():
     pol = ThreadPolicy(2)
     used = drive(pol, lambda i, n: 0.010 if n == 2 else 0.0099, 600)  # 1% apart: within the margin
@@ -376,7 +392,7 @@ def test_adaptive_generation_visits_both_counts_and_matches_one_thread(smol_cont
     m.thread_policy = ThreadPolicy(m.threads)  # no contention signal: it probes one thread whatever the machine
     counts = []
     step = m.thread_policy.step
-    m.thread_policy.step = lambda fn: step(lambda: (counts.append(numba.get_num_threads()), fn())[1])
+    m.thread_policy.step = lambda fn, size=1: step(lambda: (counts.append(numba.get_num_threads()), fn())[1], size)
     ids = m.tokenize("The quick brown fox")
     got = list(m.generate(ids, max_tokens=40, temp=0.0, ignore_eos=True))[-1].tokens
     assert {1, 2} <= set(counts)  # the probe at step 4 ran 1 thread whatever the timings
