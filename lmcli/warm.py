@@ -63,6 +63,9 @@ def model_calls(tf) -> list[tuple[str, str, tuple]]:
             return
         if x.rows_f32 is not None:
             add(K, "matmul_rows", _typeof(x.rows_f32), f32_2, f32_2)
+        elif x.tiles is not None:  # GGUF rows repacked at load (quant.repack)
+            add(K, "quantize_act", f32_2, i16_2, f32_2, i32_2)
+            add(K, "matmul_tiles", _typeof(x.tiles[0]), _typeof(x.tiles[1]), nt.int64, i16_2, f32_2, i32_2, f32_2)
         elif x.fmt.int_act:
             add(K, "quantize_act", f32_2, i16_2, f32_2, i32_2)
             add(K, x.fmt.matmul_name, _typeof(x.codes), _typeof(x.scales), i16_2, f32_2, i32_2, f32_2)

@@ -441,3 +441,35 @@ def test_synthetic_f16_moe_is_valid_data_for_llama_cpp(tmp_path):
         assert np.isfinite(w).all() and np.abs(w).max() < 10, t.name
     quantize(src, tmp_path / "q.gguf", F.MOSTLY_Q4_K_M)
     assert "Q4_K" in census(tmp_path / "q.gguf").values()
+
+
+@pytest.mark.parametrize("arch,ftype", [("llama", F.MOSTLY_IQ4_XS), ("qwen3_moe", F.MOSTLY_Q5_K_M)],
+                         ids=["llama-IQ4_XS", "qwen3_moe-Q5_K_M"])
+def test_repacked_ram_counts_what_the_engine_allocates(tiny_f16, arch, ftype, tmp_path):
+    """quant.schema.repacked_ram (the figure the residency rule and `plan` add to the file) against the engine's own
+    arrays once loaded: the dense tiles to the byte, less the file rows given back (all but the token embedding's),
+    plus each layer's repacked expert bundles less the file's, within their page alignment. An untied token
+    embedding only serves lookups and is not repacked (the MoE's); a tied one is the output head (the llama's)."""
+    import lmcli
+    from lmcli.engine.weights import Linear
+
+    from quant.schema import repacked_ram
+
+    lmc = import_losslessly(quantize(tiny_f16(arch), tmp_path / "q.gguf", ftype), tmp_path / "q.lmc")
+    tf = lmcli.load(str(lmc)).transformer
+    extra, dense = repacked_ram(tf.container.tensor_sizes())
+    w = tf.weights
+    lins = {id(x): x for x in [w.tok_embd, w.output] + [v for L in w.layers for o in (L.attn, L.ffn)
+                                                        for v in vars(o).values() if isinstance(v, Linear)]}
+    tiled = [x for x in lins.values() if x.tiles is not None]
+    assert (w.tok_embd.tiles is not None) == tf.cfg.tied_embeddings
+    assert dense == sum(x.tiles[0].nbytes + x.tiles[1].nbytes for x in tiled) > 0
+    ours = dense - sum(x.codes.nbytes for x in tiled if x is not w.tok_embd)
+    slack = 0
+    for i, L in enumerate(w.layers):
+        ex = L.ffn.experts
+        if ex is not None:
+            assert ex.tiles is not None
+            ours += ex.tiles.nbytes - ex.n_expert * tf.container.tensors[f"blk.{i}.ffn_gate_exps.weight"].stride
+            slack += ex.n_expert * 4096
+    assert abs(extra - ours) <= slack, (extra, ours, slack)
