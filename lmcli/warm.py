@@ -26,7 +26,7 @@ import numpy as np
 # Measured seconds to compile (AVX-512 VNNI machine, loaded): the heaviest first, to balance the workers.
 _COST = {"matmul_q4": 9.6, "_attention_rows": 8.8, "embed_rows": 8.5, "matmul_q8": 6.2, "moe_gate_up": 6.0,
          "moe_down": 5.0, "moe_gate_up_rows": 5.0, "moe_down_rows": 4.0, "_attention_rows4": 8.0,
-         "matmul_gguf_rows": 6.0, "matmul_f16": 3.0, "mla_query": 2.0, "mla_output": 2.0}
+         "matmul_gguf_rows": 6.0, "matmul_tiles": 4.7, "matmul_f16": 3.0, "mla_query": 2.0, "mla_output": 2.0}
 
 
 def _typeof(a):
