@@ -301,9 +301,10 @@ def _scaled(builder, kind, sv, isum, sxi):
     value) w = d q; q4_k and q5_k w = (d sc) q - (dmin m): d (sc isum) - dmin (m sx); q6_k and iq4_xs (isum a
     pair: q6_k's two 16-weight sub-blocks, iq4_xs's pairs 0-7 and 8-15 of one sub-block, sc_lo = sc_hi) w =
     (d sc) q: d (sc_lo isum_lo) + d (sc_hi isum_hi). The K-quants' integer products are exact in int32 (|sc isum|
-    < 2^31 for q5_k's 5-bit q, |m sx| < 2^26, |sc_lo isum_lo| < 2^31: iq4_xs splits its sum in two for this,
-    32 |127 x| 16 < 2^31), then each rounded once to float: as float products of products, LLVM reordered them
-    differently for targets with and without F16C (results one ulp apart). sxi: the group's activation sum."""
+    <= 63 * 32 * 31 * 32767 < 2^31 for q5_k, |m sx| < 2^26, |sc_lo isum_lo| < 2^31: iq4_xs sums each half apart
+    for this, 32 * 16 * 127 * 32767 < 2^31, where one sum of 32 could reach 2^32), then each rounded once to
+    float: as float products of products, LLVM reordered them differently for targets with and without F16C
+    (results one ulp apart). sxi: the group's activation sum."""
     fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
     if kind in _SPLIT:
         d, sc_lo, sc_hi = sv
