@@ -1570,7 +1570,8 @@ def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
     """A Q5_0 (6), Q5_1 (7), Q4_K (12), Q5_K (13), Q6_K (14), IQ4_NL (20) or IQ4_XS (23) matrix of n_tiles * TILE
     GGUF rows at src[soff] (flat uint8) -> its tiles at dst[doff]: codes (n_tiles, code rows, TILE) bytes then
     scales (n_tiles, scale rows, TILE) uint16 (tiled_rows), quant.repack's layouts byte for byte. Codes and scales
-    are copied, never rounded. nogil: the expert cache repacks in its read threads."""
+    are copied, never rounded. nogil, so that threads can repack side by side (the expert cache of a mapped model
+    does not yet: its bundles stay GGUF's rows, run by the rows kernels)."""
     rb = gguf_row_nbytes(kind, n_in)
     ng = n_in // GROUP
     cr, sr = tiled_rows(kind, ng)
