@@ -26,7 +26,7 @@ import numpy as np
 # Measured seconds to compile (AVX-512 VNNI machine, loaded): the heaviest first, to balance the workers.
 _COST = {"matmul_q4": 9.6, "_attention_rows": 8.8, "embed_rows": 8.5, "matmul_q8": 6.2, "moe_gate_up": 6.0,
          "moe_down": 5.0, "moe_gate_up_rows": 5.0, "moe_down_rows": 4.0, "_attention_rows4": 8.0,
-         "matmul_gguf_rows": 6.0, "matmul_f16": 3.0, "mla_query": 2.0, "mla_output": 2.0}
+         "matmul_gguf_rows": 6.0, "matmul_tiles": 4.7, "matmul_f16": 3.0, "mla_query": 2.0, "mla_output": 2.0}
 
 
 def _typeof(a):
@@ -63,6 +63,9 @@ def model_calls(tf) -> list[tuple[str, str, tuple]]:
             return
         if x.rows_f32 is not None:
             add(K, "matmul_rows", _typeof(x.rows_f32), f32_2, f32_2)
+        elif x.tiles is not None:  # GGUF rows repacked at load (quant.repack)
+            add(K, "quantize_act", f32_2, i16_2, f32_2, i32_2)
+            add(K, "matmul_tiles", _typeof(x.tiles[0]), _typeof(x.tiles[1]), nt.int64, i16_2, f32_2, i32_2, f32_2)
         elif x.fmt.int_act:
             add(K, "quantize_act", f32_2, i16_2, f32_2, i32_2)
             add(K, x.fmt.matmul_name, _typeof(x.codes), _typeof(x.scales), i16_2, f32_2, i32_2, f32_2)

@@ -95,8 +95,10 @@ Q8_0 = Format("q8_0", gguf_type=8, file_type=7, code_bytes=GROUP, scale_count=1,
 
 
 # GGUF types imported as they are (gguf_rows): each row keeps GGUF's blocks byte for byte, rows padded with zero
-# bytes to whole tiles (codes (n_tiles, TILE, row bytes), no separate scales). Their kernels (quant.kernels,
-# matmul_gguf_rows) decode one row at a time to float32 with gguf.quants' operations and take float activations.
+# bytes to whole tiles (codes (n_tiles, TILE, row bytes), no separate scales). The engine repacks all but BF16 into
+# tiles at load (quant.repack, run by kernels.matmul_tiles); the rows kernels (quant.kernels, matmul_gguf_rows and
+# the expert kernels' gguf_rows kinds) decode one row at a time to float32 with gguf.quants' operations and take
+# float activations: BF16, and the experts of a model read through its mapping.
 # No encoder: lmcli imports these types from llama.cpp's files, it does not write them.
 
 

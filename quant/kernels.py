@@ -252,30 +252,70 @@ def _lanes_q8(builder, cp, j, k, memo):
     return builder.bitcast(lanes, _vec(_I32, 16))
 
 
+# IQ4_NL's codebook (kvalues_iq4nl of ggml-common.h, gguf.quants.IQ4_NL.kvalues): the weight of 4-bit index i
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _lookup(builder, idx):
+    """<64 x i8> indices 0..15 -> KVALUES[idx] (<64 x i8>): one vpshufb per 128-bit lane group (AVX-512BW: one
+    512-bit; AVX2: two 256-bit); elsewhere a chain of 15 compare-and-selects (LLVM's portable IR has no variable
+    byte shuffle)."""
+    v8 = _vec(_I8, 64)
+    table = ir.Constant(v8, [v & 255 for v in KVALUES] * 4)
+    if _AVX512BW:
+        return _vcall(builder, "llvm.x86.avx512.pshuf.b.512", table, idx)
+    if _AVX2:
+        t256 = _halves(builder, table)[0]
+        return _join(builder, *[_vcall(builder, "llvm.x86.avx2.pshuf.b", t256, h) for h in _halves(builder, idx)])
+    out = ir.Constant(v8, [KVALUES[0] & 255] * 64)
+    for i in range(1, 16):
+        hit = builder.icmp_unsigned("==", idx, ir.Constant(v8, [i] * 64))
+        out = builder.select(hit, ir.Constant(v8, [KVALUES[i] & 255] * 64), out)
+    return out
+
+
+def _lanes_iq4(builder, cp, j, k, memo):
+    # rows 16k.. of pair j = 4u + s of the IQ4 types (quant.repack: 4-bit indices in the q4 words): the word's low
+    # nibbles (elements 4u, 4u+2 | 4u+16, 4u+18 by bytes) or high nibbles (4u+1, 4u+3 | 4u+17, 4u+19) mapped
+    # through the codebook to int8 bytes, both kept for the four pairs of the word; then as _lanes_q8, the low
+    # bytes (s < 2) or high bytes (s >= 2) of both int16 halves sign-extended
+    u, s = divmod(j, 4)
+    key = ("iq4", u, k, s % 2)
+    if key not in memo:
+        v = _word(builder, cp, u, k, memo)
+        nib = builder.and_(builder.lshr(v, _splat32(4)) if s % 2 else v, _splat32(0x0F0F0F0F))
+        memo[key] = builder.bitcast(_lookup(builder, builder.bitcast(nib, _vec(_I8, 64))), _vec(_I16, 32))
+    t = memo[key]
+    eight = ir.Constant(_vec(_I16, 32), [8] * 32)
+    return builder.bitcast(builder.ashr(t if s >= 2 else builder.shl(t, eight), eight), _vec(_I32, 16))
+
+
 # --- one tile row of a matrix, all groups: integer dot products and the float scale epilogue ------------
 
 
 
 def _scaled(builder, kind, sv, isum, sxi):
     """The float side of the kernels for one group and 16 rows (<16 x float>), from the integer sums isum and the
-    scale vectors sv of _group_scales: q4_1 w = d q + m: d isum + m sx; q4_0 w = d (q - 8) and q5_0 w = d (q - 16),
-    the offset taken in exact integer arithmetic: d (isum - 8 sx); q8_0 w = d q; q4_k w = (d sc) q - (dmin m):
-    d (sc isum) - dmin (m sx); q6_k (isum a pair: the group's two 16-weight sub-blocks) w = (d sc) q:
-    d (sc_lo isum_lo) + d (sc_hi isum_hi). The K-quants' integer products are exact in int32 (|sc isum| < 2^30,
-    |m sx| < 2^26, |sc_lo isum_lo| < 2^31), then each rounded once to float: as float products of products, LLVM
-    reordered them differently for targets with and without F16C (results one ulp apart). sxi: the group's
-    activation sum."""
+    scale vectors sv of _group_scales: q4_1 and q5_1 w = d q + m: d isum + m sx; q4_0 w = d (q - 8) and q5_0
+    w = d (q - 16), the offset taken in exact integer arithmetic: d (isum - 8 sx); q8_0 and iq4_nl (q the codebook
+    value) w = d q; q4_k and q5_k w = (d sc) q - (dmin m): d (sc isum) - dmin (m sx); q6_k and iq4_xs (isum a
+    pair: q6_k's two 16-weight sub-blocks, iq4_xs's pairs 0-7 and 8-15 of one sub-block, sc_lo = sc_hi) w =
+    (d sc) q: d (sc_lo isum_lo) + d (sc_hi isum_hi). The K-quants' integer products are exact in int32 (|sc isum|
+    <= 63 * 32 * 31 * 32767 < 2^31 for q5_k, |m sx| < 2^26, |sc_lo isum_lo| < 2^31: iq4_xs sums each half apart
+    for this, 32 * 16 * 127 * 32767 < 2^31, where one sum of 32 could reach 2^32), then each rounded once to
+    float: as float products of products, LLVM reordered them differently for targets with and without F16C
+    (results one ulp apart). sxi: the group's activation sum."""
     fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
-    if kind == "q6_k":
+    if kind in _SPLIT:
         d, sc_lo, sc_hi = sv
         lo, hi = isum
         return _fma(builder, d, builder.sitofp(builder.mul(sc_hi, hi), fvec),
                     builder.fmul(d, builder.sitofp(builder.mul(sc_lo, lo), fvec)))
-    if kind == "q4_k":
+    if kind == "q4_k" or kind == "q5_k":
         d, dmin, sc, m = sv
         msx = builder.mul(m, _splat(builder, builder.sub(ir.Constant(_I32, 0), sxi), ivec))
         return _fma(builder, d, builder.sitofp(builder.mul(sc, isum), fvec), builder.fmul(dmin, builder.sitofp(msx, fvec)))
-    if kind == "q4_1":
+    if kind == "q4_1" or kind == "q5_1":
         sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
         return _fma(builder, sv[0], builder.sitofp(isum, fvec), builder.fmul(sv[1], sxv))
     if kind == "q4_0" or kind == "q5_0":
@@ -289,15 +329,21 @@ def _layout(kind):
     """(code lanes, bytes of codes per group of 64 rows) of a format."""
     if kind == "q8_0" or kind == "q6_k":
         return _lanes_q8, 32 * 64
-    if kind == "q5_0":
+    if kind in ("q5_0", "q5_1", "q5_k"):
         return _lanes_q5, 20 * 64
+    if kind in ("iq4_nl", "iq4_xs"):
+        return _lanes_iq4, 16 * 64
     return _lanes_q4, 16 * 64
 
 
-# Scale rows (of 64 uint16) per K-quant super-block of 8 groups in the repacked layouts of quant.repack: q4_k
-# d, dmin (fp16), then per group its 64 rows' 6-bit sc and m as bytes; q6_k d (fp16), then per group the int8
-# scales of its two 16-weight sub-blocks
-_KROWS = {"q4_k": 10, "q6_k": 9}
+# formats whose integer sum is kept as two halves (pairs 0-7 and 8-15 of a group), scaled separately (_scaled)
+_SPLIT = ("q6_k", "iq4_xs")
+
+# Scale rows (of 64 uint16) per super-block of 8 groups in the repacked layouts of quant.repack, and where a
+# group's per-row bytes start (bytes from the super-block's first row) and how many bytes a group has: q4_k and
+# q5_k d, dmin (fp16), then per group its 64 rows' 6-bit sc and m as bytes; q6_k d (fp16), then per group the
+# int8 scales of its two 16-weight sub-blocks; iq4_xs d (fp16), then per group its int8 scale ls - 32
+_KROWS = {"q4_k": (10, 256, 128), "q5_k": (10, 256, 128), "q6_k": (9, 128, 128), "iq4_xs": (5, 128, 64)}
 
 
 def _bytes16(builder, bp, off, signed):
@@ -307,28 +353,33 @@ def _bytes16(builder, bp, off, signed):
 
 
 def _group_scales(builder, kind, sp0, g):
-    """k -> the scale vectors of rows 16k..16k+15 of group g, for _scaled: (d,), (d, m) for q4_1 (<16 x float>);
-    (d, dmin, sc, m) for q4_k and (d, sc_lo, sc_hi) for q6_k, the fp16 scales as <16 x float>, the 6- or 8-bit
-    sub-block scales as <16 x i32>. sp0: i16* at the tile's first scale row."""
+    """k -> the scale vectors of rows 16k..16k+15 of group g, for _scaled: (d,), (d, m) for q4_1 and q5_1
+    (<16 x float>); (d, dmin, sc, m) for q4_k and q5_k, (d, sc_lo, sc_hi) for q6_k and (d, sc, sc) for iq4_xs, the
+    fp16 scales as <16 x float>, the 6- or 8-bit sub-block scales as <16 x i32>. sp0: i16* at the tile's first
+    scale row."""
     if kind in _KROWS:
-        base = builder.gep(sp0, [builder.mul(builder.lshr(g, _c64(3)), _c64(_KROWS[kind] * 64))])
-        boff = builder.add(builder.mul(builder.and_(g, _c64(7)), _c64(128)), _c64(256 if kind == "q4_k" else 128))
+        nrows, first, per = _KROWS[kind]
+        base = builder.gep(sp0, [builder.mul(builder.lshr(g, _c64(3)), _c64(nrows * 64))])
+        boff = builder.add(builder.mul(builder.and_(g, _c64(7)), _c64(per)), _c64(first))
         bp = builder.gep(builder.bitcast(base, _I8.as_pointer()), [boff])
 
         def at_k(k):
             d = _f16x16(builder, base, 16 * k)
-            if kind == "q4_k":
+            if kind == "q4_k" or kind == "q5_k":
                 return (d, _f16x16(builder, base, 64 + 16 * k), _bytes16(builder, bp, 16 * k, False),
                         _bytes16(builder, bp, 64 + 16 * k, False))
+            if kind == "iq4_xs":
+                sc = _bytes16(builder, bp, 16 * k, True)
+                return d, sc, sc
             return d, _bytes16(builder, bp, 16 * k, True), _bytes16(builder, bp, 64 + 16 * k, True)
 
         return at_k
-    nsc = 2 if kind == "q4_1" else 1
+    nsc = 2 if kind in ("q4_1", "q5_1") else 1
     sp = builder.gep(sp0, [builder.mul(g, _c64(nsc * 64))])
 
     def at(k):
         d = _f16x16(builder, sp, 16 * k)
-        return (d, _f16x16(builder, sp, 64 + 16 * k)) if kind == "q4_1" else (d,)
+        return (d, _f16x16(builder, sp, 64 + 16 * k)) if nsc == 2 else (d,)
 
     return at
 
@@ -350,7 +401,7 @@ def _tile_codegen(kind, pf=PREFETCH):
     tile; d and m (q4_1 only; q4_0: m = -8 d; q8_0: m = 0) are fp16 scales converted by _f16x16 (vcvtph2ps with F16C).
     The accumulators stay in registers across groups (allocas promoted by LLVM's mem2reg)."""
     lanes, cstride = _layout(kind)
-    split = kind == "q6_k"  # pairs j < 8 and j >= 8 meet different sub-blocks (act_pairs_sub16): two sums
+    split = kind in _SPLIT  # pairs j < 8 and j >= 8 summed apart (q6_k: different sub-blocks, act_pairs_sub16)
 
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xp, xoff, xd, xs, xgoff, out = args
@@ -387,7 +438,7 @@ def _tile_codegen(kind, pf=PREFETCH):
                 # (AVX2, AVX-VNNI) eight 512-bit chains took all 16 ymm registers and spilled 96-128 vectors per
                 # group to the stack (AVX-VNNI: 688 -> 586 instructions per group, its 8 ymm chains of
                 # vpdpwssd are independent enough)
-                per = 2 if lanes is _lanes_q8 else 4  # pairs per 32-bit word
+                per = 2 if lanes is _lanes_q8 else 4  # pairs per 32-bit word (IQ4: a word's 4 pairs share lookups)
                 accs = [_splat32(0)] * 4
                 for u in range(16 // per):
                     if split and u * per == 8:
@@ -436,8 +487,12 @@ tile_q4_0 = _tile_intrinsic("q4_0")
 tile_q4_1 = _tile_intrinsic("q4_1")
 tile_q8_0 = _tile_intrinsic("q8_0")
 tile_q5_0 = _tile_intrinsic("q5_0")  # the GGUF types repacked at load time (quant.repack)
+tile_q5_1 = _tile_intrinsic("q5_1")
 tile_q4_k = _tile_intrinsic("q4_k")
+tile_q5_k = _tile_intrinsic("q5_k")
 tile_q6_k = _tile_intrinsic("q6_k")
+tile_iq4_nl = _tile_intrinsic("iq4_nl")
+tile_iq4_xs = _tile_intrinsic("iq4_xs")
 
 
 # --- one tile of a matrix . several activation rows (prefill): weights held in registers ----------------
@@ -448,7 +503,7 @@ def _rows_codegen(kind):
     and 16-row chunk, the 16 unpacked weight vectors stay in registers while every token streams past them,
     each token costing 16 multiply-adds with its activation pairs broadcast from memory."""
     lanes, cstride = _layout(kind)
-    split = kind == "q6_k"
+    split = kind in _SPLIT
 
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xp, rows, xd, xs, acc = args
@@ -514,8 +569,12 @@ rows_q4_0 = _rows_intrinsic("q4_0")
 rows_q4_1 = _rows_intrinsic("q4_1")
 rows_q8_0 = _rows_intrinsic("q8_0")
 rows_q5_0 = _rows_intrinsic("q5_0")
+rows_q5_1 = _rows_intrinsic("q5_1")
 rows_q4_k = _rows_intrinsic("q4_k")
+rows_q5_k = _rows_intrinsic("q5_k")
 rows_q6_k = _rows_intrinsic("q6_k")
+rows_iq4_nl = _rows_intrinsic("iq4_nl")
+rows_iq4_xs = _rows_intrinsic("iq4_xs")
 
 
 @njit(cache=True, inline="always")
@@ -671,10 +730,48 @@ def matmul_q8(codes, scales, xq, xd, xs, out):
                 out[t, tile * TILE + r] = acc[t, r]
 
 
+@njit(cache=True, inline="always")
+def tile_gguf(kind, codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out):
+    """tile_<format> of a matrix repacked from GGUF rows (quant.repack), by its GGUF type id `kind`."""
+    if kind == 12:
+        tile_q4_k(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+    elif kind == 14:
+        tile_q6_k(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+    elif kind == 13:
+        tile_q5_k(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+    elif kind == 23:
+        tile_iq4_xs(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+    elif kind == 20:
+        tile_iq4_nl(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+    elif kind == 7:
+        tile_q5_1(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+    else:
+        tile_q5_0(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+
+
+@njit(cache=True, inline="always")
+def rows_gguf(kind, codes, cb, scales, sb, ng, xp, rows, xd, xs, acc):
+    """rows_<format> of a matrix repacked from GGUF rows (quant.repack), by its GGUF type id `kind`."""
+    if kind == 12:
+        rows_q4_k(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+    elif kind == 14:
+        rows_q6_k(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+    elif kind == 13:
+        rows_q5_k(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+    elif kind == 23:
+        rows_iq4_xs(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+    elif kind == 20:
+        rows_iq4_nl(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+    elif kind == 7:
+        rows_q5_1(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+    else:
+        rows_q5_0(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
     """out (T, n_out) = x (T, n_in) @ W.T for W repacked from GGUF rows into tiles (quant.repack; kind: the GGUF
-    type id, 6 Q5_0, 12 Q4_K, 14 Q6_K). codes (n_tiles, code rows, TILE) uint8, scales (n_tiles, scale rows,
+    type id, 6 Q5_0, 7 Q5_1, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL, 23 IQ4_XS). codes (n_tiles, code rows, TILE) uint8, scales (n_tiles, scale rows,
     TILE) uint16, both in quant.repack's layouts; decode and prefill as matmul_q4."""
     n_tiles = codes.shape[0]
     cpt, spt = codes.shape[1] * TILE, scales.shape[1] * TILE
@@ -692,12 +789,7 @@ def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
             acc1 = np.empty(TILE, np.float32)
             lo, hi = _span(n_tiles, c, n_chunks)
             for tile in range(lo, hi):
-                if kind == 12:
-                    tile_q4_k(codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xs, 0, acc1)
-                elif kind == 14:
-                    tile_q6_k(codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xs, 0, acc1)
-                else:
-                    tile_q5_0(codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xs, 0, acc1)
+                tile_gguf(kind, codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xs, 0, acc1)
                 for r in range(min(TILE, n_out - tile * TILE)):
                     out[0, tile * TILE + r] = acc1[r]
         return
@@ -705,12 +797,7 @@ def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
     for tile in prange(n_tiles):
         acc = np.zeros((T, TILE), np.float32)
         n_valid = min(TILE, n_out - tile * TILE)
-        if kind == 12:
-            rows_q4_k(codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xs, acc)
-        elif kind == 14:
-            rows_q6_k(codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xs, acc)
-        else:
-            rows_q5_0(codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xs, acc)
+        rows_gguf(kind, codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xs, acc)
         for t in range(T):
             for r in range(n_valid):
                 out[t, tile * TILE + r] = acc[t, r]
@@ -1138,20 +1225,29 @@ def silu_mul(g, u, out):
 # and float32 views of the same bytes) by per-expert byte offsets of their codes and scales, so that one
 # parallel call covers every selected expert's tiles: Python never loops over experts. `kind` is the weight
 # format's id (quant.formats.Format.kind: its GGUF type id); gate and up may differ (gkind, ukind), and down from
-# both (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K). TILED + a Q5_0/Q4_K/Q6_K id is that matrix
-# repacked into tiles (repack_rows below, quant.repack): codes then scales, as matmul_tiles takes them.
+# both (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K). TILED + the GGUF id of a type quant.repack
+# takes (Q5_0/Q5_1/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS) is that matrix repacked into tiles (repack_rows below,
+# quant.repack): codes then scales, as matmul_tiles takes them.
 
 TILED = 100
 
 
 @njit(cache=True, inline="always")
 def tiled_rows(kind, ng):
-    """(code rows, scale rows) of TILE per tile of a Q5_0 (6), Q4_K (12) or Q6_K (14) matrix of ng groups repacked
-    into tiles (quant.repack's layouts)."""
+    """(code rows, scale rows) of TILE per tile of a matrix of ng groups repacked into tiles (quant.repack's
+    layouts; kind its GGUF type id: 6 Q5_0, 7 Q5_1, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL, 23 IQ4_XS)."""
     if kind == 12:
         return 16 * ng, 10 * (ng // 8)
+    if kind == 13:
+        return 20 * ng, 10 * (ng // 8)
     if kind == 14:
         return 32 * ng, 9 * (ng // 8)
+    if kind == 20:
+        return 16 * ng, ng
+    if kind == 23:
+        return 16 * ng, 5 * (ng // 8)
+    if kind == 7:
+        return 20 * ng, 2 * ng
     return 20 * ng, ng
 
 
@@ -1161,12 +1257,7 @@ def _tiled_dot(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, t, acc):
     ng = n_in // GROUP
     cr, sr = tiled_rows(kind - TILED, ng)
     cb, sb = coff + tile * cr * TILE, (soff + tile * sr * TILE * 2) // 2
-    if kind == TILED + 12:
-        tile_q4_k(buf8, cb, buf16, sb, ng, xp, t * (n_in // 2), xd, xs, t * ng, acc)
-    elif kind == TILED + 14:
-        tile_q6_k(buf8, cb, buf16, sb, ng, xp, t * (n_in // 2), xd, xs, t * ng, acc)
-    else:
-        tile_q5_0(buf8, cb, buf16, sb, ng, xp, t * (n_in // 2), xd, xs, t * ng, acc)
+    tile_gguf(kind - TILED, buf8, cb, buf16, sb, ng, xp, t * (n_in // 2), xd, xs, t * ng, acc)
 
 
 @njit(cache=True, inline="always")
@@ -1175,12 +1266,7 @@ def _tiled_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, rows,
     ng = n_in // GROUP
     cr, sr = tiled_rows(kind - TILED, ng)
     cb, sb = coff + tile * cr * TILE, (soff + tile * sr * TILE * 2) // 2
-    if kind == TILED + 12:
-        rows_q4_k(buf8, cb, buf16, sb, ng, xp, rows, xd, xs, acc)
-    elif kind == TILED + 14:
-        rows_q6_k(buf8, cb, buf16, sb, ng, xp, rows, xd, xs, acc)
-    else:
-        rows_q5_0(buf8, cb, buf16, sb, ng, xp, rows, xd, xs, acc)
+    rows_gguf(kind - TILED, buf8, cb, buf16, sb, ng, xp, rows, xd, xs, acc)
 
 
 @njit(cache=True)
@@ -1481,10 +1567,11 @@ _SLOTS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23, 8, 9,
 
 @njit(cache=True, nogil=True)
 def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
-    """A Q5_0 (6), Q4_K (12) or Q6_K (14) matrix of n_tiles * TILE GGUF rows at src[soff] (flat uint8) -> its
-    tiles at dst[doff]: codes (n_tiles, code rows, TILE) bytes then scales (n_tiles, scale rows, TILE) uint16
-    (tiled_rows), quant.repack's layouts byte for byte. Codes and scales are copied, never rounded. nogil: the
-    expert cache repacks in its read threads."""
+    """A Q5_0 (6), Q5_1 (7), Q4_K (12), Q5_K (13), Q6_K (14), IQ4_NL (20) or IQ4_XS (23) matrix of n_tiles * TILE
+    GGUF rows at src[soff] (flat uint8) -> its tiles at dst[doff]: codes (n_tiles, code rows, TILE) bytes then
+    scales (n_tiles, scale rows, TILE) uint16 (tiled_rows), quant.repack's layouts byte for byte. Codes and scales
+    are copied, never rounded. nogil, so that threads can repack side by side (the expert cache of a mapped model
+    does not yet: its bundles stay GGUF's rows, run by the rows kernels)."""
     rb = gguf_row_nbytes(kind, n_in)
     ng = n_in // GROUP
     cr, sr = tiled_rows(kind, ng)
@@ -1496,9 +1583,10 @@ def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
         sbase = sbase0 + tile * sr * TILE * 2
         for r in range(TILE):
             p0 = soff + (tile * TILE + r) * rb
-            if kind == 12:
+            if kind == 12 or kind == 13:
+                bb = 144 if kind == 12 else 176
                 for i in range(n_in // 256):
-                    p = p0 + i * 144
+                    p = p0 + i * bb
                     s = sbase + i * 1280
                     for b in range(2):
                         dst[s + 2 * r + b] = src[p + b]  # d
@@ -1511,10 +1599,17 @@ def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
                             m = (src[p + 8 + j] >> 4) | ((src[p + 4 + j] >> 6) << 4)
                         dst[s + 256 + 128 * j + r] = sc
                         dst[s + 256 + 128 * j + 64 + r] = m
-                        c, sh = p + 16 + (j // 2) * 32, 4 * (j % 2)
+                        c, sh = p + bb - 128 + (j // 2) * 32, 4 * (j % 2)
                         for l in range(32):
                             q[l] = (np.int32(src[c + l]) >> sh) & 15
-                        _put_q4(dst, cbase + (8 * i + j) * gbytes, r, q)
+                        gb = cbase + (8 * i + j) * gbytes
+                        _put_q4(dst, gb, r, q)
+                        if kind == 13:  # qh word: bit l = bit j of qh[l]
+                            h = np.uint32(0)
+                            for l in range(32):
+                                h |= np.uint32((src[p + 16 + l] >> j) & 1) << np.uint32(l)
+                            for b in range(4):
+                                dst[gb + 1024 + 4 * r + b] = np.uint8((h >> np.uint32(8 * b)) & np.uint32(255))
             elif kind == 14:
                 for i in range(n_in // 256):
                     p = p0 + i * 210
@@ -1538,16 +1633,34 @@ def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
                             dst[o + 1] = np.uint8(q[_SLOTS[2 * w + 1]] & 255)
                             dst[o + 2] = np.uint8(q[_SLOTS[2 * w + 16]] & 255)
                             dst[o + 3] = np.uint8(q[_SLOTS[2 * w + 17]] & 255)
-            else:  # 6: Q5_0
+            elif kind == 23:  # IQ4_XS: d, then per sub-block ls - 32 (dequantize_row_iq4_xs)
+                for i in range(n_in // 256):
+                    p = p0 + i * 136
+                    s = sbase + i * 640
+                    dst[s + 2 * r] = src[p]
+                    dst[s + 2 * r + 1] = src[p + 1]
+                    sh = np.int32(src[p + 2]) | (np.int32(src[p + 3]) << 8)
+                    for ib in range(8):
+                        ls = ((np.int32(src[p + 4 + ib // 2]) >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
+                        dst[s + 128 + 64 * ib + r] = np.uint8((ls - 32) & 255)
+                        for l in range(16):
+                            v = np.int32(src[p + 8 + 16 * ib + l])
+                            q[l] = v & 15
+                            q[l + 16] = v >> 4
+                        _put_q4(dst, cbase + (8 * i + ib) * gbytes, r, q)
+            else:  # 6 Q5_0, 7 Q5_1, 20 IQ4_NL: d (| m) (| qh) | qs per group of 32
+                bb, nh, qo = (22, 1, 6) if kind == 6 else (24, 2, 8) if kind == 7 else (18, 1, 2)
                 for g in range(ng):
-                    p = p0 + g * 22
-                    dst[sbase + g * 128 + 2 * r] = src[p]
-                    dst[sbase + g * 128 + 2 * r + 1] = src[p + 1]
+                    p = p0 + g * bb
+                    for k in range(nh):  # d (, m): scale rows g nh + k
+                        dst[sbase + (g * nh + k) * 128 + 2 * r] = src[p + 2 * k]
+                        dst[sbase + (g * nh + k) * 128 + 2 * r + 1] = src[p + 2 * k + 1]
                     for l in range(16):
-                        v = np.int32(src[p + 6 + l])
+                        v = np.int32(src[p + qo + l])
                         q[l] = v & 15
                         q[l + 16] = v >> 4
                     gb = cbase + g * gbytes
                     _put_q4(dst, gb, r, q)
-                    for b in range(4):
-                        dst[gb + 1024 + 4 * r + b] = src[p + 2 + b]  # qh: the fifth bits, word 4
+                    if kind != 20:
+                        for b in range(4):
+                            dst[gb + 1024 + 4 * r + b] = src[p + qo - 4 + b]  # qh: the fifth bits, word 4

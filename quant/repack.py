@@ -1,24 +1,32 @@
-"""GGUF rows (Q5_0, Q4_K, Q6_K) repacked at load time into tiles for quant.kernels.matmul_tiles.
+"""GGUF rows (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) repacked at load time into tiles for
+quant.kernels.matmul_tiles.
 
 The container keeps these types as GGUF's own blocks (quant.formats.ROWS: lossless import, byte-exact export); a
 dense matrix in one of them is repacked here into anonymous RAM once, as llama.cpp repacks Q4_0/Q4_K for its
 CPU kernels, so that it is multiplied like Q4_0/Q8_0: 64 rows side by side per group of 32 weights, int16
 activations, exact integer multiply-adds. Nothing is rounded: the repacked codes and scales are the file's
 (codes q as 4-bit words, 6-bit scales and mins as bytes, fp16 d as fp16), and a weight is the same float32
-product d * sc * q - dmin * m as gguf.quants' dequantization.
+product d * sc * q - dmin * m as gguf.quants' dequantization. The IQ4 types keep their 4-bit indices: the kernels
+map them through the codebook (IQ4_NL's kvalues, int8) in registers, so a weight costs the file's 4 bits, not 8.
 
 Layouts, per tile of TILE = 64 rows (row r of the tile in lane r; words as quant.quantize._tile_words):
   q5_0  codes (n_tiles, 20 n_groups, TILE) uint8: per group the 4-bit words of the low nibbles (quantize._q4_tile)
         then one 32-bit word per row of qh (bit j the fifth bit of element j); scales (n_tiles, n_groups, TILE)
         fp16 d. w = d (q - 16).
+  q5_1  codes as q5_0; scales (n_tiles, 2 n_groups, TILE): per group d[64 rows], m[64 rows] (fp16). w = d q + m.
   q4_k  codes (n_tiles, 16 n_groups, TILE) uint8: per group (a 32-weight sub-block) its 4-bit words; scales
         (n_tiles, 10 n_superblocks, TILE) uint16: per super-block of 256 weights d, dmin (fp16), then per group
         the bytes sc[64 rows], m[64 rows]. w = (d sc) q - (dmin m).
+  q5_k  codes as q5_0 (the qh word of group j of a super-block: bit l = bit j of the block's qh[l]); scales as
+        q4_k. w = (d sc) q - (dmin m).
   q6_k  codes (n_tiles, 32 n_groups, TILE) uint8: per group the 8-bit words (quantize._q8_tile) of q - 32 (int8)
         in slot order SLOTS, so that each int16 lane pairs two weights of one 16-weight sub-block (the kernel
         pairs activations to match, kernels.act_pairs_sub16); scales (n_tiles, 9 n_superblocks, TILE): per
         super-block d (fp16), then per group the int8 scales of its two sub-blocks, sc_lo[64], sc_hi[64].
         w = (d sc) (q - 32).
+  iq4_nl  codes as q4_k (the 4-bit indices i); scales (n_tiles, n_groups, TILE) fp16 d. w = d KVALUES[i].
+  iq4_xs  codes as q4_k; scales (n_tiles, 5 n_superblocks, TILE): per super-block d (fp16), then per group the
+        int8 sub-block scale ls - 32 of its 64 rows (64 bytes). w = (d (ls - 32)) KVALUES[i].
 """
 
 from __future__ import annotations
@@ -49,36 +57,80 @@ def _half(b: np.ndarray) -> np.ndarray:
 
 
 def _scale_rows(halves: list[np.ndarray], per_group: np.ndarray) -> np.ndarray:
-    """Scales of a K-quant layout: halves, each (nt, TILE, nsb) uint16, then per group two bytes per row,
-    per_group (nt, TILE, nsb, 8, 2) uint8 -> (nt, (len(halves) + 8) nsb, TILE) uint16."""
+    """Scales of a super-block layout: halves, each (nt, TILE, nsb) uint16, then per group P bytes per row,
+    per_group (nt, TILE, nsb, 8, P) uint8 -> (nt, (len(halves) + 4 P) nsb, TILE) uint16."""
     nt, _, nsb = halves[0].shape
-    s = np.empty((nt, nsb, len(halves) + 8, TILE), np.uint16)
+    P = per_group.shape[-1]
+    s = np.empty((nt, nsb, len(halves) + 4 * P, TILE), np.uint16)
     for i, h in enumerate(halves):
         s[:, :, i] = h.transpose(0, 2, 1)
-    b = np.ascontiguousarray(per_group.transpose(0, 2, 3, 4, 1)).reshape(nt, nsb, 8, 2 * TILE)
+    b = np.ascontiguousarray(per_group.transpose(0, 2, 3, 4, 1)).reshape(nt, nsb, 4 * P, 2 * TILE)
     s[:, :, len(halves):] = b.view(np.uint16)
     return s.reshape(nt, -1, TILE)
 
 
-def _q5_0(rows: np.ndarray, n_in: int):
+def _q5(rows: np.ndarray, n_in: int, with_min: bool):
+    """Q5_0 (d | qh | qs) or Q5_1 (d | m | qh | qs)."""
     nt, ng = rows.shape[0] // TILE, n_in // GROUP
-    b = rows.reshape(nt, TILE, ng, 22)
-    nib = _q4_tile(np.ascontiguousarray(b[..., 6:]))  # Q5_0's low nibbles are ordered as Q4_0's
-    qh = _tile_words(np.ascontiguousarray(b[..., 2:6]).reshape(nt, TILE, ng, 1, 4))
+    o = 4 if with_min else 2  # qh
+    b = rows.reshape(nt, TILE, ng, o + 20)
+    nib = _q4_tile(np.ascontiguousarray(b[..., o + 4:]))  # the low nibbles are ordered as Q4_0's
+    qh = _tile_words(np.ascontiguousarray(b[..., o:o + 4]).reshape(nt, TILE, ng, 1, 4))
     codes = np.concatenate([nib, qh], axis=2).reshape(nt, ng * 20, TILE)
-    return codes, np.ascontiguousarray(_half(b[..., :2]).transpose(0, 2, 1))
+    halves = [_half(b[..., 0:2])] + ([_half(b[..., 2:4])] if with_min else [])
+    return codes, np.ascontiguousarray(np.stack(halves, axis=-1).transpose(0, 2, 3, 1)).reshape(nt, -1, TILE)
+
+
+def _k_scales(s: np.ndarray) -> np.ndarray:
+    """The 12 scale bytes of Q4_K/Q5_K blocks (..., 12) -> (..., 8, 2): per sub-block (sc, m), 6 bits each
+    (get_scale_min_k4 of ggml-quants.c)."""
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    return np.stack([sc, m], axis=-1)
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K qs (nt, TILE, nsb, 128) -> codes of the low 4 bits (nt, 16 n_groups, TILE): sub-block 2 jj is in
+    the low nibbles of bytes 32 jj.., 2 jj + 1 in the high ones."""
+    nt, _, nsb, _ = qs.shape
+    qs = qs.reshape(nt, TILE, nsb, 4, 1, 32)
+    q = np.concatenate([qs & 15, qs >> 4], axis=4).reshape(nt, TILE, nsb * 8, 32)
+    return _q4_tile(q[..., :16] | (q[..., 16:] << 4)).reshape(nt, nsb * 8 * 16, TILE)
 
 
 def _q4_k(rows: np.ndarray, n_in: int):
     nt, nsb = rows.shape[0] // TILE, n_in // 256
     b = rows.reshape(nt, TILE, nsb, 144)
-    s = b[..., 4:16]  # get_scale_min_k4 of ggml-quants.c
-    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
-    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
-    qs = b[..., 16:].reshape(nt, TILE, nsb, 4, 1, 32)  # sub-block 2 jj: low nibbles of bytes 32 jj.., 2 jj + 1 high
-    q = np.concatenate([qs & 15, qs >> 4], axis=4).reshape(nt, TILE, nsb * 8, 32)
-    codes = _q4_tile(q[..., :16] | (q[..., 16:] << 4)).reshape(nt, nsb * 8 * 16, TILE)
-    return codes, _scale_rows([_half(b[..., 0:2]), _half(b[..., 2:4])], np.stack([sc, m], axis=-1))
+    return _k_nibbles(b[..., 16:]), _scale_rows([_half(b[..., 0:2]), _half(b[..., 2:4])], _k_scales(b[..., 4:16]))
+
+
+def _q5_k(rows: np.ndarray, n_in: int):
+    nt, nsb = rows.shape[0] // TILE, n_in // 256
+    b = rows.reshape(nt, TILE, nsb, 176)
+    nib = _k_nibbles(b[..., 48:]).reshape(nt, nsb * 8, 16, TILE)
+    bits = (b[..., None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # (.., sub-block j, element l)
+    word = (bits.astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+    qh = _tile_words(np.ascontiguousarray(word).view(np.uint8).reshape(nt, TILE, nsb * 8, 1, 4))
+    codes = np.concatenate([nib, qh], axis=2).reshape(nt, nsb * 8 * 20, TILE)
+    return codes, _scale_rows([_half(b[..., 0:2]), _half(b[..., 2:4])], _k_scales(b[..., 4:16]))
+
+
+def _iq4_nl(rows: np.ndarray, n_in: int):
+    nt, ng = rows.shape[0] // TILE, n_in // GROUP
+    b = rows.reshape(nt, TILE, ng, 18)
+    codes = _q4_tile(np.ascontiguousarray(b[..., 2:])).reshape(nt, ng * 16, TILE)  # qs ordered as Q4_0's
+    return codes, np.ascontiguousarray(_half(b[..., :2]).transpose(0, 2, 1))
+
+
+def _iq4_xs(rows: np.ndarray, n_in: int):
+    nt, nsb = rows.shape[0] // TILE, n_in // 256
+    b = rows.reshape(nt, TILE, nsb, 136)
+    codes = _q4_tile(np.ascontiguousarray(b[..., 8:]).reshape(nt, TILE, nsb * 8, 16)).reshape(nt, -1, TILE)
+    ib = np.arange(8)
+    lo = (b[..., 4 + ib // 2] >> (4 * (ib % 2))).astype(np.uint8) & 15
+    hi = (_half(b[..., 2:4])[..., None] >> (2 * ib)).astype(np.uint8) & 3
+    ls = (lo | (hi << 4)).astype(np.int16) - 32  # dequantize_row_iq4_xs: int8 ls - 32
+    return codes, _scale_rows([_half(b[..., 0:2])], ls.astype(np.int8).view(np.uint8)[..., None])
 
 
 def _q6_k(rows: np.ndarray, n_in: int):
@@ -96,7 +148,8 @@ def _q6_k(rows: np.ndarray, n_in: int):
     return codes, _scale_rows([_half(b[..., 208:210])], sc)
 
 
-_REPACK = {6: _q5_0, 12: _q4_k, 14: _q6_k}
+_REPACK = {6: lambda r, n: _q5(r, n, False), 7: lambda r, n: _q5(r, n, True), 12: _q4_k, 13: _q5_k,
+           14: _q6_k, 20: _iq4_nl, 23: _iq4_xs}
 TILED = 100  # kernels.TILED: the expert kernels' kind of a matrix repacked here is TILED + its GGUF type id
 
 
@@ -115,8 +168,9 @@ def repack(fmt: Format, codes: np.ndarray, n_in: int) -> tuple[np.ndarray, np.nd
 
 def tiled_rows(fmt: Format, n_in: int) -> tuple[int, int]:
     """(code rows, scale rows) of TILE bytes / uint16 per tile of the repacked layout (kernels.tiled_rows)."""
-    ng = n_in // GROUP
-    return {6: (20 * ng, ng), 12: (16 * ng, 10 * (ng // 8)), 14: (32 * ng, 9 * (ng // 8))}[fmt.gguf_type]
+    ng, nsb = n_in // GROUP, n_in // GROUP // 8
+    return {6: (20 * ng, ng), 7: (20 * ng, 2 * ng), 12: (16 * ng, 10 * nsb), 13: (20 * ng, 10 * nsb),
+            14: (32 * ng, 9 * nsb), 20: (16 * ng, ng), 23: (16 * ng, 5 * nsb)}[fmt.gguf_type]
 
 
 def tiled_parts(fmt: Format, n_out: int, n_in: int) -> tuple[int, int]:

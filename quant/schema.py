@@ -280,11 +280,12 @@ class TensorSize:
 
 
 def repacked_ram(tensors: Iterable[TensorSize]) -> tuple[int, int]:
-    """What the engine's load-time repack (quant.repack: Q5_0/Q4_K/Q6_K matrices into tiles) adds to memory:
-    (bytes beyond the file when it is read into RAM, bytes of dense tiles beside a mapped file). Read into RAM, a
-    repacked matrix's file rows are given back except the token embedding's (its rows serve lookups), and a layer's
-    experts are repacked, the others of its bundle copied, when any of them is repackable. Mapped, only dense
-    matrices are repacked (experts keep GGUF's rows), into anonymous memory beside the page cache's rows."""
+    """What the engine's load-time repack (quant.repack: Q5_0/Q5_1/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS matrices into
+    tiles, quant.repack.tiled_parts bytes each) adds to memory: (bytes beyond the file when it is read into RAM,
+    bytes of dense tiles beside a mapped file). Read into RAM, a repacked matrix's file rows are given back except
+    the token embedding's (its rows serve lookups; it is repacked only when the output head shares it), and a
+    layer's experts are repacked, the others of its bundle copied, when any of them is repackable. Mapped, only
+    dense matrices are repacked (experts keep GGUF's rows), into anonymous memory beside the page cache's rows."""
     from .formats import BY_GGUF_TYPE
     from .repack import repackable, tiled_parts
 
@@ -294,9 +295,11 @@ def repacked_ram(tensors: Iterable[TensorSize]) -> tuple[int, int]:
             return None
         return sum(tiled_parts(fmt, *t.shape[-2:]))
 
+    tensors = list(tensors)
+    tied = not any(t.name == "output.weight" for t in tensors)
     resident, mapped, layers = 0, 0, {}
     for t in tensors:
-        n = tiled(t)
+        n = tiled(t) if tied or t.name != "token_embd.weight" else None
         if t.n_expert:
             layers.setdefault(t.name.split(".ffn_")[0], []).append((t, n))
         elif n is not None:

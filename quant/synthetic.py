@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .container import ContainerWriter
+from .errors import ConvertError
 from .formats import F32, FORMATS, Q8_0, matrix_parts
 
 
@@ -25,10 +26,22 @@ def _byte_tokens() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
+# spread of a random 4-bit weight in units of its scale d: the standard deviation of q - 8 for q uniform on 0..15
+_Q4_SPREAD = float(np.sqrt((16**2 - 1) / 12))
+
+
 def _random_matrix(rng, fmt, n_out, n_in, scale):
+    """(codes, scales) of a random (n_out, n_in) matrix in fmt. Block formats: random codes and fp16 scales around
+    `scale` (d and, for q4_1, m), so that activations keep a sane magnitude through layers. Float formats: random
+    normal weights with the spread of those 4-bit ones, encoded by the format's codec (random bytes would be
+    random floats, NaN, inf and 1e38 among them, which llama.cpp's quantizer refuses as invalid data)."""
+    if not fmt.quantized:
+        from .quantize import quantize_matrix
+
+        w = rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(scale * _Q4_SPREAD)
+        return quantize_matrix(w, fmt)
     cb, sb = matrix_parts(fmt, n_out, n_in)
     codes = rng.integers(0, 256, cb, dtype=np.uint8)
-    # fp16 scales around `scale` (d and, for q4_1, m), so activations keep a sane magnitude through layers
     sc = (rng.random(sb // 2, dtype=np.float32) * scale + scale * 0.5).astype(np.float16)
     return codes, sc.view(np.uint16)
 
@@ -40,8 +53,13 @@ def write_synthetic_moe(path: str | os.PathLike, *, n_layer: int = 8, n_embd: in
     """A Mixtral-shaped container (arch mixtral: softmax router, top-k renormalised) with random weights.
 
     router="zero": router weights are zero, so every token picks experts 0..k-1 (ties go to the lower id).
+    qtype: one of lmcli's own formats (q4_0, q4_1, q8_0, f16, f32); GGUF's other types come from llama.cpp's
+    quantizer run on this model's export.
     """
     fmt = FORMATS[qtype]
+    if fmt.gguf_rows:
+        raise ConvertError(f"a synthetic model is written in lmcli's own formats, not {qtype}: write it in f16, "
+                           "export it (quant.gguf_export) and quantize that with llama.cpp")
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_head
     toks = _byte_tokens()
@@ -61,9 +79,10 @@ def write_synthetic_moe(path: str | os.PathLike, *, n_layer: int = 8, n_embd: in
         "source": {"format": "synthetic", "seed": seed, "router": router},
     }
     mats = []
+    emb = fmt if not fmt.quantized else Q8_0  # a float model is float throughout (a base for llama.cpp's quantizer)
     with ContainerWriter(path, overwrite=overwrite) as w:
-        w.plan("token_embd.weight", Q8_0, (vocab, n_embd))
-        w.plan("output.weight", Q8_0, (vocab, n_embd))
+        w.plan("token_embd.weight", emb, (vocab, n_embd))
+        w.plan("output.weight", emb, (vocab, n_embd))
         w.plan("output_norm.weight", F32, (n_embd,))
         for i in range(n_layer):
             p = f"blk.{i}."
@@ -80,7 +99,7 @@ def write_synthetic_moe(path: str | os.PathLike, *, n_layer: int = 8, n_embd: in
         w.begin(meta)
         s_in = 1.0 / np.sqrt(n_embd) / 4
         for name in ("token_embd.weight", "output.weight"):
-            w.write(name, *_random_matrix(rng, Q8_0, vocab, n_embd, 0.01))
+            w.write(name, *_random_matrix(rng, emb, vocab, n_embd, 0.01))
         w.write("output_norm.weight", np.ones(n_embd, np.float32))
         for i in range(n_layer):
             p = f"blk.{i}."

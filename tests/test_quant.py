@@ -138,12 +138,13 @@ for fmt in (Q4_0, Q4_1, Q8_0):
             ref = x.astype(np.float64) @ wd.T
             res["err"] = max(res["err"], float(np.abs(out - ref).max() / np.abs(ref).max()))
             digest.update(out.tobytes())
-# GGUF's Q5_0, Q4_K, Q6_K rows repacked into tiles (quant.repack) and run by matmul_tiles (tile_* and rows_*)
+# GGUF's Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS rows repacked into tiles (quant.repack) and run by
+# matmul_tiles (tile_* and rows_*)
 from gguf import GGMLQuantizationType, quants
 from quant import repack
 from quant.formats import BY_GGUF_TYPE
 n_in = 512
-for gtype in (6, 12, 14):
+for gtype in (6, 7, 12, 13, 14, 20, 23):
     fmt = BY_GGUF_TYPE[gtype]
     raw = rng.integers(0, 256, (n_out, fmt.row_nbytes(n_in)), dtype=np.uint8)
     b = raw.reshape(n_out, n_in // fmt.block_size, fmt.block_bytes)
@@ -211,6 +212,10 @@ _ISAS = {
     # Numba's portable target (NUMBA_CPU_NAME=generic): plain vector IR (SSE2 on x86-64), no F16C
     "generic": ({"NUMBA_CPU_NAME": "generic"}, (False, False, False, False, False), {"pmaddwd:x"}, set()),
 }
+# the IQ4 types' codebook lookup in matmul_tiles' assembly: one vpshufb per 64 indices with AVX-512BW, two 256-bit
+# ones with AVX2; the portable path compares and selects (no byte shuffle in SSE2)
+_LOOKUP = {"avx512vnni": "vpshufb:zmm", "avx512bw": "vpshufb:zmm", "avxvnni": "vpshufb:ymm", "avx2": "vpshufb:ymm",
+           "no-f16c": "vpshufb:zmm"}
 
 
 def _host_features() -> set:
@@ -220,8 +225,8 @@ def _host_features() -> set:
 
 
 def test_kernels_agree_across_instruction_sets(tmp_path):
-    """Every instruction-set path (of the Q4_0/Q4_1/Q8_0 matmuls and of matmul_tiles on Q5_0/Q4_K/Q6_K repacked
-    from GGUF rows, against gguf.quants' dequantization) compiles on every CPU, each in a fresh process for its target, and its assembly
+    """Every instruction-set path (of the Q4_0/Q4_1/Q8_0 matmuls and of matmul_tiles on Q5_0/Q5_1/Q4_K/Q5_K/Q6_K/
+    IQ4_NL/IQ4_XS repacked from GGUF rows, against gguf.quants' dequantization) compiles on every CPU, each in a fresh process for its target, and its assembly
     holds the expected multiply-add form (vpdpwssd on AVX-512 VNNI and AVX-VNNI, vpmaddwd on AVX-512BW and AVX2,
     pmaddwd on the portable target). The paths this CPU can execute are run: each matches the float64 reference,
     and all give bit-identical results (exact integer arithmetic, one activation scheme). Paths the CPU cannot
@@ -250,6 +255,8 @@ def test_kernels_agree_across_instruction_sets(tmp_path):
         for asm in (got["asm"], got["asm_tiles"]):  # Q4_0/Q4_1/Q8_0, and the repacked GGUF types
             assert want <= set(asm), (isa, sorted(asm))
             assert not avoid & set(asm), (isa, avoid & set(asm))
+        if isa in _LOOKUP:
+            assert _LOOKUP[isa] in got["asm_tiles"], (isa, sorted(got["asm_tiles"]))
         if runnable:
             assert got["err"] <= 1e-4, isa
             assert got["err_tiles"] <= 1e-4, isa

@@ -58,9 +58,29 @@ def _probe(specs: list, cache_dir: Path, **env) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _llama_cpp_q4_k_m(root: Path) -> Path:
+    """A tiny MoE quantized to Q4_K_M by llama.cpp and imported: its matrices and experts run repacked into tiles."""
+    import ctypes
+
+    import llama_cpp
+
+    from quant.gguf_export import export_gguf
+    from quant.gguf_io import import_gguf
+
+    d = tiny_models.build("qwen3_moe", root / "kq", overrides={"hidden_size": 256, "moe_intermediate_size": 256,
+                                                                "head_dim": 64})
+    convert_hf(d, root / "kq-f16.lmc", "f16")
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread = 15, 2  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    src, q = export_gguf(root / "kq-f16.lmc", root / "kq-f16.gguf"), root / "kq.gguf"
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(q).encode(), ctypes.byref(p)) == 0
+    return import_gguf(q, root / "kq.lmc")
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, smol_container) -> list:
-    """The packaged SmolLM2 (Q4_1/Q8_0), a softmax-routed MoE with QK-norm and an MLA model with a sigmoid router."""
+    """The packaged SmolLM2 (Q4_1/Q8_0), a softmax-routed MoE with QK-norm, an MLA model with a sigmoid router, and
+    a llama.cpp Q4_K_M MoE (GGUF rows repacked into tiles at load)."""
     root = tmp_path_factory.mktemp("warm")
     specs = [[str(smol_container), "f32"]]
     for arch, qtype, kv in (("qwen3_moe", "q4_0", "f16"), ("deepseek_v3", "q8_0", "f32")):
@@ -68,6 +88,7 @@ def models(tmp_path_factory, smol_container) -> list:
         out = root / f"{arch}.lmc"
         convert_hf(d, out, qtype)
         specs.append([str(out), kv])
+    specs.append([str(_llama_cpp_q4_k_m(root)), "f32"])
     return specs
 
 

@@ -58,7 +58,7 @@ class Transformer:
         max_ctx, moe_topk, expert_cache_mib, use_mmap = opts.n_ctx, opts.moe_topk, opts.expert_cache_mib, opts.use_mmap
         # measured before the dense weights are read in (they count in a cgroup); lmcli plan applies the same rule
         self.kv_type = kv_cache_type(opts.kv_type)
-        # with what the load-time repack of Q5_0/Q4_K/Q6_K matrices adds (quant.schema.repacked_ram)
+        # with what the load-time repack of GGUF-row matrices adds (quant.schema.repacked_ram)
         ram_extra, dense_tiles = repacked_ram(container.tensor_sizes())
         self.residency = residency(file_bytes=container.file_size + ram_extra,
                                    kv_bytes=cfg.kv_bytes(self.kv_type) * max_ctx,

@@ -44,15 +44,16 @@ class Linear:
     """One (n_out, n_in) matrix in the interleaved layout; `y = lin(act)` computes act.x @ W.T (+ bias)."""
 
     def __init__(self, name: str, fmt: Format, codes: np.ndarray, scales: np.ndarray, n_out: int, n_in: int,
-                 bias: np.ndarray | None = None):
+                 bias: np.ndarray | None = None, repack_tiles: bool = True):
         self.name, self.fmt, self.codes, self.scales = name, fmt, codes, scales
         self.n_out, self.n_in = n_out, n_in
         self.bias = bias  # (n_out,) or None
         self.nbytes = codes.nbytes + scales.nbytes
-        # Q5_0/Q4_K/Q6_K (GGUF's rows in the file): repacked once into tiles in RAM, (codes, scales) for
-        # kernels.matmul_tiles (quant.repack); the file's rows still serve rows() (embedding lookups)
+        # Q5_0/Q5_1/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS (GGUF's rows in the file): repacked once into tiles in RAM,
+        # (codes, scales) for kernels.matmul_tiles (quant.repack), unless the matrix is never multiplied
+        # (repack_tiles False: an untied token embedding); the file's rows still serve rows() (embedding lookups)
         self.tiles = None
-        if repack.repackable(fmt):
+        if repack_tiles and repack.repackable(fmt):
             self.tiles = repack.repack_matrix(fmt, codes, n_out, n_in)
             self.nbytes = self.tiles[0].nbytes + self.tiles[1].nbytes
         # a router (8-64 float rows, padded to a 64-row tile in the file): a compact float32 copy, so a token reads
@@ -145,7 +146,7 @@ def repacked_nbytes(ex: Experts) -> int:
 
 
 def repack_experts(c: Container, ex: Experts) -> None:
-    """Repack a layer's Q5_0/Q4_K/Q6_K experts into tiles in a buffer of their own (huge pages), as dense matrices
+    """Repack a layer's experts (the types quant.repack takes) into tiles in a buffer of their own (huge pages), as dense matrices
     are (Linear), and give the resident file's copy of them back: the peak is the file plus one layer's bundles.
     For files read into RAM only: over a mapping this would read every expert in and hold a second copy beside
     the page cache (models larger than RAM keep GGUF's rows, read by the rows kernels)."""
@@ -257,12 +258,12 @@ class _Loader:
         self.used.add(name)
         return t
 
-    def lin(self, name: str, bias: str | None = None) -> Linear:
+    def lin(self, name: str, bias: str | None = None, repack_tiles: bool = True) -> Linear:
         t = self._info(name)
         n_out, n_in = t.shape
         codes, scales = self.c.matrix(name)
         b = self.vec(bias) if bias is not None else None
-        return Linear(name, t.fmt, codes, scales, n_out, n_in, b)
+        return Linear(name, t.fmt, codes, scales, n_out, n_in, b, repack_tiles)
 
     def vec(self, name: str) -> np.ndarray:
         self._info(name)
@@ -358,7 +359,7 @@ def load_weights(c: Container, cfg: ModelConfig) -> Weights:
                 ff.up = L.lin(p + "ffn_up.weight")
                 ff.down = L.lin(p + "ffn_down.weight")
             layers.append(LayerWeights(L.vec(p + "attn_norm.weight"), at, L.vec(p + "ffn_norm.weight"), ff))
-        tok = L.lin("token_embd.weight")
+        tok = L.lin("token_embd.weight", repack_tiles=cfg.tied_embeddings)  # untied, it only serves lookups
         out = tok if cfg.tied_embeddings else L.lin("output.weight")
         w = Weights(tok, layers, L.vec("output_norm.weight"), out)
     unmapped = set(L.want) - L.used
