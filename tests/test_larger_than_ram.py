@@ -267,3 +267,57 @@ def test_reads_in_flight_and_compute_as_they_land_give_the_resident_logits(tmp_p
     np.testing.assert_allclose(m.logits(ids), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(decode(m), ref_steps, rtol=1e-5, atol=1e-5)
     assert ec.stats.misses.sum() > 0 and not ec.pending  # every read waited for
+
+
+def test_a_layers_misses_are_read_together_and_computed_as_they_land(tmp_path, monkeypatch):
+    """A reader that holds back every bundle of a fetch but the first one asked for until some expert has been
+    computed after that fetch started: the forward pass gets through only by computing what has landed while the
+    rest are still in flight (a held-back read gives up after 10 s and is counted as stalled), and the reads in
+    flight reach LMCLI_READ_THREADS at once, not one at a time. The DeepSeek shape: 6 misses per layer and step."""
+    import threading
+
+    import lmcli
+    from lmcli.engine import moe
+    from quant.synthetic import write_synthetic_deepseek
+
+    monkeypatch.setenv("LMCLI_READ_THREADS", "4")
+    path = write_synthetic_deepseek(tmp_path / "ds.lmc", **DEEPSEEK_TEST)
+    m = lmcli.load(str(path), expert_cache_mib=2, prefetch=False)
+    ec = m.transformer.expert_cache
+    cond = threading.Condition()
+    st = {"computed": 0, "first": None, "since": 0, "in_flight": 0, "most": 0, "held": 0, "stalled": 0}
+    real_experts, real_fetch, real_read = moe._experts, ec.fetch_start, ec._read_bundle
+
+    def experts(*args):
+        real_experts(*args)
+        with cond:
+            st["computed"] += 1
+            cond.notify_all()
+
+    def fetch_start(layer, sel):
+        with cond:
+            st["first"], st["since"] = (layer, int(sel[0])), st["computed"]
+        return real_fetch(layer, sel)
+
+    def read(key, slot):
+        with cond:
+            st["in_flight"] += 1
+            st["most"] = max(st["most"], st["in_flight"])
+            if key != st["first"] and not st["stalled"]:
+                st["held"] += 1
+                since = st["since"]
+                if not cond.wait_for(lambda: st["computed"] > since, timeout=10):
+                    st["stalled"] += 1  # computed nothing while this read was held: the pass waited for it
+        try:
+            return real_read(key, slot)
+        finally:
+            with cond:
+                st["in_flight"] -= 1
+
+    monkeypatch.setattr(moe, "_experts", experts)
+    monkeypatch.setattr(ec, "fetch_start", fetch_start)
+    monkeypatch.setattr(ec, "_read_bundle", read)
+    list(m.generate(list(range(300, 306)), max_tokens=4, temp=1.0, seed=3, ignore_eos=True))
+    assert st["stalled"] == 0 and st["held"] > 0
+    assert st["most"] == 4
+    ec.close()
