@@ -1,5 +1,6 @@
 """Synthetic models written straight into the container: realistic shapes, random weights (for benchmarks
-and for tests that need exact control of routing)."""
+and for tests that need exact control of routing). Written tensor by tensor and expert by expert, so a file of
+any size needs about one tensor's memory."""
 
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ def _byte_tokens() -> list[str]:
 
 # spread of a random 4-bit weight in units of its scale d: the standard deviation of q - 8 for q uniform on 0..15
 _Q4_SPREAD = float(np.sqrt((16**2 - 1) / 12))
+
+
+def _tokenizer(vocab: int) -> dict:
+    """A byte-level BPE vocabulary of `vocab` ids: the 256 bytes, one merge, unused fillers, <|endoftext|> last."""
+    toks = _byte_tokens()
+    toks += ["ĠĠ"] + [f"<unused{i}>" for i in range(vocab - len(toks) - 2)] + ["<|endoftext|>"]
+    return {"model": "gpt2", "tokens": toks, "token_type": [1] * (vocab - 1) + [3],
+            "merges": ["Ġ Ġ"],  # llama.cpp refuses a BPE vocabulary without merges
+            "eos_token_id": vocab - 1, "bos_token_id": vocab - 1}
 
 
 def _random_matrix(rng, fmt, n_out, n_in, scale):
@@ -62,8 +72,6 @@ def write_synthetic_moe(path: str | os.PathLike, *, n_layer: int = 8, n_embd: in
                            "export it (quant.gguf_export) and quantize that with llama.cpp")
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_head
-    toks = _byte_tokens()
-    toks += ["ĠĠ"] + [f"<unused{i}>" for i in range(vocab - len(toks) - 2)] + ["<|endoftext|>"]
     cfg = {
         "arch": "mixtral", "n_layer": n_layer, "n_embd": n_embd, "n_ff": n_ff_exp, "n_head": n_head,
         "n_head_kv": n_head_kv, "head_dim": head_dim, "vocab_size": vocab, "norm_eps": 1e-5,
@@ -72,8 +80,7 @@ def write_synthetic_moe(path: str | os.PathLike, *, n_layer: int = 8, n_embd: in
     }
     meta = {
         "config": cfg,
-        "tokenizer": {"model": "gpt2", "tokens": toks, "token_type": [1] * (vocab - 1) + [3], "merges": ["Ġ Ġ"],  # llama.cpp refuses a BPE vocabulary without merges
-                      "eos_token_id": vocab - 1, "bos_token_id": vocab - 1},
+        "tokenizer": _tokenizer(vocab),
         "chat_template": None,
         "quant": {"type": qtype, "synthetic": True},
         "source": {"format": "synthetic", "seed": seed, "router": router},
@@ -117,4 +124,113 @@ def write_synthetic_moe(path: str | os.PathLike, *, n_layer: int = 8, n_embd: in
                 w.write(p + "ffn_up_exps.weight", *_random_matrix(rng, fmt, n_ff_exp, n_embd, s_in), expert=e)
                 w.write(p + "ffn_down_exps.weight", *_random_matrix(rng, fmt, n_embd, n_ff_exp, 1.0 / np.sqrt(n_ff_exp) / 4),
                         expert=e)
+        return w.finish()
+
+
+# --- DeepSeek-shaped (deepseek_v3: MLA, many small experts, shared experts, dense first layers) ----------------
+
+# Standard deviation of a random code, so that a scale d gives weights of std d * _CODE_STD: Q4_0's nibbles are
+# uniform on 0..15 (less 8), Q8_0's bytes uniform int8.
+_CODE_STD = {"q4_0": float(np.sqrt((16**2 - 1) / 12)), "q8_0": float(np.sqrt((256**2 - 1) / 12))}
+
+
+def deepseek_config(*, n_layer: int = 4, first_k_dense: int = 1, n_embd: int = 512, n_ff: int = 1024,
+                    n_ff_exp: int = 256, n_expert: int = 64, n_expert_used: int = 6, n_shared: int = 1,
+                    n_group: int = 8, topk_group: int = 4, routed_scaling_factor: float = 2.5, n_head: int = 8,
+                    q_lora_rank: int = 256, kv_lora_rank: int = 128, qk_nope_head_dim: int = 64,
+                    qk_rope_head_dim: int = 32, v_head_dim: int = 64, vocab: int = 1024, rope_theta: float = 10000.0,
+                    n_ctx: int = 4096) -> dict:
+    """A deepseek_v3 config.json (transformers' DeepseekV3Config keys) of this shape: multi-head latent attention
+    (q_lora_rank 0: no query LoRA), n_expert routed experts of width n_ff_exp, n_expert_used per token, chosen by
+    the sigmoid router with its correction bias within the topk_group best of n_group groups, weights renormalised
+    and scaled by routed_scaling_factor, n_shared shared experts, the first first_k_dense layers dense (width
+    n_ff)."""
+    return {
+        "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": vocab,
+        "hidden_size": n_embd, "intermediate_size": n_ff, "moe_intermediate_size": n_ff_exp,
+        "num_hidden_layers": n_layer, "num_attention_heads": n_head, "num_key_value_heads": n_head,
+        "n_shared_experts": n_shared, "n_routed_experts": n_expert, "num_experts_per_tok": n_expert_used,
+        "n_group": n_group, "topk_group": topk_group, "routed_scaling_factor": routed_scaling_factor,
+        "norm_topk_prob": True, "first_k_dense_replace": first_k_dense, "q_lora_rank": q_lora_rank or None,
+        "kv_lora_rank": kv_lora_rank, "qk_nope_head_dim": qk_nope_head_dim, "qk_rope_head_dim": qk_rope_head_dim,
+        "v_head_dim": v_head_dim, "hidden_act": "silu", "max_position_embeddings": n_ctx, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta}, "rope_interleave": True,
+        "attention_bias": False, "tie_word_embeddings": False, "num_nextn_predict_layers": 0,
+        "bos_token_id": vocab - 1, "eos_token_id": vocab - 1,
+    }
+
+
+def _random_weights(rng, fmt, n_out: int, n_in: int, std: float) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, scales) of a random (n_out, n_in) matrix whose weights have about this std: random codes under
+    random fp16 scales (0.5x..1.5x the mean) for Q4_0/Q8_0, as fast as the bytes can be drawn; normal values
+    rounded to the format otherwise."""
+    from .quantize import interleave, quantize_matrix
+
+    std_code = _CODE_STD.get(fmt.name)
+    if std_code is None:
+        return quantize_matrix(rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(std), fmt)
+    nb = n_in // fmt.block_size
+    raw = rng.integers(0, 256, (n_out, nb, fmt.block_bytes), dtype=np.uint8)
+    d = ((rng.random((n_out, nb), dtype=np.float32) + np.float32(0.5)) * np.float32(std / std_code))
+    raw[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    return interleave(raw.reshape(n_out, nb * fmt.block_bytes), fmt, n_out, n_in)
+
+
+def _vector(rng, name: str, n: int) -> np.ndarray:
+    """Norm weights around 1 (+-0.1), the router's correction bias around 0 (+-0.1): both matter to the output."""
+    v = np.float32(0.1) * rng.standard_normal(n, dtype=np.float32)
+    return v if name.endswith(".bias") else v + np.float32(1)
+
+
+def write_synthetic_deepseek(path: str | os.PathLike, *, qtype: str = "q4_0", seed: int = 0, overwrite: bool = False,
+                             **shape) -> Path:
+    """A DeepSeek-shaped container (deepseek_config(**shape)) with random weights: the tensors quant.schema lists
+    for the config read from that config.json (as a conversion reads it), at quant.hf_tensors' precision policy
+    (routers and vectors F32, embeddings and output at least Q8_0, qtype elsewhere). Weights have std
+    1/sqrt(fan-in) (embeddings 1), so activations keep unit scale through the layers. The config.json goes in the
+    metadata (source.config_json): transformers' DeepseekV3 runs the same weights from it."""
+    from .hf_config import read_config
+    from .hf_tensors import tensor_format
+    from .quantize import quantize_matrix
+    from .schema import expected_tensors
+
+    if qtype not in ("q4_0", "q8_0"):
+        raise ValueError(f"synthetic weights are drawn as q4_0 or q8_0 codes, not {qtype}")
+    fmt = FORMATS[qtype]
+    hf = deepseek_config(**shape)
+    cfg = read_config(hf)
+    rng = np.random.default_rng(seed)
+    meta = {
+        "config": cfg.as_dict(),
+        "tokenizer": _tokenizer(cfg.vocab_size),
+        "chat_template": None,
+        "quant": {"type": qtype, "synthetic": True},
+        "source": {"format": "synthetic", "seed": seed, "config_json": hf},
+    }
+    tensors = expected_tensors(cfg)
+    fmts = {name: tensor_format(name, shp, fmt) for name, shp in tensors}
+    with ContainerWriter(path, overwrite=overwrite) as w:
+        for name, shp in tensors:
+            if len(shp) != 3:
+                w.plan(name, fmts[name], shp)
+            elif name.endswith("ffn_gate_exps.weight"):  # gate, up and down of one expert: one bundle
+                b = name[: -len("gate_exps.weight")]
+                n_expert, n_ff_exp, n_embd = shp
+                w.plan_experts([(b + k + "_exps.weight", fmts[b + k + "_exps.weight"], rows_cols)
+                                for k, rows_cols in (("gate", (n_ff_exp, n_embd)), ("up", (n_ff_exp, n_embd)),
+                                                     ("down", (n_embd, n_ff_exp)))], n_expert)
+        w.begin(meta)
+        for name, shp in tensors:
+            if len(shp) == 1:
+                w.write(name, _vector(rng, name, shp[0]))
+            elif name.endswith("ffn_gate_inp.weight"):  # the router, F32
+                r = rng.standard_normal(shp, dtype=np.float32) / np.float32(np.sqrt(shp[1]))
+                w.write(name, *quantize_matrix(r, fmts[name]))
+            elif len(shp) == 2:
+                std = 1.0 if name == "token_embd.weight" else 1.0 / np.sqrt(shp[1])
+                w.write(name, *_random_weights(rng, fmts[name], *shp, std))
+            else:
+                n_expert, n_out, n_in = shp
+                for e in range(n_expert):
+                    w.write(name, *_random_weights(rng, fmts[name], n_out, n_in, 1.0 / np.sqrt(n_in)), expert=e)
         return w.finish()

@@ -51,6 +51,7 @@ class CacheStats:
     prediction_recall: float = 1.0  # running share of routed experts the next-layer prediction named
     prefetch_skipped: int = 0  # predictions not read because recall was below PREFETCH_MIN_RECALL
     wait_s: float = 0.0  # time the forward pass spent blocked on reads
+    read_s: float = 0.0  # time spent in reads, summed over the reads in flight (beyond wait_s: hidden by overlap)
 
     def __post_init__(self):
         self.hits = np.zeros(self.n_layer, np.int64)
@@ -67,6 +68,7 @@ class CacheStats:
             "prediction_recall": round(self.prediction_recall, 4),
             "prefetch_skipped": self.prefetch_skipped,
             "io_wait_s": round(self.wait_s, 6),
+            "io_read_s": round(self.read_s, 6),
         }
 
 
@@ -266,6 +268,7 @@ class ExpertCache:
             raise LmcliError(f"LMCLI_READ_THREADS must be at least 1, got {n_reads}")
         self._reads = ThreadPoolExecutor(n_reads, thread_name_prefix="lmcli-expert-read")
         self._fd_lock = threading.Lock()
+        self._time_lock = threading.Lock()
         # byte offsets of gate/up/down codes and scales inside a bundle (the same for every expert)
         self.inner = {}
         for li, ex in layers.items():
@@ -275,6 +278,14 @@ class ExpertCache:
     # --- reads ----------------------------------------------------------------------------
 
     def _read(self, key, slot: int) -> int:
+        t = time.perf_counter()
+        n = self._read_bundle(key, slot)
+        dt = time.perf_counter() - t
+        with self._time_lock:  # not self._lock: its holder may be waiting for this read (_claim)
+            self.stats.read_s += dt
+        return n
+
+    def _read_bundle(self, key, slot: int) -> int:
         layer, e = key
         ex = self.layers[layer]
         off = ex.base + e * ex.stride
