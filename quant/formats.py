@@ -111,13 +111,15 @@ def _rows(name, gguf_type, file_type, block_size, block_bytes, half_fields):
 
 Q5_0 = _rows("q5_0", 6, 8, GROUP, 22, (0,))  # d | qh u32 | qs[16]
 Q5_1 = _rows("q5_1", 7, 9, GROUP, 24, (0, 2))  # d | m | qh u32 | qs[16]
+Q2_K = _rows("q2_k", 10, 10, 256, 84, (80, 82))  # scales[16] | qs[64] | d | dmin   (file type: Q2_K)
+Q3_K = _rows("q3_k", 11, 12, 256, 110, (108,))  # hmask[32] | qs[64] | scales[12] | d   (Q3_K_M)
 Q4_K = _rows("q4_k", 12, 15, 256, 144, (0, 2))  # d | dmin | scales[12] | qs[128]   (file type: Q4_K_M)
 Q5_K = _rows("q5_k", 13, 17, 256, 176, (0, 2))  # d | dmin | scales[12] | qh[32] | qs[128]   (Q5_K_M)
 Q6_K = _rows("q6_k", 14, 18, 256, 210, (208,))  # ql[128] | qh[64] | scales int8[16] | d
 IQ4_NL = _rows("iq4_nl", 20, 25, GROUP, 18, (0,))  # d | qs[16]
 IQ4_XS = _rows("iq4_xs", 23, 30, 256, 136, (0,))  # d | scales_h u16 | scales_l[4] | qs[128]
 BF16 = _rows("bf16", 30, 32, 1, 2, ())  # bfloat16 values (checked finite by their exponent)
-ROWS = (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16)
+ROWS = (Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16)
 
 FORMATS = {f.name: f for f in (F32, F16, Q4_0, Q4_1, Q8_0, *ROWS)}
 BY_GGUF_TYPE = {f.gguf_type: f for f in FORMATS.values()}

@@ -252,6 +252,27 @@ def _lanes_q8(builder, cp, j, k, memo):
     return builder.bitcast(lanes, _vec(_I32, 16))
 
 
+def _lanes_q2(builder, cp, j, k, memo):
+    # q2_k (quant.repack._crumb_words): rows 16k.. of pair j = 8u + s: word u shifted by 2s, masked to the int16
+    # pair (slot j, slot j + 16)
+    u, s = divmod(j, 8)
+    v = _word(builder, cp, u, k, memo)
+    if s == 7:  # the top two bits of each 16-bit half
+        v16 = builder.bitcast(v, _vec(_I16, 32))
+        return builder.bitcast(builder.lshr(v16, ir.Constant(_vec(_I16, 32), [14] * 32)), _vec(_I32, 16))
+    return builder.and_(builder.lshr(v, _splat32(2 * s)) if s else v, _splat32(0x00030003))
+
+
+def _lanes_q3(builder, cp, j, k, memo):
+    # q3_k: the q2 pair of low bits, bit 2 of each int16 half from the group's hmask word (u = 2, after the two
+    # 2-bit words; bit j slot j, bit j + 16 slot j + 16), then 4 subtracted from each half: q in -4..3
+    v = _lanes_q2(builder, cp, j, k, memo)
+    h = _word(builder, cp, 2, k, memo)
+    h = builder.shl(h, _splat32(2 - j)) if j < 2 else builder.lshr(h, _splat32(j - 2)) if j > 2 else h
+    v16 = builder.bitcast(builder.or_(v, builder.and_(h, _splat32(0x00040004))), _vec(_I16, 32))
+    return builder.bitcast(builder.sub(v16, ir.Constant(_vec(_I16, 32), [4] * 32)), _vec(_I32, 16))
+
+
 # IQ4_NL's codebook (kvalues_iq4nl of ggml-common.h, gguf.quants.IQ4_NL.kvalues): the weight of 4-bit index i
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
@@ -306,6 +327,18 @@ def _scaled(builder, kind, sv, isum, sxi):
     float: as float products of products, LLVM reordered them differently for targets with and without F16C
     (results one ulp apart). sxi: the group's activation sum."""
     fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
+    if kind == "q2_k":  # sxi: the sums of the group's two 16-weight sub-blocks (act_sums16)
+        d, dmin, sc_lo, sc_hi, m_lo, m_hi = sv
+        (lo, hi), (sx_lo, sx_hi) = isum, sxi
+        zero = ir.Constant(_I32, 0)
+        isc = builder.add(builder.mul(sc_lo, lo), builder.mul(sc_hi, hi))
+        msx = builder.add(builder.mul(m_lo, _splat(builder, builder.sub(zero, sx_lo), ivec)),
+                          builder.mul(m_hi, _splat(builder, builder.sub(zero, sx_hi), ivec)))
+        return _fma(builder, d, builder.sitofp(isc, fvec), builder.fmul(dmin, builder.sitofp(msx, fvec)))
+    if kind == "q3_k":
+        d, sc_lo, sc_hi = sv
+        lo, hi = isum
+        return builder.fmul(d, builder.sitofp(builder.add(builder.mul(sc_lo, lo), builder.mul(sc_hi, hi)), fvec))
     if kind in _SPLIT:
         d, sc_lo, sc_hi = sv
         lo, hi = isum
@@ -331,19 +364,24 @@ def _layout(kind):
         return _lanes_q8, 32 * 64
     if kind in ("q5_0", "q5_1", "q5_k"):
         return _lanes_q5, 20 * 64
+    if kind == "q2_k":
+        return _lanes_q2, 8 * 64
+    if kind == "q3_k":
+        return _lanes_q3, 12 * 64
     if kind in ("iq4_nl", "iq4_xs"):
         return _lanes_iq4, 16 * 64
     return _lanes_q4, 16 * 64
 
 
 # formats whose integer sum is kept as two halves (pairs 0-7 and 8-15 of a group), scaled separately (_scaled)
-_SPLIT = ("q6_k", "iq4_xs")
+_SPLIT = ("q6_k", "iq4_xs", "q2_k", "q3_k")
 
 # Scale rows (of 64 uint16) per super-block of 8 groups in the repacked layouts of quant.repack, and where a
 # group's per-row bytes start (bytes from the super-block's first row) and how many bytes a group has: q4_k and
 # q5_k d, dmin (fp16), then per group its 64 rows' 6-bit sc and m as bytes; q6_k d (fp16), then per group the
 # int8 scales of its two 16-weight sub-blocks; iq4_xs d (fp16), then per group its int8 scale ls - 32
-_KROWS = {"q4_k": (10, 256, 128), "q5_k": (10, 256, 128), "q6_k": (9, 128, 128), "iq4_xs": (5, 128, 64)}
+_KROWS = {"q4_k": (10, 256, 128), "q5_k": (10, 256, 128), "q6_k": (9, 128, 128), "iq4_xs": (5, 128, 64),
+          "q2_k": (10, 256, 128), "q3_k": (9, 128, 128)}
 
 
 def _bytes16(builder, bp, off, signed):
@@ -371,6 +409,11 @@ def _group_scales(builder, kind, sp0, g):
             if kind == "iq4_xs":
                 sc = _bytes16(builder, bp, 16 * k, True)
                 return d, sc, sc
+            if kind == "q2_k":  # the file's bytes sc | m << 4 of the two sub-blocks
+                lo, hi = _bytes16(builder, bp, 16 * k, False), _bytes16(builder, bp, 64 + 16 * k, False)
+                f, four = _splat32(15), _splat32(4)
+                return (d, _f16x16(builder, base, 64 + 16 * k), builder.and_(lo, f), builder.and_(hi, f),
+                        builder.lshr(lo, four), builder.lshr(hi, four))
             return d, _bytes16(builder, bp, 16 * k, True), _bytes16(builder, bp, 64 + 16 * k, True)
 
         return at_k
@@ -382,6 +425,16 @@ def _group_scales(builder, kind, sp0, g):
         return (d, _f16x16(builder, sp, 64 + 16 * k)) if nsc == 2 else (d,)
 
     return at
+
+
+def _act_sums(context, builder, kind, xs_ty, xs, gi):
+    """The activation sum(s) of group gi: xs[gi] (i32); for q2_k the sums of its two 16-weight halves
+    (xs from act_sums16: (xs[2 gi], xs[2 gi + 1]))."""
+    if kind != "q2_k":
+        return builder.load(_ptr(context, builder, xs_ty, xs, gi, _I32))
+    g2 = builder.mul(gi, _c64(2))
+    return (builder.load(_ptr(context, builder, xs_ty, xs, g2, _I32)),
+            builder.load(_ptr(context, builder, xs_ty, xs, builder.add(g2, _c64(1)), _I32)))
 
 
 PREFETCH = 8192  # bytes ahead of the group being read that decode kernels prefetch (one line per 64 bytes)
@@ -451,7 +504,7 @@ def _tile_codegen(kind, pf=PREFETCH):
                     accs = list(zip(first, accs))
             gi = builder.add(xgoff, g)
             dx = builder.load(_ptr(context, builder, ta[7], xd, gi, _F32))
-            sxi = builder.load(_ptr(context, builder, ta[8], xs, gi, _I32))
+            sxi = _act_sums(context, builder, kind, ta[8], xs, gi)
             dxv = _splat(builder, dx, fvec)
             for k in range(4):
                 inner = _scaled(builder, kind, scales_at(k), accs[k], sxi)
@@ -491,6 +544,8 @@ tile_q5_1 = _tile_intrinsic("q5_1")
 tile_q4_k = _tile_intrinsic("q4_k")
 tile_q5_k = _tile_intrinsic("q5_k")
 tile_q6_k = _tile_intrinsic("q6_k")
+tile_q2_k = _tile_intrinsic("q2_k")
+tile_q3_k = _tile_intrinsic("q3_k")
 tile_iq4_nl = _tile_intrinsic("iq4_nl")
 tile_iq4_xs = _tile_intrinsic("iq4_xs")
 
@@ -535,7 +590,7 @@ def _rows_codegen(kind):
                     else:
                         isum = builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
                     dx = _splat(builder, builder.load(_ptr(context, builder, ta[7], xd, gi, _F32)), fvec)
-                    sxi = builder.load(_ptr(context, builder, ta[8], xs, gi, _I32))
+                    sxi = _act_sums(context, builder, kind, ta[8], xs, gi)
                     inner = _scaled(builder, kind, sv, isum, sxi)
                     ap = builder.bitcast(_ptr(context, builder, ta[9], acc, builder.add(builder.mul(q, _c64(64)),
                                                                                         _c64(16 * k)), _F32),
@@ -573,6 +628,8 @@ rows_q5_1 = _rows_intrinsic("q5_1")
 rows_q4_k = _rows_intrinsic("q4_k")
 rows_q5_k = _rows_intrinsic("q5_k")
 rows_q6_k = _rows_intrinsic("q6_k")
+rows_q2_k = _rows_intrinsic("q2_k")
+rows_q3_k = _rows_intrinsic("q3_k")
 rows_iq4_nl = _rows_intrinsic("iq4_nl")
 rows_iq4_xs = _rows_intrinsic("iq4_xs")
 
@@ -643,6 +700,20 @@ def act_pairs_sub16(xq, xp):
                 lo = np.uint32(np.uint16(xq[t, a]))
                 hi = np.uint32(np.uint16(xq[t, a + 8]))
                 xp[t, g * 16 + j] = np.int32(lo | (hi << np.uint32(16)))
+
+
+@njit(cache=True)
+def act_sums16(xq):
+    """xq (T, n) int16 -> (T, n / 16) int32: the sum of each 16 activations (q2_k's minimums apply per 16 weights)."""
+    T, n = xq.shape
+    out = np.empty((T, n // 16), np.int32)
+    for t in range(T):
+        for h in range(n // 16):
+            s = np.int32(0)
+            for l in range(16):
+                s += np.int32(xq[t, 16 * h + l])
+            out[t, h] = s
+    return out
 
 
 CHUNKS = 64  # jobs of a decode call are cut into at most this many runs (prange gives each thread a block of them)
@@ -745,6 +816,10 @@ def tile_gguf(kind, codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out):
         tile_iq4_nl(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
     elif kind == 7:
         tile_q5_1(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+    elif kind == 11:
+        tile_q3_k(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
+    elif kind == 10:
+        tile_q2_k(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
     else:
         tile_q5_0(codes, cb, scales, sb, ng, xp, xoff, xd, xs, xgoff, out)
 
@@ -764,6 +839,10 @@ def rows_gguf(kind, codes, cb, scales, sb, ng, xp, rows, xd, xs, acc):
         rows_iq4_nl(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
     elif kind == 7:
         rows_q5_1(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+    elif kind == 11:
+        rows_q3_k(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
+    elif kind == 10:
+        rows_q2_k(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
     else:
         rows_q5_0(codes, cb, scales, sb, ng, xp, rows, xd, xs, acc)
 
@@ -771,7 +850,7 @@ def rows_gguf(kind, codes, cb, scales, sb, ng, xp, rows, xd, xs, acc):
 @njit(cache=True, parallel=True, fastmath=True)
 def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
     """out (T, n_out) = x (T, n_in) @ W.T for W repacked from GGUF rows into tiles (quant.repack; kind: the GGUF
-    type id, 6 Q5_0, 7 Q5_1, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL, 23 IQ4_XS). codes (n_tiles, code rows, TILE) uint8, scales (n_tiles, scale rows,
+    type id, 6 Q5_0, 7 Q5_1, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL, 23 IQ4_XS). codes (n_tiles, code rows, TILE) uint8, scales (n_tiles, scale rows,
     TILE) uint16, both in quant.repack's layouts; decode and prefill as matmul_q4."""
     n_tiles = codes.shape[0]
     cpt, spt = codes.shape[1] * TILE, scales.shape[1] * TILE
@@ -779,17 +858,18 @@ def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
     ng = n_in // GROUP
     n_out = out.shape[1]
     xp = np.empty((T, n_in // 2), np.int32)
-    if kind == 14:
+    if kind == 14 or kind == 10 or kind == 11:
         act_pairs_sub16(xq, xp)
     else:
         act_pairs(xq, xp)
+    xsk = act_sums16(xq) if kind == 10 else xs
     if T == 1:
         n_chunks = min(CHUNKS, n_tiles)
         for c in prange(n_chunks):
             acc1 = np.empty(TILE, np.float32)
             lo, hi = _span(n_tiles, c, n_chunks)
             for tile in range(lo, hi):
-                tile_gguf(kind, codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xs, 0, acc1)
+                tile_gguf(kind, codes, tile * cpt, scales, tile * spt, ng, xp, 0, xd, xsk, 0, acc1)
                 for r in range(min(TILE, n_out - tile * TILE)):
                     out[0, tile * TILE + r] = acc1[r]
         return
@@ -797,7 +877,7 @@ def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
     for tile in prange(n_tiles):
         acc = np.zeros((T, TILE), np.float32)
         n_valid = min(TILE, n_out - tile * TILE)
-        rows_gguf(kind, codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xs, acc)
+        rows_gguf(kind, codes, tile * cpt, scales, tile * spt, ng, xp, rows, xd, xsk, acc)
         for t in range(T):
             for r in range(n_valid):
                 out[t, tile * TILE + r] = acc[t, r]
@@ -929,7 +1009,8 @@ _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 @njit(cache=True, inline="always")
 def is_gguf_rows(kind):
     """kind (a GGUF type id) is one of the gguf_rows formats (quant.formats.ROWS)."""
-    return kind == 6 or kind == 7 or kind == 12 or kind == 13 or kind == 14 or kind == 20 or kind == 23 or kind == 30
+    return (kind == 6 or kind == 7 or kind == 10 or kind == 11 or kind == 12 or kind == 13 or kind == 14 or kind == 20
+            or kind == 23 or kind == 30)
 
 
 @njit(cache=True)
@@ -939,6 +1020,10 @@ def gguf_row_nbytes(kind, n):
         return n // 32 * 22
     if kind == 7:
         return n // 32 * 24
+    if kind == 10:
+        return n // 256 * 84
+    if kind == 11:
+        return n // 256 * 110
     if kind == 12:
         return n // 256 * 144
     if kind == 13:
@@ -1024,6 +1109,28 @@ def decode_gguf_row(kind, src, off, n, w):
                 else:
                     w[i * 32 + j] = d * np.float32(lo) + m
                     w[i * 32 + j + 16] = d * np.float32(hi) + m
+    elif kind == 10:  # Q2_K: 16 sub-blocks of 16, w = (d * sc) * q - dmin * m; q bits 2j of qs[32 h + l]
+        for i in range(n // 256):
+            p = off + i * 84
+            d, dmin = _h16(src, p + 80, b), _h16(src, p + 82, b)
+            for s in range(16):
+                h, j, l0 = s // 8, (s % 8) // 2, 16 * (s % 2)
+                D, M = d * np.float32(src[p + s] & 15), dmin * np.float32(src[p + s] >> 4)
+                c, e = p + 16 + 32 * h, i * 256 + 128 * h + 32 * j
+                for l in range(l0, l0 + 16):
+                    w[e + l] = D * np.float32((src[c + l] >> (2 * j)) & 3) - M
+    elif kind == 11:  # Q3_K: 16 sub-blocks of 16, w = (d * (sc - 32)) * (q - 4 if the hmask bit is clear)
+        for i in range(n // 256):
+            p = off + i * 110
+            d = _h16(src, p + 108, b)
+            for s in range(16):
+                h, j, l0 = s // 8, (s % 8) // 2, 16 * (s % 2)
+                sc = ((src[p + 96 + s % 8] >> (4 * (s // 8))) & 15) | (((src[p + 104 + s % 4] >> (2 * (s // 4))) & 3) << 4)
+                D = d * np.float32(np.int32(sc) - 32)
+                c, e, k = p + 32 + 32 * h, i * 256 + 128 * h + 32 * j, 4 * h + j
+                for l in range(l0, l0 + 16):
+                    q = np.int32((src[c + l] >> (2 * j)) & 3) - (0 if (src[p + l] >> k) & 1 else 4)
+                    w[e + l] = D * np.float32(q)
     elif kind == 20:  # IQ4_NL: w = d * _IQ4[nibble]
         for i in range(n // 32):
             p = off + i * 18
@@ -1248,6 +1355,10 @@ def tiled_rows(kind, ng):
         return 16 * ng, 5 * (ng // 8)
     if kind == 7:
         return 20 * ng, 2 * ng
+    if kind == 10:
+        return 8 * ng, 10 * (ng // 8)
+    if kind == 11:
+        return 12 * ng, 9 * (ng // 8)
     return 20 * ng, ng
 
 
@@ -1269,16 +1380,24 @@ def _tiled_dot_rows(buf8, buf16, kind, coff, soff, n_in, tile, xp, xd, xs, rows,
     rows_gguf(kind - TILED, buf8, cb, buf16, sb, ng, xp, rows, xd, xs, acc)
 
 
+@njit(cache=True, inline="always")
+def sub16(kind):
+    """kind's lanes pair weights within 16-weight sub-blocks (act_pairs_sub16): Q6_K, Q3_K, Q2_K repacked."""
+    return kind == TILED + 14 or kind == TILED + 11 or kind == TILED + 10
+
+
 @njit(cache=True)
-def expert_pairs(xq, kind_a, kind_b):
-    """(xp, xp16): act_pairs of xq, and act_pairs_sub16 when kind_a or kind_b is Q6_K repacked (else xp again)."""
+def expert_pairs(xq, xs, kind_a, kind_b):
+    """(xp, xp16, xs16): act_pairs of xq; act_pairs_sub16 when kind_a or kind_b pairs within sub-blocks of 16
+    (else xp again); act_sums16 when one is Q2_K repacked (else xs)."""
     xp = np.empty((xq.shape[0], xq.shape[1] // 2), np.int32)
     act_pairs(xq, xp)
-    if kind_a != TILED + 14 and kind_b != TILED + 14:
-        return xp, xp
+    xs16 = act_sums16(xq) if kind_a == TILED + 10 or kind_b == TILED + 10 else xs
+    if not sub16(kind_a) and not sub16(kind_b):
+        return xp, xp, xs16
     xp16 = np.empty_like(xp)
     act_pairs_sub16(xq, xp16)
-    return xp, xp16
+    return xp, xp16, xs16
 
 
 @njit(cache=True, inline="always")
@@ -1358,7 +1477,7 @@ def moe_gate_up(buf8, buf16, buf32, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_
     of them reads one matrix front to back (two interleaved matrices per job read ~30% slower).
     """
     n_tiles = (n_ff + TILE - 1) // TILE
-    xp, xp16 = expert_pairs(xq, gkind, ukind)
+    xp, xp16, xs16 = expert_pairs(xq, xs, gkind, ukind)
     n_jobs = sel.shape[0] * 2 * n_tiles
     n_chunks = min(CHUNKS, n_jobs)
     for c in prange(n_chunks):
@@ -1375,9 +1494,10 @@ def moe_gate_up(buf8, buf16, buf32, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_
             coff, soff = (g_coff[e], g_soff[e]) if m == 0 else (u_coff[e], u_soff[e])
             kind = gkind if m == 0 else ukind
             n_valid = min(TILE, n_ff - tile * TILE)
-            xk = xp16 if kind == TILED + 14 else xp
+            xk = xp16 if sub16(kind) else xp
+            xsk = xs16 if kind == TILED + 10 else xs
             for a in range(tok_ptr[i], tok_ptr[i + 1]):
-                _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xk, xd, xs, xf, tok_idx[a], acc, bits, d,
+                _tile_dot(buf8, buf16, buf32, kind, coff, soff, n_in, tile, xk, xd, xsk, xf, tok_idx[a], acc, bits, d,
                           W)
                 for r in range(n_valid):
                     h2[m, a, tile * TILE + r] = acc[r]
@@ -1387,7 +1507,7 @@ def moe_gate_up(buf8, buf16, buf32, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_
 def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, hd, hs, hf, y):
     """y[a] = down_e . h[a] for every assignment a (rows of hq/hf) of expert sel[i]; y (n_assign, n_out)."""
     n_tiles = (n_out + TILE - 1) // TILE
-    xp = expert_pairs(hq, kind, kind)[1]
+    _, xp, hsk = expert_pairs(hq, hs, kind, kind)
     n_jobs = sel.shape[0] * n_tiles
     n_chunks = min(CHUNKS, n_jobs)
     for c in prange(n_chunks):
@@ -1402,7 +1522,7 @@ def moe_down(buf8, buf16, buf32, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq
             e = sel[i]
             n_valid = min(TILE, n_out - tile * TILE)
             for a in range(tok_ptr[i], tok_ptr[i + 1]):
-                _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, xp, hd, hs, hf, a, acc, bits, d, W)
+                _tile_dot(buf8, buf16, buf32, kind, coff[e], soff[e], n_in, tile, xp, hd, hsk, hf, a, acc, bits, d, W)
                 for r in range(n_valid):
                     y[a, tile * TILE + r] = acc[r]
 
@@ -1413,7 +1533,7 @@ def moe_gate_up_rows(buf8, buf16, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_co
     """moe_gate_up for prefill (q4_0/q4_1/q8_0, repacked, gguf_rows): each tile's code groups are unpacked once for all
     the tokens routed to the expert. Separate from the decode kernel, whose code it would slow down."""
     n_tiles = (n_ff + TILE - 1) // TILE
-    xp, xp16 = expert_pairs(xq, gkind, ukind)
+    xp, xp16, xs16 = expert_pairs(xq, xs, gkind, ukind)
     for job in prange(sel.shape[0] * n_tiles):
         i = job // n_tiles
         tile = job % n_tiles
@@ -1424,10 +1544,10 @@ def moe_gate_up_rows(buf8, buf16, gkind, ukind, n_ff, n_in, g_coff, g_soff, u_co
         ga = np.empty((a1 - a0, TILE), np.float32)
         ua = np.empty((a1 - a0, TILE), np.float32)
         W = np.empty((RB, n_in), np.float32)
-        _tile_dot_rows(buf8, buf16, gkind, g_coff[e], g_soff[e], n_in, tile, xp16 if gkind == TILED + 14 else xp,
-                       xd, xs, xf, rows, ga, W)
-        _tile_dot_rows(buf8, buf16, ukind, u_coff[e], u_soff[e], n_in, tile, xp16 if ukind == TILED + 14 else xp,
-                       xd, xs, xf, rows, ua, W)
+        _tile_dot_rows(buf8, buf16, gkind, g_coff[e], g_soff[e], n_in, tile, xp16 if sub16(gkind) else xp,
+                       xd, xs16 if gkind == TILED + 10 else xs, xf, rows, ga, W)
+        _tile_dot_rows(buf8, buf16, ukind, u_coff[e], u_soff[e], n_in, tile, xp16 if sub16(ukind) else xp,
+                       xd, xs16 if ukind == TILED + 10 else xs, xf, rows, ua, W)
         for i in range(0, (a1 - a0) * TILE, 16):  # SwiGLU with the vector exp (libm's expf per element cost 3%)
             _silu_mul16(ga, ua, ga, i)
         for q in range(a1 - a0):
@@ -1440,7 +1560,7 @@ def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, 
     """moe_down for prefill (q4_0/q4_1/q8_0, repacked, gguf_rows), reusing each unpacked code group across the expert's
     tokens."""
     n_tiles = (n_out + TILE - 1) // TILE
-    xp = expert_pairs(hq, kind, kind)[1]
+    _, xp, hsk = expert_pairs(hq, hs, kind, kind)
     for job in prange(sel.shape[0] * n_tiles):
         i = job // n_tiles
         tile = job % n_tiles
@@ -1450,7 +1570,7 @@ def moe_down_rows(buf8, buf16, kind, n_out, n_in, coff, soff, sel, tok_ptr, hq, 
         rows = np.arange(a0, a1)
         ya = np.empty((a1 - a0, TILE), np.float32)
         W = np.empty((RB, n_in), np.float32)
-        _tile_dot_rows(buf8, buf16, kind, coff[e], soff[e], n_in, tile, xp, hd, hs, hf, rows, ya, W)
+        _tile_dot_rows(buf8, buf16, kind, coff[e], soff[e], n_in, tile, xp, hd, hsk, hf, rows, ya, W)
         for q in range(a1 - a0):
             for r in range(n_valid):
                 y[a0 + q, tile * TILE + r] = ya[q, r]
@@ -1561,13 +1681,30 @@ def _put_q4(dst, gb, r, q):
         dst[o + 3] = q[4 * u + 18] | (q[4 * u + 19] << 4)
 
 
+@njit(cache=True, inline="always")
+def _put_q2(dst, gb, r, q):
+    """The two 2-bit words of one row's 32 codes q (int32, 0..3, element order) into the group at dst[gb], slots
+    in _SLOTS order (quant.repack._crumb_words)."""
+    for u in range(2):
+        lo = np.int32(0)
+        hi = np.int32(0)
+        for s in range(8):
+            lo |= q[_SLOTS[8 * u + s]] << (2 * s)
+            hi |= q[_SLOTS[8 * u + s + 16]] << (2 * s)
+        o = gb + u * 256 + 4 * r
+        dst[o] = np.uint8(lo & 255)
+        dst[o + 1] = np.uint8(lo >> 8)
+        dst[o + 2] = np.uint8(hi & 255)
+        dst[o + 3] = np.uint8(hi >> 8)
+
+
 _SLOTS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23, 8, 9, 10, 11, 12, 13, 14, 15,
                    24, 25, 26, 27, 28, 29, 30, 31], np.int64)  # quant.repack.SLOTS
 
 
 @njit(cache=True, nogil=True)
 def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
-    """A Q5_0 (6), Q5_1 (7), Q4_K (12), Q5_K (13), Q6_K (14), IQ4_NL (20) or IQ4_XS (23) matrix of n_tiles * TILE
+    """A Q5_0 (6), Q5_1 (7), Q2_K (10), Q3_K (11), Q4_K (12), Q5_K (13), Q6_K (14), IQ4_NL (20) or IQ4_XS (23) matrix of n_tiles * TILE
     GGUF rows at src[soff] (flat uint8) -> its tiles at dst[doff]: codes (n_tiles, code rows, TILE) bytes then
     scales (n_tiles, scale rows, TILE) uint16 (tiled_rows), quant.repack's layouts byte for byte. Codes and scales
     are copied, never rounded. nogil, so that threads can repack side by side (the expert cache of a mapped model
@@ -1633,6 +1770,42 @@ def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
                             dst[o + 1] = np.uint8(q[_SLOTS[2 * w + 1]] & 255)
                             dst[o + 2] = np.uint8(q[_SLOTS[2 * w + 16]] & 255)
                             dst[o + 3] = np.uint8(q[_SLOTS[2 * w + 17]] & 255)
+            elif kind == 10 or kind == 11:  # Q2_K, Q3_K: 2-bit words of the slot-ordered codes (+ Q3_K's hmask word)
+                bb = 84 if kind == 10 else 110
+                for i in range(n_in // 256):
+                    p = p0 + i * bb
+                    if kind == 10:  # d, dmin, then per group the file's bytes sc | m << 4 of its two sub-blocks
+                        s = sbase + i * 1280
+                        for b in range(2):
+                            dst[s + 2 * r + b] = src[p + 80 + b]
+                            dst[s + 128 + 2 * r + b] = src[p + 82 + b]
+                        for j in range(8):
+                            dst[s + 256 + 128 * j + r] = src[p + 2 * j]
+                            dst[s + 256 + 128 * j + 64 + r] = src[p + 2 * j + 1]
+                        qo = p + 16
+                    else:  # d, then per group the 6-bit scales minus 32 of its two sub-blocks (int8)
+                        s = sbase + i * 1152
+                        dst[s + 2 * r] = src[p + 108]
+                        dst[s + 2 * r + 1] = src[p + 109]
+                        for j in range(8):
+                            for hb in range(2):
+                                si = 2 * j + hb
+                                sc = (((np.int32(src[p + 96 + si % 8]) >> (4 * (si // 8))) & 15)
+                                      | (((np.int32(src[p + 104 + si % 4]) >> (2 * (si // 4))) & 3) << 4))
+                                dst[s + 128 + 128 * j + 64 * hb + r] = np.uint8((sc - 32) & 255)
+                        qo = p + 32
+                    for j in range(8):  # group j: elements 128 h + 32 u + l, bits 2u of qs[32 h + l]
+                        h, u = j // 4, j % 4
+                        for l in range(32):
+                            q[l] = (np.int32(src[qo + 32 * h + l]) >> (2 * u)) & 3
+                        gb = cbase + (8 * i + j) * gbytes
+                        _put_q2(dst, gb, r, q)
+                        if kind == 11:  # hmask word: bit t = bit j of hmask[SLOTS[t]]
+                            hw = np.uint32(0)
+                            for t in range(32):
+                                hw |= np.uint32((src[p + _SLOTS[t]] >> j) & 1) << np.uint32(t)
+                            for b in range(4):
+                                dst[gb + 512 + 4 * r + b] = np.uint8((hw >> np.uint32(8 * b)) & np.uint32(255))
             elif kind == 23:  # IQ4_XS: d, then per sub-block ls - 32 (dequantize_row_iq4_xs)
                 for i in range(n_in // 256):
                     p = p0 + i * 136

@@ -8,6 +8,9 @@ GGUF types imported as they are (formats.ROWS: no encoder, rows kept in GGUF's b
 float32 operations of gguf.quants (dequantize_row_* of ggml-quants.c), so the kernels can be checked bit for bit:
   Q5_0: d | qh u32 | qs[16]      (w = d * (q - 16), q = nibble | bit j of qh << 4)
   Q5_1: d | m | qh u32 | qs[16]  (w = d * q + m)
+  Q2_K: scales[16] | qs[64] | d | dmin   16 sub-blocks of 16, 4-bit scale and min each (w = d sc q - dmin m)
+  Q3_K: hmask[32] | qs[64] | scales[12] | d   16 sub-blocks of 16, 6-bit scale minus 32; q = 2 low bits - 4 when
+        the hmask bit is clear (w = d sc q)
   Q4_K: d | dmin | scales[12] | qs[128]   8 sub-blocks of 32, 6-bit scale and min each (w = d sc q - dmin m)
   Q5_K: d | dmin | scales[12] | qh[32] | qs[128]   as Q4_K, bit j of qh[l] the fifth bit of sub-block j
   Q6_K: ql[128] | qh[64] | scales int8[16] | d     16 sub-blocks of 16 (w = d sc (q - 32))
@@ -174,6 +177,33 @@ def _decode_k(raw: np.ndarray, n: int, bb: int) -> np.ndarray:
     d = (_halves(b, 0) * sc)[..., None]
     dm = (_halves(b, 2) * mn)[..., None]
     return (d * q.astype(np.float32) - dm).reshape(*raw.shape[:-1], n)
+
+
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K's 2-bit codes (N, 64) bytes -> (N, 256): element 128 h + 32 j + l is bits 2j of qs[32 h + l]."""
+    q = qs.reshape(qs.shape[0], 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return (q & np.uint8(3)).reshape(qs.shape[0], 256)
+
+
+def _decode_q2_k(raw: np.ndarray, n: int) -> np.ndarray:
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 84)
+    N = b.shape[0]
+    dl = _halves(b, 80) * (b[:, :16] & np.uint8(15)).astype(np.float32)  # (N, 16)
+    ml = _halves(b, 82) * (b[:, :16] >> np.uint8(4)).astype(np.float32)
+    q = _crumbs(b[:, 16:80]).reshape(N, 16, 16).astype(np.float32)
+    return (dl[..., None] * q - ml[..., None]).reshape(*raw.shape[:-1], n)
+
+
+def _decode_q3_k(raw: np.ndarray, n: int) -> np.ndarray:
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 110)
+    N = b.shape[0]
+    s = np.arange(16)
+    lo = (b[:, 96 + s % 8] >> (4 * (s // 8)).astype(np.uint8)) & np.uint8(15)
+    hi = (b[:, 104 + s % 4] >> (2 * (s // 4)).astype(np.uint8)) & np.uint8(3)
+    dl = _halves(b, 108) * ((lo | (hi << np.uint8(4))).astype(np.int32) - 32).astype(np.float32)  # (N, 16)
+    h = (b[:, None, :32] >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)  # element 32 k + l
+    q = _crumbs(b[:, 32:96]).astype(np.int32) - 4 * (1 - h.reshape(N, 256).astype(np.int32))
+    return (dl[..., None] * q.reshape(N, 16, 16).astype(np.float32)).reshape(*raw.shape[:-1], n)
 
 
 def _decode_q6_k(raw: np.ndarray, n: int) -> np.ndarray:
@@ -390,6 +420,8 @@ Q4_1_CODEC = Codec(_encode_q4_1, _decode_q4_1, _q4_tile, _q4_rows)
 Q8_0_CODEC = Codec(_encode_q8_0, _decode_q8_0, _q8_tile, _q8_rows)
 Q5_0_CODEC = Codec(None, _decode_q5_0)
 Q5_1_CODEC = Codec(None, _decode_q5_1)
+Q2_K_CODEC = Codec(None, _decode_q2_k)
+Q3_K_CODEC = Codec(None, _decode_q3_k)
 Q4_K_CODEC = Codec(None, lambda raw, n: _decode_k(raw, n, 144))
 Q5_K_CODEC = Codec(None, lambda raw, n: _decode_k(raw, n, 176))
 Q6_K_CODEC = Codec(None, _decode_q6_k)

@@ -1,4 +1,4 @@
-"""GGUF rows (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) repacked at load time into tiles for
+"""GGUF rows (Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) repacked at load time into tiles for
 quant.kernels.matmul_tiles.
 
 The container keeps these types as GGUF's own blocks (quant.formats.ROWS: lossless import, byte-exact export); a
@@ -24,6 +24,13 @@ Layouts, per tile of TILE = 64 rows (row r of the tile in lane r; words as quant
         pairs activations to match, kernels.act_pairs_sub16); scales (n_tiles, 9 n_superblocks, TILE): per
         super-block d (fp16), then per group the int8 scales of its two sub-blocks, sc_lo[64], sc_hi[64].
         w = (d sc) (q - 32).
+  q2_k  codes (n_tiles, 8 n_groups, TILE) uint8: per group the two 2-bit words (_crumb_words) of the codes q in slot
+        order SLOTS, as q6_k; scales (n_tiles, 10 n_superblocks, TILE): per super-block d, dmin (fp16), then per
+        group the file's scale bytes (sc | m << 4) of its two 16-weight sub-blocks, lo[64], hi[64].
+        w = (d sc) q - (dmin m); the kernels take the activation sums of each 16 weights (kernels.act_sums16).
+  q3_k  codes (n_tiles, 12 n_groups, TILE) uint8: per group the 2-bit words of the low bits, then one 32-bit word per
+        row of hmask bits (bit s: slot s), as q5_0's fifth bit; v = low | hmask bit << 2 is q + 4 (the kernels
+        subtract 4); scales as q6_k's, the 6-bit scales minus 32 as int8. w = (d sc) q.
   iq4_nl  codes as q4_k (the 4-bit indices i); scales (n_tiles, n_groups, TILE) fp16 d. w = d KVALUES[i].
   iq4_xs  codes as q4_k; scales (n_tiles, 5 n_superblocks, TILE): per super-block d (fp16), then per group the
         int8 sub-block scale ls - 32 of its 64 rows (64 bytes). w = (d (ls - 32)) KVALUES[i].
@@ -148,8 +155,49 @@ def _q6_k(rows: np.ndarray, n_in: int):
     return codes, _scale_rows([_half(b[..., 208:210])], sc)
 
 
-_REPACK = {6: lambda r, n: _q5(r, n, False), 7: lambda r, n: _q5(r, n, True), 12: _q4_k, 13: _q5_k,
-           14: _q6_k, 20: _iq4_nl, 23: _iq4_xs}
+def _crumb_words(v: np.ndarray) -> np.ndarray:
+    """2-bit values in slot order (..., 32) -> (..., 2, 4) bytes of two 32-bit words: word u holds slots 8u..8u+7 in
+    its low 16 bits (bits 2s) and slots 8u+16..8u+23 in its high 16 bits, so (word >> 2s) & 0x00030003 is the pair
+    (slot j, slot j + 16), j = 8u + s."""
+    v = v.astype(np.uint32).reshape(*v.shape[:-1], 2, 2, 8)  # [half][u][s]
+    w = (v << (2 * np.arange(8, dtype=np.uint32))).sum(-1, dtype=np.uint32)
+    return np.ascontiguousarray(w[..., 0, :] | (w[..., 1, :] << np.uint32(16))).view(np.uint8).reshape(
+        *v.shape[:-3], 2, 4)
+
+
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K qs (nt, TILE, nsb, 64) -> codes per group (nt, TILE, 8 nsb, 32), slot order: element 128 h + 32 u + l
+    is bits 2u of qs[32 h + l] (dequantize_row_q2_K)."""
+    nt, _, nsb, _ = qs.shape
+    q = (qs.reshape(nt, TILE, nsb, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)) & np.uint8(3)
+    return q.reshape(nt, TILE, nsb * 8, 32)[..., SLOTS]
+
+
+def _q2_k(rows: np.ndarray, n_in: int):
+    nt, nsb = rows.shape[0] // TILE, n_in // 256
+    b = rows.reshape(nt, TILE, nsb, 84)
+    codes = _tile_words(_crumb_words(_crumbs(b[..., 16:80]))).reshape(nt, nsb * 64, TILE)
+    return codes, _scale_rows([_half(b[..., 80:82]), _half(b[..., 82:84])], b[..., :16].reshape(nt, TILE, nsb, 8, 2))
+
+
+def _q3_k(rows: np.ndarray, n_in: int):
+    nt, nsb = rows.shape[0] // TILE, n_in // 256
+    b = rows.reshape(nt, TILE, nsb, 110)
+    low = _tile_words(_crumb_words(_crumbs(b[..., 32:96])))  # (nt, ng, 8, TILE)
+    h = (b[..., None, :32] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & np.uint8(1)  # element 32 k + l: group k
+    h = h.reshape(nt, TILE, nsb * 8, 32)[..., SLOTS].astype(np.uint32)
+    word = (h << np.arange(32, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+    hw = _tile_words(np.ascontiguousarray(word).view(np.uint8).reshape(nt, TILE, nsb * 8, 1, 4))
+    codes = np.concatenate([low, hw], axis=2).reshape(nt, nsb * 8 * 12, TILE)
+    s = np.arange(16)
+    lo = (b[..., 96 + s % 8] >> (4 * (s // 8)).astype(np.uint8)) & np.uint8(15)
+    hi = (b[..., 104 + s % 4] >> (2 * (s // 4)).astype(np.uint8)) & np.uint8(3)
+    sc = ((lo | (hi << np.uint8(4))).astype(np.int16) - 32).astype(np.int8).view(np.uint8)
+    return codes, _scale_rows([_half(b[..., 108:110])], sc.reshape(nt, TILE, nsb, 8, 2))
+
+
+_REPACK = {6: lambda r, n: _q5(r, n, False), 7: lambda r, n: _q5(r, n, True), 10: _q2_k, 11: _q3_k, 12: _q4_k,
+           13: _q5_k, 14: _q6_k, 20: _iq4_nl, 23: _iq4_xs}
 TILED = 100  # kernels.TILED: the expert kernels' kind of a matrix repacked here is TILED + its GGUF type id
 
 
@@ -169,7 +217,8 @@ def repack(fmt: Format, codes: np.ndarray, n_in: int) -> tuple[np.ndarray, np.nd
 def tiled_rows(fmt: Format, n_in: int) -> tuple[int, int]:
     """(code rows, scale rows) of TILE bytes / uint16 per tile of the repacked layout (kernels.tiled_rows)."""
     ng, nsb = n_in // GROUP, n_in // GROUP // 8
-    return {6: (20 * ng, ng), 7: (20 * ng, 2 * ng), 12: (16 * ng, 10 * nsb), 13: (20 * ng, 10 * nsb),
+    return {6: (20 * ng, ng), 7: (20 * ng, 2 * ng), 10: (8 * ng, 10 * nsb), 11: (12 * ng, 9 * nsb),
+            12: (16 * ng, 10 * nsb), 13: (20 * ng, 10 * nsb),
             14: (32 * ng, 9 * nsb), 20: (16 * ng, ng), 23: (16 * ng, 5 * nsb)}[fmt.gguf_type]
 
 

@@ -133,11 +133,13 @@ def tiny_f16(tmp_path_factory):
 
 # (arch, llama.cpp file type): every imported type on the dense model, the K-quant mixes and IQ4_XS on the MoE
 CASES = [("llama", f) for f in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_Q5_0, F.MOSTLY_Q5_1,
-                                F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS, F.MOSTLY_BF16)]
-CASES += [("qwen3_moe", f) for f in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_IQ4_XS)]
+                                F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS, F.MOSTLY_BF16, F.MOSTLY_Q3_K_M, F.MOSTLY_Q2_K)]
+CASES += [("qwen3_moe", f) for f in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_IQ4_XS,
+                                     F.MOSTLY_Q3_K_M, F.MOSTLY_Q2_K)]
 # the type each file must hold for most of its layer matrices (what the test is about)
 MAIN = {F.MOSTLY_Q4_K_M: "Q4_K", F.MOSTLY_Q5_K_M: "Q5_K", F.MOSTLY_Q6_K: "Q6_K", F.MOSTLY_Q5_0: "Q5_0",
-        F.MOSTLY_Q5_1: "Q5_1", F.MOSTLY_IQ4_NL: "IQ4_NL", F.MOSTLY_IQ4_XS: "IQ4_XS", F.MOSTLY_BF16: "BF16"}
+        F.MOSTLY_Q5_1: "Q5_1", F.MOSTLY_IQ4_NL: "IQ4_NL", F.MOSTLY_IQ4_XS: "IQ4_XS", F.MOSTLY_BF16: "BF16",
+        F.MOSTLY_Q3_K_M: "Q3_K", F.MOSTLY_Q2_K: "Q2_K"}
 
 
 @pytest.mark.parametrize("arch,ftype", CASES, ids=[f"{a}-{f.name[7:]}" for a, f in CASES])
@@ -156,8 +158,11 @@ def test_llama_cpp_quantized_file_runs_as_llama_cpp_runs_it(tiny_f16, arch, ftyp
     ref32 = llama_logits(quantize(q, tmp_path / "f32.gguf", F.ALL_F32, requantize=True), IDS)
     assert rel_err(ours, ref32).max() <= F32_TOL, (arch, ftype.name, rel_err(ours, ref32).max())
     ref = llama_logits(q, IDS)
-    assert rel_err(ours, ref).max() <= SAME_FILE_TOL, (arch, ftype.name, rel_err(ours, ref).max())
-    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
+    # llama.cpp's 8-bit activations move its Q2_K MoE's logits by half their scale (0.547 between its runs of the
+    # file and of the file's F32 dequantization; lmcli is 3e-4 from the latter): there, the same distance, +10%
+    own = rel_err(ref32, ref).max()
+    assert rel_err(ours, ref).max() <= max(SAME_FILE_TOL, 1.1 * own), (arch, ftype.name, rel_err(ours, ref).max(), own)
+    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= min(0.9, np.mean(ref32.argmax(-1) == ref.argmax(-1)))
 
 
 def test_q4_k_m_keeps_a_wider_ffn_down_for_some_expert_layers(tiny_f16, tmp_path):
@@ -213,7 +218,7 @@ def test_imported_k_quant_file_exports_to_the_same_tensor_bytes(tiny_f16, tmp_pa
 
 
 # every GGUF type quant.repack takes, by GGUF type id
-REPACKED = {6: "q5_0", 7: "q5_1", 12: "q4_k", 13: "q5_k", 14: "q6_k", 20: "iq4_nl", 23: "iq4_xs"}
+REPACKED = {6: "q5_0", 7: "q5_1", 10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 20: "iq4_nl", 23: "iq4_xs"}
 # (n_out, n_in): a tile and a part, and odd shapes: fewer rows than a tile, one row past a tile, an odd number of
 # blocks (three 32-weight groups, or three 256-weight super-blocks)
 SHAPES = [(150, 512), (7, 96), (65, 160)]
@@ -337,7 +342,7 @@ def test_repacked_layout_sizes_are_the_kernels():
 
 
 # (gate and up, down) GGUF types of the expert test: each repacked type in both places, and Q4_K_M's mixes
-EXPERT_MIXES = [(t, t) for t in REPACKED] + [(12, 6), (12, 14), (13, 14), (23, 20)]
+EXPERT_MIXES = [(t, t) for t in REPACKED] + [(12, 6), (12, 14), (13, 14), (23, 20), (10, 11), (11, 12), (11, 13)]
 
 
 @pytest.mark.parametrize("gate_up,down", EXPERT_MIXES, ids=[f"{REPACKED[a]}-{REPACKED[b]}" for a, b in EXPERT_MIXES])

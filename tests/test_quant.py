@@ -138,13 +138,13 @@ for fmt in (Q4_0, Q4_1, Q8_0):
             ref = x.astype(np.float64) @ wd.T
             res["err"] = max(res["err"], float(np.abs(out - ref).max() / np.abs(ref).max()))
             digest.update(out.tobytes())
-# GGUF's Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS rows repacked into tiles (quant.repack) and run by
+# GGUF's Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS rows repacked into tiles (quant.repack) and run by
 # matmul_tiles (tile_* and rows_*)
 from gguf import GGMLQuantizationType, quants
 from quant import repack
 from quant.formats import BY_GGUF_TYPE
 n_in = 512
-for gtype in (6, 7, 12, 13, 14, 20, 23):
+for gtype in (6, 7, 10, 11, 12, 13, 14, 20, 23):
     fmt = BY_GGUF_TYPE[gtype]
     raw = rng.integers(0, 256, (n_out, fmt.row_nbytes(n_in)), dtype=np.uint8)
     b = raw.reshape(n_out, n_in // fmt.block_size, fmt.block_bytes)
