@@ -118,8 +118,12 @@ Q5_K = _rows("q5_k", 13, 17, 256, 176, (0, 2))  # d | dmin | scales[12] | qh[32]
 Q6_K = _rows("q6_k", 14, 18, 256, 210, (208,))  # ql[128] | qh[64] | scales int8[16] | d
 IQ4_NL = _rows("iq4_nl", 20, 25, GROUP, 18, (0,))  # d | qs[16]
 IQ4_XS = _rows("iq4_xs", 23, 30, 256, 136, (0,))  # d | scales_h u16 | scales_l[4] | qs[128]
+IQ2_XXS = _rows("iq2_xxs", 16, 19, 256, 66, (0,))  # d | qs u16[32]: per 32 weights 4 grid bytes, 4 x 7 sign bits, scale
+IQ2_XS = _rows("iq2_xs", 17, 20, 256, 74, (0,))  # d | qs u16[32] (9-bit grid index, 7 sign bits) | scales[8]
+IQ3_XXS = _rows("iq3_xxs", 18, 23, 256, 98, (0,))  # d | qs[64] grid bytes | u32[8] (4 x 7 sign bits, scale)
+IQ1_S = _rows("iq1_s", 19, 24, 256, 50, (0,))  # d | qs[32] | qh u16[8] (3 index bits x 4, scale, delta sign)
 BF16 = _rows("bf16", 30, 32, 1, 2, ())  # bfloat16 values (checked finite by their exponent)
-ROWS = (Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16)
+ROWS = (Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, BF16)
 
 FORMATS = {f.name: f for f in (F32, F16, Q4_0, Q4_1, Q8_0, *ROWS)}
 BY_GGUF_TYPE = {f.gguf_type: f for f in FORMATS.values()}

@@ -18,6 +18,8 @@ from numba import njit, prange, types
 from numba.core import cgutils, config, errors
 from numba.extending import intrinsic
 
+from .iq_grids import IQ1S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3XXS_GRID, KSIGNS
+
 TILE = 64
 GROUP = 32
 _F16_MAGIC = np.float32(2.0**112)  # rebias f16 exponent (15) to f32 (127): 2^(127-15)
@@ -1002,6 +1004,7 @@ def embed_rows(codes, scales, kind, ids, out):
 # compiled function (not inlined into the fastmath kernels), so its arithmetic stays exactly gguf.quants'.
 # Rows are decoded RB at a time and held while every token of the batch passes (prefill decodes a row once).
 
+_IQ2XXS, _IQ2XS, _IQ3XXS, _IQ1S, _KSIGNS = IQ2XXS_GRID, IQ2XS_GRID, IQ3XXS_GRID, IQ1S_GRID, KSIGNS
 RB = 16  # rows decoded per step: RB * n_in floats stay in L1/L2 while the tokens stream past
 _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 
@@ -1009,8 +1012,7 @@ _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 @njit(cache=True, inline="always")
 def is_gguf_rows(kind):
     """kind (a GGUF type id) is one of the gguf_rows formats (quant.formats.ROWS)."""
-    return (kind == 6 or kind == 7 or kind == 10 or kind == 11 or kind == 12 or kind == 13 or kind == 14 or kind == 20
-            or kind == 23 or kind == 30)
+    return (kind == 6 or kind == 7 or (10 <= kind <= 14) or (16 <= kind <= 20) or kind == 23 or kind == 30)
 
 
 @njit(cache=True)
@@ -1034,6 +1036,14 @@ def gguf_row_nbytes(kind, n):
         return n // 32 * 18
     if kind == 23:
         return n // 256 * 136
+    if kind == 16:
+        return n // 256 * 66
+    if kind == 17:
+        return n // 256 * 74
+    if kind == 18:
+        return n // 256 * 98
+    if kind == 19:
+        return n // 256 * 50
     return 2 * n  # 30: bf16
 
 
@@ -1041,6 +1051,21 @@ def gguf_row_nbytes(kind, n):
 def _h16(src, o, b):
     """The fp16 value at bytes src[o], src[o + 1] -> float32 (exact, subnormals included)."""
     return _f16_scalar(np.uint32(src[o]) | (np.uint32(src[o + 1]) << np.uint32(8)), b)
+
+
+@njit(cache=True, inline="always")
+def _u32(src, o):
+    """The little-endian uint32 at bytes src[o:o + 4]."""
+    return (np.uint32(src[o]) | (np.uint32(src[o + 1]) << np.uint32(8)) | (np.uint32(src[o + 2]) << np.uint32(16))
+            | (np.uint32(src[o + 3]) << np.uint32(24)))
+
+
+@njit(cache=True, inline="always")
+def _signed_grid(w, e, db, g, sg):
+    """w[e:e + 8] = db * weight i of grid entry g (8 bytes of a uint64), negated where bit i of sg is set."""
+    for i in range(8):
+        v = db * np.float32((g >> np.uint64(8 * i)) & np.uint64(255))
+        w[e + i] = -v if (sg >> i) & 1 else v
 
 
 @njit(cache=True, inline="always")
@@ -1151,6 +1176,51 @@ def decode_gguf_row(kind, src, off, n, w):
                     v = src[p + 8 + 16 * ib + j]
                     w[i * 256 + 32 * ib + j] = dl * _IQ4[v & 15]
                     w[i * 256 + 32 * ib + j + 16] = dl * _IQ4[v >> 4]
+    elif kind == 16:  # IQ2_XXS: per 32 weights two u32: 4 grid bytes; 4 x 7 sign bits and a 4-bit scale
+        for i in range(n // 256):
+            p = off + i * 66
+            d = _h16(src, p, b)
+            for ib in range(8):
+                q = p + 2 + 8 * ib
+                a1 = _u32(src, q + 4)
+                db = d * (np.float32(0.5) + np.float32(a1 >> np.uint32(28))) * np.float32(0.25)
+                for l in range(4):
+                    sg = _KSIGNS[(a1 >> np.uint32(7 * l)) & np.uint32(127)]
+                    _signed_grid(w, i * 256 + 32 * ib + 8 * l, db, _IQ2XXS[src[q + l]], sg)
+    elif kind == 17:  # IQ2_XS: per 8 weights a u16 (9-bit grid index, 7 sign bits); a 4-bit scale per 16 weights
+        for i in range(n // 256):
+            p = off + i * 74
+            d = _h16(src, p, b)
+            for k in range(32):
+                v = np.int32(src[p + 2 + 2 * k]) | (np.int32(src[p + 3 + 2 * k]) << 8)
+                sc = (np.int32(src[p + 66 + k // 4]) >> (4 * ((k // 2) % 2))) & 15
+                db = d * (np.float32(0.5) + np.float32(sc)) * np.float32(0.25)
+                _signed_grid(w, i * 256 + 8 * k, db, _IQ2XS[v & 511], _KSIGNS[v >> 9])
+    elif kind == 18:  # IQ3_XXS: per 4 weights a grid byte; per 32 weights a u32 of 4 x 7 sign bits and a scale
+        for i in range(n // 256):
+            p = off + i * 98
+            d = _h16(src, p, b)
+            for ib in range(8):
+                a = _u32(src, p + 66 + 4 * ib)
+                db = d * (np.float32(0.5) + np.float32(a >> np.uint32(28))) * np.float32(0.5)
+                for l in range(4):
+                    sg = _KSIGNS[(a >> np.uint32(7 * l)) & np.uint32(127)]
+                    g = (np.uint64(_IQ3XXS[src[p + 2 + 8 * ib + 2 * l]])
+                         | (np.uint64(_IQ3XXS[src[p + 3 + 8 * ib + 2 * l]]) << np.uint64(32)))
+                    _signed_grid(w, i * 256 + 32 * ib + 8 * l, db, g, sg)
+    elif kind == 19:  # IQ1_S: per 8 weights an 11-bit grid index (-1, 0, 1); per 32 a scale and the delta's sign
+        for i in range(n // 256):
+            p = off + i * 50
+            d = _h16(src, p, b)
+            for ib in range(8):
+                qh = np.int32(src[p + 34 + 2 * ib]) | (np.int32(src[p + 35 + 2 * ib]) << 8)
+                dl = d * np.float32(2 * ((qh >> 12) & 7) + 1)
+                delta = np.float32(-0.125) if qh & 0x8000 else np.float32(0.125)
+                for l in range(4):
+                    g = _IQ1S[np.int32(src[p + 2 + 4 * ib + l]) | (((qh >> (3 * l)) & 7) << 8)]
+                    for k in range(8):
+                        v = np.int32((g >> np.uint64(8 * k)) & np.uint64(255))
+                        w[i * 256 + 32 * ib + 8 * l + k] = dl * (np.float32(v - 256 if v > 127 else v) + delta)
     else:  # 30: BF16, the high half of a float32
         wi = w.view(np.uint32)
         for k in range(n):

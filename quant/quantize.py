@@ -428,3 +428,22 @@ Q6_K_CODEC = Codec(None, _decode_q6_k)
 IQ4_NL_CODEC = Codec(None, _decode_iq4_nl)
 IQ4_XS_CODEC = Codec(None, _decode_iq4_xs)
 BF16_CODEC = Codec(None, _decode_bf16)
+
+
+def _gguf_quants(gguf_type: int) -> Callable[[np.ndarray, int], np.ndarray]:
+    """The low-bit IQ types' reference: gguf.quants' own dequantization (their codebooks are gguf's data)."""
+
+    def decode(raw: np.ndarray, n: int) -> np.ndarray:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        return dequantize(raw, GGMLQuantizationType(gguf_type)).astype(np.float32).reshape(*raw.shape[:-1], n)
+
+    return decode
+
+
+IQ2_XXS_CODEC = Codec(None, _gguf_quants(16))
+IQ2_XS_CODEC = Codec(None, _gguf_quants(17))
+IQ3_XXS_CODEC = Codec(None, _gguf_quants(18))
+IQ1_S_CODEC = Codec(None, _gguf_quants(19))
