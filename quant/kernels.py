@@ -360,6 +360,53 @@ def _scaled(builder, kind, sv, isum, sxi):
     return builder.fmul(sv[0], builder.sitofp(isum, fvec))
 
 
+# Prefill (rows_<kind>): the K-quants' integer sub-block scales are multiplied into the unpacked weight lanes once
+# per group and 16 rows (int16: |q sc| <= 31 * 63 (q5_k), 32 * 128 (q6_k), 127 * 32 (iq4_xs), 4 * 32 (q3_k), 3 * 15
+# (q2_k)), instead of into each token's sums (vpmulld, two micro-ops on port 0 beside the multiply-adds); the sums are
+# the same integers, so results are bit for bit those of _scaled. q6_k and iq4_xs keep their two halves apart
+# (16 * 4096 * 32767 < 2^31 each, not together); q3_k and q2_k sum them.
+_PRESCALE = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q3_k", "q2_k")
+
+
+def _prescale(builder, kind, w, sv):
+    """(w, sv) for _scaled_pre: the 16 weight lanes times their rows' sub-block scale (both int16 halves), and the
+    scale vectors still needed."""
+    v32 = _vec(_I16, 32)
+
+    def times(lane, sc):  # sc (<16 x i32>) into both int16 halves of each 32-bit lane, then vpmullw
+        both = builder.or_(builder.and_(sc, _splat32(0xFFFF)), builder.shl(sc, _splat32(16)))
+        return builder.bitcast(builder.mul(builder.bitcast(lane, v32), builder.bitcast(both, v32)), _vec(_I32, 16))
+
+    if kind == "q4_k" or kind == "q5_k":
+        d, dmin, sc, m = sv
+        return [times(x, sc) for x in w], (d, dmin, m)
+    if kind == "q2_k":
+        d, dmin, sc_lo, sc_hi, m_lo, m_hi = sv
+        return [times(x, sc_lo if j < 8 else sc_hi) for j, x in enumerate(w)], (d, dmin, m_lo, m_hi)
+    d, sc_lo, sc_hi = sv
+    return [times(x, sc_lo if j < 8 else sc_hi) for j, x in enumerate(w)], (d,)
+
+
+def _scaled_pre(builder, kind, sv, isum, sxi):
+    """_scaled for lanes scaled by _prescale: the same float operations on the same integers."""
+    fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
+    zero = ir.Constant(_I32, 0)
+    if kind == "q4_k" or kind == "q5_k":
+        d, dmin, m = sv
+        msx = builder.mul(m, _splat(builder, builder.sub(zero, sxi), ivec))
+        return _fma(builder, d, builder.sitofp(isum, fvec), builder.fmul(dmin, builder.sitofp(msx, fvec)))
+    if kind == "q2_k":
+        d, dmin, m_lo, m_hi = sv
+        sx_lo, sx_hi = sxi
+        msx = builder.add(builder.mul(m_lo, _splat(builder, builder.sub(zero, sx_lo), ivec)),
+                          builder.mul(m_hi, _splat(builder, builder.sub(zero, sx_hi), ivec)))
+        return _fma(builder, d, builder.sitofp(isum, fvec), builder.fmul(dmin, builder.sitofp(msx, fvec)))
+    if kind == "q3_k":
+        return builder.fmul(sv[0], builder.sitofp(isum, fvec))
+    lo, hi = isum  # q6_k, iq4_xs
+    return _fma(builder, sv[0], builder.sitofp(hi, fvec), builder.fmul(sv[0], builder.sitofp(lo, fvec)))
+
+
 def _layout(kind):
     """(code lanes, bytes of codes per group of 64 rows) of a format."""
     if kind == "q8_0" or kind == "q6_k":
@@ -560,7 +607,8 @@ def _rows_codegen(kind):
     and 16-row chunk, the 16 unpacked weight vectors stay in registers while every token streams past them,
     each token costing 16 multiply-adds with its activation pairs broadcast from memory."""
     lanes, cstride = _layout(kind)
-    split = kind in _SPLIT
+    pre = kind in _PRESCALE
+    split = kind in _SPLIT and kind not in ("q3_k", "q2_k")  # prescaled q3_k/q2_k sum their halves together
 
     def codegen(context, builder, sig, args):
         codes, cb, sc, sb, ng, xp, rows, xd, xs, acc = args
@@ -577,6 +625,8 @@ def _rows_codegen(kind):
             for k in range(4):
                 w = [lanes(builder, cp, j, k, memo) for j in range(16)]
                 sv = scales_at(k)
+                if pre:
+                    w, sv = _prescale(builder, kind, w, sv)
                 with cgutils.for_range(builder, nr) as ql:
                     q = ql.index
                     t = builder.load(_ptr(context, builder, ta[6], rows, q, _I64))
@@ -593,7 +643,7 @@ def _rows_codegen(kind):
                         isum = builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
                     dx = _splat(builder, builder.load(_ptr(context, builder, ta[7], xd, gi, _F32)), fvec)
                     sxi = _act_sums(context, builder, kind, ta[8], xs, gi)
-                    inner = _scaled(builder, kind, sv, isum, sxi)
+                    inner = (_scaled_pre if pre else _scaled)(builder, kind, sv, isum, sxi)
                     ap = builder.bitcast(_ptr(context, builder, ta[9], acc, builder.add(builder.mul(q, _c64(64)),
                                                                                         _c64(16 * k)), _F32),
                                          fvec.as_pointer())
