@@ -1340,15 +1340,62 @@ def _dot_q6_k(src, off, n, x, t):
     return acc
 
 
+@njit(cache=True, fastmath=True)
+def _dot_q2_k(src, off, n, x, t):
+    """One Q2_K row . x[t] without decoding it: per sub-block of 16, (d sc) sum(q x) - (dmin m) sum(x)."""
+    b = np.empty(1, np.uint32)
+    acc = np.float32(0.0)
+    for i in range(n // 256):
+        p = off + i * 84
+        d, dmin = _h16(src, p + 80, b), _h16(src, p + 82, b)
+        for s in range(16):
+            h, j, l0 = s // 8, (s % 8) // 2, 16 * (s % 2)
+            c, e = p + 16 + 32 * h, i * 256 + 128 * h + 32 * j
+            sq, sx = np.float32(0.0), np.float32(0.0)
+            for l in range(l0, l0 + 16):
+                a = x[t, e + l]
+                sq += np.float32((src[c + l] >> (2 * j)) & 3) * a
+                sx += a
+            acc += (d * np.float32(src[p + s] & 15)) * sq - (dmin * np.float32(src[p + s] >> 4)) * sx
+    return acc
+
+
+@njit(cache=True, fastmath=True)
+def _dot_q3_k(src, off, n, x, t):
+    """One Q3_K row . x[t] without decoding it: per sub-block of 16, (d (sc - 32)) sum(q x)."""
+    b = np.empty(1, np.uint32)
+    acc = np.float32(0.0)
+    for i in range(n // 256):
+        p = off + i * 110
+        d = _h16(src, p + 108, b)
+        for s in range(16):
+            h, j, l0 = s // 8, (s % 8) // 2, 16 * (s % 2)
+            sc = ((src[p + 96 + s % 8] >> (4 * (s // 8))) & 15) | (((src[p + 104 + s % 4] >> (2 * (s // 4))) & 3) << 4)
+            c, e, k = p + 32 + 32 * h, i * 256 + 128 * h + 32 * j, 4 * h + j
+            sq = np.float32(0.0)
+            for l in range(l0, l0 + 16):
+                q = np.int32((src[c + l] >> (2 * j)) & 3) - (0 if (src[p + l] >> k) & 1 else 4)
+                sq += np.float32(q) * x[t, e + l]
+            acc += (d * np.float32(np.int32(sc) - 32)) * sq
+    return acc
+
+
 @njit(cache=True, inline="always")
 def _rows_dot(src, kind, off, rb, n_rows, n_in, xf, toks, W, acc):
     """acc[q, i] = row i of a gguf_rows matrix (rows of rb bytes from byte off of src) . xf[toks[q]], i < n_rows.
     W (RB, n_in) float32 scratch: RB rows decoded, then every token passes them. One token (decode) of the
     K-quants Q4_K_M files are made of: dot products on the blocks themselves (1.5-2.3x faster than decoding)."""
-    if toks.shape[0] == 1 and (kind == 12 or kind == 13 or kind == 14):
+    if toks.shape[0] == 1 and 10 <= kind <= 14:
         for i in range(n_rows):
             o = off + i * rb
-            acc[0, i] = _dot_q6_k(src, o, n_in, xf, toks[0]) if kind == 14 else _dot_k(kind, src, o, n_in, xf, toks[0])
+            if kind == 14:
+                acc[0, i] = _dot_q6_k(src, o, n_in, xf, toks[0])
+            elif kind == 10:
+                acc[0, i] = _dot_q2_k(src, o, n_in, xf, toks[0])
+            elif kind == 11:
+                acc[0, i] = _dot_q3_k(src, o, n_in, xf, toks[0])
+            else:
+                acc[0, i] = _dot_k(kind, src, o, n_in, xf, toks[0])
         return
     for i0 in range(0, n_rows, RB):
         m = min(RB, n_rows - i0)
