@@ -196,7 +196,8 @@ class ThreadPolicy:
     Each prompt starts from the count the CPUs other programs left free could hold (begin(), FreeCpus), and more
     threads are still probed from there: whether they win beside a neighbour depends on the model (SmolLM2's
     small launches ran 4x slower at 2 threads beside one busy process, a synthetic MoE's large ones 1.4x faster).
-    A probe that is `decisive` times slower in one step stops there (a probe up beside a neighbour costs little).
+    A probe that is `decisive` times slower in one step stops there, its transition step included (a probe up beside
+    a neighbour costs one step).
     Fewer threads are probed only when ours waited for a CPU (waited(): run_delay, the kernel's count) for at least
     `contended` of their time since the last look: when every thread had its core, fewer cannot be faster, and on a
     quiet machine the probe's slow steps were pure cost (6% of a 32-token reply on the synthetic MoE). A first win
@@ -318,10 +319,13 @@ class ThreadPolicy:
         self._confirming, self._again = False, None
 
     def _judge(self) -> None:
-        steps = self._probe[1:]  # the transition set aside
+        steps = self._probe[1:]  # the transition set aside, unless it alone is `decisive` times slower
+        t_cur = statistics.median(self.times[self.current])
         if not steps:
-            return
-        t_probe, t_cur = statistics.median(steps), statistics.median(self.times[self.current])
+            if self._probe[0] < self.decisive * t_cur:
+                return
+            steps = self._probe  # beside busy processes a probe of more threads: one step at 4x ends it
+        t_probe = statistics.median(steps)
         if (len(self._probe) < self.probe_steps and (len(steps) < 2 or min(steps) <= self.clear * t_cur)
                 and steps[-1] < self.decisive * t_cur):
             return  # not clear yet (one slow step may be a burst of load): another step

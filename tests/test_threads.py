@@ -342,11 +342,11 @@ def test_a_prompt_starts_from_the_cpus_left_free_and_decode_still_probes_more():
         assert pol.current == 1 and numba.get_num_threads() == 1  # the prompt runs on the free CPU too
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    # small launches beside the neighbour: 2 threads 4x slower. Probes of 2 stop after one step past the transition
-    # and cost under 5% over 2000 steps
+    # small launches beside the neighbour: 2 threads 4x slower. Probes of 2 stop at their first (transition) step,
+    # decisive, and cost under 3% over 2000 steps
     used = drive(pol, lambda i, n: 0.04 if n == 2 else 0.01, 2000)
-    assert used[:11] == [1] * 8 + [2, 2, 1] and pol.current == 1  # the transition step and one decisive step
-    assert sum(0.04 if n == 2 else 0.01 for n in used) < 1.05 * 2000 * 0.01
+    assert used[:10] == [1] * 8 + [2, 1] and pol.current == 1
+    assert sum(0.04 if n == 2 else 0.01 for n in used) < 1.03 * 2000 * 0.01
     # large launches (a MoE) beside the same neighbour: 2 threads 1.4x faster; found at the first probe
     pol = ThreadPolicy(2, free=lambda: free["now"])
     try:
