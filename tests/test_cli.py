@@ -145,7 +145,7 @@ def test_gguf_with_an_unsupported_tensor_type(lmcli_home, tmp_path):
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(["a", "b"])
-    w.add_tensor("token_embd.weight", np.zeros((2, 84), np.uint8), raw_dtype=QT.Q2_K)  # a type not read yet
+    w.add_tensor("token_embd.weight", np.zeros((2, 82), np.uint8), raw_dtype=QT.IQ2_S)  # a type not read yet
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -153,7 +153,7 @@ def test_gguf_with_an_unsupported_tensor_type(lmcli_home, tmp_path):
     before = snapshot(lmcli_home)
     r = lmcli("run", str(src), "hi", home=lmcli_home)
     assert_clean_failure(r)
-    assert "Q2_K" in r.stderr
+    assert "IQ2_S" in r.stderr
     assert snapshot(lmcli_home) == before
 
 

@@ -50,9 +50,9 @@ def _tiny_gguf(path, tensors, arch="llama"):
 
 def test_unsupported_tensor_type_is_named(tmp_path):
     src = tmp_path / "k.gguf"
-    raw = np.zeros((64, 84), np.uint8)  # 64 rows of one Q2_K super-block (256 weights, 84 bytes)
-    _tiny_gguf(src, [("token_embd.weight", raw, QT.Q2_K)])
-    with pytest.raises(GGUFError, match="Q2_K"):
+    raw = np.zeros((64, 82), np.uint8)  # 64 rows of one IQ2_S super-block (256 weights, 82 bytes)
+    _tiny_gguf(src, [("token_embd.weight", raw, QT.IQ2_S)])
+    with pytest.raises(GGUFError, match="IQ2_S"):
         import_gguf(src, tmp_path / "out.lmc")
     assert not (tmp_path / "out.lmc").exists()
 
@@ -137,10 +137,10 @@ def test_overlapping_tensors_are_refused(smol_gguf, tmp_path):
 def test_every_unsupported_tensor_type_is_named_with_its_count_at_once(tmp_path):
     """Issue 17: a Q4_K_M file was refused naming only its first tensor; the refusal is a census of the header."""
     src = tmp_path / "mix.gguf"
-    q2k = np.zeros((64, 84), np.uint8)  # 64 rows of one Q2_K super-block
-    q3k = np.zeros((64, 110), np.uint8)  # 64 rows of one Q3_K super-block
-    _tiny_gguf(src, [("a.weight", q2k, QT.Q2_K), ("b.weight", q3k, QT.Q3_K), ("c.weight", q3k, QT.Q3_K),
+    iq2s = np.zeros((64, 82), np.uint8)  # 64 rows of one IQ2_S super-block
+    iq3s = np.zeros((64, 110), np.uint8)  # 64 rows of one IQ3_S super-block
+    _tiny_gguf(src, [("a.weight", iq2s, QT.IQ2_S), ("b.weight", iq3s, QT.IQ3_S), ("c.weight", iq3s, QT.IQ3_S),
                      ("d.weight", np.zeros(64, np.float32), None),
                      ("e.weight", np.zeros((64, 144), np.uint8), QT.Q4_K)])  # a type lmcli imports: not named
-    with pytest.raises(GGUFError, match=r"tensor types lmcli cannot import yet: Q3_K x2, Q2_K x1 \(supported: "):
+    with pytest.raises(GGUFError, match=r"tensor types lmcli cannot import yet: IQ3_S x2, IQ2_S x1 \(supported: "):
         import_gguf(src, tmp_path / "out.lmc")
