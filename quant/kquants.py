@@ -321,7 +321,8 @@ def encode_k(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> np.ndarray:
     L = np.empty((R, n), np.uint8)
     weighted = qw is not None
     _k_scales(x, qw if weighted else np.empty(0, F32), weighted, nmax, d, dmin, ls, lm, L)
-    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+    with np.errstate(over="ignore"):  # an infinite scale is refused by the caller (quantize.quantize_matrix)
+        d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
     _k_codes(x, d16.astype(F32), dmin16.astype(F32), ls, lm, nmax, L)
     q = L.reshape(R * nb, 4, 2, 32)  # (block, pair of groups, group in the pair, element)
     qs = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)  # (block, 4, 32): 128 bytes
@@ -386,7 +387,8 @@ def encode_q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     weighted = qw is not None
     _q6_scales(x, qw if weighted else np.empty(0, F32), weighted, d, sc, L)
     zero = np.isnan(d)
-    d16 = np.where(zero, np.float32(0), d).astype(np.float16)
+    with np.errstate(over="ignore"):
+        d16 = np.where(zero, np.float32(0), d).astype(np.float16)
     _q6_codes(x, d16.astype(F32), sc, L)
     q = L.reshape(R * nb, 2, 4, 32)  # (block, half of 128, quarter, element)
     ql = (q[:, :, :2] & 15) | ((q[:, :, 2:] & 15) << 4)  # (block, half, 2, 32): ql[l], ql[l + 32] of each half

@@ -412,7 +412,8 @@ def quantize_matrix(w: np.ndarray, fmt: Format, importance: np.ndarray | None = 
         raw = fmt.codec.encode(w)
     codes, scales = interleave(raw, fmt, n_out, n_in)
     halves = scales if fmt.quantized else codes if fmt.bits == 16 else None
-    if halves is not None and halves.size and not np.isfinite(halves.view(np.float16)).all():
+    if (not gguf_rows_finite(raw, fmt) if fmt.gguf_rows else
+            halves is not None and halves.size and not np.isfinite(halves.view(np.float16)).all()):
         what = "scales" if fmt.quantized else "values"
         raise ConvertError(f"values up to {float(np.max(np.abs(w))):.4g} overflow {fmt.name}'s 16-bit {what} "
                            "(a larger scale or a wider type is needed: try --type q8_0)")
