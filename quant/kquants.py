@@ -17,7 +17,7 @@ which holds these functions, is compiled without one; Numba contracts none witho
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 F32 = np.float32
 QK_K = 256
@@ -213,19 +213,19 @@ def make_qp_quants(x, nmax, L, qw):
 # --- Q4_K / Q5_K: super-blocks of 8 groups of 32, 6-bit scale and min per group --------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _k_scales(x, qw, weighted, nmax, d, dmin, ls, lm, L):
     """Pass 1 of quantize_row_q{4,5}_K_ref (weighted False) or _impl (True) over rows x (R, n): per super-block the
     float d and dmin (R, nb), the 6-bit scales ls and mins lm (R, nb, 8) and the group search's codes L (R, n)."""
     R, n = x.shape
-    weights = np.empty(32, F32)
-    Laux = np.empty(32, np.uint8)
-    scales = np.empty(8, F32)
-    mins = np.empty(8, F32)
-    sw = np.empty(8, F32)
-    Ls = np.empty(8, np.uint8)
-    Lm = np.empty(8, np.uint8)
-    for r in range(R):
+    for r in prange(R):
+        weights = np.empty(32, F32)
+        Laux = np.empty(32, np.uint8)
+        scales = np.empty(8, F32)
+        mins = np.empty(8, F32)
+        sw = np.empty(8, F32)
+        Ls = np.empty(8, np.uint8)
+        Lm = np.empty(8, np.uint8)
         for b in range(n // QK_K):
             o = b * QK_K
             sigma2 = F32(0.0)
@@ -281,12 +281,12 @@ def _k_scales(x, qw, weighted, nmax, d, dmin, ls, lm, L):
                 dmin[r, b] = max_min / F32(63.0)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _k_codes(x, d, dmin, ls, lm, nmax, L):
     """Pass 2: each group's codes rounded against the stored d * scale and dmin * min (d, dmin as fp16 read back);
     a group whose scale is 0 keeps pass 1's codes."""
     R, n = x.shape
-    for r in range(R):
+    for r in prange(R):
         for b in range(n // QK_K):
             for j in range(8):
                 dd = d[r, b] * F32(ls[r, b, j])
@@ -337,13 +337,13 @@ def encode_k(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> np.ndarray:
 # --- Q6_K: super-blocks of 16 groups of 16, int8 scale per group -----------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _q6_scales(x, qw, weighted, d, sc, L):
     """Pass 1 of quantize_row_q6_K_ref / _impl: the float d (R, nb) (NaN marks an all-zero super-block), int8
     scales sc (R, nb, 16) and make_qx_quants' codes L (R, n)."""
     R, n = x.shape
-    scales = np.empty(16, F32)
-    for r in range(R):
+    for r in prange(R):
+        scales = np.empty(16, F32)
         for b in range(n // QK_K):
             max_scale = F32(0.0)
             max_abs = F32(0.0)
@@ -364,11 +364,11 @@ def _q6_scales(x, qw, weighted, d, sc, L):
                 sc[r, b, j] = min(127, _nearest_int(iscale * scales[j]))
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _q6_codes(x, d, sc, L):
     """Pass 2: codes rounded against the stored d (fp16 read back) times each group's scale."""
     R, n = x.shape
-    for r in range(R):
+    for r in prange(R):
         for b in range(n // QK_K):
             for j in range(16):
                 dd = d[r, b] * F32(sc[r, b, j])
