@@ -307,11 +307,6 @@ def _pack_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _halves(v: np.ndarray) -> np.ndarray:
-    """float32 (N,) -> fp16 bytes (N, 2)."""
-    return v.astype(np.float16).reshape(-1, 1).view(np.uint8)
-
-
 def encode_k(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> np.ndarray:
     """Rows x (R, n), n a multiple of 256 -> Q4_K (nmax 15) or Q5_K (nmax 31) bytes (R, n // 256 * 144 or 176)."""
     R, n = x.shape

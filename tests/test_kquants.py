@@ -278,3 +278,33 @@ def test_quantize_q4_k_m_with_an_importance_matrix_writes_llama_cpps_weighted_bl
         codes, _ = c.matrix(name, expert=3)
         ours = codes.reshape(-1, fmt.row_nbytes(rows.shape[1]))[: rows.shape[0]]
         assert np.array_equal(ours, llama_blocks(ggml, fmt, rows, imp[name][3])), name
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k"])
+def test_uniform_k_types_run_as_transformers_on_llama_cpp_rounded_weights(ggml, qtype, tmp_path):
+    """--type q4_k / q5_k / q6_k: every layer matrix in that type, the token embedding at 8 bits (lmcli's uniform
+    policy); a 64-wide model's rows fall back per tensor as llama.cpp's do (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0). Logits against transformers on the same weights rounded by llama.cpp."""
+    import tiny_models
+    import torch
+    from test_gguf_kquant import lmcli_logits
+
+    from quant.container import Container
+    from quant.convert import convert_hf
+    from quant.formats import FORMATS
+
+    fmt = FORMATS[qtype]
+    for over, want in [(W256, fmt), ({}, {"q4_k": Q5_0, "q5_k": Q5_1, "q6_k": Q8_0}[qtype])]:
+        d = tiny_models.build("llama", tmp_path / f"hf{len(over)}", overrides=over)
+        out = tmp_path / f"m{len(over)}.lmc"
+        summary = convert_hf(d, out, qtype)
+        c = Container(out)
+        layer = {t.fmt for n, t in c.tensors.items() if n.startswith("blk.") and len(t.shape) == 2}
+        assert layer == {want} and c.info("token_embd.weight").fmt is Q8_0, (qtype, layer)
+        assert set(summary["fallback"].values()) == ({want.name} if want is not fmt else set())
+        c.close()
+        ids = [int(t) for t in np.random.default_rng(2).integers(3, tiny_models.vocab_size(), 20)]
+        got = lmcli_logits(out, ids)
+        with torch.no_grad():
+            ref = _llama_rounded_reference(d, out, ggml)(torch.tensor([ids])).logits[0].float().numpy()
+        assert np.abs(got - ref).max() / np.abs(ref).max() < TIGHT, (qtype, over)
