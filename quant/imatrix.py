@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .errors import ConvertError
 from .formats import GROUP, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Format
@@ -29,11 +29,11 @@ from .kquants import encode_k, encode_q6_k, make_qkx_quants, make_qx_quants
 F32 = np.float32
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _weights(x, qw, weight):
     """weight[r, j] = qw[j] * sqrt(sigma2_r + x[r, j]^2), sigma2_r the row's mean square (summed in order)."""
     R, n = x.shape
-    for r in range(R):
+    for r in prange(R):
         s = np.float32(0.0)
         for j in range(n):
             s += x[r, j] * x[r, j]
@@ -42,28 +42,28 @@ def _weights(x, qw, weight):
             weight[r, j] = qw[j] * np.float32(np.sqrt(sigma2 + x[r, j] * x[r, j]))
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _sym(x, qw, nmax, d, L):
     """quantize_row_q4_0_impl (nmax 8) and q5_0_impl (16): per block make_qx_quants(32, nmax, rmse_type 1,
     weights)."""
     R, n = x.shape
     weight = np.empty((R, n), np.float32)
     _weights(x, qw, weight)
-    for r in range(R):
+    for r in prange(R):
         for b in range(n // 32):
             o = b * 32
             d[r, b] = make_qx_quants(x[r, o : o + 32], nmax, L[r, b], weight[r, o : o + 32], True)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _asym(x, qw, nmax, d, m, L):
     """quantize_row_q4_1_impl (nmax 15) and q5_1_impl (31): per block make_qkx3_quants(32, nmax, weights, rmin -0.9,
     rdelta 0.05, nstep 36); m is the stored offset (the block minimum, 0 or below)."""
     R, n = x.shape
     weight = np.empty((R, n), np.float32)
     _weights(x, qw, weight)
-    laux = np.empty(32, np.uint8)
-    for r in range(R):
+    for r in prange(R):
+        laux = np.empty(32, np.uint8)
         for b in range(n // 32):
             o = b * 32
             d[r, b], the_min = make_qkx_quants(x[r, o : o + 32], weight[r, o : o + 32], nmax, L[r, b], laux,
