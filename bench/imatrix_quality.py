@@ -1,5 +1,6 @@
 """Does the importance matrix pay? SmolLM2-135M (the packaged GGUF, the only real weights offline) as a float
-checkpoint, quantized plain and with `lmcli imatrix`, scored by bench/quality.py against the f16 model.
+checkpoint, quantized plain and with `lmcli imatrix` (q4_0, q4_1, and llama.cpp's q4_k_m mix), scored by
+bench/quality.py against the f16 model.
 
     python bench/imatrix_quality.py [--dir /tmp/lmcli-imatrix] [--calib FILE] [--text FILE] [--max-tokens 8192]
                                     [--llama lmcli|llama]
@@ -94,18 +95,19 @@ def main() -> None:
     d.mkdir(parents=True, exist_ok=True)
     hf = permuted_checkpoint(d / "hf")
     files = {}
-    for q in ("f16", "q8_0", "q4_0", "q4_1"):
+    for q in ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m"):
         files[q] = d / f"{q}.lmc"
         if not files[q].exists():
             lmcli("quantize", str(hf), str(files[q]), "--type", q)
     imx = d / "imatrix.npz"
     if not imx.exists():
         lmcli("imatrix", str(files["f16"]), args.calib, "-o", str(imx), "--ctx", str(args.ctx))
-    for q in ("q4_0", "q4_1"):
+    for q in ("q4_0", "q4_1", "q4_k_m"):
         files[q + "+imatrix"] = d / f"{q}-imatrix.lmc"
         if not files[q + "+imatrix"].exists():
             lmcli("quantize", str(hf), str(files[q + "+imatrix"]), "--type", q, "--imatrix", str(imx))
-    variants = [str(files[k]) for k in ("q8_0", "q4_1", "q4_1+imatrix", "q4_0", "q4_0+imatrix")]
+    variants = [str(files[k]) for k in ("q8_0", "q4_k_m", "q4_k_m+imatrix", "q4_1", "q4_1+imatrix", "q4_0",
+                                        "q4_0+imatrix")]
     if args.llama:  # llama.cpp's own types from the same float weights (its quantizer, no importance matrix)
         import ctypes
 

@@ -339,7 +339,8 @@ def pull(
     spec: str = typer.Argument(..., help="NAME (models.toml), ORG/REPO[@REVISION], or hf.co/ORG/REPO:QUANT (GGUF)"),
     name: Optional[str] = typer.Option(None, "--name", help="store name (default: the short name or repo name)"),
     revision: Optional[str] = typer.Option(None, "--revision", help="branch, tag or commit to pin"),
-    qtype: Optional[str] = typer.Option(None, "--type", help="q4_0 | q4_1 | q8_0 | f16 (default: the registry's)"),
+    qtype: Optional[str] = typer.Option(None, "--type", help="q4_0 | q4_1 | q8_0 | f16 | q4_k | q5_k | q6_k | q4_k_m | "
+                                        "q5_k_m (default: the registry's)"),
     mix: Optional[str] = typer.Option(None, "--mix", help="uniform | moe (MoE: routed experts at --type, the rest "
                                       "at q8_0)"),
     keep_source: bool = typer.Option(False, "--keep-source", help="keep the downloaded source files"),
@@ -439,11 +440,12 @@ def import_cmd(
 def quantize(
     src: Path = typer.Argument(..., help="a local Hugging Face model directory (safetensors)"),
     out: Path = typer.Argument(..., help="the container to write (.lmc)"),
-    qtype: str = typer.Option("q4_0", "--type", help="q4_0 | q4_1 | q8_0 | f16"),
+    qtype: str = typer.Option("q4_0", "--type", help="q4_0 | q4_1 | q8_0 | f16 | q4_k | q5_k | q6_k, or llama.cpp's "
+                              "q4_k_m | q5_k_m (its per-tensor types)"),
     mix: str = typer.Option("uniform", "--mix", help="uniform | moe (MoE: routed experts at --type, attention, "
                             "shared experts and dense layers at q8_0)"),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="importance matrix from `lmcli imatrix`: q4_0/q4_1 "
-                                           "rounding weighted by it, as llama.cpp's"),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="importance matrix from `lmcli imatrix`: 4-, 5- and "
+                                           "6-bit rounding weighted by it, as llama.cpp's"),
     force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
     as_json: bool = typer.Option(False, "--json", help="print a summary with per-tensor RMS quantization error"),
 ):
@@ -480,14 +482,21 @@ def quantize(
     else:
         typer.echo(f"wrote {out} ({summary['output_bytes'] / 1e6:.1f} MB from {summary['input_bytes'] / 1e6:.1f} MB "
                    f"in {summary['seconds']:.1f} s)")
-        kept = summary["fallback"]
-        if kept:
-            names = ", ".join(sorted(kept)[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
-            typer.echo(f"{len(kept)} matrices kept at f16, their rows not whole {qtype} blocks: {names}")
+        for (was, now), kept in _fallbacks(summary).items():
+            names = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+            typer.echo(f"{len(kept)} matrices kept at {now}, their rows not whole {was} blocks: {names}")
         if summary["skipped"]:
             typer.echo(skipped_line(summary["skipped"]))
         if imp is not None:
             typer.echo(f"{summary['imatrix']} matrices rounded with the importance matrix")
+
+
+def _fallbacks(summary: dict) -> dict[tuple[str, str], list[str]]:
+    """(format chosen, format written) -> the matrices that fell back, sorted by name."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for name in sorted(summary["fallback"]):
+        out.setdefault((summary["fallback_from"][name], summary["fallback"][name]), []).append(name)
+    return out
 
 
 @app.command()

@@ -253,19 +253,20 @@ def registry_config_costs(entry, kv_type: str = DEFAULT_KV_TYPE) -> dict:
     """Sizes from the config.json keys a registry entry lists: the tensors the converter writes for that config, in
     the entry's quantization (quant.hf_tensors' policy), counted as a container's index counts them; the file's
     size as the container lays them out (page-aligned tensors and expert bundles), its header left out."""
-    from quant.formats import ALIGN, FORMATS, align_up, matrix_nbytes, vector_nbytes
+    from quant.formats import ALIGN, align_up, matrix_nbytes, vector_nbytes
     from quant.hf_config import read_config
-    from quant.hf_tensors import tensor_format
+    from quant.hf_tensors import planned_formats, resolve_qtype
     from quant.schema import TensorSize, expected_tensors
 
     with model_file_errors():
         cfg = read_config({**entry.config, "model_type": entry.arch})
+        formats = planned_formats(cfg, *resolve_qtype(entry.quant))
     tensors = []
     for name, shape in expected_tensors(cfg):
         if len(shape) == 1:
             tensors.append(TensorSize(name, shape, vector_nbytes(shape[0])))
         else:
-            n = matrix_nbytes(tensor_format(name, shape, FORMATS[entry.quant]), *shape[-2:])
+            n = matrix_nbytes(formats[name][0], *shape[-2:])
             tensors.append(TensorSize(name, shape, n, shape[0] if len(shape) == 3 else 0))
     c = _costs(cfg, tensors, 0, kv_type)
     bundles = len(c["moe_layers"]) * cfg.n_expert * c["bundle_bytes"]

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 from quant import jsonio
 from quant.convert import QTYPES
-from quant.hf_tensors import MIXES
+from quant.hf_tensors import FILE_TYPES, MIXES
 from quant.hf_tiktoken import FAMILIES as TIKTOKEN_FAMILIES, RANKS_FILE
 
 from . import store
@@ -95,6 +95,9 @@ def parse_spec(spec: str, *, name: str | None = None, revision: str | None = Non
         raise UsageError(f"unknown --type {qtype!r}", hint=f"choose from {', '.join(QTYPES)}")
     if mix is not None and mix not in MIXES:
         raise UsageError(f"unknown --mix {mix!r}", hint=f"choose from {', '.join(MIXES)}")
+    if qtype in FILE_TYPES and mix not in (None, "uniform"):
+        raise UsageError(f"--mix {mix} does not combine with --type {qtype}: llama.cpp's file type chooses each "
+                         "matrix's type itself")
     host = next((h for h in _GGUF_HOSTS if low.startswith(h)), None)
     if host is not None:
         repo, _, tag = text[len(host):].partition(":")

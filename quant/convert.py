@@ -15,16 +15,16 @@ import numpy as np
 
 from .container import Container, ContainerWriter
 from .errors import ContainerError, ConvertError
-from .formats import F16, F32, FORMATS, GROUP, TILE, Format
+from .formats import F32, TILE, Format
 from .hf_config import read_config
-from .hf_tensors import Out, Piece, plan_tensors, skipped_tensors, tensor_format
+from .hf_tensors import FILE_TYPES, LLAMA_MIX, Out, Piece, plan_tensors, resolve_qtype, skipped_tensors
 from .hf_tokenizer import read_json, read_chat_template, read_tokenizer
 from .imatrix import for_matrix, weighted
 from .quantize import dequantize_interleaved, quantize_matrix
 from .safetensors_io import DTYPES, TensorEntry, TensorSource, TensorTable, collect_entries, open_model_dir
 from .schema import ModelConfig
 
-QTYPES = ("q4_0", "q4_1", "q8_0", "f16")
+QTYPES = ("q4_0", "q4_1", "q8_0", "f16", "q4_k", "q5_k", "q6_k", *FILE_TYPES)
 CHUNK_BYTES = 8 << 20  # float32 rows quantized at a time: bounds the temporaries of one large matrix
 
 
@@ -77,8 +77,11 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                overwrite: bool = False, progress: Callable[[int, int, int, int], None] | None = None,
                mix: str = "uniform", imatrix: dict | None = None) -> dict:
     """Convert a local Hugging Face model directory into an lmcli container at out_path (written atomically).
+    qtype: a format (q4_0, q4_1, q8_0, f16, q4_k, q5_k, q6_k) or a llama.cpp file type (q4_k_m, q5_k_m: each
+    matrix's type chosen by llama.cpp's rules, hf_tensors.llama_choice).
     mix: how precision is spread over the matrices (hf_tensors.tensor_format: "uniform" or "moe").
-    imatrix: importances per matrix (quant.imatrix.load): Q4_0/Q4_1 rounding weighted by them, as llama.cpp's.
+    imatrix: importances per matrix (quant.imatrix.load): rounding weighted by them as llama.cpp's, for every
+    4-, 5- and 6-bit type.
 
     progress(done_tensors, total_tensors, done_bytes, total_bytes) counts container tensors and source bytes;
     it is called after each tensor and, inside an expert layer, after each expert.
@@ -88,7 +91,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     directory, out = Path(src_dir), Path(out_path)
     if qtype not in QTYPES:
         raise ConvertError(f"unknown quantization type {qtype!r} (choose from {', '.join(QTYPES)})")
-    fmt = FORMATS[qtype]
+    fmt, mix = resolve_qtype(qtype, mix)
     if not directory.is_dir():
         raise ConvertError(f"{directory} is not a directory")
     if out.suffix == ".gguf":
@@ -103,7 +106,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     with open_model_dir(directory) as src:
         plan = plan_tensors(src, cfg, fmt, hf_cfg, mix)
         skipped = skipped_tensors(src.names(), cfg, hf_cfg)
-        metadata["quant"] = _quant_info(plan, qtype, mix)
+        metadata["quant"] = _quant_info(plan, qtype, fmt, mix)
         if imatrix is not None:
             used = sorted(o.name for o in plan if o.name in imatrix and weighted(o.fmt))
             if not any(o.name in imatrix for o in plan):
@@ -119,6 +122,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
             raise ConvertError(f"cannot write {out}: {e.strerror or e}") from None
     return {"tensors": len(plan), "input_bytes": total_bytes, "output_bytes": out.stat().st_size,
             "seconds": time.perf_counter() - t0, "rms_error": rms, "fallback": metadata["quant"]["fallback"],
+            "fallback_from": metadata["quant"]["fallback_from"],
             "skipped": _skipped_note(skipped), "imatrix": len(metadata["quant"].get("imatrix", []))}
 
 
@@ -146,21 +150,29 @@ def _metadata(directory: Path, hf_cfg: dict, cfg: ModelConfig, source: dict) -> 
     }
 
 
-def _quant_info(plan: list[Out], qtype: str, mix: str = "uniform") -> dict:
-    fmt = FORMATS[qtype]
+def _quant_info(plan: list[Out], qtype: str, fmt: Format, mix: str = "uniform") -> dict:
+    """The container's "quant" metadata: the type and mix asked for, the format of each kind of tensor, how many
+    tensors each format holds, and the matrices that fell back to another format for their row length."""
     formats: dict[str, int] = {}
     for o in plan:
         formats[o.fmt.name] = formats.get(o.fmt.name, 0) + 1
-    embd_fmt = tensor_format("token_embd.weight", (2, GROUP), fmt).name
-    other = tensor_format("blk.0.attn_q.weight", (2, GROUP), fmt, mix).name
+    by = {o.name: o for o in plan}
+    embd = by["token_embd.weight"]
+    other = next((o for o in plan if o.name.startswith("blk.") and len(o.shape) == 2 and o.fmt is not F32), None)
+    experts = next((o for o in plan if len(o.shape) == 3), None)
+    chosen = lambda o: (o.fallback_from or o.fmt).name  # noqa: E731
     return {
         "type": qtype,
         "mix": mix,
-        "policy": {"vectors": "f32", "ffn_gate_inp": "f32", "token_embd": embd_fmt, "output": embd_fmt,
-                   "experts": qtype, "other": other},
+        "policy": {"vectors": "f32", "ffn_gate_inp": "f32", "token_embd": chosen(embd),
+                   "output": chosen(by.get("output.weight", embd)),
+                   "experts": chosen(experts) if experts is not None else fmt.name,
+                   "other": chosen(other) if other is not None else fmt.name,
+                   **({"rules": "llama.cpp llama_tensor_get_type"} if mix == LLAMA_MIX else {})},
         "formats": formats,
-        # matrices whose rows are not whole blocks of qtype, kept at F16 (hf_tensors.tensor_format)
-        "fallback": {o.name: o.fmt.name for o in plan if len(o.shape) > 1 and o.fmt is F16 and fmt is not F16},
+        # matrices whose rows are not whole blocks of the format chosen for them (hf_tensors.fitting)
+        "fallback": {o.name: o.fmt.name for o in plan if o.fallback_from is not None},
+        "fallback_from": {o.name: o.fallback_from.name for o in plan if o.fallback_from is not None},
         "source_format": "hf",
     }
 
@@ -263,8 +275,9 @@ def plan_shards(src_dir: str | os.PathLike, headers: dict[str, list[TensorEntry]
     cfg = read_config(hf_cfg)
     metadata = _metadata(directory, hf_cfg, cfg, {"format": "hf", **source})
     table = TensorTable(collect_entries([headers[s] for s in sorted(headers)], weight_map))
-    plan = plan_tensors(table, cfg, FORMATS[qtype], hf_cfg, mix)
-    metadata["quant"] = _quant_info(plan, qtype, mix)
+    fmt, mix = resolve_qtype(qtype, mix)
+    plan = plan_tensors(table, cfg, fmt, hf_cfg, mix)
+    metadata["quant"] = _quant_info(plan, qtype, fmt, mix)
     units: dict[str, list] = {s: [] for s in headers}
     for i, o in enumerate(plan):
         for e, p in enumerate(o.pieces):

@@ -99,7 +99,8 @@ Q8_0 = Format("q8_0", gguf_type=8, file_type=7, code_bytes=GROUP, scale_count=1,
 # tiles at load (quant.repack, run by kernels.matmul_tiles); the rows kernels (quant.kernels, matmul_gguf_rows and
 # the expert kernels' gguf_rows kinds) decode one row at a time to float32 with gguf.quants' operations and take
 # float activations: BF16, and the experts of a model read through its mapping.
-# No encoder: lmcli imports these types from llama.cpp's files, it does not write them.
+# Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are also written (quant.quantize, quant.kquants: llama.cpp's encoders); the
+# others lmcli imports from llama.cpp's files only.
 
 
 def _rows(name, gguf_type, file_type, block_size, block_bytes, half_fields):

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, replace
 
 from .errors import ConvertError
-from .formats import F16, F32, GROUP, Q8_0, Format
+from .formats import F16, F32, FORMATS, GROUP, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Format
 from .hf_config import fp8_blocks
 from .safetensors_io import TensorTable
 from .schema import ModelConfig, expected_tensors
@@ -83,6 +83,7 @@ class Out:
     shape: tuple[int, ...]  # (n,) vector, (n_out, n_in) matrix, (n_expert, n_out, n_in) expert matrices
     fmt: Format
     pieces: tuple[Piece, ...]
+    fallback_from: Format | None = None  # the format the policy chose, where this row length made it fall back
 
 
 def _assignments(name: str, shape: tuple[int, ...], cfg: ModelConfig, ignore_layers: range):
@@ -125,21 +126,104 @@ def _assignments(name: str, shape: tuple[int, ...], cfg: ModelConfig, ignore_lay
 
 
 MIXES = ("uniform", "moe")  # how quantize spreads precision over a model's matrices (tensor_format)
+# llama.cpp's file types whose per-tensor rules (llama_tensor_get_type) lmcli follows: type name -> main format
+FILE_TYPES = {"q4_k_m": Q4_K, "q5_k_m": Q5_K}
+LLAMA_MIX = "llama.cpp"  # the mix a file type records: each matrix's type chosen by llama.cpp's rules
+# llama.cpp's per-tensor fallback for a row length that is not whole super-blocks (tensor_type_fallback)
+FALLBACK = {Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0}
+
+
+def fitting(fmt: Format, n_in: int) -> Format:
+    """fmt if it holds rows of n_in weights; else llama.cpp's fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0) if that holds them; else F16, which holds any."""
+    for f in (fmt, FALLBACK.get(fmt)):
+        if f is not None and n_in % f.row_multiple == 0:
+            return f
+    return F16
+
+
+def resolve_qtype(qtype: str, mix: str = "uniform") -> tuple[Format, str]:
+    """A quantization type name (a format, or a llama.cpp file type such as q4_k_m) and a mix -> (main format,
+    mix); a file type brings its own mix (LLAMA_MIX) and takes no other."""
+    if qtype in FILE_TYPES:
+        if mix != "uniform":
+            raise ConvertError(f"--mix {mix} does not combine with {qtype}: llama.cpp's file type chooses each "
+                               "matrix's type itself")
+        return FILE_TYPES[qtype], LLAMA_MIX
+    return FORMATS[qtype], mix
+
+
+def _base_format(name: str, shape: tuple[int, ...], qtype: Format, mix: str) -> Format:
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
+        return F32
+    wide = name in ("token_embd.weight", "output.weight") or (mix == "moe" and len(shape) == 2)
+    return Q8_0 if wide and qtype.bits < 8 else qtype
 
 
 def tensor_format(name: str, shape: tuple[int, ...], qtype: Format, mix: str = "uniform") -> Format:
     """The precision policy (as llama.cpp and mlx-lm): vectors and routers F32; embeddings and output at least
-    8-bit; everything else qtype; a matrix whose rows a block format cannot hold (a length that is not a whole
-    number of blocks) falls back to F16, which holds any (llama.cpp falls back per tensor the same way).
+    8-bit; everything else qtype; a matrix whose rows the chosen format cannot hold (a length that is not a whole
+    number of blocks) falls back per tensor as llama.cpp does (fitting).
 
     mix "moe": only the routed experts (3-D tensors) take qtype; attention, shared experts and dense FFN layers take
     at least 8 bits. Every token reads all of those but only top-k of the experts, and the experts hold most of an
     MoE's bytes, so the file grows a little and the error every token sees shrinks a lot."""
+    return fitting(_base_format(name, shape, qtype, mix), shape[-1])
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    # llama.cpp's use_more_bits: the first and last eighth of the layers, and every third one between
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _attn_v_like(name: str) -> bool:
+    # llama.cpp's category_is_attn_v: attn_v, attn_qkv, attn_kv_b (MLA)
+    return any(k in name for k in ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight"))
+
+
+def llama_choice(name: str, shape: tuple[int, ...], qtype: Format, cfg: ModelConfig, i_wv: int, n_wv: int) -> Format:
+    """llama.cpp's llama_tensor_get_type for file type Q4_K_M (qtype Q4_K) or Q5_K_M (Q5_K), on the tensors lmcli
+    stores (i_wv: how many attn_v-like tensors come before this one in file order, n_wv: how many there are):
+    output Q6_K (Q8_0 if its rows are not whole super-blocks; the token embedding too when it is the output);
+    attn_v (attn_kv_b) and ffn_down (ffn_down_exps, ffn_down_shexp) Q6_K in the layers use_more_bits picks; with
+    exactly 8 experts attn_v and attn_k Q8_0 and (Q4_K_M) attn_output Q5_K; qtype elsewhere. The per-tensor
+    fallback (fitting) comes after."""
     if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
         return F32
-    wide = name in ("token_embd.weight", "output.weight") or (mix == "moe" and len(shape) == 2)
-    fmt = Q8_0 if wide and qtype.bits < 8 else qtype
-    return fmt if shape[-1] % fmt.row_multiple == 0 else F16
+    eight = cfg.n_expert == 8
+    if name == "output.weight" or (name == "token_embd.weight" and cfg.tied_embeddings):
+        fmt = Q8_0 if shape[-1] % qtype.block_size else Q6_K
+    elif name == "token_embd.weight":
+        fmt = qtype
+    elif _attn_v_like(name):
+        fmt = Q8_0 if eight else Q6_K if _use_more_bits(i_wv, n_wv) else qtype
+    elif "attn_k.weight" in name:
+        fmt = Q8_0 if eight else qtype
+    elif "ffn_down" in name:  # layer from the name (llama.cpp's layer_info for MoE; its counter for dense models)
+        fmt = Q6_K if _use_more_bits(int(name.split(".")[1]), cfg.n_layer) else qtype
+    elif "attn_output.weight" in name:
+        fmt = Q5_K if eight and qtype is Q4_K else qtype
+    else:
+        fmt = qtype
+    return fmt
+
+
+def planned_formats(cfg: ModelConfig, qtype: Format, mix: str = "uniform") -> dict[str, tuple[Format, Format]]:
+    """Every tensor of the config (quant.schema's list) -> (its format, the format its policy chose before a row
+    length made it fall back)."""
+    if mix == LLAMA_MIX and qtype not in FILE_TYPES.values():
+        raise ConvertError(f"llama.cpp's file-type rules are for {', '.join(FILE_TYPES)}, not {qtype.name}")
+    tensors = expected_tensors(cfg)
+    n_wv = sum(_attn_v_like(name) for name, _ in tensors)
+    out, i_wv = {}, 0
+    for name, shape in tensors:
+        if mix == LLAMA_MIX:
+            want = llama_choice(name, shape, qtype, cfg, i_wv, n_wv)
+            i_wv += _attn_v_like(name)
+        else:
+            want = _base_format(name, shape, qtype, mix)
+        out[name] = (fitting(want, shape[-1]), want)
+    return out
 
 
 SCALE_SUFFIX = "_scale_inv"  # block-FP8 checkpoints: <weight name>_scale_inv holds the weight's block scales
@@ -187,7 +271,7 @@ def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict
     """Match every source tensor to a container tensor and check every name and shape (nanoGPT's habit):
     an unknown or unexpected source tensor, a missing one, or a shape mismatch is an error. A float8 tensor's
     <name>_scale_inv goes with it into its pieces. mix: see tensor_format."""
-    if mix not in MIXES:
+    if mix not in MIXES and mix != LLAMA_MIX:
         raise ConvertError(f"unknown precision mix {mix!r} (choose from {', '.join(MIXES)})")
     if mix == "moe" and not cfg.is_moe:
         raise ConvertError(f"the moe mix is for Mixture-of-Experts models; this {cfg.arch} model is dense "
@@ -201,6 +285,7 @@ def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict
         if base not in held:
             raise ConvertError(f"tensor {sname} holds the scales of {base}, which the checkpoint does not hold")
     want = dict(expected_tensors(cfg))
+    formats = planned_formats(cfg, qtype, mix)
     given: dict[str, dict] = {}
     for name in names:
         if name.endswith(SCALE_SUFFIX):
@@ -237,8 +322,9 @@ def plan_tensors(src: TensorTable, cfg: ModelConfig, qtype: Format, hf_cfg: dict
             if (p.n_rows, p.row_len) != (n_out, n_in) or (len(shape) == 2 and src.shape(p.src) != shape):
                 raise ConvertError(f"tensor {p.src} has shape {list(src.shape(p.src))}; {target} needs "
                                    f"{list(shape)}")
-        if len(shape) == 3 and shape[-1] % qtype.row_multiple:  # the expert kernels take one format per layer
+        fmt, chosen = formats[target]
+        if len(shape) == 3 and fmt is F16 and qtype is not F16:  # experts are quantized or all f16
             raise ConvertError(f"{target}: row length {shape[-1]} is not a multiple of {GROUP} (experts of "
                                f"{qtype.name} need whole blocks; convert with --type f16)")
-        plan.append(Out(target, shape, tensor_format(target, shape, qtype, mix), pieces))
+        plan.append(Out(target, shape, fmt, pieces, chosen if chosen is not fmt else None))
     return plan

@@ -1,12 +1,13 @@
-"""Importance-weighted 4-bit rounding (llama.cpp's imatrix idea): each weight's rounding error counts in
-proportion to how large the activations it multiplies are on real text.
+"""Importance-weighted rounding (llama.cpp's imatrix idea): each weight's rounding error counts in proportion to how
+large the activations it multiplies are on real text.
 
 An importance matrix holds, per quantized matrix, the mean over tokens of each input column's squared activation
-(per expert for routed experts); `lmcli imatrix` computes it with lmcli's own forward pass. With it, Q4_0 and Q4_1
-blocks are chosen as llama.cpp's quantize_row_q4_0_impl / quantize_row_q4_1_impl choose them (make_qx_quants and
+(per expert for routed experts); `lmcli imatrix` computes it with lmcli's own forward pass. With it, Q4_0, Q4_1, Q5_0
+and Q5_1 blocks are chosen as llama.cpp's quantize_row_q4_0_impl ... q5_1_impl choose them (make_qx_quants and
 make_qkx3_quants: a search over scales minimizing the weighted squared error, weight = importance *
-sqrt(row variance + x^2)), ported operation for operation in float32 so the blocks equal llama.cpp's
-(tests/test_imatrix.py calls ggml_quantize_chunk for the reference).
+sqrt(row variance + x^2)), and Q4_K, Q5_K, Q6_K blocks as its quantize_row_q4_K_impl ... q6_K_impl (quant.kquants),
+ported operation for operation in float32 so the blocks equal llama.cpp's (tests/test_imatrix.py and
+tests/test_kquants.py call ggml_quantize_chunk for the reference).
 
 Files are .npz: "<tensor name>" -> float32 (n_in,) or (n_expert, n_in) mean squared activations, and
 "<tensor name>.counts" -> int64 () or (n_expert,) tokens seen. Read with allow_pickle=False.
@@ -19,26 +20,20 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .errors import ConvertError
-from .formats import GROUP, Q4_0, Q4_1, Format
+from .formats import GROUP, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Format
+from .kquants import encode_k, encode_q6_k, make_qkx_quants, make_qx_quants
 
 F32 = np.float32
-_MAGIC = np.float32(12582912.0)
 
 
-@njit(cache=True, inline="always")
-def _nearest_int(v):
-    # ggml's nearest_int: round half to even through the float32 add of 1.5 * 2^23
-    return np.int32(np.float32(v + np.float32(12582912.0)) - np.float32(12582912.0))
-
-
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _weights(x, qw, weight):
     """weight[r, j] = qw[j] * sqrt(sigma2_r + x[r, j]^2), sigma2_r the row's mean square (summed in order)."""
     R, n = x.shape
-    for r in range(R):
+    for r in prange(R):
         s = np.float32(0.0)
         for j in range(n):
             s += x[r, j] * x[r, j]
@@ -47,171 +42,71 @@ def _weights(x, qw, weight):
             weight[r, j] = qw[j] * np.float32(np.sqrt(sigma2 + x[r, j] * x[r, j]))
 
 
-@njit(cache=True)
-def _q4_0(x, qw, d, L):
-    """quantize_row_q4_0_impl: per block make_qx_quants(32, nmax 8, rmse_type 1, weights)."""
+@njit(cache=True, parallel=True)
+def _sym(x, qw, nmax, d, L):
+    """quantize_row_q4_0_impl (nmax 8) and q5_0_impl (16): per block make_qx_quants(32, nmax, rmse_type 1,
+    weights)."""
     R, n = x.shape
     weight = np.empty((R, n), np.float32)
     _weights(x, qw, weight)
-    nmax = 8
-    for r in range(R):
+    for r in prange(R):
         for b in range(n // 32):
             o = b * 32
-            mx = np.float32(0.0)
-            amax = np.float32(0.0)
-            for i in range(32):
-                ax = abs(x[r, o + i])
-                if ax > amax:
-                    amax = ax
-                    mx = x[r, o + i]
-            if amax < np.float32(1e-15):
-                for i in range(32):
-                    L[r, b, i] = 0
-                d[r, b] = 0.0
-                continue
-            iscale = np.float32(-nmax) / mx
-            sumlx = np.float32(0.0)
-            suml2 = np.float32(0.0)
-            for i in range(32):
-                l = _nearest_int(iscale * x[r, o + i])
-                l = max(-nmax, min(nmax - 1, l))
-                L[r, b, i] = l + nmax
-                w = weight[r, o + i]
-                fl = np.float32(l)
-                sumlx += w * x[r, o + i] * fl
-                suml2 += w * fl * fl
-            scale = sumlx / suml2 if suml2 != 0 else np.float32(0.0)
-            best = scale * sumlx
-            for s in range(-9, 10):
-                if s == 0:
-                    continue
-                iscale = -(np.float32(nmax) + np.float32(0.1) * np.float32(s)) / mx
-                sumlx = np.float32(0.0)
-                suml2 = np.float32(0.0)
-                for i in range(32):
-                    l = _nearest_int(iscale * x[r, o + i])
-                    l = max(-nmax, min(nmax - 1, l))
-                    w = weight[r, o + i]
-                    fl = np.float32(l)
-                    sumlx += w * x[r, o + i] * fl
-                    suml2 += w * fl * fl
-                if suml2 > 0 and sumlx * sumlx > best * suml2:
-                    for i in range(32):
-                        l = _nearest_int(iscale * x[r, o + i])
-                        L[r, b, i] = nmax + max(-nmax, min(nmax - 1, l))
-                    scale = sumlx / suml2
-                    best = scale * sumlx
-            d[r, b] = scale
+            d[r, b] = make_qx_quants(x[r, o : o + 32], nmax, L[r, b], weight[r, o : o + 32], True)
 
 
-@njit(cache=True)
-def _q4_1(x, qw, d, m, L):
-    """quantize_row_q4_1_impl: per block make_qkx3_quants(32, nmax 15, weights, rmin -0.9, rdelta 0.05, nstep 36);
-    m is the stored offset (the block minimum, 0 or below)."""
+@njit(cache=True, parallel=True)
+def _asym(x, qw, nmax, d, m, L):
+    """quantize_row_q4_1_impl (nmax 15) and q5_1_impl (31): per block make_qkx3_quants(32, nmax, weights, rmin -0.9,
+    rdelta 0.05, nstep 36); m is the stored offset (the block minimum, 0 or below)."""
     R, n = x.shape
     weight = np.empty((R, n), np.float32)
     _weights(x, qw, weight)
-    nmax = 15
-    laux = np.empty(32, np.int32)
-    for r in range(R):
+    for r in prange(R):
+        laux = np.empty(32, np.uint8)
         for b in range(n // 32):
             o = b * 32
-            mn = x[r, o]
-            mx = x[r, o]
-            sum_w = weight[r, o]
-            sum_x = sum_w * x[r, o]
-            for i in range(1, 32):
-                v = x[r, o + i]
-                if v < mn:
-                    mn = v
-                if v > mx:
-                    mx = v
-                w = weight[r, o + i]
-                sum_w += w
-                sum_x += w * v
-            if mn > 0:
-                mn = np.float32(0.0)
-            if mx <= mn:
-                for i in range(32):
-                    L[r, b, i] = 0
-                d[r, b] = 0.0
-                m[r, b] = mn
-                continue
-            iscale = np.float32(nmax) / (mx - mn)
-            scale = np.float32(1.0) / iscale
-            best_mad = np.float32(0.0)
-            for i in range(32):
-                l = _nearest_int(iscale * (x[r, o + i] - mn))
-                l = max(0, min(nmax, l))
-                L[r, b, i] = l
-                diff = scale * np.float32(l) + mn - x[r, o + i]
-                best_mad += weight[r, o + i] * (diff * diff)
-            for s in range(37):
-                iscale = (np.float32(-0.9) + np.float32(0.05) * np.float32(s) + np.float32(nmax)) / (mx - mn)
-                sum_l = np.float32(0.0)
-                sum_l2 = np.float32(0.0)
-                sum_xl = np.float32(0.0)
-                for i in range(32):
-                    l = _nearest_int(iscale * (x[r, o + i] - mn))
-                    l = max(0, min(nmax, l))
-                    laux[i] = l
-                    w = weight[r, o + i]
-                    fl = np.float32(l)
-                    sum_l += w * fl
-                    sum_l2 += w * fl * fl
-                    sum_xl += w * fl * x[r, o + i]
-                D = sum_w * sum_l2 - sum_l * sum_l
-                if D > 0:
-                    this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-                    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-                    if this_min > 0:
-                        this_min = np.float32(0.0)
-                        this_scale = sum_xl / sum_l2
-                    mad = np.float32(0.0)
-                    for i in range(32):
-                        diff = this_scale * np.float32(laux[i]) + this_min - x[r, o + i]
-                        mad += weight[r, o + i] * (diff * diff)
-                    if mad < best_mad:
-                        for i in range(32):
-                            L[r, b, i] = laux[i]
-                        best_mad = mad
-                        scale = this_scale
-                        mn = this_min
-            d[r, b] = scale
-            m[r, b] = mn
+            d[r, b], the_min = make_qkx_quants(x[r, o : o + 32], weight[r, o : o + 32], nmax, L[r, b], laux,
+                                               np.float32(-0.9), np.float32(0.05), 36, True)
+            m[r, b] = -the_min
 
 
 def weighted(fmt: Format) -> bool:
     """Whether fmt's rounding takes an importance matrix (llama.cpp's Q8_0 and float types ignore one too)."""
-    return fmt in (Q4_0, Q4_1)
+    return fmt in (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
 
 
 def encode(x: np.ndarray, fmt: Format, importance: np.ndarray) -> np.ndarray:
-    """Rows x (..., n) -> GGUF block bytes (..., n // 32 * block_bytes), rounded with importance (n,)."""
+    """Rows x (..., n) -> GGUF block bytes (..., n // block_size * block_bytes), rounded with importance (n,)."""
+    from .quantize import pack_q4, pack_q5
+
     x = np.ascontiguousarray(x, dtype=F32)
     shape = x.shape
     n = shape[-1]
-    if n % GROUP:
-        raise ValueError(f"row length {n} is not a multiple of {GROUP}")
+    if not weighted(fmt):
+        raise ValueError(f"{fmt.name} takes no importance matrix")
+    if n % fmt.block_size:
+        raise ValueError(f"row length {n} is not a multiple of {fmt.block_size}")
     qw = np.ascontiguousarray(importance, dtype=F32).reshape(-1)
     if qw.shape != (n,):
         raise ValueError(f"importance has {qw.size} values for rows of {n}")
     rows = x.reshape(-1, n)
+    if fmt.block_size == 256:
+        out = encode_q6_k(rows, qw) if fmt is Q6_K else encode_k(rows, 15 if fmt is Q4_K else 31, qw)
+        return out.reshape(*shape[:-1], -1)
     R, nb = rows.shape[0], n // GROUP
     d = np.empty((R, nb), F32)
     L = np.empty((R, nb, GROUP), np.uint8)
-    if fmt is Q4_0:
-        _q4_0(rows, qw, d, L)
-        head = [d.astype(np.float16).reshape(R, nb, 1).view(np.uint8)]
-    elif fmt is Q4_1:
-        m = np.empty((R, nb), F32)
-        _q4_1(rows, qw, d, m, L)
-        head = [d.astype(np.float16).reshape(R, nb, 1).view(np.uint8),
-                m.astype(np.float16).reshape(R, nb, 1).view(np.uint8)]
+    halves = lambda v: v.astype(np.float16).reshape(R * nb, 1).view(np.uint8)  # noqa: E731
+    if fmt in (Q4_0, Q5_0):
+        _sym(rows, qw, 8 if fmt is Q4_0 else 16, d, L)
+        head = [halves(d)]
     else:
-        raise ValueError(f"{fmt.name} takes no importance matrix")
-    qs = (L[:, :, :16] | (L[:, :, 16:] << np.uint8(4))).astype(np.uint8)
-    return np.concatenate([*head, qs], axis=2).reshape(*shape[:-1], nb * fmt.block_bytes)
+        m = np.empty((R, nb), F32)
+        _asym(rows, qw, 15 if fmt is Q4_1 else 31, d, m, L)
+        head = [halves(d), halves(m)]
+    codes = pack_q4(L.reshape(-1, GROUP)) if fmt.name.startswith("q4") else pack_q5(L.reshape(-1, GROUP))
+    return np.concatenate([*head, codes], axis=1).reshape(*shape[:-1], nb * fmt.block_bytes)
 
 
 # --- collecting and storing ------------------------------------------------------------------------------

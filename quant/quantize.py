@@ -4,7 +4,8 @@ Block byte layouts follow ggml-common.h:
   Q4_0: d f16 | qs[16]      (w = d * (q - 8), low nibble = element j, high nibble = element j + 16)
   Q4_1: d f16 | m f16 | qs[16]   (w = d * q + m)
   Q8_0: d f16 | qs[32] int8      (w = d * q)
-GGUF types imported as they are (formats.ROWS: no encoder, rows kept in GGUF's blocks), decoded here with the
+GGUF types kept in GGUF's blocks row by row (formats.ROWS; Q5_0, Q5_1 encoded here, Q4_K, Q5_K, Q6_K by
+quant.kquants, as llama.cpp's ggml_quantize_chunk; the others imported only), decoded here with the
 float32 operations of gguf.quants (dequantize_row_* of ggml-quants.c), so the kernels can be checked bit for bit:
   Q5_0: d | qh u32 | qs[16]      (w = d * (q - 16), q = nibble | bit j of qh << 4)
   Q5_1: d | m | qh u32 | qs[16]  (w = d * q + m)
@@ -50,9 +51,16 @@ def _blocks(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, GROUP)
 
 
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    # q: (n_blocks, 32) uint8 in 0..15 -> (n_blocks, 16): element j in the low nibble, j + 16 in the high.
+def pack_q4(q: np.ndarray) -> np.ndarray:
+    """Codes (n_blocks, 32) uint8 in 0..15 -> (n_blocks, 16): element j in the low nibble, j + 16 in the high."""
     return (q[:, :16] | (q[:, 16:] << np.uint8(4))).astype(np.uint8)
+
+
+def pack_q5(q: np.ndarray) -> np.ndarray:
+    """Codes (n_blocks, 32) uint8 in 0..31 -> Q5_0/Q5_1's qh u32 (bit j: the fifth bit of element j) then qs[16]."""
+    qh = ((q.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    qh = np.bitwise_or.reduce(qh, axis=1).astype("<u4").reshape(-1, 1).view(np.uint8)
+    return np.concatenate([qh, pack_q4(q & np.uint8(15))], axis=1)
 
 
 def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
@@ -73,7 +81,7 @@ def _encode_q4_0(x: np.ndarray) -> np.ndarray:
     inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
     q = np.trunc(b * inv + np.float32(8.5)).astype(np.float32)
     q = np.clip(q, 0, 15).astype(np.uint8)
-    return _rows_of_blocks(np.concatenate([d.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1), x.shape)
+    return _rows_of_blocks(np.concatenate([d.astype(np.float16).view(np.uint8), pack_q4(q)], axis=1), x.shape)
 
 
 def _encode_q4_1(x: np.ndarray) -> np.ndarray:
@@ -86,7 +94,7 @@ def _encode_q4_1(x: np.ndarray) -> np.ndarray:
     q = np.trunc((b - lo) * inv + np.float32(0.5)).astype(np.float32)
     q = np.clip(q, 0, 15).astype(np.uint8)
     out = np.concatenate(
-        [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1
+        [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8), pack_q4(q)], axis=1
     )
     return _rows_of_blocks(out, x.shape)
 
@@ -101,6 +109,53 @@ def _encode_q8_0(x: np.ndarray) -> np.ndarray:
     fl = np.floor(a)  # roundf without the float error of floor(a + 0.5)
     q = (np.sign(v) * (fl + np.floor(np.float32(2) * (a - fl)))).astype(np.int8)
     return _rows_of_blocks(np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1), x.shape)
+
+
+def _encode_q5_0(x: np.ndarray) -> np.ndarray:
+    # quantize_row_q5_0_ref: d = max / -16 where max is the signed value of largest magnitude, q = (int8)(x/d + 16.5)
+    b = _blocks(x)
+    imax = np.abs(b).argmax(axis=1)[:, None]
+    d = np.take_along_axis(b, imax, axis=1) / np.float32(-16)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+    q = np.minimum(np.trunc(b * inv + np.float32(16.5)), 31).astype(np.uint8)
+    return _rows_of_blocks(np.concatenate([d.astype(np.float16).view(np.uint8), pack_q5(q)], axis=1), x.shape)
+
+
+def _encode_q5_1(x: np.ndarray) -> np.ndarray:
+    # quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = (uint8)((x - min)/d + 0.5).
+    b = _blocks(x)
+    lo = b.min(axis=1, keepdims=True)
+    d = (b.max(axis=1, keepdims=True) - lo) / np.float32(31)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+    q = np.trunc((b - lo) * inv + np.float32(0.5)).astype(np.uint8)
+    out = np.concatenate([d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8), pack_q5(q)],
+                         axis=1)
+    return _rows_of_blocks(out, x.shape)
+
+
+def _super_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[-1] % 256:
+        raise ValueError(f"row length {x.shape[-1]} is not a multiple of 256")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _encode_q4_k(x: np.ndarray) -> np.ndarray:
+    from .kquants import encode_k  # quantize_row_q4_K_ref
+
+    return encode_k(_super_rows(x), 15, None).reshape(*x.shape[:-1], -1)
+
+
+def _encode_q5_k(x: np.ndarray) -> np.ndarray:
+    from .kquants import encode_k  # quantize_row_q5_K_ref
+
+    return encode_k(_super_rows(x), 31, None).reshape(*x.shape[:-1], -1)
+
+
+def _encode_q6_k(x: np.ndarray) -> np.ndarray:
+    from .kquants import encode_q6_k  # quantize_row_q6_K_ref
+
+    return encode_q6_k(_super_rows(x), None).reshape(*x.shape[:-1], -1)
 
 
 def _block_rows(raw: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -387,7 +442,8 @@ def quantize_matrix(w: np.ndarray, fmt: Format, importance: np.ndarray | None = 
         raw = fmt.codec.encode(w)
     codes, scales = interleave(raw, fmt, n_out, n_in)
     halves = scales if fmt.quantized else codes if fmt.bits == 16 else None
-    if halves is not None and halves.size and not np.isfinite(halves.view(np.float16)).all():
+    if (not gguf_rows_finite(raw, fmt) if fmt.gguf_rows else
+            halves is not None and halves.size and not np.isfinite(halves.view(np.float16)).all()):
         what = "scales" if fmt.quantized else "values"
         raise ConvertError(f"values up to {float(np.max(np.abs(w))):.4g} overflow {fmt.name}'s 16-bit {what} "
                            "(a larger scale or a wider type is needed: try --type q8_0)")
@@ -418,13 +474,13 @@ F16_CODEC = Codec(_encode_f16, _decode_f16)
 Q4_0_CODEC = Codec(_encode_q4_0, _decode_q4_0, _q4_tile, _q4_rows)
 Q4_1_CODEC = Codec(_encode_q4_1, _decode_q4_1, _q4_tile, _q4_rows)
 Q8_0_CODEC = Codec(_encode_q8_0, _decode_q8_0, _q8_tile, _q8_rows)
-Q5_0_CODEC = Codec(None, _decode_q5_0)
-Q5_1_CODEC = Codec(None, _decode_q5_1)
+Q5_0_CODEC = Codec(_encode_q5_0, _decode_q5_0)
+Q5_1_CODEC = Codec(_encode_q5_1, _decode_q5_1)
 Q2_K_CODEC = Codec(None, _decode_q2_k)
 Q3_K_CODEC = Codec(None, _decode_q3_k)
-Q4_K_CODEC = Codec(None, lambda raw, n: _decode_k(raw, n, 144))
-Q5_K_CODEC = Codec(None, lambda raw, n: _decode_k(raw, n, 176))
-Q6_K_CODEC = Codec(None, _decode_q6_k)
+Q4_K_CODEC = Codec(_encode_q4_k, lambda raw, n: _decode_k(raw, n, 144))
+Q5_K_CODEC = Codec(_encode_q5_k, lambda raw, n: _decode_k(raw, n, 176))
+Q6_K_CODEC = Codec(_encode_q6_k, _decode_q6_k)
 IQ4_NL_CODEC = Codec(None, _decode_iq4_nl)
 IQ4_XS_CODEC = Codec(None, _decode_iq4_xs)
 BF16_CODEC = Codec(None, _decode_bf16)

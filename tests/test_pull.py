@@ -388,6 +388,25 @@ def test_pull_with_the_moe_mix_gives_what_quantize_gives_and_is_its_own_record(h
     assert_clean_failure(pull(hub, home, "hf.co/org/tiny-GGUF:Q8_0", "--mix", "moe"), "does not apply")
 
 
+def test_pull_of_a_llama_cpp_file_type_gives_what_quantize_gives(hub, tmp_path, model_dir):
+    """--type q4_k_m over the Hub (shard by shard) equals `lmcli quantize --type q4_k_m` tensor for tensor (this
+    model's 64-wide rows fall back to Q5_0 / Q8_0 as llama.cpp's do); the manifest records the type; --mix does not
+    combine with a file type."""
+    ref = tmp_path / "km.lmc"
+    r = subprocess.run([sys.executable, "-m", "lmcli.cli", "quantize", str(model_dir), str(ref), "--type", "q4_k_m"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "kept at q5_0, their rows not whole q4_k blocks" in r.stdout
+    home = tmp_path / "home"
+    r = pull(hub, home, REPO, "--type", "q4_k_m")
+    assert r.returncode == 0, r.stderr
+    d = home / "models" / "org" / "tiny-moe"
+    assert_same_model(d / "model.lmc", ref)
+    assert json.loads((d / "manifest.json").read_text())["quant"] == "q4_k_m"
+    assert Container(d / "model.lmc").metadata["quant"]["mix"] == "llama.cpp"
+    assert_clean_failure(pull(hub, tmp_path / "h2", REPO, "--type", "q4_k_m", "--mix", "moe"), "does not combine")
+
+
 def test_a_pinned_revision_is_recorded_and_keep_source_keeps_the_verified_files(hub, tmp_path, shards, reference):
     commit = hub.repos[REPO].commit
     home = tmp_path / "home"
