@@ -113,7 +113,7 @@ def test_out_of_range_offset_is_rejected(tmp_path):
 
 @pytest.mark.parametrize("field,value,msg", [
     ("nbytes", 12, "declares"), ("offset", 4097 * 3, "misaligned"), ("shape", [100, 65], "multiple"),
-    ("format", "q3_k", "unknown format"), ("shape", [-1, 64], "dimension"),
+    ("format", "iq2_s", "unknown format"), ("shape", [-1, 64], "dimension"),
 ])
 def test_inconsistent_index_entries_are_rejected(tmp_path, field, value, msg):
     p = tmp_path / "m.lmc"
