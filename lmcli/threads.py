@@ -322,15 +322,12 @@ class ThreadPolicy:
 
     def _judge(self) -> None:
         steps = self._probe[1:]  # the transition set aside, unless it alone is `decisive` times slower
-        # means, not medians: tokens/s is the mean step's, and beside busy processes the steps that wait for a
-        # descheduled thread (2-6x the others) come more often at more threads; a median passed over them and moved
-        # SmolLM2 to 2 threads beside two busy processes, where it then decoded 0.8x of one thread's speed
-        t_cur = statistics.fmean(self.times[self.current])
+        t_cur = statistics.median(self.times[self.current])
         if not steps:
             if self._probe[0] < self.decisive * t_cur:
                 return
             steps = self._probe  # beside busy processes a probe of more threads: one step at 4x ends it
-        t_probe = statistics.fmean(steps)
+        t_probe = statistics.median(steps)
         if (len(self._probe) < self.probe_steps and (len(steps) < 2 or min(steps) <= self.clear * t_cur)
                 and steps[-1] < self.decisive * t_cur):
             return  # not clear yet (one slow step may be a burst of load): another step
