@@ -201,9 +201,8 @@ class ThreadPolicy:
     Fewer threads are probed only when ours waited for a CPU (waited(): run_delay, the kernel's count) for at least
     `contended` of their time since the last look: when every thread had its core, fewer cannot be faster, and on a
     quiet machine the probe's slow steps were pure cost (6% of a 32-token reply on the synthetic MoE). A first win
-    for fewer threads, or for more threads than other programs left CPUs free (free()), moves only if a second
-    block, a few steps later, wins too, or if it won by `decisive`: beside busy processes step times swing 2x in
-    phases of a few steps, and a block can land in a fast one.
+    for fewer threads moves only if a second block, a few steps later, wins too, or if it won by `decisive`: beside
+    busy processes step times swing 2x in phases of a few steps, and a block can land in a fast one.
     Pure logic: `next()` says the count, `record()` takes the measured seconds; `step()` does both around a call.
     """
 
@@ -221,7 +220,6 @@ class ThreadPolicy:
         self.drift, self.budget = drift, budget
         self.waited, self.contended, self.decisive = waited, contended, decisive
         self.free = free  # CPUs other programs left free lately (FreeCpus), or None when unknown or too soon to say
-        self._free_seen: float | None = None  # what free() last said
         self._mark: tuple[float, float] | None = None  # (waited(), elapsed) when contention was last looked at
         self.skipped = 0  # probes of fewer threads not run: nothing waited for a CPU
         self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count (no transitions)
@@ -335,13 +333,11 @@ class ThreadPolicy:
         self.probing = None
         self.lost += max(sum(self._probe) - len(self._probe) * t_cur, 0.0)
         wins = t_probe < (self.margin if probe > self.current else self.margin_down) * t_cur
-        doubtful = probe < self.current or self._crowded(probe)
-        if wins and doubtful and not self._confirming and t_probe * self.decisive > t_cur:
-            # a first win for fewer threads, or for more than other programs left CPUs free, not by `decisive`: look
-            # again after a few of the current count's steps. Beside busy processes the step time swings about 2x
-            # in phases of a few steps (which of our threads the scheduler leaves alone on a core), so a block of
-            # probe steps that lands in a fast phase wins by chance; two blocks apart rarely both do. (SmolLM2 beside
-            # two busy processes moved to 2 threads on such wins and decoded 0.85x of one thread's speed.)
+        if wins and probe < self.current and not self._confirming and t_probe * self.decisive > t_cur:
+            # a first win for fewer threads, not by `decisive`: look again after a few of the current count's steps.
+            # Beside busy processes the step time swings about 2x in phases of a few steps (which of our threads
+            # the scheduler leaves alone on a core), so a block of probe steps that lands in a fast phase wins by
+            # chance; two blocks apart rarely both do, and a wrong move down is the costly mistake.
             self._confirming, self._again = True, probe
             self.until_probe = self.probe_steps
             return
@@ -356,15 +352,6 @@ class ThreadPolicy:
             self.interval = min(max(2 * self.interval, math.ceil(lost / (self.budget * t_cur))), self.max_interval)
         self.until_probe = self.interval
 
-    def _crowded(self, n: int) -> bool:
-        """Other programs left fewer than n CPUs free at the last look that could tell (free(): it needs a span of
-        0.1 s, longer than a probe's window of small steps)."""
-        if self.free is not None:
-            f = self.free()
-            if f is not None:
-                self._free_seen = f
-        return self._free_seen is not None and self._free_seen + 0.25 < n
-
     def begin(self) -> None:
         """Before a prompt (prefill): start from the CPUs other programs left free since the last look (free()): the
         largest count on the ladder that fits them, every thread on a quiet machine, fewer beside busy processes,
@@ -373,7 +360,6 @@ class ThreadPolicy:
         if self.adaptive and self.free is not None:
             f = self.free()
             if f is not None:
-                self._free_seen = f
                 start = next((n for n in self.counts if n <= f + 0.25), self.counts[-1])
                 if start != self.current:
                     self._restart(start)

@@ -445,22 +445,3 @@ def test_small_decode_matmuls_run_on_one_thread_large_ones_and_prefill_on_all(sm
         lin._matmul = lambda act, out, lin=lin: seen.setdefault(lin.name, []).append(numba.get_num_threads())
     small(Act(x)), large(Act(x)), small(Act(np.repeat(x, 3, axis=0)))
     assert seen[small.name] == [1, 2] and seen[large.name] == [2]
-
-
-def test_a_first_win_for_more_threads_than_the_free_cpus_is_confirmed_before_moving():
-    # beside busy processes a block of 2-thread steps can land in a fast phase (SmolLM2 beside two: the policy moved
-    # up on such wins and decoded 0.85x of one thread). Here 2 threads are fast only in steps 8-13, slow after.
-    cost = lambda i, n: 0.010 if n == 1 else (0.008 if 8 <= i < 14 else 0.015)  # noqa: E731
-    crowded = ThreadPolicy(2, free=lambda: 0.8)
-    crowded._free_seen = 0.8
-    crowded.current = 1
-    used = drive(crowded, cost, 200)
-    # the first block wins, a second one a few steps later loses: no move, and the next probes are spaced out
-    assert used[8:21] == [2] * 4 + [1] * 5 + [2] * 4 and crowded.current == 1 and crowded.switches == 0
-    assert used.count(2) <= 12
-    # the same win on a machine with both CPUs free moves at once
-    quiet = ThreadPolicy(2, free=lambda: 2.0)
-    quiet._free_seen = 2.0
-    quiet.current = 1
-    used = drive(quiet, cost, 14)
-    assert used[8:14] == [2] * 6 and quiet.switches == 1
