@@ -95,10 +95,11 @@ Q8_0 = Format("q8_0", gguf_type=8, file_type=7, code_bytes=GROUP, scale_count=1,
 
 
 # GGUF types imported as they are (gguf_rows): each row keeps GGUF's blocks byte for byte, rows padded with zero
-# bytes to whole tiles (codes (n_tiles, TILE, row bytes), no separate scales). The engine repacks all but BF16 into
-# tiles at load (quant.repack, run by kernels.matmul_tiles); the rows kernels (quant.kernels, matmul_gguf_rows and
-# the expert kernels' gguf_rows kinds) decode one row at a time to float32 with gguf.quants' operations and take
-# float activations: BF16, and the experts of a model read through its mapping.
+# bytes to whole tiles (codes (n_tiles, TILE, row bytes), no separate scales). The engine repacks all but BF16 and
+# the codebook types into tiles at load (quant.repack, run by kernels.matmul_tiles); the rows kernels (quant.kernels,
+# matmul_gguf_rows and the expert kernels' gguf_rows kinds) decode one row at a time to float32 with gguf.quants'
+# operations and take float activations: BF16, the codebook types IQ3_XXS/IQ2_XS/IQ2_XXS/IQ1_S (grids in
+# quant.iq_grids), and the experts of a model read through its mapping.
 # Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are also written (quant.quantize, quant.kquants: llama.cpp's encoders); the
 # others lmcli imports from llama.cpp's files only.
 

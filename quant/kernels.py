@@ -901,9 +901,10 @@ def rows_gguf(kind, codes, cb, scales, sb, ng, xp, rows, xd, xs, acc):
 
 @njit(cache=True, parallel=True, fastmath=True)
 def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
-    """out (T, n_out) = x (T, n_in) @ W.T for W repacked from GGUF rows into tiles (quant.repack; kind: the GGUF
-    type id, 6 Q5_0, 7 Q5_1, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL, 23 IQ4_XS). codes (n_tiles, code rows, TILE) uint8, scales (n_tiles, scale rows,
-    TILE) uint16, both in quant.repack's layouts; decode and prefill as matmul_q4."""
+    """out (T, n_out) = x (T, n_in) @ W.T for W repacked from GGUF rows into tiles (quant.repack; kind: the GGUF type
+    id, 6 Q5_0, 7 Q5_1, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL, 23 IQ4_XS). codes (n_tiles, code
+    rows, TILE) uint8, scales (n_tiles, scale rows, TILE) uint16, both in quant.repack's layouts; decode and prefill
+    as matmul_q4."""
     n_tiles = codes.shape[0]
     cpt, spt = codes.shape[1] * TILE, scales.shape[1] * TILE
     T, n_in = xq.shape
@@ -1200,7 +1201,8 @@ def decode_gguf_row(kind, src, off, n, w):
             d = _h16(src, p + 108, b)
             for s in range(16):
                 h, j, l0 = s // 8, (s % 8) // 2, 16 * (s % 2)
-                sc = ((src[p + 96 + s % 8] >> (4 * (s // 8))) & 15) | (((src[p + 104 + s % 4] >> (2 * (s // 4))) & 3) << 4)
+                sc = (((src[p + 96 + s % 8] >> (4 * (s // 8))) & 15)
+                      | (((src[p + 104 + s % 4] >> (2 * (s // 4))) & 3) << 4))
                 D = d * np.float32(np.int32(sc) - 32)
                 c, e, k = p + 32 + 32 * h, i * 256 + 128 * h + 32 * j, 4 * h + j
                 for l in range(l0, l0 + 16):
@@ -1370,7 +1372,8 @@ def _dot_q3_k(src, off, n, x, t):
         d = _h16(src, p + 108, b)
         for s in range(16):
             h, j, l0 = s // 8, (s % 8) // 2, 16 * (s % 2)
-            sc = ((src[p + 96 + s % 8] >> (4 * (s // 8))) & 15) | (((src[p + 104 + s % 4] >> (2 * (s // 4))) & 3) << 4)
+            sc = (((src[p + 96 + s % 8] >> (4 * (s // 8))) & 15)
+                  | (((src[p + 104 + s % 4] >> (2 * (s // 4))) & 3) << 4))
             c, e, k = p + 32 + 32 * h, i * 256 + 128 * h + 32 * j, 4 * h + j
             sq = np.float32(0.0)
             for l in range(l0, l0 + 16):
@@ -1871,11 +1874,11 @@ _SLOTS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23, 8, 9,
 
 @njit(cache=True, nogil=True)
 def repack_rows(kind, src, soff, n_tiles, n_in, dst, doff):
-    """A Q5_0 (6), Q5_1 (7), Q2_K (10), Q3_K (11), Q4_K (12), Q5_K (13), Q6_K (14), IQ4_NL (20) or IQ4_XS (23) matrix of n_tiles * TILE
-    GGUF rows at src[soff] (flat uint8) -> its tiles at dst[doff]: codes (n_tiles, code rows, TILE) bytes then
-    scales (n_tiles, scale rows, TILE) uint16 (tiled_rows), quant.repack's layouts byte for byte. Codes and scales
-    are copied, never rounded. nogil, so that threads can repack side by side (the expert cache of a mapped model
-    does not yet: its bundles stay GGUF's rows, run by the rows kernels)."""
+    """A Q5_0 (6), Q5_1 (7), Q2_K (10), Q3_K (11), Q4_K (12), Q5_K (13), Q6_K (14), IQ4_NL (20) or IQ4_XS (23) matrix
+    of n_tiles * TILE GGUF rows at src[soff] (flat uint8) -> its tiles at dst[doff]: codes (n_tiles, code rows,
+    TILE) bytes then scales (n_tiles, scale rows, TILE) uint16 (tiled_rows), quant.repack's layouts byte for byte.
+    Codes and scales are copied, never rounded. nogil, so that threads can repack side by side (the expert cache of
+    a mapped model does not yet: its bundles stay GGUF's rows, run by the rows kernels)."""
     rb = gguf_row_nbytes(kind, n_in)
     ng = n_in // GROUP
     cr, sr = tiled_rows(kind, ng)

@@ -113,8 +113,9 @@ def requantize_with_ggml(src: Path, dst: Path, gtype: int, seed: int = 0) -> Pat
             assert got == out.size
             w.add_tensor(t.name, out.reshape(*shape[:-1], -1), raw_dtype=GGMLQuantizationType(gtype))
         else:
-            w.add_tensor(t.name, np.asarray(t.data).reshape(*shape[:-1], -1) if t.tensor_type != 0 and t.tensor_type != 1
-                         else np.asarray(t.data).reshape(shape), raw_dtype=t.tensor_type)
+            data = np.asarray(t.data)  # quantized: bytes (..., row bytes); F32/F16: the values
+            w.add_tensor(t.name, data.reshape(shape) if t.tensor_type in (0, 1) else data.reshape(*shape[:-1], -1),
+                         raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -218,7 +218,8 @@ def test_imported_k_quant_file_exports_to_the_same_tensor_bytes(tiny_f16, tmp_pa
 
 
 # every GGUF type quant.repack takes, by GGUF type id
-REPACKED = {6: "q5_0", 7: "q5_1", 10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 20: "iq4_nl", 23: "iq4_xs"}
+REPACKED = {6: "q5_0", 7: "q5_1", 10: "q2_k", 11: "q3_k",
+            12: "q4_k", 13: "q5_k", 14: "q6_k", 20: "iq4_nl", 23: "iq4_xs"}
 # (n_out, n_in): a tile and a part, and odd shapes: fewer rows than a tile, one row past a tile, an odd number of
 # blocks (three 32-weight groups, or three 256-weight super-blocks)
 SHAPES = [(150, 512), (7, 96), (65, 160)]
