@@ -225,14 +225,21 @@ def _word(builder, cp, u, k, memo):
     return memo[u, k]
 
 
-def _lanes_q4(builder, cp, j, k, memo):
-    # rows 16k.. of pair j = 4u + s: the word shifted by 4s, masked to the int16 pair (element j, element j + 16)
-    u, s = divmod(j, 4)
+def _lanes_bits(builder, cp, j, k, memo, bits):
+    # rows 16k.. of pair j = f u + s (f = 16 / bits fields per 16-bit half): word u shifted by bits * s, masked to the
+    # int16 pair (element j, element j + 16)
+    f = 16 // bits
+    u, s = divmod(j, f)
     v = _word(builder, cp, u, k, memo)
-    if s == 3:  # the top nibble of each 16-bit half: one 16-bit shift, nothing left to mask
+    if s == f - 1:  # the top field of each 16-bit half: one 16-bit shift, nothing left to mask
         v16 = builder.bitcast(v, _vec(_I16, 32))
-        return builder.bitcast(builder.lshr(v16, ir.Constant(_vec(_I16, 32), [12] * 32)), _vec(_I32, 16))
-    return builder.and_(builder.lshr(v, _splat32(4 * s)) if s else v, _splat32(0x000F000F))
+        return builder.bitcast(builder.lshr(v16, ir.Constant(_vec(_I16, 32), [16 - bits] * 32)), _vec(_I32, 16))
+    mask = (1 << bits) - 1
+    return builder.and_(builder.lshr(v, _splat32(bits * s)) if s else v, _splat32(mask | mask << 16))
+
+
+def _lanes_q4(builder, cp, j, k, memo):
+    return _lanes_bits(builder, cp, j, k, memo, 4)
 
 
 def _lanes_q5(builder, cp, j, k, memo):
@@ -255,14 +262,8 @@ def _lanes_q8(builder, cp, j, k, memo):
 
 
 def _lanes_q2(builder, cp, j, k, memo):
-    # q2_k (quant.repack._crumb_words): rows 16k.. of pair j = 8u + s: word u shifted by 2s, masked to the int16
-    # pair (slot j, slot j + 16)
-    u, s = divmod(j, 8)
-    v = _word(builder, cp, u, k, memo)
-    if s == 7:  # the top two bits of each 16-bit half
-        v16 = builder.bitcast(v, _vec(_I16, 32))
-        return builder.bitcast(builder.lshr(v16, ir.Constant(_vec(_I16, 32), [14] * 32)), _vec(_I32, 16))
-    return builder.and_(builder.lshr(v, _splat32(2 * s)) if s else v, _splat32(0x00030003))
+    # q2_k (quant.repack._crumb_words): 2-bit fields, pair j = (slot j, slot j + 16)
+    return _lanes_bits(builder, cp, j, k, memo, 2)
 
 
 def _lanes_q3(builder, cp, j, k, memo):

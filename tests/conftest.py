@@ -38,6 +38,21 @@ _llama_cpp_without_amx_buffers()
 
 
 @pytest.fixture(scope="session")
+def ggml():
+    """llama.cpp's libggml (as llama-cpp-python ships it) with ggml_quantize_chunk / ggml_quantize_init typed: the
+    reference quantizer the encoders' tests compare bytes with."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+@pytest.fixture(scope="session")
 def smol_gguf() -> Path:
     from lmcli.registry import load_registry
     from lmcli.store import packaged_file

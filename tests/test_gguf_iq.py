@@ -8,7 +8,6 @@ random activations) and written with gguf's writer, the rest of the F16 file cop
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -73,23 +72,11 @@ def test_rows_kernels_decode_as_gguf_quants(gtype):
         assert np.abs(out - r64).max() <= 1e-5 * np.abs(r64).max(), T
 
 
-def _ggml():
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    return lib
-
-
-def requantize_with_ggml(src: Path, dst: Path, gtype: int, seed: int = 0) -> Path:
+def requantize_with_ggml(lib, src: Path, dst: Path, gtype: int, seed: int = 0) -> Path:
     """src (an F16 GGUF) with every matrix whose rows are whole 256-weight blocks (but the token embedding and the
     routers, as llama.cpp keeps them) quantized to gtype by llama.cpp's
     ggml_quantize_chunk (importance: the mean square of random activations per input column), the rest as it is;
     file type and metadata copied."""
-    lib = _ggml()
     lib.ggml_quantize_init(gtype)
     rng = np.random.default_rng(seed)
     r = GGUFReader(str(src))
@@ -127,12 +114,12 @@ FILES = [("llama", g) for g in IQ] + [("qwen3_moe", g) for g in IQ]
 
 
 @pytest.mark.parametrize("arch,gtype", FILES, ids=[f"{a}-{IQ[g]}" for a, g in FILES])
-def test_codebook_file_runs_as_llama_cpp_runs_it(tiny_f16, arch, gtype, tmp_path):
+def test_codebook_file_runs_as_llama_cpp_runs_it(ggml, tiny_f16, arch, gtype, tmp_path):
     """A file whose layer matrices (the routed experts included) are in the codebook type: imported bit for bit
     (gguf.quants on every tensor), and lmcli's logits against llama.cpp's on llama.cpp's F32 dequantization of the
     same file (F32_TOL), and against llama.cpp on the file itself no further than llama.cpp's own two runs are
     apart, +10% (its 8-bit activations)."""
-    q = requantize_with_ggml(tiny_f16(arch), tmp_path / "q.gguf", gtype)
+    q = requantize_with_ggml(ggml, tiny_f16(arch), tmp_path / "q.gguf", gtype)
     types = census(q)
     assert types["blk.0.attn_q.weight"] == GGMLQuantizationType(gtype).name, types
     if arch == "qwen3_moe":

@@ -3,10 +3,8 @@ importances, from the libggml that llama-cpp-python ships; and `lmcli imatrix` +
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,18 +14,6 @@ from quant import imatrix
 from quant.formats import Q4_0, Q4_1
 
 GGML_TYPE = {"q4_0": 2, "q4_1": 3}
-
-
-@pytest.fixture(scope="module")
-def ggml():
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    return lib
 
 
 def _llama(lib, fmt, x, qw):

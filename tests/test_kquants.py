@@ -5,7 +5,6 @@ an importance matrix."""
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +14,6 @@ from quant.formats import Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from quant.quantize import dequantize_blocks, quantize_blocks
 
 FORMATS = [Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q8_0]
-
-
-@pytest.fixture(scope="module")
-def ggml():
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    return lib
 
 
 def llama_blocks(lib, fmt, x, qw=None):
