@@ -242,13 +242,18 @@ def _lanes_q4(builder, cp, j, k, memo):
     return _lanes_bits(builder, cp, j, k, memo, 4)
 
 
+def _high_bit(builder, cp, j, k, memo, u, at):
+    """Bits j and j + 16 of word u (a row's word of high bits: bit j of element j, bit j + 16 of element j + 16)
+    moved to bit `at` of each int16 half, the rest masked off."""
+    h = _word(builder, cp, u, k, memo)
+    h = builder.shl(h, _splat32(at - j)) if j < at else builder.lshr(h, _splat32(j - at)) if j > at else h
+    return builder.and_(h, _splat32((1 << at) | (1 << (at + 16))))
+
+
 def _lanes_q5(builder, cp, j, k, memo):
     # q5_0 (quant.repack): the q4 pair of low nibbles, and bit 4 of each int16 half from the group's qh words
     # (u = 4, after the nibble words): bit j of a row's qh is element j's fifth bit, bit j + 16 element j + 16's
-    v = _lanes_q4(builder, cp, j, k, memo)
-    h = _word(builder, cp, 4, k, memo)
-    h = builder.shl(h, _splat32(4 - j)) if j < 4 else builder.lshr(h, _splat32(j - 4)) if j > 4 else h
-    return builder.or_(v, builder.and_(h, _splat32(0x00100010)))
+    return builder.or_(_lanes_q4(builder, cp, j, k, memo), _high_bit(builder, cp, j, k, memo, 4, 4))
 
 
 def _lanes_q8(builder, cp, j, k, memo):
@@ -269,10 +274,8 @@ def _lanes_q2(builder, cp, j, k, memo):
 def _lanes_q3(builder, cp, j, k, memo):
     # q3_k: the q2 pair of low bits, bit 2 of each int16 half from the group's hmask word (u = 2, after the two
     # 2-bit words; bit j slot j, bit j + 16 slot j + 16), then 4 subtracted from each half: q in -4..3
-    v = _lanes_q2(builder, cp, j, k, memo)
-    h = _word(builder, cp, 2, k, memo)
-    h = builder.shl(h, _splat32(2 - j)) if j < 2 else builder.lshr(h, _splat32(j - 2)) if j > 2 else h
-    v16 = builder.bitcast(builder.or_(v, builder.and_(h, _splat32(0x00040004))), _vec(_I16, 32))
+    v = builder.or_(_lanes_q2(builder, cp, j, k, memo), _high_bit(builder, cp, j, k, memo, 2, 2))
+    v16 = builder.bitcast(v, _vec(_I16, 32))
     return builder.bitcast(builder.sub(v16, ir.Constant(_vec(_I16, 32), [4] * 32)), _vec(_I32, 16))
 
 
