@@ -671,13 +671,17 @@ class Engine:
             return
         tr, pol = model.transformer, model.thread_policy
         ready: list = []  # (coroutine, logits)
+        # a prompt starts from the CPUs other programs left free (ThreadPolicy.begin, which judges every count
+        # afresh) only when nothing decodes: a request joining mid-decode leaves the others' measured count alone
+        decoding = any(len(st.ids) == 1 for _, st, _ in active.values())
         try:
             budget = PREFILL_CHUNK  # a long prompt delays the others' next token by one chunk at most
             for co, (_, st, done) in list(active.items()):
                 if len(st.ids) > 1 and budget > 0:
                     chunk = st.ids[done : done + budget]
                     budget -= len(chunk)
-                    pol.begin()
+                    if not decoding:
+                        pol.begin()
                     logits = tr.forward(chunk, st.cache)[-1]
                     if done + len(chunk) < len(st.ids):
                         active[co][2] = done + len(chunk)

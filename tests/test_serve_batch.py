@@ -155,3 +155,23 @@ def test_a_client_that_leaves_mid_batch_stops_alone_and_the_others_finish_intact
     assert stat.finish_reason == "cancelled" and stat.tokens < 230
     assert stat.tokens_at_cancel is not None and stat.tokens - stat.tokens_at_cancel <= 1  # within one step
     assert st.max_batch == 3
+
+
+def test_a_prompt_joining_a_decoding_batch_leaves_the_thread_policy_alone(tiny):
+    """ThreadPolicy.begin() (a prompt's start from the CPUs other programs left free, every count judged afresh) runs
+    only when nothing decodes: a request that joins mid-decode does not restart the others' measured thread count."""
+    arch, path, _ = tiny
+    app = create_app(str(path), n_ctx=256, parallel=4, log=lambda line: None)
+    with running(app) as url:
+        body = {"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(x for x in lines if x.startswith("data: "))  # the first request decodes
+            pol = app.state.engine.model.thread_policy
+            calls, begin = [], pol.begin
+            pol.begin = lambda: (calls.append(1), begin())[-1]
+            _complete(url, PROMPTS[1], 2)  # the second is prefilled while the first decodes
+            assert sum(1 for x in lines if x.startswith("data: ")) > 100  # the first went on to its end
+        st = app.state.stats
+    assert st.max_batch == 2, arch  # they did decode together
+    assert calls == [], arch
