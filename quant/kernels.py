@@ -325,35 +325,16 @@ def _scaled(builder, kind, sv, isum, sxi):
     """The float side of the kernels for one group and 16 rows (<16 x float>), from the integer sums isum and the
     scale vectors sv of _group_scales: q4_1 and q5_1 w = d q + m: d isum + m sx; q4_0 w = d (q - 8) and q5_0
     w = d (q - 16), the offset taken in exact integer arithmetic: d (isum - 8 sx); q8_0 and iq4_nl (q the codebook
-    value) w = d q; q4_k and q5_k w = (d sc) q - (dmin m): d (sc isum) - dmin (m sx); q6_k and iq4_xs (isum a
-    pair: q6_k's two 16-weight sub-blocks, iq4_xs's pairs 0-7 and 8-15 of one sub-block, sc_lo = sc_hi) w =
-    (d sc) q: d (sc_lo isum_lo) + d (sc_hi isum_hi). The K-quants' integer products are exact in int32 (|sc isum|
-    <= 63 * 32 * 31 * 32767 < 2^31 for q5_k, |m sx| < 2^26, |sc_lo isum_lo| < 2^31: iq4_xs sums each half apart
-    for this, 32 * 16 * 127 * 32767 < 2^31, where one sum of 32 could reach 2^32), then each rounded once to
-    float: as float products of products, LLVM reordered them differently for targets with and without F16C
-    (results one ulp apart). sxi: the group's activation sum."""
-    fvec, ivec = _vec(_F32, 16), _vec(_I32, 16)
-    if kind == "q2_k":  # sxi: the sums of the group's two 16-weight sub-blocks (act_sums16)
-        d, dmin, sc_lo, sc_hi, m_lo, m_hi = sv
-        (lo, hi), (sx_lo, sx_hi) = isum, sxi
-        zero = ir.Constant(_I32, 0)
-        isc = builder.add(builder.mul(sc_lo, lo), builder.mul(sc_hi, hi))
-        msx = builder.add(builder.mul(m_lo, _splat(builder, builder.sub(zero, sx_lo), ivec)),
-                          builder.mul(m_hi, _splat(builder, builder.sub(zero, sx_hi), ivec)))
-        return _fma(builder, d, builder.sitofp(isc, fvec), builder.fmul(dmin, builder.sitofp(msx, fvec)))
-    if kind == "q3_k":
-        d, sc_lo, sc_hi = sv
-        lo, hi = isum
-        return builder.fmul(d, builder.sitofp(builder.add(builder.mul(sc_lo, lo), builder.mul(sc_hi, hi)), fvec))
-    if kind in _SPLIT:
-        d, sc_lo, sc_hi = sv
-        lo, hi = isum
-        return _fma(builder, d, builder.sitofp(builder.mul(sc_hi, hi), fvec),
-                    builder.fmul(d, builder.sitofp(builder.mul(sc_lo, lo), fvec)))
-    if kind == "q4_k" or kind == "q5_k":
-        d, dmin, sc, m = sv
-        msx = builder.mul(m, _splat(builder, builder.sub(ir.Constant(_I32, 0), sxi), ivec))
-        return _fma(builder, d, builder.sitofp(builder.mul(sc, isum), fvec), builder.fmul(dmin, builder.sitofp(msx, fvec)))
+    value) w = d q; the K-quants and iq4_xs (integer sub-block scales sc): the sums times sc (_scale_sums), then
+    _scaled_pre. The K-quants' integer products are exact in int32 (|sc isum| <= 63 * 32 * 31 * 32767 < 2^31 for
+    q5_k, |m sx| < 2^26, |sc_lo isum_lo| < 2^31: iq4_xs sums each half apart for this, 32 * 16 * 127 * 32767 < 2^31,
+    where one sum of 32 could reach 2^32), then each rounded once to float: as float products of products, LLVM
+    reordered them differently for targets with and without F16C (results one ulp apart). sxi: the group's activation
+    sum (q2_k: its two halves' sums)."""
+    fvec = _vec(_F32, 16)
+    if kind in _PRESCALE:
+        isum, sv = _scale_sums(builder, kind, sv, isum)
+        return _scaled_pre(builder, kind, sv, isum, sxi)
     if kind == "q4_1" or kind == "q5_1":
         sxv = _splat(builder, builder.sitofp(sxi, _F32), fvec)
         return _fma(builder, sv[0], builder.sitofp(isum, fvec), builder.fmul(sv[1], sxv))
@@ -389,6 +370,22 @@ def _prescale(builder, kind, w, sv):
         return [times(x, sc_lo if j < 8 else sc_hi) for j, x in enumerate(w)], (d, dmin, m_lo, m_hi)
     d, sc_lo, sc_hi = sv
     return [times(x, sc_lo if j < 8 else sc_hi) for j, x in enumerate(w)], (d,)
+
+
+def _scale_sums(builder, kind, sv, isum):
+    """What _prescale does to the weight lanes, done to the integer sums instead (the decode kernels, where each
+    lane meets one token): (the sums times their sub-block scales, the scale vectors _scaled_pre takes)."""
+    if kind == "q4_k" or kind == "q5_k":
+        d, dmin, sc, m = sv
+        return builder.mul(sc, isum), (d, dmin, m)
+    lo, hi = isum
+    if kind == "q2_k":
+        d, dmin, sc_lo, sc_hi, m_lo, m_hi = sv
+        return builder.add(builder.mul(sc_lo, lo), builder.mul(sc_hi, hi)), (d, dmin, m_lo, m_hi)
+    d, sc_lo, sc_hi = sv
+    if kind == "q3_k":
+        return builder.add(builder.mul(sc_lo, lo), builder.mul(sc_hi, hi)), (d,)
+    return (builder.mul(sc_lo, lo), builder.mul(sc_hi, hi)), (d,)  # q6_k, iq4_xs: the halves apart
 
 
 def _scaled_pre(builder, kind, sv, isum, sxi):
@@ -915,7 +912,7 @@ def matmul_tiles(codes, scales, kind, xq, xd, xs, out):
     ng = n_in // GROUP
     n_out = out.shape[1]
     xp = np.empty((T, n_in // 2), np.int32)
-    if kind == 14 or kind == 10 or kind == 11:
+    if sub16(TILED + kind):
         act_pairs_sub16(xq, xp)
     else:
         act_pairs(xq, xp)
@@ -1059,7 +1056,6 @@ def embed_rows(codes, scales, kind, ids, out):
 # compiled function (not inlined into the fastmath kernels), so its arithmetic stays exactly gguf.quants'.
 # Rows are decoded RB at a time and held while every token of the batch passes (prefill decodes a row once).
 
-_IQ2XXS, _IQ2XS, _IQ3XXS, _IQ1S, _KSIGNS = IQ2XXS_GRID, IQ2XS_GRID, IQ3XXS_GRID, IQ1S_GRID, KSIGNS
 RB = 16  # rows decoded per step: RB * n_in floats stay in L1/L2 while the tokens stream past
 _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 
@@ -1241,8 +1237,8 @@ def decode_gguf_row(kind, src, off, n, w):
                 a1 = _u32(src, q + 4)
                 db = d * (np.float32(0.5) + np.float32(a1 >> np.uint32(28))) * np.float32(0.25)
                 for l in range(4):
-                    sg = _KSIGNS[(a1 >> np.uint32(7 * l)) & np.uint32(127)]
-                    _signed_grid(w, i * 256 + 32 * ib + 8 * l, db, _IQ2XXS[src[q + l]], sg)
+                    sg = KSIGNS[(a1 >> np.uint32(7 * l)) & np.uint32(127)]
+                    _signed_grid(w, i * 256 + 32 * ib + 8 * l, db, IQ2XXS_GRID[src[q + l]], sg)
     elif kind == 17:  # IQ2_XS: per 8 weights a u16 (9-bit grid index, 7 sign bits); a 4-bit scale per 16 weights
         for i in range(n // 256):
             p = off + i * 74
@@ -1251,7 +1247,7 @@ def decode_gguf_row(kind, src, off, n, w):
                 v = np.int32(src[p + 2 + 2 * k]) | (np.int32(src[p + 3 + 2 * k]) << 8)
                 sc = (np.int32(src[p + 66 + k // 4]) >> (4 * ((k // 2) % 2))) & 15
                 db = d * (np.float32(0.5) + np.float32(sc)) * np.float32(0.25)
-                _signed_grid(w, i * 256 + 8 * k, db, _IQ2XS[v & 511], _KSIGNS[v >> 9])
+                _signed_grid(w, i * 256 + 8 * k, db, IQ2XS_GRID[v & 511], KSIGNS[v >> 9])
     elif kind == 18:  # IQ3_XXS: per 4 weights a grid byte; per 32 weights a u32 of 4 x 7 sign bits and a scale
         for i in range(n // 256):
             p = off + i * 98
@@ -1260,9 +1256,9 @@ def decode_gguf_row(kind, src, off, n, w):
                 a = _u32(src, p + 66 + 4 * ib)
                 db = d * (np.float32(0.5) + np.float32(a >> np.uint32(28))) * np.float32(0.5)
                 for l in range(4):
-                    sg = _KSIGNS[(a >> np.uint32(7 * l)) & np.uint32(127)]
-                    g = (np.uint64(_IQ3XXS[src[p + 2 + 8 * ib + 2 * l]])
-                         | (np.uint64(_IQ3XXS[src[p + 3 + 8 * ib + 2 * l]]) << np.uint64(32)))
+                    sg = KSIGNS[(a >> np.uint32(7 * l)) & np.uint32(127)]
+                    g = (np.uint64(IQ3XXS_GRID[src[p + 2 + 8 * ib + 2 * l]])
+                         | (np.uint64(IQ3XXS_GRID[src[p + 3 + 8 * ib + 2 * l]]) << np.uint64(32)))
                     _signed_grid(w, i * 256 + 32 * ib + 8 * l, db, g, sg)
     elif kind == 19:  # IQ1_S: per 8 weights an 11-bit grid index (-1, 0, 1); per 32 a scale and the delta's sign
         for i in range(n // 256):
@@ -1273,7 +1269,7 @@ def decode_gguf_row(kind, src, off, n, w):
                 dl = d * np.float32(2 * ((qh >> 12) & 7) + 1)
                 delta = np.float32(-0.125) if qh & 0x8000 else np.float32(0.125)
                 for l in range(4):
-                    g = _IQ1S[np.int32(src[p + 2 + 4 * ib + l]) | (((qh >> (3 * l)) & 7) << 8)]
+                    g = IQ1S_GRID[np.int32(src[p + 2 + 4 * ib + l]) | (((qh >> (3 * l)) & 7) << 8)]
                     for k in range(8):
                         v = np.int32((g >> np.uint64(8 * k)) & np.uint64(255))
                         w[i * 256 + 32 * ib + 8 * l + k] = dl * (np.float32(v - 256 if v > 127 else v) + delta)
