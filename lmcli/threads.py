@@ -198,6 +198,10 @@ class ThreadPolicy:
     small launches ran 4x slower at 2 threads beside one busy process, a synthetic MoE's large ones 1.4x faster).
     A probe that is `decisive` times slower in one step stops there, its transition step included (a probe up beside
     a neighbour costs one step).
+    More threads than the free CPUs can hold are probed only `hold` steps after the last such probe or the start
+    (free() is read when the probe is due; a neighbour that left shows there, and the probe runs at once): beside busy
+    processes such a probe cost about two steps' time (SmolLM2: one step at 3-4x; the synthetic MoE: four at 1.4x)
+    and lost every time it was measured here, so a short reply skips it and a long one keeps it near the budget.
     Fewer threads are probed only when ours waited for a CPU (waited(): run_delay, the kernel's count) for at least
     `contended` of their time since the last look: when every thread had its core, fewer cannot be faster, and on a
     quiet machine the probe's slow steps were pure cost (6% of a 32-token reply on the synthetic MoE). A first win
@@ -210,7 +214,7 @@ class ThreadPolicy:
                  first_interval: int = 4, max_interval: int = 1024, margin: float = 0.95, margin_down: float = 0.8,
                  clear: float = 1.5, drift: float = 1.3, budget: float = 0.02,
                  decisive: float = 3.0, waited: Callable[[], float | None] | None = None, contended: float = 0.1,
-                 free: Callable[[], float | None] | None = None):
+                 free: Callable[[], float | None] | None = None, hold: int = 100):
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
         self.max_threads, self.fixed = max_threads, fixed
@@ -220,6 +224,10 @@ class ThreadPolicy:
         self.drift, self.budget = drift, budget
         self.waited, self.contended, self.decisive = waited, contended, decisive
         self.free = free  # CPUs other programs left free lately (FreeCpus), or None when unknown or too soon to say
+        self.hold = hold
+        self.steps = 0  # steps recorded
+        self._since = 0  # the step of the last probe up (or of the start): a probe up into busy CPUs waits `hold`
+        self.held = 0  # probes up not run (yet): the free CPUs could not hold them
         self._mark: tuple[float, float] | None = None  # (waited(), elapsed) when contention was last looked at
         self.skipped = 0  # probes of fewer threads not run: nothing waited for a CPU
         self.times = {n: deque(maxlen=window) for n in self.counts}  # recent step seconds per count (no transitions)
@@ -257,8 +265,11 @@ class ThreadPolicy:
             if probe < self.current and not self._confirming and not self._contended():
                 self.until_probe = self.interval  # every thread had its core: fewer cannot be faster, look later
                 self.skipped += 1
+            elif probe > self.current and self._crowded(probe):
+                pass  # until_probe set there
             else:
                 self.probing, self._probe = probe, []
+                self._since = self.steps if probe > self.current else self._since
         return self.probing if self.probing is not None else self.current
 
     def _contended(self) -> bool:
@@ -272,6 +283,22 @@ class ThreadPolicy:
         (w0, e0), self._mark = self._mark, (w, e)
         span = (e - e0) * self.current
         return span <= 0 or (w - w0) / span >= self.contended
+
+    def _crowded(self, probe: int) -> bool:
+        """Whether a probe of `probe` threads waits: the CPUs other programs left free cannot hold it and it has not
+        waited `hold` steps yet (sets until_probe). Too soon to say (free() None on a short span): one step more."""
+        if self.free is None:
+            return False
+        f = self.free()
+        if f is None:
+            self.until_probe = 1
+            self._down = not self._down  # the same neighbour next step
+            return True
+        if probe <= f + 0.25 or self.steps - self._since >= self.hold:
+            return False
+        self.held += 1
+        self.until_probe = min(self.interval, self._since + self.hold - self.steps)
+        return True
 
     def _neighbour(self) -> int:
         i = self.counts.index(self.current)
@@ -290,6 +317,7 @@ class ThreadPolicy:
             self._resize(size)
         transition, self._last = self._last is not None and n != self._last, n
         self.elapsed += seconds
+        self.steps += 1
         if self._mark is None and self.waited is not None:  # after the first decode step: contention counts from here
             w = self.waited()
             self._mark = (w, self.elapsed) if w is not None else None
@@ -368,7 +396,7 @@ class ThreadPolicy:
     def _restart(self, n: int) -> None:
         """Move to n threads and judge every count afresh (what was measured before was another load)."""
         self.current, self.settled, self.probing, self._probe = n, None, None, []
-        self._confirming, self._again = False, None
+        self._confirming, self._again, self._since = False, None, self.steps
         for q in self.times.values():
             q.clear()
         self.interval = self.until_probe = self.first_interval
