@@ -167,6 +167,7 @@ def bench_lmcli(model, threads, prompt_ids, n_decode):
     tr = model.transformer
     cache = tr.new_cache(len(prompt_ids) + n_decode + 8)
     pol.begin()
+    start = pol.current
     t = time.perf_counter()
     logits = tr.forward(prompt_ids, cache)
     pre = len(prompt_ids) / (time.perf_counter() - t)
@@ -175,7 +176,17 @@ def bench_lmcli(model, threads, prompt_ids, n_decode):
     for _ in range(n_decode):
         tok = int(pol.step(lambda: tr.forward([tok], cache))[-1].argmax())
     dec = n_decode / (time.perf_counter() - t)
+    note_policy(threads, pol, start)
     return pre, dec
+
+
+POLICY_RUNS: list[str] = []  # the default policy's runs: the count it started at (from the free CPUs) -> ended at
+
+
+def note_policy(threads, pol, start: int) -> None:
+    """Keep a default ("auto") run's start and end counts for report_threads."""
+    if threads == "auto":
+        POLICY_RUNS.append(f"{start}->{pol.current}" + (f" ({pol.switches} moves)" if pol.switches else ""))
 
 
 def report_threads(L, C, configs) -> dict:
@@ -196,7 +207,8 @@ def report_threads(L, C, configs) -> dict:
         out = {"default_over_best_fixed": auto / med(L[best_l]["dec"]), "best_fixed": best_l,
                "default_over_llama_default": auto / med(C["auto"]["dec"]),
                "default_over_llama_best": auto / med(C[best_c]["dec"]), "llama_best": best_c}
-        print(f"\n  lmcli default decode / lmcli best fixed (-t {best_l}): {out['default_over_best_fixed']:.2f}x; "
+        print(f"\n  lmcli default's thread counts, start->end per run: {', '.join(POLICY_RUNS)}")
+        print(f"  lmcli default decode / lmcli best fixed (-t {best_l}): {out['default_over_best_fixed']:.2f}x; "
               f"/ llama.cpp default: {out['default_over_llama_default']:.2f}x; / llama.cpp best ({best_c}): "
               f"{out['default_over_llama_best']:.2f}x")
     return out
@@ -287,10 +299,11 @@ def run(a):
         bench_lmcli(model, th, prompt[:16], 4)
         llama_threads(llm, th)
         bench_llama(llm, prompt[:16], 4)
+    POLICY_RUNS.clear()
     L = {th: {"pre": [], "dec": []} for th in configs}
     C = {th: {"pre": [], "dec": []} for th in configs}
-    for _ in range(a.reps):  # alternate engines and configurations so machine noise hits all alike
-        for th in configs:
+    for r in range(a.reps):  # alternate engines and configurations so machine noise hits all alike; each
+        for th in configs[r % len(configs):] + configs[:r % len(configs)]:  # rep starts one later (no fixed order)
             p, d = bench_lmcli(model, th, prompt, a.decode)
             L[th]["pre"].append(p)
             L[th]["dec"].append(d)

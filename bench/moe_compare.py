@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import (bench_llama, busy_neighbours, describe, fmt, llama_no_repack, llama_threads, med,  # noqa: E402
-                     parse_threads, read_bandwidth, report_threads, thread_policy)
+from compare import (POLICY_RUNS, bench_llama, busy_neighbours, describe, fmt, llama_no_repack,  # noqa: E402
+                     llama_threads, med, note_policy, parse_threads, read_bandwidth, report_threads, thread_policy)
 
 SHAPES = {
     "small": dict(n_layer=8, n_embd=2048, n_ff_exp=5632, n_head=16, n_head_kv=4),
@@ -84,6 +84,7 @@ def run(a):
         pol = thread_policy(th)
         cache = tr.new_cache(a.prefill + a.decode + 8)
         pol.begin()
+        start = pol.current
         t = time.perf_counter()
         logits = tr.forward(prompt, cache)
         pre = a.prefill / (time.perf_counter() - t)
@@ -93,6 +94,7 @@ def run(a):
         for _ in range(a.decode):
             tok = int(pol.step(lambda: tr.forward([tok], cache))[-1].argmax())
         dec = a.decode / (time.perf_counter() - t)
+        note_policy(th, pol, start)
         return pre, dec, (tr.counters() - c0).expert_bytes / a.decode
 
     for th in configs:  # warm up
@@ -100,12 +102,13 @@ def run(a):
         for x in (llm, llm_map) if llm_map is not None else (llm,):
             llama_threads(x, th)
             bench_llama(x, prompt[:16], 4)
+    POLICY_RUNS.clear()
     LL = {th: {"pre": [], "dec": []} for th in configs}
     CC = {th: {"pre": [], "dec": []} for th in configs}
     M = {"pre": [], "dec": []}
     ebytes = []
-    for _ in range(a.reps):  # alternate engines and configurations so machine noise hits all alike
-        for th in configs:
+    for r in range(a.reps):  # alternate engines and configurations so machine noise hits all alike; each
+        for th in configs[r % len(configs):] + configs[:r % len(configs)]:  # rep starts one later (no fixed order)
             p, dd, eb = run_lmcli(th)
             LL[th]["pre"].append(p)
             LL[th]["dec"].append(dd)
