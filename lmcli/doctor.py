@@ -246,7 +246,8 @@ def _costs(cfg, tensors, file_size: int, kv_type: str) -> dict:
             "file_bytes": file_size, "dense_bytes": t.dense_bytes, "expert_bytes": t.expert_bytes,
             "dense_bytes_per_token": t.dense_bytes_per_token, "expert_bytes_per_token": t.expert_bytes_per_token,
             "bytes_per_token": t.bytes_per_token, "kv_bytes_per_token": t.kv_bytes_per_token,
-            "n_ctx_train": cfg.n_ctx_train, "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes}
+            "n_ctx_train": cfg.n_ctx_train, "moe_layers": list(t.moe_layers), "bundle_bytes": t.bundle_bytes,
+            "layer_bundle_bytes": list(t.layer_bundle_bytes)}
 
 
 def registry_config_costs(entry, kv_type: str = DEFAULT_KV_TYPE) -> dict:
@@ -269,7 +270,7 @@ def registry_config_costs(entry, kv_type: str = DEFAULT_KV_TYPE) -> dict:
             n = matrix_nbytes(formats[name][0], *shape[-2:])
             tensors.append(TensorSize(name, shape, n, shape[0] if len(shape) == 3 else 0))
     c = _costs(cfg, tensors, 0, kv_type)
-    bundles = len(c["moe_layers"]) * cfg.n_expert * c["bundle_bytes"]
+    bundles = cfg.n_expert * sum(c.pop("layer_bundle_bytes"))  # each layer's own (a K mix differs by layer)
     return {**c, "file_bytes": sum(align_up(t.nbytes, ALIGN) for t in tensors if not t.n_expert) + bundles}
 
 

@@ -324,6 +324,8 @@ class TokenCosts:
     kv_bytes_per_token: int  # with the cache type token_costs was given (default: DEFAULT_KV_TYPE)
     moe_layers: tuple[int, ...]
     bundle_bytes: int  # one expert's gate, up and down of one layer, page aligned: what one cache miss reads
+    # (the largest layer's: a mix such as q4_k_m gives some layers' ffn_down more bits)
+    layer_bundle_bytes: tuple[int, ...] = ()  # each layer's, in moe_layers' order (its n_expert bundles fill the file)
 
     @property
     def bytes_per_token(self) -> int:
@@ -368,4 +370,5 @@ def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | No
             continue
         dense_tok += t.nbytes // t.shape[0] if t.name == "token_embd.weight" and not tied else t.nbytes
     return TokenCosts(total, active, dense_all, expert_all, dense_tok, expert_tok, cfg.kv_bytes(kv_type),
-                      tuple(sorted(bundle)), max((align_up(b, ALIGN) for b in bundle.values()), default=0))
+                      tuple(sorted(bundle)), max((align_up(b, ALIGN) for b in bundle.values()), default=0),
+                      tuple(align_up(bundle[layer], ALIGN) for layer in sorted(bundle)))

@@ -149,3 +149,28 @@ def test_a_bad_config_table_is_refused(table):
     text = f'[m]\nrepo = "a/b"\nrevision = "main"\narch = "llama"\nquant = "q4_0"\n[m.config]\n{table}\n'
     with pytest.raises(LmcliError, match="config must be a table"):
         parse(text)
+
+
+def test_registry_config_costs_of_a_k_mix_count_each_layers_bundles(tmp_path):
+    """q4_k_m gives some layers' ffn_down_exps Q6_K (llama.cpp's use_more_bits), so their expert bundles are larger:
+    plan's file size before a download sums each layer's bundles, as the conversion lays them out."""
+    from lmcli.doctor import container_costs, registry_config_costs
+    from quant.container import Container
+    from quant.convert import convert_hf
+
+    d = tiny_models.build("mixtral", tmp_path / "model",
+                          overrides=dict(hidden_size=256, intermediate_size=256, num_hidden_layers=9,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=64))
+    cfg = json.loads((d / "config.json").read_text())
+    out = tmp_path / "m.lmc"
+    convert_hf(d, out, "q4_k_m")
+    c = Container(out)
+    strides = {t.stride for n, t in c.tensors.items() if n.endswith("ffn_down_exps.weight")}
+    assert len(strides) == 2  # two sizes of bundle: the case this test is about
+    sizes = {k: v for k, v in cfg.items() if isinstance(v, (int, float, bool)) and k != "model_type"}
+    entry = Entry(name="tiny", repo="org/tiny", revision="0" * 40, arch="mixtral", quant="q4_k_m", config=sizes)
+    got, want = registry_config_costs(entry), container_costs(out)
+    for key in ("dense_bytes", "expert_bytes", "bytes_per_token", "bundle_bytes"):
+        assert got[key] == want[key], key
+    header = min(t.offset for t in c.tensors.values())
+    assert got["file_bytes"] == want["file_bytes"] - header
