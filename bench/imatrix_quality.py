@@ -15,6 +15,7 @@ the README), as llama.cpp's imatrix guide asks.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,9 @@ def main() -> None:
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
+    # a GGUF that lmcli runs is imported into a store: this run's own under --dir (every lmcli below inherits it),
+    # never the user's
+    os.environ["LMCLI_HOME"] = str(d / "home")
     hf = permuted_checkpoint(d / "hf")
     files = {}
     for q in ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m"):
