@@ -188,7 +188,7 @@ def compile_parallel(calls: list[tuple[str, str, tuple]], jobs: int,
     procs = []
     for share in shares:
         spec = json.dumps([[m, n, [_encode(t) for t in sig]] for m, n, sig in share])
-        p = subprocess.Popen([sys.executable, "-m", "lmcli.warm"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        p = subprocess.Popen([sys.executable, "-c", _worker_code()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True, env={**os.environ, "LMCLI_WARM_WORKER": "1"})
         p.stdin.write(spec)
         p.stdin.close()
@@ -207,6 +207,19 @@ def compile_parallel(calls: list[tuple[str, str, tuple]], jobs: int,
                 p.kill()
                 p.wait()
     return time.perf_counter() - t0
+
+
+def _worker_code() -> str:
+    """A worker's command: lmcli.warm imported from where this process imported lmcli and quant. Numba keys its cache
+    by each kernel's source file, and `python -m lmcli.warm` would import the working directory's copy first: run from
+    a clone of the repository (as the README's install does), the workers compiled the clone's kernels and this
+    process, running the installed copy, compiled its own again (11 s more on the first run of SmolLM2)."""
+    roots: list[str] = []
+    for name in ("lmcli", "quant"):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(importlib.import_module(name).__file__)))
+        if root not in roots:
+            roots.append(root)
+    return f"import sys; sys.path[:0] = {roots!r}; from lmcli.warm import _worker; _worker()"
 
 
 def warm_model(tf, jobs: int | None = None, progress: Callable[[int, int], None] | None = None) -> int:

@@ -108,3 +108,21 @@ def test_without_parallel_compile_the_process_compiles(models, tmp_path):
     res = _probe(models[:1], tmp_path / "numba", LMCLI_NO_PARALLEL_COMPILE="1")
     r = res[f"{models[0][0]}:f32"]
     assert r["warmed"] == 0 and {"matmul_q4", "embed_rows", "rmsnorm"} <= set(r["compiled_here"])
+
+
+def test_workers_compile_the_copy_of_lmcli_this_process_runs(models, tmp_path):
+    """An installed lmcli run from a clone of its repository (the README's install): the working directory holds
+    another copy of lmcli and quant. Numba caches a kernel by its source file, so workers that imported the working
+    directory's copy compiled kernels this process never looks up, and it compiled them all again in-process."""
+    import shutil
+
+    installed = tmp_path / "site-packages"
+    for pkg in ("lmcli", "quant"):
+        shutil.copytree(ROOT / pkg, installed / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-P", "-c", _PROBE, json.dumps(models[:1])], capture_output=True, text=True,
+                       cwd=ROOT,  # the clone: `python -m` would put it first on a worker's sys.path
+                       env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "PYTHONPATH": str(installed)},
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])[f"{models[0][0]}:f32"]
+    assert res["warmed"] >= 5 and res["compiled_here"] == [], res
