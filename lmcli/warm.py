@@ -16,8 +16,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -194,12 +196,26 @@ def compile_parallel(calls: list[tuple[str, str, tuple]], jobs: int,
         p.stdin.close()
         procs.append(p)
     done, total = 0, len(calls)
+    lines: queue.Queue = queue.Queue()  # one line per kernel compiled, None when a worker ends: read as they come
+
+    def read(p) -> None:
+        for line in p.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    readers = [threading.Thread(target=read, args=(p,), daemon=True) for p in procs]
+    for r in readers:
+        r.start()
     try:
+        ended = 0
+        while ended < len(procs):
+            if lines.get() is None:
+                ended += 1
+                continue
+            done += 1
+            if progress is not None:
+                progress(done, total)
         for p in procs:
-            for _ in p.stdout:
-                done += 1
-                if progress is not None:
-                    progress(done, total)
             p.wait()
     finally:
         for p in procs:
