@@ -194,8 +194,8 @@ class ThreadPolicy:
     settled (the load changed; a median, so that bursts of load do not count), it probes at once unless probes so
     far lost over 3x the budget.
     Each prompt starts from the count the CPUs other programs left free could hold (begin(), FreeCpus), and more
-    threads are still probed from there: whether they win beside a neighbour depends on the model (SmolLM2's
-    small launches ran 4x slower at 2 threads beside one busy process, a synthetic MoE's large ones 1.4x faster).
+    threads are still probed from there, in case they win beside a neighbour (measured here on 2026-12-04, 2 threads
+    beside one busy process: SmolLM2 0.25x of 1 thread, the synthetic MoE 0.72x; an earlier run had the MoE 1.4x).
     A probe that is `decisive` times slower in one step stops there, its transition step included (a probe up beside
     a neighbour costs one step).
     More threads than the free CPUs can hold are probed only `hold` steps after the last such probe or the start
@@ -384,7 +384,8 @@ class ThreadPolicy:
         """Before a prompt (prefill): start from the CPUs other programs left free since the last look (free()): the
         largest count on the ladder that fits them, every thread on a quiet machine, fewer beside busy processes,
         where a thread that shares its core holds every launch back. The prompt runs at that count, and decode
-        starts there; step() goes on measuring (more threads are still probed: a neighbour may leave)."""
+        starts there; step() goes on measuring (more threads are still probed, after `hold` steps or at once when a
+        neighbour leaves)."""
         if self.adaptive and self.free is not None:
             f = self.free()
             if f is not None:
