@@ -232,7 +232,10 @@ def _worker_code() -> str:
     process, running the installed copy, compiled its own again (11 s more on the first run of SmolLM2)."""
     roots: list[str] = []
     for name in ("lmcli", "quant"):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(importlib.import_module(name).__file__)))
+        where = getattr(importlib.import_module(name), "__file__", None)
+        if where is None:  # not a regular package (frozen, namespace): the worker finds it as Python does
+            continue
+        root = os.path.dirname(os.path.dirname(os.path.abspath(where)))
         if root not in roots:
             roots.append(root)
     return f"import sys; sys.path[:0] = {roots!r}; from lmcli.warm import _worker; _worker()"
