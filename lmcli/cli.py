@@ -659,13 +659,61 @@ def _first_compile_note(args: list[str]) -> None:
     if numba_cache_files(numba_cache_dirs()) == 0:
         sys.stderr.write("compiling lmcli's kernels for this CPU: once, under a minute (later runs start at once)\n")
         sys.stderr.flush()
-    warm.REPORT = _compile_progress
+    warm.REPORT = CompileLine()
 
 
-def _compile_progress(done: int, total: int) -> None:
-    """The line a first run shows while worker processes compile the model's kernels (lmcli.warm)."""
-    sys.stderr.write(f"\rcompiling kernels for this model: {done}/{total}" + ("\n" if done == total else ""))
-    sys.stderr.flush()
+class CompileLine:
+    """The line a first run shows while worker processes compile the model's kernels (lmcli.warm): kernels done of
+    all and the seconds so far, redrawn every second, since one large kernel (a MoE's expert matmuls) can take 20 s
+    and a count that stands still looks hung. Called with done=0 when a compile starts, done=total when it ends;
+    stop() ends the redraws where they are (an interrupted compile)."""
+
+    def __init__(self, out=None, every: float = 1.0):
+        import threading
+
+        self.out, self.every = out, every
+        self.t0 = 0.0
+        self.done = self.total = 0
+        self.lock = threading.Lock()
+        self.gen, self.active = 0, False  # which compile is drawn (each start counts one), and whether one is
+
+    def __call__(self, done: int, total: int) -> None:
+        import threading
+        import time
+
+        with self.lock:
+            if done == 0:  # a compile starts: the line and its clock
+                self.t0, self.gen, self.active = time.monotonic(), self.gen + 1, True
+                threading.Thread(target=self._tick, args=(self.gen,), daemon=True).start()
+            elif not self.active:
+                return
+            self.done, self.total = done, total
+            ended = done >= total
+            self._draw(ended)
+            if ended:
+                self.active = False
+
+    def stop(self) -> None:
+        with self.lock:
+            self.active = False
+
+    def _tick(self, run: int) -> None:
+        import time
+
+        while True:
+            time.sleep(self.every)
+            with self.lock:
+                if not self.active or self.gen != run:
+                    return
+                self._draw(False)
+
+    def _draw(self, ended: bool) -> None:
+        import time
+
+        out = self.out or sys.stderr
+        out.write(f"\rcompiling kernels for this model: {self.done}/{self.total} ({time.monotonic() - self.t0:.0f} s)"
+                  + ("\n" if ended else ""))
+        out.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

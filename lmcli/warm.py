@@ -196,6 +196,8 @@ def compile_parallel(calls: list[tuple[str, str, tuple]], jobs: int,
         p.stdin.close()
         procs.append(p)
     done, total = 0, len(calls)
+    if progress is not None:
+        progress(0, total)  # the line shows at once, and its clock starts
     lines: queue.Queue = queue.Queue()  # one line per kernel compiled, None when a worker ends: read as they come
 
     def read(p) -> None:
@@ -217,7 +219,10 @@ def compile_parallel(calls: list[tuple[str, str, tuple]], jobs: int,
                 progress(done, total)
         for p in procs:
             p.wait()
+        if progress is not None and done < total:  # a worker failed: its kernels compile on first use, the line ends
+            progress(total, total)
     finally:
+        getattr(progress, "stop", lambda: None)()  # a line that redraws itself (the CLI's) stops, whatever ended it
         for p in procs:
             if p.poll() is None:
                 p.kill()

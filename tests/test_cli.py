@@ -373,3 +373,37 @@ def test_the_first_run_on_a_terminal_says_it_is_compiling_within_a_second(lmcli_
     assert c.exitstatus == 0
     r = lmcli("run", "smollm2", "hi", "-n", "1", home=lmcli_home)  # not a terminal: nothing extra on stderr
     assert r.returncode == 0 and r.stderr == ""
+
+
+def test_the_compile_line_keeps_a_clock_while_one_kernel_takes_long():
+    """A MoE's largest kernel compiles for about 20 s, and a count that stands still that long looks hung: the line
+    is redrawn with the seconds so far, ends with a newline at the last kernel, and draws nothing after that or
+    after stop() (an interrupted compile)."""
+    import io
+    import time
+
+    from lmcli.cli import CompileLine
+
+    out = io.StringIO()
+    line = CompileLine(out, every=0.05)
+    line(0, 3)
+    time.sleep(0.4)
+    assert out.getvalue().count("\rcompiling kernels for this model: 0/3 (0 s)") >= 3  # redrawn, nothing done yet
+    line(1, 3)
+    line(3, 3)
+    text = out.getvalue()
+    assert text.endswith("\rcompiling kernels for this model: 3/3 (0 s)\n") and "\n" not in text[:-1]
+    time.sleep(0.2)
+    line(2, 3)  # after the end: nothing
+    assert out.getvalue() == text
+    line(0, 2)  # the next model's compile: a line of its own
+    line.stop()
+    text = out.getvalue()
+    assert text.endswith("0/2 (0 s)")
+    time.sleep(0.2)
+    assert out.getvalue() == text
+    slow = CompileLine(out := io.StringIO(), every=0.05)
+    slow(0, 2)
+    time.sleep(1.2)
+    slow(2, 2)
+    assert out.getvalue().endswith("2/2 (1 s)\n")  # the seconds count
