@@ -7,6 +7,8 @@ import inspect
 import json
 import os
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
@@ -669,8 +671,6 @@ class CompileLine:
     stop() ends the redraws where they are (an interrupted compile)."""
 
     def __init__(self, out=None, every: float = 1.0):
-        import threading
-
         self.out, self.every = out, every
         self.t0 = 0.0
         self.done = self.total = 0
@@ -678,9 +678,6 @@ class CompileLine:
         self.gen, self.active = 0, False  # which compile is drawn (each start counts one), and whether one is
 
     def __call__(self, done: int, total: int) -> None:
-        import threading
-        import time
-
         with self.lock:
             if done == 0:  # a compile starts: the line and its clock
                 self.t0, self.gen, self.active = time.monotonic(), self.gen + 1, True
@@ -698,8 +695,6 @@ class CompileLine:
             self.active = False
 
     def _tick(self, run: int) -> None:
-        import time
-
         while True:
             time.sleep(self.every)
             with self.lock:
@@ -708,8 +703,6 @@ class CompileLine:
                 self._draw(False)
 
     def _draw(self, ended: bool) -> None:
-        import time
-
         out = self.out or sys.stderr
         out.write(f"\rcompiling kernels for this model: {self.done}/{self.total} ({time.monotonic() - self.t0:.0f} s)"
                   + ("\n" if ended else ""))

@@ -270,7 +270,7 @@ def registry_config_costs(entry, kv_type: str = DEFAULT_KV_TYPE) -> dict:
             n = matrix_nbytes(formats[name][0], *shape[-2:])
             tensors.append(TensorSize(name, shape, n, shape[0] if len(shape) == 3 else 0))
     c = _costs(cfg, tensors, 0, kv_type)
-    bundles = cfg.n_expert * sum(c.pop("layer_bundle_bytes"))  # each layer's own (a K mix differs by layer)
+    bundles = cfg.n_expert * sum(c["layer_bundle_bytes"])  # each layer's own (a K mix differs by layer)
     return {**c, "file_bytes": sum(align_up(t.nbytes, ALIGN) for t in tensors if not t.n_expert) + bundles}
 
 
@@ -285,7 +285,7 @@ def _registry_costs(entry, kv_type: str = DEFAULT_KV_TYPE) -> dict:
             "file_bytes": int(total * bpw), "dense_bytes": None, "expert_bytes": None,
             "dense_bytes_per_token": None, "expert_bytes_per_token": None,
             "bytes_per_token": int(active * bpw), "kv_bytes_per_token": None, "n_ctx_train": None,
-            "moe_layers": None, "bundle_bytes": None}
+            "moe_layers": None, "bundle_bytes": None, "layer_bundle_bytes": None}
 
 
 def _miss_bytes_per_token(c: dict, room: int) -> tuple[int, float]:

@@ -268,7 +268,3 @@ def _worker() -> None:
     for module, name, sig in json.loads(sys.stdin.read()):
         _disp(module, name).compile(tuple(_decode(e) for e in sig))
         print(name, flush=True)
-
-
-if __name__ == "__main__":
-    _worker()

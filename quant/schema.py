@@ -323,13 +323,17 @@ class TokenCosts:
     expert_bytes_per_token: int  # top-k of each layer's experts
     kv_bytes_per_token: int  # with the cache type token_costs was given (default: DEFAULT_KV_TYPE)
     moe_layers: tuple[int, ...]
-    bundle_bytes: int  # one expert's gate, up and down of one layer, page aligned: what one cache miss reads
-    # (the largest layer's: a mix such as q4_k_m gives some layers' ffn_down more bits)
-    layer_bundle_bytes: tuple[int, ...] = ()  # each layer's, in moe_layers' order (its n_expert bundles fill the file)
+    layer_bundle_bytes: tuple[int, ...]  # one expert's gate, up and down of each MoE layer, page aligned
 
     @property
     def bytes_per_token(self) -> int:
         return self.dense_bytes_per_token + self.expert_bytes_per_token
+
+    @property
+    def bundle_bytes(self) -> int:
+        """The largest layer's bundle: what one cache miss reads (a mix such as q4_k_m gives some layers' ffn_down
+        more bits)."""
+        return max(self.layer_bundle_bytes, default=0)
 
 
 def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | None = None,
@@ -370,5 +374,4 @@ def token_costs(cfg: ModelConfig, tensors: Iterable[TensorSize], top_k: int | No
             continue
         dense_tok += t.nbytes // t.shape[0] if t.name == "token_embd.weight" and not tied else t.nbytes
     return TokenCosts(total, active, dense_all, expert_all, dense_tok, expert_tok, cfg.kv_bytes(kv_type),
-                      tuple(sorted(bundle)), max((align_up(b, ALIGN) for b in bundle.values()), default=0),
-                      tuple(align_up(bundle[layer], ALIGN) for layer in sorted(bundle)))
+                      tuple(sorted(bundle)), tuple(align_up(bundle[layer], ALIGN) for layer in sorted(bundle)))
